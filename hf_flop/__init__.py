@@ -1,0 +1,55 @@
+"""hf_flop: structured pruning of transformers models with FLOP (factorized low-rank pruning).
+
+``import hf_flop`` registers the ``FLOP`` PEFT method, so ``peft.get_peft_model(model,
+FlopConfig(...))`` and ``PeftModel.from_pretrained`` work.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .accounting import SparsityReport, expected_sparsity, sparsity_report
+from .config import FlopConfig
+from .gates import Gate, HardConcreteGate, TopKGate
+from .layers import FlopLinear
+from .model import FlopModel
+from .registration import register
+from .structures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
+
+register()
+
+__version__ = "0.1.0"
+
+
+def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "default"):
+    """Inject FLOP into ``model`` and return a ``peft.PeftModel`` around it (same as ``peft.get_peft_model``).
+
+    In eval mode the returned model computes what ``model`` computed (within float rounding)
+    until its gates are trained.
+    """
+    import peft
+
+    if not isinstance(config, FlopConfig):
+        raise TypeError(f"get_flop_model needs a FlopConfig, got {type(config).__name__}.")
+    if isinstance(model, peft.PeftModel):
+        raise ValueError(
+            "this model is already a PeftModel; FLOP cannot be injected twice. Pass the original transformers model."
+        )
+    return peft.get_peft_model(model, config, adapter_name=adapter_name)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "FlopConfig",
+    "FlopLinear",
+    "FlopModel",
+    "Gate",
+    "HardConcreteGate",
+    "SparsityReport",
+    "TopKGate",
+    "UnsupportedArchitectureError",
+    "expected_sparsity",
+    "get_flop_model",
+    "sparsity_report",
+]

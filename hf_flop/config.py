@@ -1,0 +1,134 @@
+"""`FlopConfig`: the PEFT-style configuration of FLOP pruning."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+from .registration import flop_peft_type
+
+LEVELS = ("rank", "head", "row", "block", "embedding")
+GATES = ("hard_concrete", "topk")
+
+
+def _check_choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"FlopConfig.{name}={value!r} is not valid; use one of {list(allowed)}.")
+
+
+@dataclass
+class FlopConfig(PeftConfig):
+    """Configuration of FLOP (Factorized Low-rank Pruning) and its multi-level options.
+
+    Each targeted linear layer is re-parametrised as ``W = P diag(z) Q`` (level ``"rank"``) with one
+    gate ``z_k`` per rank-1 component; ``"head"`` and ``"row"`` add one gate per attention head (per
+    KV group under grouped-query attention) and per FFN intermediate neuron. The trainer drives the
+    expected fraction of removed prunable parameters to ``target_sparsity``.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match) or one regex (full match) of the linears to prune. "
+            "None picks the architecture's attention and MLP projections."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex to leave untouched."}
+    )
+    levels: list[str] = field(
+        default_factory=lambda: ["rank"],
+        metadata={"help": f"Which structures get gates; a subset of {list(LEVELS)}."},
+    )
+    target_sparsity: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the prunable parameters to remove, 0 <= t < 1."},
+    )
+    gate: str = field(default="hard_concrete", metadata={"help": f"Gate type, one of {list(GATES)}."})
+    init_log_alpha: float = field(
+        default=5.0,
+        metadata={
+            "help": "Initial log_alpha of hard-concrete gates. The default starts the model as the dense "
+            "model: eval mask exactly 1, P(z != 0) = 0.9994 per gate."
+        },
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Hard-concrete temperature beta (> 0)."})
+    limit_l: float = field(default=-0.1, metadata={"help": "Hard-concrete stretch lower limit (< 0)."})
+    limit_r: float = field(default=1.1, metadata={"help": "Hard-concrete stretch upper limit (> 1)."})
+    block_size: int = field(default=32, metadata={"help": "Side of the square blocks of level 'block'."})
+    round_to: int = field(
+        default=1, metadata={"help": "Kept ranks/rows are rounded up to a multiple of this at compaction."}
+    )
+    train_base: bool = field(
+        default=True,
+        metadata={
+            "help": "Train every base parameter (embeddings, norms, heads, biases) with the factors, as FLOP "
+            "does; False trains only factors and gates."
+        },
+    )
+    live_threshold: float = field(
+        default=0.8,
+        metadata={
+            "help": "In training, a layer computes with only its live components once fewer than this "
+            "fraction are alive (FLOP's speed-up). 0 disables."
+        },
+    )
+    embedding_cutoffs: list[int] | None = field(
+        default=None,
+        metadata={"help": "Vocabulary cluster boundaries for level 'embedding' (increasing, < vocab size)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = flop_peft_type()
+        if isinstance(self.levels, str):
+            self.levels = [self.levels]
+        self.levels = list(self.levels)
+        if not self.levels:
+            raise ValueError(f"FlopConfig.levels is empty; choose at least one of {list(LEVELS)}.")
+        for level in self.levels:
+            _check_choice("levels entry", level, LEVELS)
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"FlopConfig.levels={self.levels} repeats an entry; list each level once.")
+        if "rank" in self.levels and "block" in self.levels:
+            raise ValueError(
+                "FlopConfig.levels cannot combine 'rank' and 'block' in one step: blocks live in dense "
+                "matrices. Run 'rank'/'head'/'row' first, compact, then 'block' (the two-step pipeline)."
+            )
+        _check_choice("gate", self.gate, GATES)
+        if not isinstance(self.target_sparsity, (int, float)) or not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(
+                f"FlopConfig.target_sparsity={self.target_sparsity!r} is outside [0, 1); it is the fraction "
+                "of prunable parameters to remove, e.g. 0.5."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"FlopConfig.temperature={self.temperature} must be > 0 (e.g. 1.0 or 2/3).")
+        if not self.limit_l < 0 or not self.limit_r > 1:
+            raise ValueError(
+                f"FlopConfig.limit_l={self.limit_l} must be < 0 and limit_r={self.limit_r} > 1 (defaults -0.1 and 1.1)."
+            )
+        for name in ("block_size", "round_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"FlopConfig.{name}={value!r} must be a positive integer.")
+        if not 0.0 <= self.live_threshold <= 1.0:
+            raise ValueError(f"FlopConfig.live_threshold={self.live_threshold} must be in [0, 1].")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ValueError(f"FlopConfig.{name}={value!r} is not a valid regex: {err}") from None
+            elif isinstance(value, (list, tuple, set)):
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
+            elif value is not None:
+                raise ValueError(f"FlopConfig.{name} must be None, a list of names or a regex string.")
+        if self.embedding_cutoffs is not None:
+            cutoffs = list(self.embedding_cutoffs)
+            if any(not isinstance(c, int) or c <= 0 for c in cutoffs) or cutoffs != sorted(set(cutoffs)):
+                raise ValueError(
+                    f"FlopConfig.embedding_cutoffs={cutoffs} must be strictly increasing positive integers."
+                )

@@ -1,0 +1,158 @@
+"""Gates: one learnable keep/drop decision per structural unit (rank-1 component, head, FFN row).
+
+Every gate exposes the same verbs, so layers, accounting and the trainer never ask which kind they hold:
+
+* ``forward()``            -- a stochastic sample in training mode, the deterministic mask in eval mode;
+* ``deterministic_mask()`` -- the eval-time mask (no randomness);
+* ``keep_probability()``   -- per unit, the differentiable probability that the unit survives;
+* ``expected_l0()``        -- ``keep_probability().sum()``, the expected number of surviving units.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    """Interface shared by all gates over ``n`` units."""
+
+    n: int
+
+    def forward(self) -> torch.Tensor:
+        return self.sample() if self.training else self.deterministic_mask()
+
+    def sample(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def deterministic_mask(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def keep_probability(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def expected_l0(self) -> torch.Tensor:
+        return self.keep_probability().sum()
+
+    @torch.no_grad()
+    def close(self, units: torch.Tensor) -> None:  # pragma: no cover - interface
+        """Force the given units (bool mask or indices) shut, e.g. for one-shot pruning."""
+        raise NotImplementedError
+
+
+class HardConcreteGate(Gate):
+    """Hard-concrete gate of Louizos et al. (2018), as used by FLOP.
+
+    Training sample: ``u ~ U(0,1)``, ``s = sigmoid((log u - log(1-u) + log_alpha) / beta)``,
+    stretched to ``(limit_l, limit_r)`` and clamped to ``[0, 1]``.
+
+    Eval mask (FLOP's rule): ``sigmoid(0.8 * log_alpha / beta)``, stretched and clamped like the
+    training sample, then the ``round(n - expected_l0)`` smallest entries are set to zero. The
+    stretch-and-clamp is our choice: it makes a confidently open gate exactly 1, so a freshly
+    injected model (``log_alpha`` at ``init_log_alpha``) computes exactly what the dense model did.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        init_log_alpha: float = 5.0,
+        init_std: float = 0.01,
+        beta: float = 1.0,
+        limit_l: float = -0.1,
+        limit_r: float = 1.1,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a gate needs at least one unit, got n={n}")
+        self.n = n
+        self.beta = beta
+        self.limit_l = limit_l
+        self.limit_r = limit_r
+        self.eps = eps
+        self.log_alpha = nn.Parameter(torch.empty(n))
+        with torch.no_grad():
+            self.log_alpha.normal_(init_log_alpha, init_std)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, beta={self.beta}, limits=({self.limit_l}, {self.limit_r})"
+
+    def _stretch_and_clamp(self, s: torch.Tensor) -> torch.Tensor:
+        return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0.0, 1.0)
+
+    def sample(self) -> torch.Tensor:
+        u = torch.rand_like(self.log_alpha).clamp(self.eps, 1.0 - self.eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return self._stretch_and_clamp(s)
+
+    def keep_probability(self) -> torch.Tensor:
+        # P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.limit_l / self.limit_r))
+
+    def deterministic_mask(self) -> torch.Tensor:
+        soft = self._stretch_and_clamp(torch.sigmoid(0.8 * self.log_alpha / self.beta))
+        expected_zeros = int(round(self.n - self.keep_probability().sum().item()))
+        if expected_zeros > 0:
+            soft = soft.clone()
+            soft[torch.topk(soft, expected_zeros, largest=False).indices] = 0.0
+        return soft
+
+    @torch.no_grad()
+    def close(self, units: torch.Tensor) -> None:
+        # far enough below zero that both the sample and the eval mask are 0 and P(z != 0) ~ 0
+        self.log_alpha[units] = -20.0
+
+
+class TopKGate(Gate):
+    """MLPruning's learnable Top-k threshold: per-unit ``scores`` and one ``threshold`` parameter.
+
+    The kept fraction is ``sigmoid(threshold)``; the mask keeps the ``ceil(n * sigmoid(threshold))``
+    highest scores. Gradients reach ``scores`` straight through the hard mask (the mask is added as
+    ``hard + scores - scores.detach()``), and reach ``threshold`` through ``expected_l0``, which the
+    sparsity constraint penalises. The hard mask is the same in training and eval.
+    """
+
+    def __init__(self, n: int, *, init_threshold: float = 10.0, init_score: float = 1.0) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a gate needs at least one unit, got n={n}")
+        self.n = n
+        self.scores = nn.Parameter(torch.full((n,), float(init_score)))
+        self.threshold = nn.Parameter(torch.tensor(float(init_threshold)))
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
+
+    def kept_count(self) -> int:
+        return int(math.ceil(self.n * torch.sigmoid(self.threshold).item() - 1e-6))
+
+    def _hard_mask(self) -> torch.Tensor:
+        mask = torch.zeros_like(self.scores)
+        k = self.kept_count()
+        if k > 0:
+            mask[torch.topk(self.scores.detach(), k).indices] = 1.0
+        return mask
+
+    def sample(self) -> torch.Tensor:
+        return self._hard_mask() + self.scores - self.scores.detach()
+
+    def deterministic_mask(self) -> torch.Tensor:
+        return self._hard_mask()
+
+    def keep_probability(self) -> torch.Tensor:
+        return torch.sigmoid(self.threshold).expand(self.n)
+
+    @torch.no_grad()
+    def close(self, units: torch.Tensor) -> None:
+        mask = torch.zeros(self.n, dtype=torch.bool, device=self.scores.device)
+        mask[units] = True
+        self.scores[mask] = self.scores.min() - 1.0
+        kept = max(int((~mask).sum().item()), 0)
+        frac = min(max(kept / self.n, 1e-6), 1 - 1e-6)
+        self.threshold.fill_(math.log(frac / (1 - frac)))
+
+
+GATE_TYPES: dict[str, type[Gate]] = {"hard_concrete": HardConcreteGate, "topk": TopKGate}

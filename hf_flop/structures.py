@@ -1,0 +1,193 @@
+"""Where each supported architecture keeps its attention heads and FFN rows: the one structure table.
+
+Everything architecture-specific in hf_flop reads this table; no other module tests ``model_type``.
+To add an architecture, add one ``ArchSpec`` to ``ARCHITECTURES`` (names are relative to one
+transformer block) and run the test suite's per-architecture checks with a tiny config of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[offset + u * unit, offset + (u + 1) * unit)`` of ``module``'s output belong to unit ``u``."""
+
+    module: str
+    unit: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Layout of one architecture, in names relative to a transformer block.
+
+    ``q``/``k``/``v`` may name the same module with different offsets (GPT-2's fused ``c_attn``).
+    ``up`` lists every FFN producer whose output rows are the intermediate neurons (gate and up
+    projections for gated MLPs); ``down`` consumes them.
+    """
+
+    blocks: str  # regex matched (as a suffix) against the name of the ModuleList of blocks
+    attention: str  # the attention module; its head-count attributes are rewritten at compaction
+    q: str
+    k: str
+    v: str
+    o: str
+    up: tuple[str, ...]
+    down: str
+    heads_attr: str
+    kv_heads_attr: str | None  # None: as many KV heads as query heads
+    hidden_attr: str
+    head_dim_attr: str | None = None  # None: hidden // heads
+    fused_qkv: bool = False  # q, k, v are slices of one module's output (q first, then k, then v)
+    attention_head_attrs: dict[str, str] = field(default_factory=dict)  # attr -> what it counts
+    embeddings: tuple[str, ...] = ()  # input embedding module name(s), for level "embedding"
+
+    def default_targets(self) -> list[str]:
+        return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
+
+
+_BERT = ArchSpec(
+    blocks=r"encoder\.layer",
+    attention="attention.self",
+    q="attention.self.query",
+    k="attention.self.key",
+    v="attention.self.value",
+    o="attention.output.dense",
+    up=("intermediate.dense",),
+    down="output.dense",
+    heads_attr="num_attention_heads",
+    kv_heads_attr=None,
+    hidden_attr="hidden_size",
+    attention_head_attrs={"num_attention_heads": "heads", "all_head_size": "q_width"},
+)
+
+_LLAMA = ArchSpec(
+    blocks=r"layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    up=("mlp.gate_proj", "mlp.up_proj"),
+    down="mlp.down_proj",
+    heads_attr="num_attention_heads",
+    kv_heads_attr="num_key_value_heads",
+    hidden_attr="hidden_size",
+    head_dim_attr="head_dim",
+    attention_head_attrs={},
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "distilbert": ArchSpec(
+        blocks=r"transformer\.layer",
+        attention="attention",
+        q="attention.q_lin",
+        k="attention.k_lin",
+        v="attention.v_lin",
+        o="attention.out_lin",
+        up=("ffn.lin1",),
+        down="ffn.lin2",
+        heads_attr="n_heads",
+        kv_heads_attr=None,
+        hidden_attr="dim",
+        attention_head_attrs={"n_heads": "heads"},
+    ),
+    "gpt2": ArchSpec(
+        blocks=r"h",
+        attention="attn",
+        q="attn.c_attn",
+        k="attn.c_attn",
+        v="attn.c_attn",
+        o="attn.c_proj",
+        up=("mlp.c_fc",),
+        down="mlp.c_proj",
+        heads_attr="n_head",
+        kv_heads_attr=None,
+        hidden_attr="n_embd",
+        fused_qkv=True,
+        attention_head_attrs={"num_heads": "heads", "split_size": "q_width", "embed_dim": "q_width"},
+    ),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised for a model whose layout is not in the structure table."""
+
+
+def arch_spec(model_type: str | None) -> ArchSpec:
+    """The table entry of ``model_type``, or a clear error listing what is supported."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise UnsupportedArchitectureError(
+        f"hf_flop does not know the layout of model_type={model_type!r}. Supported: "
+        f"{sorted(ARCHITECTURES)}. For rank pruning of other models pass explicit `target_modules`; "
+        "for head/row pruning add an ArchSpec for it to hf_flop/structures.py (ARCHITECTURES)."
+    )
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One transformer block's concrete numbers and module names (absolute, in the model)."""
+
+    prefix: str  # e.g. "bert.encoder.layer.3"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def find_blocks(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """Absolute names of the transformer blocks (children of the matched ModuleList)."""
+    pattern = re.compile(rf"(^|.*\.){spec.blocks}$")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and pattern.match(name):
+            return [f"{name}.{i}" for i in range(len(module))]
+    raise UnsupportedArchitectureError(f"no ModuleList matching {spec.blocks!r} was found in {type(model).__name__}.")
+
+
+def block_layouts(model: nn.Module, spec: ArchSpec) -> list[BlockLayout]:
+    """Per-block head counts and widths, read from the modules themselves (so compacted models work too)."""
+    config = model.config
+    heads = getattr(config, spec.heads_attr)
+    kv_heads = getattr(config, spec.kv_heads_attr) if spec.kv_heads_attr else heads
+    kv_heads = kv_heads or heads
+    hidden = getattr(config, spec.hidden_attr)
+    head_dim = getattr(config, spec.head_dim_attr, None) if spec.head_dim_attr else None
+    head_dim = head_dim or hidden // heads
+    layouts = []
+    modules = dict(model.named_modules())
+    for prefix in find_blocks(model, spec):
+        o = modules[f"{prefix}.{spec.o}"]
+        down = modules[f"{prefix}.{spec.down}"]
+        q_width = _in_features(o)
+        layer_heads = q_width // head_dim
+        layouts.append(
+            BlockLayout(
+                prefix=prefix,
+                heads=layer_heads,
+                kv_heads=max(1, layer_heads * kv_heads // heads),
+                head_dim=head_dim,
+                intermediate=_in_features(down),
+            )
+        )
+    return layouts
+
+
+def _in_features(module: nn.Module) -> int:
+    from .layers import linear_shape
+
+    return linear_shape(module)[1]
