@@ -77,6 +77,15 @@ class FlopModel(BaseTuner):
     target_module_mapping = {name: spec.default_targets() for name, spec in ARCHITECTURES.items()}
 
     # --- injection ---------------------------------------------------------------------------------
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", **kwargs) -> None:
+        # checked before BaseTuner.__init__, which would otherwise merge configs into the model first
+        if hasattr(model, "peft_config") or any(isinstance(m, FlopLinear) for m in model.modules()):
+            raise ValueError(
+                "this model already has adapters/FLOP layers; FLOP cannot be injected twice. Inject into the "
+                "original model, or continue with the existing FlopModel."
+            )
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     def _prepare_adapter_config(self, peft_config: FlopConfig, model_config: dict) -> FlopConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
@@ -90,11 +99,6 @@ class FlopModel(BaseTuner):
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: FlopConfig, adapter_name: str) -> None:
-        if len(self.peft_config) > 1 or any(isinstance(m, FlopLinear) for m in model.modules()):
-            raise ValueError(
-                "this model already has FLOP layers; FLOP cannot be injected twice. Inject into the original "
-                "model, or continue with the existing FlopModel."
-            )
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
         if not matched:
