@@ -150,9 +150,10 @@ class TopKGate(Gate):
         mask = torch.zeros(self.n, dtype=torch.bool, device=self.scores.device)
         mask[units] = True
         self.scores[mask] = self.scores.min() - 1.0
-        kept = max(int((~mask).sum().item()), 0)
-        frac = min(max(kept / self.n, 1e-6), 1 - 1e-6)
-        self.threshold.fill_(math.log(frac / (1 - frac)))
+        kept = int((~mask).sum().item())
+        # aim n * sigmoid(threshold) at kept - 0.5 so float rounding cannot move ceil() off kept
+        frac = (kept - 0.5) / self.n
+        self.threshold.fill_(math.log(frac / (1 - frac)) if kept > 0 else -30.0)
 
 
 GATE_TYPES: dict[str, type[Gate]] = {"hard_concrete": HardConcreteGate, "topk": TopKGate}
