@@ -58,7 +58,7 @@ class HardConcreteGate(Gate):
         self,
         n: int,
         *,
-        init_log_alpha: float = 5.0,
+        init_log_alpha: float | None = None,
         init_std: float = 0.01,
         beta: float = 1.0,
         limit_l: float = -0.1,
@@ -73,6 +73,8 @@ class HardConcreteGate(Gate):
         self.limit_l = limit_l
         self.limit_r = limit_r
         self.eps = eps
+        if init_log_alpha is None:
+            init_log_alpha = open_log_alpha(n, beta, limit_l, limit_r)
         self.log_alpha = nn.Parameter(torch.empty(n))
         with torch.no_grad():
             self.log_alpha.normal_(init_log_alpha, init_std)
@@ -104,6 +106,20 @@ class HardConcreteGate(Gate):
     def close(self, units: torch.Tensor) -> None:
         # far enough below zero that both the sample and the eval mask are 0 and P(z != 0) ~ 0
         self.log_alpha[units] = -20.0
+
+
+def open_log_alpha(n: int, beta: float = 1.0, limit_l: float = -0.1, limit_r: float = 1.1) -> float:
+    """The smallest ``log_alpha`` at which a gate of ``n`` units starts as "the dense model".
+
+    Three conditions: the eval value ``sigmoid(0.8 log_alpha / beta)``, stretched, clamps to exactly
+    1; the expected-zeros rule zeroes nothing (``n (1 - p) < 0.25``); and each unit's expected
+    sparsity ``1 - p`` is below 1e-4, so a freshly injected model reports ~0 expected sparsity.
+    Starting no higher than needed keeps the way to closing short (gates move ~lr per step).
+    """
+    saturate = beta / 0.8 * math.log((1 - limit_l) / (limit_r - 1))  # stretched sigmoid reaches 1
+    miss = min(1e-4, 0.25 / n)
+    keep = math.log((1 - miss) / miss) + beta * math.log(-limit_l / limit_r)
+    return max(saturate, keep) + 0.1
 
 
 class TopKGate(Gate):
