@@ -6,10 +6,18 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 VOCAB = 97
@@ -31,14 +39,14 @@ def tiny_bert() -> BertForSequenceClassification:
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
-    """Llama with grouped-query attention: 4 query heads sharing 2 KV heads."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
+def _gqa_kwargs() -> dict:
+    return dict(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -46,15 +54,62 @@ def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
         num_key_value_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config)
+
+
+def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+    """Llama with grouped-query attention: 4 query heads sharing 2 KV heads."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**_gqa_kwargs(), tie_word_embeddings=tie_word_embeddings))
+
+
+def tiny_roberta() -> RobertaForSequenceClassification:
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=70,  # positions start after pad_token_id
+        pad_token_id=1,
+        num_labels=2,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def tiny_distilbert() -> DistilBertForSequenceClassification:
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=2
+    )
+    return DistilBertForSequenceClassification(config)
+
+
+def tiny_mistral() -> MistralForCausalLM:
+    """Mistral with grouped-query attention (4 query heads, 2 KV heads)."""
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(**_gqa_kwargs()))
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    """Qwen2 with grouped-query attention (4 query heads, 2 KV heads) and biased Q/K/V projections."""
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**_gqa_kwargs()))
 
 
 TINY_BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+# every architecture of hf_flop.structures.ARCHITECTURES, by model_type (the per-architecture checks)
+ARCH_BUILDERS = {
+    **TINY_BUILDERS,
+    "roberta": tiny_roberta,
+    "distilbert": tiny_distilbert,
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+}
 
 
 def tiny_inputs(batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:

@@ -1,0 +1,220 @@
+"""Issue 5: the structure table is right for every architecture it lists (tiny random configs).
+
+For each entry of ``hf_flop.structures.ARCHITECTURES``: injection with rank+head+row keeps the
+outputs, a few training steps run, the head/row gates sit on the right modules and rows (checked
+functionally: rows of a closed unit can be scrambled without changing the output), padding
+behaves with closed gates, and an unknown architecture gets a clear error.
+"""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import ARCH_BUILDERS, VOCAB
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from hf_flop import FlopConfig, FlopLinear, UnsupportedArchitectureError, get_flop_model
+from hf_flop.layers import dense_weight
+from hf_flop.structures import ARCHITECTURES, arch_spec, block_layouts
+
+ARCHS = sorted(ARCHITECTURES)
+
+
+def _inputs(model, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
+    # ids >= 2 so no token is a pad/bos id of any tiny config (RoBERTa derives positions from pad ids)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _labels(model, inputs):
+    if hasattr(model, "lm_head"):  # causal LM: the inputs are the labels
+        return inputs["input_ids"]
+    return torch.tensor([0, 1] * (len(inputs["input_ids"]) // 2))
+
+
+def _flop(peft_model):
+    return peft_model.base_model
+
+
+def test_every_architecture_has_a_tiny_builder():
+    assert set(ARCH_BUILDERS) == set(ARCHITECTURES)
+    for model_type, build in ARCH_BUILDERS.items():
+        assert build().config.model_type == model_type
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_levels_keep_outputs_and_train(arch):
+    model = ARCH_BUILDERS[arch]().eval()
+    inputs = _inputs(model)
+    inputs["attention_mask"][0, -2:] = 0  # some padding too
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    peft_model = get_flop_model(copy.deepcopy(model), FlopConfig(levels=["rank", "head", "row"])).eval()
+    with torch.no_grad():
+        out = peft_model(**inputs).logits
+    assert (out - reference).abs().max().item() < 1e-4
+
+    peft_model.train()
+    gates = _flop(peft_model).gate_parameters()
+    before = [p.detach().clone() for p in gates]
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = peft_model(**inputs, labels=_labels(model, inputs)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(b, p) for b, p in zip(before, gates))
+    peft_model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(peft_model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_structure_groups_cover_the_right_modules(arch):
+    model = ARCH_BUILDERS[arch]()
+    spec = arch_spec(arch)
+    config = model.config
+    heads = getattr(config, spec.heads_attr)
+    kv_heads = getattr(config, spec.kv_heads_attr) if spec.kv_heads_attr else heads
+    layouts = block_layouts(model, spec)
+    assert len(layouts) == 2 and all(lay.heads == heads and lay.kv_heads == kv_heads for lay in layouts)
+    ffn = 4 * config.hidden_size if arch == "gpt2" else 64  # the tiny GPT-2 leaves n_inner at its 4x default
+    assert all(lay.intermediate == ffn for lay in layouts)
+
+    peft_model = get_flop_model(model, FlopConfig(levels=["head", "row"]))
+    flop = _flop(peft_model)
+    layers = flop.flop_layers()
+    groups = {g.key: g for g in flop.structure_groups}
+    assert sorted(groups) == ["head_0", "head_1", "row_0", "row_1"]
+    for i, layout in enumerate(layouts):
+        head, row = groups[f"head_{i}"], groups[f"row_{i}"]
+        # one head unit per KV group: the query/KV ratio stays valid whatever is closed
+        assert head.n_units == kv_heads
+        assert head.consumer == f"{layout.prefix}.{spec.o}"
+        assert head.consumer_unit == (heads // kv_heads) * layout.head_dim
+        assert {s.module for s in head.producers} == {f"{layout.prefix}.{n}" for n in (spec.q, spec.k, spec.v)}
+        assert row.n_units == ffn and row.consumer == f"{layout.prefix}.{spec.down}" and row.consumer_unit == 1
+        assert [s.module for s in row.producers] == [f"{layout.prefix}.{n}" for n in spec.up]
+        for group in (head, row):
+            # every producer segment lies inside its module and the units tile the consumer's input
+            assert layers[group.consumer].in_features == group.n_units * group.consumer_unit
+            for seg in group.producers:
+                assert seg.offset + seg.unit * group.n_units <= layers[seg.module].out_features
+
+
+def _scramble_rows(layer: FlopLinear, start: int, stop: int, scale: float = 3.0) -> None:
+    with torch.no_grad():
+        weight = dense_weight(layer.base_layer)  # a view for Conv1D too: edits reach the stored weight
+        weight[start:stop] += scale * torch.randn_like(weight[start:stop])
+        if layer.bias is not None:
+            layer.bias[start:stop] += scale
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_closed_units_own_exactly_their_rows(arch):
+    """Scrambling a closed unit's Q/K/V (or up/gate) rows changes nothing; an open unit's rows matter.
+
+    This checks every Segment of the table against the real forward code: compaction removes
+    exactly these rows, so a wrong offset or unit width would show here first.
+    """
+    model = ARCH_BUILDERS[arch]()
+    inputs = _inputs(model)
+    peft_model = get_flop_model(model, FlopConfig(levels=["head", "row"])).eval()
+    flop = _flop(peft_model)
+    layers = flop.flop_layers()
+    for group in flop.structure_groups:
+        gate = flop.flop_structure_gates[group.key]
+        closed, open_ = group.n_units - 1, 0
+        gate.close(torch.tensor([closed]))
+        reference = _last_hidden(peft_model, inputs)
+        for seg in group.producers:
+            start = seg.offset + closed * seg.unit
+            _scramble_rows(layers[seg.module], start, start + seg.unit)
+        after = _last_hidden(peft_model, inputs)
+        assert (after - reference).abs().max().item() < 1e-5, f"{group.key}: a closed unit's rows still matter"
+        seg = group.producers[-1]
+        start = seg.offset + open_ * seg.unit
+        _scramble_rows(layers[seg.module], start, start + seg.unit)
+        changed = _last_hidden(peft_model, inputs)
+        assert (changed - after).abs().max().item() > 1e-2, f"{group.key}: an open unit's rows do not matter"
+
+
+def _last_hidden(model, inputs) -> torch.Tensor:
+    # the last hidden state, not the logits: random tiny heads shrink differences to ~1e-5
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+def _close_some(peft_model) -> None:
+    flop = _flop(peft_model)
+    for group in flop.structure_groups:
+        units = torch.tensor([0]) if group.level == "head" else torch.arange(0, group.n_units, 3)
+        flop.flop_structure_gates[group.key].close(units)
+    for layer in flop.flop_layers().values():
+        if layer.factorized:
+            layer.gate.close(torch.arange(layer.rank - 5, layer.rank))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_gives_the_same_logits_as_each_example_alone(arch):
+    model = ARCH_BUILDERS[arch]()
+    peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"]))
+    _close_some(peft_model)
+    peft_model.eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 8]
+    examples = [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
+    ids = torch.full((2, max(lengths)), pad)
+    mask = torch.zeros_like(ids)
+    for i, ex in enumerate(examples):
+        ids[i, : len(ex)] = ex
+        mask[i, : len(ex)] = 1
+    with torch.no_grad():
+        batched = peft_model(input_ids=ids, attention_mask=mask).logits
+        for i, ex in enumerate(examples):
+            alone = peft_model(input_ids=ex[None], attention_mask=torch.ones(1, len(ex), dtype=torch.long)).logits[0]
+            got = batched[i, : len(ex)] if batched.dim() == 3 else batched[i]
+            assert (got - alone).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if arch_spec(a).kv_heads_attr])
+def test_gqa_gated_generate_with_cache_matches_no_cache(arch):
+    model = ARCH_BUILDERS[arch]()
+    peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"]))
+    _close_some(peft_model)
+    peft_model.eval()
+    prompt = _inputs(model, batch=1, length=4)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = peft_model.generate(**prompt, use_cache=True, **kwargs)
+        uncached = peft_model.generate(**prompt, use_cache=False, **kwargs)
+    assert cached.shape[1] == 10 and torch.equal(cached, uncached)
+
+
+def _tiny_neox() -> GPTNeoXForCausalLM:
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+@pytest.mark.parametrize("levels", [["head"], ["row"], ["rank", "row"]])
+def test_unknown_architecture_gets_a_clear_error(levels):
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        get_flop_model(_tiny_neox(), FlopConfig(levels=levels, target_modules=["dense_h_to_4h", "dense_4h_to_h"]))
+    message = str(err.value)
+    assert "gpt_neox" in message and "structures.py" in message
+    assert all(arch in message for arch in ARCHS)
+
+
+def test_unknown_architecture_without_targets_and_rank_with_targets():
+    with pytest.raises(UnsupportedArchitectureError, match="target_modules"):
+        get_flop_model(_tiny_neox(), FlopConfig(levels=["rank"]))
+    # rank pruning needs no table entry when the targets are named
+    peft_model = get_flop_model(_tiny_neox(), FlopConfig(levels=["rank"], target_modules=["dense_h_to_4h"]))
+    assert len(_flop(peft_model).flop_layers()) == 1
