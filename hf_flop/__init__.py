@@ -9,14 +9,17 @@ from __future__ import annotations
 from torch import nn
 
 from .accounting import SparsityReport, expected_sparsity, sparsity_report
+from .compact import compact
 from .config import FlopConfig
 from .gates import Gate, HardConcreteGate, TopKGate
 from .layers import FlopLinear
 from .model import FlopModel
+from .modeling import register_auto_classes
 from .registration import register
 from .structures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 
 register()
+register_auto_classes()  # compacted models load with AutoModel*.from_pretrained
 
 __version__ = "0.1.0"
 
@@ -49,6 +52,7 @@ __all__ = [
     "SparsityReport",
     "TopKGate",
     "UnsupportedArchitectureError",
+    "compact",
     "expected_sparsity",
     "get_flop_model",
     "sparsity_report",

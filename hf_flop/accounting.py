@@ -82,8 +82,10 @@ def _kept_dims(flop_model, deterministic: bool) -> tuple[dict, dict]:
     kept_in, kept_out = {}, {}
     for group in flop_model.structure_groups:
         units = _kept_units(flop_model.flop_structure_gates[group.key], deterministic)
-        if deterministic and group.level == "row":
-            units = torch.tensor(round_up(int(units), round_to, group.n_units))
+        if deterministic:  # compaction keeps one (zeroed) unit of an all-closed block, rows rounded up
+            units = torch.tensor(max(int(units), 1))
+            if group.level == "row":
+                units = torch.tensor(round_up(int(units), round_to, group.n_units))
         kept_in[group.consumer] = units * group.consumer_unit
         for seg in group.producers:
             kept_out.setdefault(seg.module, []).append((units * seg.unit, seg.unit * group.n_units))
@@ -97,7 +99,7 @@ def _module_params(layer: FlopLinear, in_k, out_k, deterministic: bool, round_to
         return dense, None, False
     rank = _kept_units(layer.gate, deterministic)
     if deterministic:
-        rank = torch.tensor(round_up(int(rank), round_to, layer.rank))
+        rank = torch.tensor(round_up(max(int(rank), 1), round_to, layer.rank))  # compaction keeps >= 1
     factored = rank * (in_k + out_k)
     if deterministic or factored < dense:
         keep_factored = bool(factored < dense)

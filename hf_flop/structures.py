@@ -46,6 +46,7 @@ class ArchSpec:
     fused_qkv: bool = False  # q, k, v are slices of one module's output (q first, then k, then v)
     attention_head_attrs: dict[str, str] = field(default_factory=dict)  # attr -> what it counts
     embeddings: tuple[str, ...] = ()  # input embedding module name(s), for level "embedding"
+    intermediate_attr: str | None = None  # config attribute of the FFN width (compaction to a stock config)
 
     def default_targets(self) -> list[str]:
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
@@ -64,6 +65,7 @@ _BERT = ArchSpec(
     kv_heads_attr=None,
     hidden_attr="hidden_size",
     attention_head_attrs={"num_attention_heads": "heads", "all_head_size": "q_width"},
+    intermediate_attr="intermediate_size",
 )
 
 _LLAMA = ArchSpec(
@@ -80,6 +82,7 @@ _LLAMA = ArchSpec(
     hidden_attr="hidden_size",
     head_dim_attr="head_dim",
     attention_head_attrs={},
+    intermediate_attr="intermediate_size",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -98,6 +101,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         kv_heads_attr=None,
         hidden_attr="dim",
         attention_head_attrs={"n_heads": "heads"},
+        intermediate_attr="hidden_dim",
     ),
     "gpt2": ArchSpec(
         blocks=r"h",
@@ -113,6 +117,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         hidden_attr="n_embd",
         fused_qkv=True,
         attention_head_attrs={"num_heads": "heads", "split_size": "q_width", "embed_dim": "q_width"},
+        intermediate_attr="n_inner",
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,

@@ -1,0 +1,128 @@
+"""Model classes of models compacted by hf_flop: the base architecture's classes, with planned shapes.
+
+This file is copied next to the weights as remote code, so it imports only ``torch`` and
+``transformers`` (and its sibling ``configuration_flop``).
+
+``FlopX`` subclasses the stock class ``X`` (``BertForSequenceClassification``, ``LlamaForCausalLM``,
+...). Its ``__init__`` runs the stock ``__init__`` and then rebuilds the modules listed in
+``config.flop_plan`` with their compacted shapes: a smaller ``Linear`` (or GPT-2 ``Conv1D``), or a
+``LowRankLinear`` (two Linear layers, in -> rank -> out) for a factorized layer. Attention modules
+get their per-layer head counts rewritten from the plan. Everything else -- forward, caching,
+``generate()``, attention masks -- is the stock code, so the model behaves as the stock one does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .configuration_flop import CLASS_PREFIX, compacted_config_class, derive, stock_class_named
+
+CODE_FILES = ("configuration_flop.py", "modeling_flop.py")
+
+
+class LowRankLinear(nn.Module):
+    """``x -> out_proj(in_proj(x))``: a rank-``rank`` linear map stored as two thin matrices."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.rank, self.out_features = in_features, rank, out_features
+        self.in_proj = nn.Linear(in_features, rank, bias=False)
+        self.out_proj = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.in_proj(x))
+
+
+def build_module(spec: dict) -> nn.Module:
+    """A fresh module with the shapes of one ``flop_plan["modules"]`` entry."""
+    kind = spec["kind"]
+    if kind == "low_rank":
+        return LowRankLinear(spec["in"], spec["rank"], spec["out"], bias=spec["bias"])
+    if kind == "conv1d":
+        return Conv1D(spec["out"], spec["in"])
+    if kind == "linear":
+        return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    raise ValueError(f"flop_plan module kind {kind!r} is unknown; expected 'linear', 'conv1d' or 'low_rank'.")
+
+
+def locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module] | None:
+    """``(root, module)`` for a plan path; ``None`` when this class has no such module (another task head)."""
+    for root in (model.base_model, model):
+        try:
+            return root, root.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+def apply_flop_plan(model: nn.Module, plan: dict | None) -> None:
+    """Rebuild ``model``'s planned modules with their compacted shapes and rewrite head counts."""
+    plan = plan or {}
+    for path, spec in plan.get("modules", {}).items():
+        found = locate(model, path)
+        if found is not None:
+            parent_path, _, child = path.rpartition(".")
+            setattr(found[0].get_submodule(parent_path), child, build_module(spec))
+    for path, attrs in plan.get("attributes", {}).items():
+        found = locate(model, path)
+        for name, value in attrs.items() if found is not None else ():
+            setattr(found[1], name, value)
+
+
+def auto_class_names(model_type: str) -> dict[str, str]:
+    """``{auto class name: stock class name}`` for every ``AutoModel*`` class that knows ``model_type``."""
+    found = {}
+    for auto_name in dir(transformers):
+        if not auto_name.startswith("AutoModel"):
+            continue
+        mapping = getattr(getattr(transformers, auto_name), "_model_mapping", None)
+        name = getattr(mapping, "_model_mapping", {}).get(model_type)
+        # skip composite entries whose class is built on another config (e.g. a decision head over qwen2)
+        if isinstance(name, str) and getattr(transformers, name).config_class.model_type == model_type:
+            found[auto_name] = name
+    return found
+
+
+class FlopCompactedMixin:
+    """Rebuilds the planned modules after the stock ``__init__``; saves its own code with the weights."""
+
+    flop_stock_class: type = None  # the stock class this one extends
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        apply_flop_plan(self, getattr(config, "flop_plan", None))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Save as the stock class does, plus the two code files and ``auto_map``, for ``trust_remote_code``."""
+        stock_config = self.flop_stock_class.config_class
+        names = auto_class_names(stock_config.model_type)
+        auto_map = {"AutoConfig": f"configuration_flop.{CLASS_PREFIX}{stock_config.__name__}"}
+        auto_map.update({auto: f"modeling_flop.{CLASS_PREFIX}{name}" for auto, name in names.items()})
+        self.config.auto_map = auto_map
+        os.makedirs(save_directory, exist_ok=True)
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in CODE_FILES:
+            shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def compacted_model_class(base: type) -> type:
+    """The compacted class of the stock model class ``base``."""
+    if issubclass(base, FlopCompactedMixin):
+        return base
+    namespace = {
+        "__doc__": f"{base.__name__} compacted by hf_flop: planned layers have their pruned shapes.",
+        "config_class": compacted_config_class(base.config_class),
+        "flop_stock_class": base,
+    }
+    return derive(base, (FlopCompactedMixin, base), namespace, globals())
+
+
+def __getattr__(name: str) -> type:
+    return compacted_model_class(stock_class_named(name, transformers.PreTrainedModel))
