@@ -6,7 +6,8 @@ matrices, ``r (in' + out')`` parameters, or one dense matrix, ``in' out'``, whic
 The deterministic count is exactly that. The expected count uses expectations of ``r``, ``in'``
 and ``out'`` under the gates; its value is the same ``min``, but its gradient is always the
 factorized term's, so the constraint pushes rank gates even while a layer is still above the
-break-even rank (where ``min`` alone would give no gradient).
+break-even rank (where ``min`` alone would give no gradient). A block-gated layer (level
+``"block"``) keeps ``kept blocks * block_size^2`` parameters (see ``hf_flop.blocks``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .blocks import block_params
 from .gates import Gate
 from .layers import FlopLinear, round_up
 
@@ -30,6 +32,8 @@ class ModuleSparsity:
     kept_rank: int | None
     kept_params: int
     factorized_after_compaction: bool
+    blocks: int | None = None  # block grid size, None without level "block"
+    kept_blocks: int | None = None
 
 
 @dataclass
@@ -60,6 +64,7 @@ class SparsityReport:
         ]
         for name, m in self.modules.items():
             rank = f"{m.kept_rank}/{m.rank}" if m.rank is not None else "dense"
+            rank = f"blk {m.kept_blocks}/{m.blocks}" if m.blocks is not None else rank
             lines.append(
                 f"{name[-48:]:<48} {m.shape[0]:>5}x{m.shape[1]:<6} {m.kept_shape[0]:>5}x{m.kept_shape[1]:<6} "
                 f"{rank:>11} {m.kept_params:>10,}"
@@ -94,6 +99,8 @@ def _kept_dims(flop_model, deterministic: bool) -> tuple[dict, dict]:
 
 def _module_params(layer: FlopLinear, in_k, out_k, deterministic: bool, round_to: int):
     """(kept params, kept rank, factorized-after-compaction) of one layer."""
+    if layer.block_size:
+        return block_params(layer, in_k, out_k, deterministic), None, False
     dense = in_k * out_k
     if not layer.factorized:
         return dense, None, False
@@ -150,6 +157,9 @@ def sparsity_report(model: nn.Module, *, differentiable: bool = False) -> Sparsi
             kept_params=int(d_params),
             factorized_after_compaction=factored,
         )
+        if layer.block_size:
+            mask = layer.block_gate.deterministic_mask()
+            report.modules[name].blocks, report.modules[name].kept_blocks = mask.numel(), int((mask != 0).sum())
     total = max(report.prunable_params, 1)
     report.expected_kept_params = expected_total if differentiable else float(expected_total)
     report.deterministic_kept_params = det_total
@@ -178,7 +188,7 @@ def min_reachable_kept_params(model: nn.Module) -> int:
     gated_producers = {s.module for g in flop_model.structure_groups for s in g.producers}
     floor = 0
     for name, layer in flop_model.flop_layers().items():
-        if layer.factorized or name in gated_consumers or name in gated_producers:
+        if layer.factorized or layer.block_size or name in gated_consumers or name in gated_producers:
             continue  # a closed gate can take this layer to (almost) nothing
         floor += layer.in_features * layer.out_features
     return floor

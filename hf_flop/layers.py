@@ -44,16 +44,24 @@ class FlopLinear(nn.Module, BaseTunerLayer):
     ``O(in * out * r)`` once, at injection.
 
     Dense mode (no ``"rank"`` level): the base weight is used as is; head and row gates act on it
-    from outside (see ``FlopModel``), and the block level adds a mask here.
+    from outside (see ``FlopModel``). With ``block_size`` (level ``"block"``), a gate over the
+    weight's square blocks, ``flop_block_gate[adapter]``, masks it (see ``hf_flop.blocks``).
 
     The frozen ``base_layer`` is kept, as in PEFT, for its bias and so the layer can be unloaded.
     """
 
-    adapter_layer_names = ("flop_P", "flop_Q", "flop_rank_gate")
+    adapter_layer_names = ("flop_P", "flop_Q", "flop_rank_gate", "flop_block_gate")
     other_param_names = ()
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, *, factorized: bool, gate_factory, live_threshold: float
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        *,
+        factorized: bool,
+        gate_factory,
+        live_threshold: float,
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, LINEAR_TYPES):
@@ -68,11 +76,21 @@ class FlopLinear(nn.Module, BaseTunerLayer):
         self.flop_P = nn.ParameterDict()
         self.flop_Q = nn.ParameterDict()
         self.flop_rank_gate = nn.ModuleDict()
+        self.flop_block_gate = nn.ModuleDict()
+        self.block_size = block_size
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self._disable_adapters = False
+        if factorized and block_size:
+            raise ValueError(
+                "a FlopLinear is either factorized (level 'rank') or block-gated (level 'block'), not both."
+            )
         if factorized:
             self.update_layer(adapter_name, gate_factory)
+        if block_size:
+            from .blocks import add_block_gate
+
+            add_block_gate(self, adapter_name, gate_factory, block_size)
 
     @property
     def rank(self) -> int:
@@ -97,6 +115,11 @@ class FlopLinear(nn.Module, BaseTunerLayer):
         return self.flop_rank_gate[self.active_adapters[0]] if self.factorized else None
 
     @property
+    def block_gate(self) -> Gate | None:
+        """The gate over the weight's square blocks (level ``"block"``), or None."""
+        return self.flop_block_gate[self.active_adapters[0]] if self.block_size else None
+
+    @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
@@ -105,6 +128,10 @@ class FlopLinear(nn.Module, BaseTunerLayer):
         return self.flop_P[name], self.flop_Q[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.block_size and not (self.disable_adapters or self.merged):
+            from .blocks import block_forward
+
+            return block_forward(self, x)
         if self.disable_adapters or not self.factorized or self.merged:
             return self.base_layer(x, *args, **kwargs)
         p, q = self.factors()
@@ -121,7 +148,11 @@ class FlopLinear(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def folded_weight(self) -> torch.Tensor:
-        """``P diag(z) Q`` with the deterministic (eval) mask, as an ``(out, in)`` matrix."""
+        """``P diag(z) Q`` (or the block-masked weight) with the deterministic (eval) mask, as ``(out, in)``."""
+        if self.block_size:
+            from .blocks import folded_block_weight
+
+            return folded_block_weight(self)
         if not self.factorized:
             return dense_weight(self.base_layer).detach().clone()
         p, q = self.factors()
@@ -130,8 +161,8 @@ class FlopLinear(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold ``P diag(z) Q`` (eval mask) into the base layer's weight, PEFT's ``merge`` meaning."""
-        if self.merged or not self.factorized:
+        """Fold ``P diag(z) Q`` or the block mask (eval masks) into the base layer's weight, PEFT's ``merge``."""
+        if self.merged or not (self.factorized or self.block_size):
             return
         weight = self.folded_weight()
         if safe_merge and not torch.isfinite(weight).all():
@@ -144,7 +175,9 @@ class FlopLinear(nn.Module, BaseTunerLayer):
         raise NotImplementedError("FLOP merges are one-way: the dense weight is not kept. Reload the adapter instead.")
 
     def extra_repr(self) -> str:
-        mode = f"rank={self.rank}" if self.factorized else "dense"
+        mode = (
+            f"rank={self.rank}" if self.factorized else f"blocks of {self.block_size}" if self.block_size else "dense"
+        )
         return f"in_features={self.in_features}, out_features={self.out_features}, {mode}"
 
 

@@ -8,6 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from .blocks import check_block_shapes
 from .config import FlopConfig
 from .gates import GATE_TYPES, Gate, HardConcreteGate
 from .layers import LINEAR_TYPES, FlopLinear
@@ -117,6 +118,8 @@ class FlopModel(BaseTuner):
             )
         if {"head", "row"} & set(config.levels):
             arch_spec(_model_type(model))  # raises a clear error for unknown layouts
+        if "block" in config.levels:
+            check_block_shapes(model, matched, config.block_size)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         new = FlopLinear(
@@ -125,6 +128,7 @@ class FlopModel(BaseTuner):
             factorized="rank" in peft_config.levels,
             gate_factory=make_gate_factory(peft_config),
             live_threshold=peft_config.live_threshold,
+            block_size=peft_config.block_size if "block" in peft_config.levels else None,
         )
         self._replace_module(parent, target_name, new, target)
 
@@ -192,6 +196,7 @@ class FlopModel(BaseTuner):
     def gates(self) -> dict[str, Gate]:
         """Every gate of the model by a readable name (rank gates under their module's name)."""
         found: dict[str, Gate] = {f"{n}.rank": m.gate for n, m in self.flop_layers().items() if m.factorized}
+        found.update({f"{n}.block": m.block_gate for n, m in self.flop_layers().items() if m.block_size})
         found.update({g.key: self.flop_structure_gates[g.key] for g in self.structure_groups})
         return found
 
