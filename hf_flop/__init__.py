@@ -12,6 +12,7 @@ from .accounting import SparsityReport, expected_sparsity, sparsity_report
 from .compact import compact
 from .config import FlopConfig
 from .gates import Gate, HardConcreteGate, TopKGate
+from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
 from .model import FlopModel
 from .modeling import register_auto_classes
@@ -48,6 +49,7 @@ __all__ = [
     "FlopLinear",
     "FlopModel",
     "Gate",
+    "PushToHubError",
     "HardConcreteGate",
     "SparsityReport",
     "TopKGate",
@@ -55,5 +57,7 @@ __all__ = [
     "compact",
     "expected_sparsity",
     "get_flop_model",
+    "push_compacted",
+    "save_compacted",
     "sparsity_report",
 ]

@@ -105,6 +105,10 @@ def _structure_cuts(flop_model) -> _Cuts:
 @torch.no_grad()
 def _compact_layer(layer: FlopLinear, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, round_to: int):
     """``(plan entry, {tensor name: tensor})`` of one targeted linear."""
+    if getattr(layer, "block_size", None):  # level "block": hf_flop.blocks owns that layout
+        from .blocks import compact_block_layer
+
+        return compact_block_layer(layer, rows, cols, scale)
     bias = layer.bias.detach()[rows] if layer.bias is not None else None
     dtype = dense_weight(layer.base_layer).dtype
     weight = None

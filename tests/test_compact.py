@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import TINY_BUILDERS, VOCAB, tiny_inputs
+from tiny_models import ARCH_BUILDERS, TINY_BUILDERS, VOCAB, tiny_inputs
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -25,7 +25,10 @@ from hf_flop.gates import HardConcreteGate
 from hf_flop.layers import FlopLinear
 from hf_flop.modeling import FlopCompactedMixin, LowRankLinear
 
-AUTO = {"bert": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM}
+AUTO = {
+    arch: AutoModelForSequenceClassification if arch in ("bert", "roberta", "distilbert") else AutoModelForCausalLM
+    for arch in ARCH_BUILDERS
+}
 LEVELS = [["rank"], ["head"], ["row"], ["head", "row"], ["rank", "head", "row"]]
 
 
@@ -41,7 +44,7 @@ def prune_randomly(peft_model, seed: int = 0) -> None:
 
 
 def pruned(arch: str, levels: list[str], seed: int = 0, **config):
-    model = get_flop_model(TINY_BUILDERS[arch](), FlopConfig(levels=levels, **config)).eval()
+    model = get_flop_model(ARCH_BUILDERS[arch](), FlopConfig(levels=levels, **config)).eval()
     prune_randomly(model, seed)
     return model
 
@@ -62,6 +65,7 @@ def pruned_linear_params(model, names) -> int:
 
 CASES = [(arch, levels, 1) for arch in sorted(TINY_BUILDERS) for levels in LEVELS]
 CASES += [(arch, ["rank", "head", "row"], 4) for arch in sorted(TINY_BUILDERS)]  # rounded ranks and rows
+CASES += [(arch, ["rank", "head", "row"], 1) for arch in sorted(set(ARCH_BUILDERS) - set(TINY_BUILDERS))]
 
 
 @pytest.mark.parametrize("arch, levels, round_to", CASES, ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
@@ -192,7 +196,7 @@ def saved(tmp_path_factory):
     """Pruned tiny models, compacted and saved, with reference inputs and logits; plus dense copies."""
     root = tmp_path_factory.mktemp("compacted")
     cases = []
-    models = {f"{arch}": pruned(arch, ["rank", "head", "row"], seed=2) for arch in TINY_BUILDERS}
+    models = {arch: pruned(arch, ["rank", "head", "row"], seed=2) for arch in ARCH_BUILDERS}
     stock = get_flop_model(TINY_BUILDERS["llama"](), FlopConfig(levels=["head", "row"])).eval()
     _close_uniformly(stock, heads=1, rows=16)
     models["llama_stock"] = stock
@@ -200,7 +204,7 @@ def saved(tmp_path_factory):
         arch = name.split("_")[0]
         folder = root / name
         compact(model).save_pretrained(folder)
-        TINY_BUILDERS[arch]().save_pretrained(root / f"{name}_dense")
+        ARCH_BUILDERS[arch]().save_pretrained(root / f"{name}_dense")
         inputs = tiny_inputs()
         torch.save((inputs, logits(model, **inputs)), root / f"{name}.pt")
         stock_config = "flop_plan" not in json.loads((folder / "config.json").read_text())

@@ -1,0 +1,332 @@
+"""Saving a compacted model with its model card, and publishing it on the Hugging Face Hub.
+
+``save_compacted`` compacts a FLOP model, writes it (safetensors, config, remote code when needed,
+tokenizer) with a model card rendered from ``model_cards/compacted_model_card.md`` into a temporary
+folder next to ``output_dir`` and renames it into place, so ``output_dir`` is either complete or
+untouched. Pushing is a separate step on the finished folder (``push_compacted``): when it fails,
+the folder stays complete and the push can simply be repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+
+from .accounting import SparsityReport, find_flop_model, sparsity_report
+from .compact import compact_with_plan
+from .modeling import auto_class_names
+
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "compacted_model_card.md"
+
+# auto class -> Hub pipeline tag, most specific first (the first match names the task)
+PIPELINE_TAGS = {
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModel": "feature-extraction",
+}
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# PEFT bookkeeping that says nothing about the pruning
+_CONFIG_NOISE = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
+
+
+class PushToHubError(RuntimeError):
+    """Pushing a saved folder to the Hub failed; the folder itself is complete."""
+
+
+def save_compacted(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    tokenizer=None,
+    eval_results: Mapping[str, float] | None = None,
+    eval_dataset: str | None = None,
+    speedup: float | Mapping[str, float] | None = None,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    commit_message: str | None = None,
+    card_template: str | os.PathLike | None = None,
+) -> Path:
+    """Compact ``model`` (a FLOP ``PeftModel``/``FlopModel``), save it with a model card, optionally push it.
+
+    Args:
+        output_dir: folder to write; an existing non-empty folder is replaced only with ``overwrite=True``.
+        push_to_hub, repo_id, private, token: push the finished folder to ``repo_id`` ("user/name")
+            with ``create_repo`` + ``upload_folder``; ``private`` applies when the repo is created.
+        tokenizer: saved alongside (anything with ``save_pretrained``).
+        eval_results: ``{metric name: value}``, shown in the card and as ``model-index`` metadata;
+            ``eval_dataset`` names the data they were measured on.
+        speedup: measured speed-up over the dense model, one number or ``{setting: number}``.
+        base_model: Hub id of the model that was pruned (default: the model's ``name_or_path`` when
+            it looks like a Hub id).
+        card_template: a Jinja template to use instead of ``model_cards/compacted_model_card.md``.
+
+    Returns the path of the saved folder. Raises ``PushToHubError`` when only the push failed.
+    """
+    out = _check_output_dir(output_dir, overwrite)
+    if push_to_hub and not repo_id:
+        raise ValueError("save_compacted(push_to_hub=True) needs repo_id='user/name' (the Hub repository to create).")
+    if repo_id is not None and not (isinstance(repo_id, str) and _HUB_ID.match(repo_id)):
+        raise ValueError(f"repo_id={repo_id!r} is not a Hub repository id; use 'user/name'.")
+    metrics = _check_numbers("eval_results", eval_results)
+    speedups = _check_numbers("speedup", {"overall": speedup} if isinstance(speedup, (int, float)) else speedup)
+    template = Path(card_template) if card_template is not None else CARD_TEMPLATE
+    if not template.is_file():
+        raise ValueError(f"model card template {template} not found; pass card_template=<path to a Jinja .md file>.")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(
+            f"tokenizer must have save_pretrained (a transformers tokenizer), got {type(tokenizer).__name__}."
+        )
+
+    flop_model = find_flop_model(model)  # clear error for a model without FLOP layers
+    report = sparsity_report(flop_model)
+    compacted, plan = compact_with_plan(flop_model)
+    card = render_card(
+        flop_model,
+        compacted,
+        plan,
+        report,
+        template=template,
+        model_id=repo_id or out.name,
+        base_model=base_model,
+        metrics=metrics,
+        eval_dataset=eval_dataset,
+        speedup=speedups,
+        tags=tags,
+        license=license,
+        datasets=datasets,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        compacted.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        card.save(tmp / "README.md")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if push_to_hub:
+        push_compacted(out, repo_id, private=private, token=token, commit_message=commit_message)
+    return out
+
+
+def push_compacted(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a folder written by ``save_compacted`` to ``repo_id`` (created if missing); returns the commit URL.
+
+    Any failure (Hub unreachable, HTTP error, rejected token) raises ``PushToHubError`` saying what
+    went wrong; nothing local changes, so calling this again after fixing the cause is safe.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a saved model folder (no config.json); write it with save_compacted first.")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or "Upload model compacted with hf_flop",
+        )
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        reason = {
+            401: "the Hub rejected the token (HTTP 401); pass a valid write token with token=... or log in "
+            "with `hf auth login`",
+            403: f"the token may not write to {repo_id!r} (HTTP 403); check its permissions and the namespace",
+        }.get(status, f"the Hub answered HTTP {status}: {str(err).strip().splitlines()[0]}")
+        raise PushToHubError(_push_message(folder, repo_id, api.endpoint, reason)) from err
+    except Exception as err:  # unreachable host, timeouts, offline mode: whatever the HTTP stack raises
+        reason = f"could not reach the Hub ({type(err).__name__}: {err})"
+        raise PushToHubError(_push_message(folder, repo_id, api.endpoint, reason)) from err
+    return info.commit_url
+
+
+def _push_message(folder: Path, repo_id: str, endpoint: str, reason: str) -> str:
+    return (
+        f"pushing {folder} to {endpoint}/{repo_id} failed: {reason}. The local folder is complete; once fixed, "
+        f"push it again with hf_flop.push_compacted({str(folder)!r}, {repo_id!r})."
+    )
+
+
+def _check_output_dir(output_dir, overwrite: bool) -> Path:
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir must be a path, got {type(output_dir).__name__}.")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} exists and is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output_dir {out} exists and is not empty; pass overwrite=True to replace it, or choose another folder."
+        )
+    return out
+
+
+def _check_numbers(name: str, values) -> dict[str, float]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in values.items()
+    ):
+        raise ValueError(f"{name} must map names to numbers, e.g. {{'accuracy': 0.91}}; got {values!r}.")
+    return {k: float(v) for k, v in values.items()}
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is renamed aside first and deleted only at the end."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the model card --------------------------------------------------------------------------------
+def render_card(
+    flop_model,
+    compacted: nn.Module,
+    plan: dict,
+    report: SparsityReport,
+    *,
+    template: Path = CARD_TEMPLATE,
+    model_id: str,
+    base_model: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    eval_dataset: str | None = None,
+    speedup: Mapping[str, float] | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+) -> ModelCard:
+    """The model card of a compacted model, from the Jinja ``template``."""
+    config = flop_model.flop_config
+    task_model = flop_model.model
+    stock_class = getattr(type(compacted), "flop_stock_class", None) or type(compacted)
+    custom_code = stock_class is not type(compacted)
+    auto_name, pipeline_tag = _task_of(stock_class)
+    if base_model is None:
+        name = str(getattr(task_model.config, "name_or_path", "") or "")
+        base_model = name if _HUB_ID.match(name) and not Path(name).exists() else None
+    levels = [lvl for lvl in config.levels if lvl != "rank"]
+    card_tags = ["hf-flop", "pruned", "structured-pruning"]
+    card_tags += ["low-rank"] if "rank" in config.levels else []
+    card_tags += [f"{lvl}-pruning" for lvl in levels]
+    card_tags += ["custom_code"] if custom_code else []
+    card_tags += [t for t in tags or [] if t not in card_tags]
+    eval_list = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=eval_dataset or "custom",
+            dataset_name=eval_dataset or "evaluation data",
+            metric_type=name,
+            metric_value=value,
+        )
+        for name, value in (metrics or {}).items()
+    ]
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=card_tags,
+        license=license,
+        datasets=datasets,
+        model_name=model_id,
+        eval_results=eval_list or None,
+    )
+    kept_total = sum(p.numel() for p in compacted.parameters())
+    dense_total = sum(p.numel() for n, p in task_model.named_parameters() if flop_model.prefix not in n)
+    pruning_config = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE}
+    load_code = (
+        f"from transformers import {auto_name}\n\n"
+        f"model = {auto_name}.from_pretrained({model_id!r}{', trust_remote_code=True' if custom_code else ''})"
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_id=model_id,
+        base_model=base_model,
+        architecture=stock_class.__name__,
+        structure_levels=", ".join(levels),
+        total_params=dense_total,
+        kept_total_params=kept_total,
+        prunable_params=report.prunable_params,
+        kept_prunable_params=report.deterministic_kept_params,
+        sparsity=report.deterministic_sparsity,
+        metrics=metrics or {},
+        eval_dataset=eval_dataset,
+        speedup=speedup or {},
+        load_code=load_code,
+        custom_code=custom_code,
+        blocks=_block_rows(plan),
+        layers=_layer_rows(report),
+        pruning_config=json.dumps(pruning_config, indent=2, sort_keys=True, default=str),
+    )
+
+
+def _task_of(stock_class: type) -> tuple[str, str]:
+    """(auto class to load with, pipeline tag) of a stock model class."""
+    names = auto_class_names(stock_class.config_class.model_type)
+    for auto_name, tag in PIPELINE_TAGS.items():
+        if names.get(auto_name) == stock_class.__name__:
+            return auto_name, tag
+    loader = next((a for a, c in names.items() if c == stock_class.__name__), "AutoModel")
+    return loader, "feature-extraction"
+
+
+def _block_rows(plan: dict) -> list[dict]:
+    return [{"name": block, **counts} for block, counts in plan.get("blocks", {}).items()]
+
+
+def _layer_rows(report: SparsityReport) -> list[dict]:
+    rows = []
+    for name, m in report.modules.items():
+        rank = f"{m.kept_rank} / {m.rank}" if m.rank is not None else "-"
+        rows.append(
+            {
+                "name": name,
+                "shape": f"{m.shape[0]} x {m.shape[1]}",
+                "kept_shape": f"{m.kept_shape[0]} x {m.kept_shape[1]}",
+                "rank": rank,
+                "form": f"low-rank ({m.kept_rank})" if m.factorized_after_compaction else "dense",
+                "params": m.kept_params,
+                "params_before": m.shape[0] * m.shape[1],
+            }
+        )
+    return rows
