@@ -204,7 +204,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
 
 def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict):
     """A stock config of ``stock_class`` that builds exactly these shapes, or ``None`` if none does."""
-    if any(spec["kind"] == "low_rank" for spec in plan["modules"].values()):
+    if any(spec["kind"] not in ("linear", "conv1d") for spec in plan["modules"].values()):
         return None
     overrides = {}
     if plan["blocks"]:

@@ -91,6 +91,16 @@ def test_compact_is_exact_and_has_the_reported_size(arch, levels, round_to):
         assert isinstance(small.get_submodule(name), LowRankLinear) == info.factorized_after_compaction, name
 
 
+@pytest.mark.parametrize("arch", sorted(TINY_BUILDERS))
+def test_block_level_compacts_to_block_sparse_layers(arch):
+    model = pruned(arch, ["block"], block_size=8, seed=6)
+    small = compact(model)
+    torch.testing.assert_close(logits(small), logits(model), atol=1e-4, rtol=0)
+    report = sparsity_report(model)
+    assert pruned_linear_params(small, report.modules) == report.deterministic_kept_params
+    assert all(type(small.get_submodule(n)).__name__ == "BlockSparseLinear" for n in report.modules)
+
+
 def test_topk_gates_compact_exactly():
     model = pruned("llama", ["rank", "head", "row"], gate="topk", seed=3)
     small = compact(model)
@@ -200,6 +210,7 @@ def saved(tmp_path_factory):
     stock = get_flop_model(TINY_BUILDERS["llama"](), FlopConfig(levels=["head", "row"])).eval()
     _close_uniformly(stock, heads=1, rows=16)
     models["llama_stock"] = stock
+    models["gpt2_block"] = pruned("gpt2", ["block"], block_size=8, seed=2)
     for name, model in models.items():
         arch = name.split("_")[0]
         folder = root / name
@@ -262,14 +273,14 @@ def test_saved_folders(saved):
         assert {"configuration_flop.py", "modeling_flop.py"} <= files
         assert config["auto_map"]["AutoConfig"].startswith("configuration_flop.Flop")
         assert config["auto_map"][case["auto"]].startswith("modeling_flop.Flop")
-        for code in ("configuration_flop.py", "modeling_flop.py"):  # self-contained remote code
+        for code in ("configuration_flop.py", "modeling_flop.py", "block_sparse.py"):  # self-contained remote code
             imports = [
                 line.split()[1]
                 for line in (root / case["name"] / code).read_text().splitlines()
                 if line.startswith(("import ", "from "))
             ]
             assert all(
-                m.split(".")[0] in {"torch", "transformers", "__future__", "os", "shutil", ""} for m in imports
+                m.split(".")[0] in {"torch", "transformers", "__future__", "os", "shutil", "math", ""} for m in imports
             ), imports
 
 

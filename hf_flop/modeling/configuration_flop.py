@@ -4,8 +4,9 @@ This file is copied next to the weights as remote code, so it imports only ``tra
 
 ``flop_plan`` (a JSON-able dict) says what differs from the base architecture:
 
-* ``"modules"``: module path -> ``{"kind": "linear" | "conv1d" | "low_rank", "in": int, "out": int,
-  "rank": int (low_rank only), "bias": bool}``; the model rebuilds these modules with these shapes;
+* ``"modules"``: module path -> ``{"kind": "linear" | "conv1d" | "low_rank" | "block_sparse", "in": int,
+  "out": int, "rank": int (low_rank), "block_size", "blocks": int (block_sparse), "bias": bool}``; the
+  model rebuilds these modules with these shapes;
 * ``"attributes"``: module path -> ``{attribute: value}`` rewritten after the rebuild (per-layer
   head counts of attention modules);
 * ``"blocks"``: block path -> ``{"heads", "kv_heads", "intermediate"}``, informative only.

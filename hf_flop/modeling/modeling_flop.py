@@ -1,12 +1,13 @@
 """Model classes of models compacted by hf_flop: the base architecture's classes, with planned shapes.
 
 This file is copied next to the weights as remote code, so it imports only ``torch`` and
-``transformers`` (and its sibling ``configuration_flop``).
+``transformers`` (and its siblings ``configuration_flop`` and ``block_sparse``).
 
 ``FlopX`` subclasses the stock class ``X`` (``BertForSequenceClassification``, ``LlamaForCausalLM``,
 ...). Its ``__init__`` runs the stock ``__init__`` and then rebuilds the modules listed in
 ``config.flop_plan`` with their compacted shapes: a smaller ``Linear`` (or GPT-2 ``Conv1D``), or a
-``LowRankLinear`` (two Linear layers, in -> rank -> out) for a factorized layer. Attention modules
+``LowRankLinear`` (two Linear layers, in -> rank -> out) for a factorized layer, or a
+``BlockSparseLinear`` (``block_sparse.py``) for a block-pruned one. Attention modules
 get their per-layer head counts rewritten from the plan. Everything else -- forward, caching,
 ``generate()``, attention masks -- is the stock code, so the model behaves as the stock one does.
 """
@@ -21,9 +22,10 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .block_sparse import BlockSparseLinear
 from .configuration_flop import CLASS_PREFIX, compacted_config_class, derive, stock_class_named
 
-CODE_FILES = ("configuration_flop.py", "modeling_flop.py")
+CODE_FILES = ("configuration_flop.py", "modeling_flop.py", "block_sparse.py")
 
 
 class LowRankLinear(nn.Module):
@@ -48,7 +50,9 @@ def build_module(spec: dict) -> nn.Module:
         return Conv1D(spec["out"], spec["in"])
     if kind == "linear":
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
-    raise ValueError(f"flop_plan module kind {kind!r} is unknown; expected 'linear', 'conv1d' or 'low_rank'.")
+    if kind == "block_sparse":
+        return BlockSparseLinear(spec["in"], spec["out"], spec["block_size"], spec["blocks"], bias=spec["bias"])
+    raise ValueError(f"flop_plan module kind {kind!r} is unknown; expected linear, conv1d, low_rank or block_sparse.")
 
 
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module] | None:
