@@ -1,0 +1,68 @@
+"""Evaluation and CPU latency of (pruned, compacted or dense) models, offline.
+
+Metrics go through the ``evaluate`` modules shipped in this folder, so results read the same as
+any ``evaluate`` pipeline's while nothing is fetched from the Hub.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = ("seq-cls", "causal-lm")
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset, *, task: str, collator, batch_size: int = 32) -> dict[str, float]:
+    """Accuracy (``task="seq-cls"``) or per-token perplexity (``"causal-lm"``) of ``model`` on ``dataset``.
+
+    ``dataset`` holds model inputs plus ``labels`` (as ``hf_flop.data.tokenize_classification`` /
+    ``tokenize_lm`` make them); ``collator`` batches its rows. The model is put in eval mode, so a
+    FLOP model uses its deterministic masks.
+    """
+    from . import load
+
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not valid; use one of {list(TASKS)}.")
+    metric = load("accuracy" if task == "seq-cls" else "perplexity")
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        if task == "seq-cls":
+            metric.add_batch(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
+        else:
+            targets = labels[:, 1:]
+            nll = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            metric.add_batch(nll=[nll.item()], n_tokens=[int((targets != -100).sum())])
+    return metric.compute()
+
+
+@torch.no_grad()
+def cpu_latency(models: dict[str, nn.Module], inputs: dict, *, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per forward pass of each model on ``inputs``.
+
+    The models run in alternation, one forward each per round, so that a change in machine load
+    (shared CPUs) hits them all alike and their ratio stays meaningful.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1.")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.eval()
+    for round_ in range(warmup + repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**inputs)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

