@@ -12,7 +12,15 @@ from .blocks import check_block_shapes
 from .config import FlopConfig
 from .gates import GATE_TYPES, Gate, HardConcreteGate
 from .layers import LINEAR_TYPES, FlopLinear
-from .structures import ARCHITECTURES, ArchSpec, Segment, UnsupportedArchitectureError, arch_spec, block_layouts
+from .structures import (
+    ARCHITECTURES,
+    ArchSpec,
+    Segment,
+    UnsupportedArchitectureError,
+    arch_spec,
+    base_model_type,
+    block_layouts,
+)
 
 
 @dataclass
@@ -67,7 +75,7 @@ def make_gate_factory(config: FlopConfig):
 
 
 def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
+    return base_model_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
 class FlopModel(BaseTuner):
@@ -89,7 +97,7 @@ class FlopModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: FlopConfig, model_config: dict) -> FlopConfig:
         if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
+            model_type = base_model_type(model_config.get("model_type"))
             if model_type not in ARCHITECTURES:
                 raise UnsupportedArchitectureError(
                     f"FlopConfig.target_modules=None needs a known architecture, but model_type={model_type!r} "

@@ -129,8 +129,18 @@ class UnsupportedArchitectureError(ValueError):
     """Raised for a model whose layout is not in the structure table."""
 
 
+def base_model_type(model_type: str | None) -> str | None:
+    """``model_type`` itself, or for a model compacted by hf_flop (``"flop_llama"``) the one it came from."""
+    from .modeling.configuration_flop import TYPE_PREFIX
+
+    if model_type and model_type.startswith(TYPE_PREFIX) and model_type[len(TYPE_PREFIX) :] in ARCHITECTURES:
+        return model_type[len(TYPE_PREFIX) :]
+    return model_type
+
+
 def arch_spec(model_type: str | None) -> ArchSpec:
     """The table entry of ``model_type``, or a clear error listing what is supported."""
+    model_type = base_model_type(model_type)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     raise UnsupportedArchitectureError(

@@ -101,6 +101,20 @@ def test_block_level_compacts_to_block_sparse_layers(arch):
     assert all(type(small.get_submodule(n)).__name__ == "BlockSparseLinear" for n in report.modules)
 
 
+@pytest.mark.parametrize("second", [["head", "row"], ["block"]])
+def test_a_compacted_model_can_be_pruned_and_compacted_again(second, tmp_path):
+    # the two-step pipeline: head/row first, compact, then prune the compacted model again
+    first = compact(pruned("llama", ["head", "row"], round_to=8, seed=3))
+    model = get_flop_model(first, FlopConfig(levels=second, block_size=8)).eval()
+    prune_randomly(model, seed=4)
+    small = compact(model)
+    torch.testing.assert_close(logits(small), logits(model), atol=1e-4, rtol=0)
+    report = sparsity_report(model)
+    assert pruned_linear_params(small, report.modules) == report.deterministic_kept_params
+    small.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), logits(model), atol=1e-4, rtol=0)
+
+
 def test_topk_gates_compact_exactly():
     model = pruned("llama", ["rank", "head", "row"], gate="topk", seed=3)
     small = compact(model)
