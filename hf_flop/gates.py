@@ -125,17 +125,30 @@ def open_log_alpha(n: int, beta: float = 1.0, limit_l: float = -0.1, limit_r: fl
 class TopKGate(Gate):
     """MLPruning's learnable Top-k threshold: per-unit ``scores`` and one ``threshold`` parameter.
 
-    The kept fraction is ``sigmoid(threshold)``; the mask keeps the ``ceil(n * sigmoid(threshold))``
-    highest scores. Gradients reach ``scores`` straight through the hard mask (the mask is added as
-    ``hard + scores - scores.detach()``), and reach ``threshold`` through ``expected_l0``, which the
-    sparsity constraint penalises. The hard mask is the same in training and eval.
+    The kept fraction is ``sigmoid(threshold)``; the mask keeps the ``k = ceil(n * sigmoid(threshold))``
+    highest scores, the same hard mask in training and eval. Straight-through gradients, as in
+    MLPruning: each score gets the gradient of its mask entry, and ``threshold`` gets the sum of the
+    gradients of the kept entries (so the task loss can ask for more units). The size pressure
+    reaches ``threshold`` through ``keep_probability``: its value is exactly ``k / n`` (what the
+    mask keeps), its gradient that of ``sigmoid(threshold)``. Pair it with the adaptive
+    regularizer of ``hf_flop.topk``.
+
+    Ties keep the lower-indexed units (a stable sort), so with the equal initial scores the first
+    units survive: for rank gates those are the largest singular components.
+
+    ``init_threshold=None`` starts the gate keeping every unit, with ``n (1 - sigmoid(threshold))
+    = 1/4`` (``threshold = log(4n - 1)``, about 8.7 for 1,536 units). MLPruning starts at 10, which
+    also keeps everything but sits deeper in the sigmoid's flat tail: the thresholds then travel
+    further before the size moves at all.
     """
 
-    def __init__(self, n: int, *, init_threshold: float = 10.0, init_score: float = 1.0) -> None:
+    def __init__(self, n: int, *, init_threshold: float | None = None, init_score: float = 1.0) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"a gate needs at least one unit, got n={n}")
         self.n = n
+        if init_threshold is None:
+            init_threshold = math.log(4 * n - 1)
         self.scores = nn.Parameter(torch.full((n,), float(init_score)))
         self.threshold = nn.Parameter(torch.tensor(float(init_threshold)))
 
@@ -149,17 +162,19 @@ class TopKGate(Gate):
         mask = torch.zeros_like(self.scores)
         k = self.kept_count()
         if k > 0:
-            mask[torch.topk(self.scores.detach(), k).indices] = 1.0
+            mask[torch.sort(self.scores.detach(), descending=True, stable=True).indices[:k]] = 1.0
         return mask
 
     def sample(self) -> torch.Tensor:
-        return self._hard_mask() + self.scores - self.scores.detach()
+        hard = self._hard_mask()
+        return hard + (self.scores - self.scores.detach()) + hard * (self.threshold - self.threshold.detach())
 
     def deterministic_mask(self) -> torch.Tensor:
         return self._hard_mask()
 
     def keep_probability(self) -> torch.Tensor:
-        return torch.sigmoid(self.threshold).expand(self.n)
+        soft = torch.sigmoid(self.threshold)
+        return (soft + (self.kept_count() / self.n - soft).detach()).expand(self.n)
 
     @torch.no_grad()
     def close(self, units: torch.Tensor) -> None:
