@@ -111,7 +111,6 @@ def _compact_layer(layer: FlopLinear, rows: torch.Tensor, cols: torch.Tensor, sc
         return compact_block_layer(layer, rows, cols, scale)
     bias = layer.bias.detach()[rows] if layer.bias is not None else None
     dtype = dense_weight(layer.base_layer).dtype
-    weight = None
     if layer.factorized and not layer.merged:
         p, q = (t.detach().float().cpu() for t in layer.factors())
         z = layer.gate.deterministic_mask().detach().float().cpu()
