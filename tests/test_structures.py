@@ -13,7 +13,7 @@ import torch
 from tiny_models import ARCH_BUILDERS, VOCAB
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hf_flop import FlopConfig, FlopLinear, UnsupportedArchitectureError, get_flop_model
+from hf_flop import FlopConfig, FlopLinear, UnsupportedArchitectureError, compact, get_flop_model
 from hf_flop.layers import dense_weight
 from hf_flop.structures import ARCHITECTURES, arch_spec, block_layouts
 
@@ -194,6 +194,36 @@ def test_gqa_gated_generate_with_cache_matches_no_cache(arch):
         cached = peft_model.generate(**prompt, use_cache=True, **kwargs)
         uncached = peft_model.generate(**prompt, use_cache=False, **kwargs)
     assert cached.shape[1] == 10 and torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if arch_spec(a).kv_heads_attr])
+def test_gqa_compacted_keeps_the_query_kv_ratio_and_caches_correctly(arch):
+    """Block 0 loses one of its two KV groups, block 1 keeps both: per-layer head counts differ."""
+    model = ARCH_BUILDERS[arch]()
+    config = model.config
+    ratio = config.num_attention_heads // config.num_key_value_heads
+    peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"]))
+    flop = _flop(peft_model)
+    flop.flop_structure_gates["head_0"].close(torch.tensor([1]))
+    flop.flop_structure_gates["row_1"].close(torch.arange(0, 64, 2))
+    peft_model.eval()
+    small = compact(peft_model)
+    spec = arch_spec(arch)
+    kv_per_block = []
+    for layout in block_layouts(small, spec):
+        attention = small.get_submodule(f"{layout.prefix}.{spec.attention}")
+        q_rows = small.get_submodule(f"{layout.prefix}.{spec.q}").out_features // layout.head_dim
+        kv_rows = small.get_submodule(f"{layout.prefix}.{spec.k}").out_features // layout.head_dim
+        assert q_rows == ratio * kv_rows and attention.num_key_value_groups == ratio
+        kv_per_block.append(kv_rows)
+    assert kv_per_block == [1, 2]
+    prompt = _inputs(small, batch=2, length=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = small.generate(**prompt, use_cache=True, **kwargs)
+        uncached = small.generate(**prompt, use_cache=False, **kwargs)
+        gated = peft_model.generate(**prompt, use_cache=True, **kwargs)
+    assert cached.shape == (2, 11) and torch.equal(cached, uncached) and torch.equal(cached, gated)
 
 
 def _tiny_neox() -> GPTNeoXForCausalLM:
