@@ -101,12 +101,17 @@ def _module_params(layer: FlopLinear, in_k, out_k, deterministic: bool, round_to
     """(kept params, kept rank, factorized-after-compaction) of one layer."""
     if layer.block_size:
         return block_params(layer, in_k, out_k, deterministic), None, False
-    dense = in_k * out_k
     if not layer.factorized:
-        return dense, None, False
-    rank = _kept_units(layer.gate, deterministic)
+        return in_k * out_k, None, False
+    return _factor_params(layer.gate, layer.rank, in_k, out_k, deterministic, round_to)
+
+
+def _factor_params(gate: Gate, full_rank: int, in_k, out_k, deterministic: bool, round_to: int):
+    """(kept params, kept rank, factorized-after-compaction) of a gated factorization ``P diag(z) Q``."""
+    dense = in_k * out_k
+    rank = _kept_units(gate, deterministic)
     if deterministic:
-        rank = torch.tensor(round_up(max(int(rank), 1), round_to, layer.rank))  # compaction keeps >= 1
+        rank = torch.tensor(round_up(max(int(rank), 1), round_to, full_rank))  # compaction keeps >= 1
     factored = rank * (in_k + out_k)
     if deterministic or factored < dense:
         keep_factored = bool(factored < dense)
@@ -160,6 +165,24 @@ def sparsity_report(model: nn.Module, *, differentiable: bool = False) -> Sparsi
         if layer.block_size:
             mask = layer.block_gate.deterministic_mask()
             report.modules[name].blocks, report.modules[name].kept_blocks = mask.numel(), int((mask != 0).sum())
+    for name, layer in _embeddings(flop_model):  # level "embedding": one entry per vocabulary cluster
+        report.prunable_params += layer.num_embeddings * layer.hidden
+        for c, (size, gate) in enumerate(zip(layer.sizes, layer.flop_gates)):
+            n, d = torch.tensor(float(size)), torch.tensor(float(layer.hidden))
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                e_params, _, _ = _factor_params(gate, gate.n, n, d, False, config.round_to)
+                expected_total = expected_total.to(e_params.dtype) + e_params
+            with torch.no_grad():
+                d_params, d_rank, factored = _factor_params(gate, gate.n, n, d, True, config.round_to)
+            det_total += int(d_params)
+            report.modules[f"{name}.cluster_{c}"] = ModuleSparsity(
+                shape=(size, layer.hidden),
+                kept_shape=(size, layer.hidden),
+                rank=gate.n,
+                kept_rank=int(d_rank),
+                kept_params=int(d_params),
+                factorized_after_compaction=factored,
+            )
     total = max(report.prunable_params, 1)
     report.expected_kept_params = expected_total if differentiable else float(expected_total)
     report.deterministic_kept_params = det_total
@@ -167,6 +190,12 @@ def sparsity_report(model: nn.Module, *, differentiable: bool = False) -> Sparsi
     report.expected_sparsity = exp_sparsity if differentiable else float(exp_sparsity)
     report.deterministic_sparsity = 1.0 - det_total / total
     return report
+
+
+def _embeddings(flop_model):
+    from .embedding import FlopEmbedding
+
+    return [(n, m) for n, m in flop_model.model.named_modules() if isinstance(m, FlopEmbedding)]
 
 
 def _out_dim(segments, out_features: int):

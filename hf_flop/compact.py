@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .accounting import find_flop_model
+from .embedding import compact_embedding, find_embedding, find_tied_head
 from .layers import FlopLinear, dense_weight, round_up
 from .modeling import compacted_config_class, compacted_model_class, locate
 from .structures import arch_spec, block_layouts
@@ -175,6 +176,28 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         layer_tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
+    overrides = {}
+    found = find_embedding(task_model)  # level "embedding": per-cluster factors, a tied head reuses them
+    if found is not None:
+        name, layer = found
+        spec, tensors = compact_embedding(layer, round_to)
+        head = find_tied_head(task_model)
+        for prefix in (name, head):
+            for key in [k for k in state if prefix and k.startswith(prefix + ".")]:
+                del state[key]
+        modules[relative(name)] = spec
+        layer_tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
+        if head is not None:
+            bias = task_model.get_submodule(head).bias
+            modules[relative(head)] = {
+                "kind": "tied_embedding_head",
+                "embedding": relative(name),
+                "vocab": layer.num_embeddings,
+                "bias": bias is not None,
+            }
+            if bias is not None:
+                layer_tensors[f"{head}.bias"] = bias.detach().clone()
+            overrides["tie_word_embeddings"] = False  # the head module ties itself; nothing for transformers to tie
     state.update(layer_tensors)
 
     old_plan = getattr(task_model.config, "flop_plan", None) or {}  # compacting an already compacted model
@@ -185,6 +208,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     }
     stock_class = getattr(type(task_model), "flop_stock_class", None) or type(task_model)
     config_dict = {k: v for k, v in task_model.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    config_dict.update(overrides)
     config = compacted_config_class(stock_class.config_class).from_dict({**config_dict, "flop_plan": plan})
     model_class = compacted_model_class(stock_class)
     stock_config = _stock_config(stock_class, config_dict, plan, state)

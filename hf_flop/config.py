@@ -78,7 +78,17 @@ class FlopConfig(PeftConfig):
     )
     embedding_cutoffs: list[int] | None = field(
         default=None,
-        metadata={"help": "Vocabulary cluster boundaries for level 'embedding' (increasing, < vocab size)."},
+        metadata={
+            "help": "Vocabulary cluster boundaries for level 'embedding' (increasing, < vocab size), positions in "
+            "embedding_order. None: one cluster. hf_flop.embedding.frequency_cutoffs measures them from data."
+        },
+    )
+    embedding_order: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Token ids by decreasing training frequency (a permutation of the vocabulary) whose ranges "
+            "are the clusters of level 'embedding'. None: token-id order."
+        },
     )
 
     def __post_init__(self) -> None:

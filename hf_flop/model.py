@@ -10,6 +10,7 @@ from torch import nn
 
 from .blocks import check_block_shapes
 from .config import FlopConfig
+from .embedding import FlopEmbedding, check_embedding_level, inject_embedding, unload_embedding
 from .gates import GATE_TYPES, Gate, HardConcreteGate
 from .layers import LINEAR_TYPES, FlopLinear
 from .structures import (
@@ -128,6 +129,8 @@ class FlopModel(BaseTuner):
             arch_spec(_model_type(model))  # raises a clear error for unknown layouts
         if "block" in config.levels:
             check_block_shapes(model, matched, config.block_size)
+        if "embedding" in config.levels:
+            check_embedding_level(model, config, matched)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         new = FlopLinear(
@@ -164,6 +167,8 @@ class FlopModel(BaseTuner):
             for group in self.structure_groups:
                 hook = _InputMask(self.flop_structure_gates[group.key], group.consumer_unit)
                 self._hook_handles.append(modules[group.consumer].register_forward_pre_hook(hook))
+        if "embedding" in config.levels:
+            inject_embedding(model, config, make_gate_factory(config))
         self._mark_only_adapters_as_trainable(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -176,7 +181,7 @@ class FlopModel(BaseTuner):
         for param in model.parameters():
             param.requires_grad_(True)
         for module in model.modules():
-            if isinstance(module, FlopLinear) and module.factorized:
+            if (isinstance(module, FlopLinear) and module.factorized) or isinstance(module, FlopEmbedding):
                 module.base_layer.weight.requires_grad_(False)
 
     @classmethod
@@ -187,7 +192,7 @@ class FlopModel(BaseTuner):
             superseded = {
                 f"{name}.base_layer.weight"
                 for name, module in model.named_modules()
-                if isinstance(module, FlopLinear) and module.factorized
+                if (isinstance(module, FlopLinear) and module.factorized) or isinstance(module, FlopEmbedding)
             }
             superseded |= {k.removeprefix("_fsdp_wrapped_module.") for k in superseded}
             selected.update({k: v for k, v in state_dict.items() if k not in superseded})
@@ -206,6 +211,8 @@ class FlopModel(BaseTuner):
         found: dict[str, Gate] = {f"{n}.rank": m.gate for n, m in self.flop_layers().items() if m.factorized}
         found.update({f"{n}.block": m.block_gate for n, m in self.flop_layers().items() if m.block_size})
         found.update({g.key: self.flop_structure_gates[g.key] for g in self.structure_groups})
+        embeddings = ((n, m) for n, m in self.model.named_modules() if isinstance(m, FlopEmbedding))
+        found.update({f"{n}.embedding_{c}": g for n, m in embeddings for c, g in enumerate(m.flop_gates)})
         return found
 
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -223,6 +230,7 @@ class FlopModel(BaseTuner):
         }
         for handle in self._hook_handles:
             handle.remove()
+        unload_embedding(self.model, merge=True)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         modules = dict(model.named_modules())
         with torch.no_grad():

@@ -24,8 +24,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .block_sparse import BlockSparseLinear
 from .configuration_flop import CLASS_PREFIX, compacted_config_class, derive, stock_class_named
+from .factorized_embedding import FactorizedEmbedding, TiedFactorizedHead
 
-CODE_FILES = ("configuration_flop.py", "modeling_flop.py", "block_sparse.py")
+CODE_FILES = ("configuration_flop.py", "modeling_flop.py", "block_sparse.py", "factorized_embedding.py")
 
 
 class LowRankLinear(nn.Module):
@@ -52,7 +53,14 @@ def build_module(spec: dict) -> nn.Module:
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
     if kind == "block_sparse":
         return BlockSparseLinear(spec["in"], spec["out"], spec["block_size"], spec["blocks"], bias=spec["bias"])
-    raise ValueError(f"flop_plan module kind {kind!r} is unknown; expected linear, conv1d, low_rank or block_sparse.")
+    if kind == "factorized_embedding":
+        return FactorizedEmbedding(spec["clusters"], spec["hidden"], spec["order"])
+    if kind == "tied_embedding_head":  # tied to its embedding by apply_flop_plan
+        return TiedFactorizedHead(spec["bias"], spec["vocab"])
+    raise ValueError(
+        f"flop_plan module kind {kind!r} is unknown; expected linear, conv1d, low_rank, block_sparse, "
+        "factorized_embedding or tied_embedding_head."
+    )
 
 
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module] | None:
@@ -73,6 +81,9 @@ def apply_flop_plan(model: nn.Module, plan: dict | None) -> None:
         if found is not None:
             parent_path, _, child = path.rpartition(".")
             setattr(found[0].get_submodule(parent_path), child, build_module(spec))
+    for path, spec in plan.get("modules", {}).items():
+        if spec["kind"] == "tied_embedding_head" and locate(model, path) is not None:
+            locate(model, path)[1].tie_to(locate(model, spec["embedding"])[1])
     for path, attrs in plan.get("attributes", {}).items():
         found = locate(model, path)
         for name, value in attrs.items() if found is not None else ():
