@@ -200,3 +200,18 @@ def test_load_in_a_fresh_process(saved, mode):
         assert out[case["name"]]["diff"] < 1e-4, (case["name"], out[case["name"]])
         expected = "FlopGPT2LMHeadModel" if case["name"] == "gpt2" else "FlopLlamaForCausalLM"
         assert out[case["name"]]["class"] == expected
+
+
+def test_adapter_round_trip_rebuilds_the_clusters(tmp_path):
+    from peft import PeftModel
+
+    model = gated("gpt2", levels=("rank", "embedding"))
+    close_some_ranks(model, seed=3)
+    with torch.no_grad():
+        model.base_model.model.get_input_embeddings().flop_P[0].mul_(1.5)  # a trained factor, not the SVD
+    reference = logits(model)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert not any("wte.base_layer" in k for k in f.keys())  # superseded by the factors
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    assert (logits(loaded) - reference).abs().max() < 1e-4
