@@ -215,3 +215,31 @@ def test_adapter_round_trip_rebuilds_the_clusters(tmp_path):
         assert not any("wte.base_layer" in k for k in f.keys())  # superseded by the factors
     loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
     assert (logits(loaded) - reference).abs().max() < 1e-4
+
+
+def test_a_compacted_embedding_survives_a_second_pruning_step():
+    model = gated("llama_tied")
+    close_some_ranks(model, seed=4)
+    small = compact(model)
+    second = get_flop_model(small, FlopConfig(levels=["head", "row"])).eval()
+    for gate in second.base_model.gates().values():
+        gate.close(torch.arange(gate.n // 2))
+    reference = logits(second)
+    smaller = compact(second)
+    assert isinstance(smaller.get_input_embeddings(), FactorizedEmbedding)
+    assert isinstance(smaller.get_output_embeddings(), TiedFactorizedHead)
+    assert (logits(smaller) - reference).abs().max() < 1e-4
+    with pytest.raises(TypeError, match="already factorized"):
+        get_flop_model(compact(model), FlopConfig(levels=["embedding"]))
+
+
+def test_a_deep_copy_ties_its_head_to_its_own_embedding():
+    import copy
+
+    model = gated("gpt2")
+    twin = copy.deepcopy(model)  # e.g. the trainer's teacher
+    with torch.no_grad():
+        twin.base_model.model.get_input_embeddings().flop_Q[0].mul_(2.0)
+    head = twin.base_model.model.get_output_embeddings()
+    assert head._tied[0] is twin.base_model.model.get_input_embeddings()
+    assert not torch.allclose(logits(twin), logits(model))
