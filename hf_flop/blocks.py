@@ -40,7 +40,8 @@ def check_block_shapes(model: nn.Module, names: list[str], block_size: int) -> N
         raise ValueError(
             f"FlopConfig.block_size={block_size} does not divide the shape (out x in) of {len(bad)} targeted "
             f"module(s): {shown}. Choose a block_size dividing both dimensions, or list these modules in "
-            "exclude_modules."
+            "exclude_modules. (After head/row pruning, compact with FlopConfig(round_to=block_size) so the "
+            "kept widths stay multiples of it.)"
         )
 
 
