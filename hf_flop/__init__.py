@@ -16,8 +16,11 @@ from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
 from .model import FlopModel
 from .modeling import register_auto_classes
+from .oneshot import prune_oneshot, prune_to_target, warm_start_gates
 from .registration import register
+from .scores import compute_scores
 from .structures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
+from .trainer import PruningArguments, PruningTrainer
 
 register()
 register_auto_classes()  # compacted models load with AutoModel*.from_pretrained
@@ -49,15 +52,21 @@ __all__ = [
     "FlopLinear",
     "FlopModel",
     "Gate",
+    "PruningArguments",
+    "PruningTrainer",
     "PushToHubError",
     "HardConcreteGate",
     "SparsityReport",
     "TopKGate",
     "UnsupportedArchitectureError",
     "compact",
+    "compute_scores",
     "expected_sparsity",
     "get_flop_model",
+    "prune_oneshot",
+    "prune_to_target",
     "push_compacted",
     "save_compacted",
     "sparsity_report",
+    "warm_start_gates",
 ]

@@ -1,0 +1,343 @@
+"""One-shot pruning from importance scores, and warm starts of the gates for ``PruningTrainer``.
+
+``prune_oneshot`` scores every gated unit, then closes the least important ones, in score order,
+until the deterministic kept count (``sparsity_report(model).deterministic_kept_params``,
+exactly what compaction writes) is as close to the budget ``(1 - target_sparsity) * prunable`` as
+units allow. That count is not linear in the units (per layer ``min(r'(in' + out'), in' out')``,
+rounding to ``round_to``), but it never grows when a unit is removed, so the number of units to
+remove along the score order is found by bisection on the true count.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .accounting import find_flop_model, sparsity_report
+from .config import FlopConfig
+from .gates import Gate, HardConcreteGate, TopKGate, open_log_alpha
+from .scores import SCORES, Structure, compute_scores, find_structures
+
+
+@dataclass
+class OneShotResult:
+    """What ``prune_to_target`` did. ``abs(kept_params - budget) <= step / 2`` by construction."""
+
+    keep: dict[str, torch.Tensor]  # gate name -> bool mask of the kept units
+    kept_params: int  # deterministic kept prunable parameters
+    budget: float  # (1 - target_sparsity) * prunable parameters
+    step: int  # parameters the boundary unit is worth: the granularity around the budget
+    deterministic_sparsity: float
+    target_sparsity: float
+
+
+# --- setting gates ----------------------------------------------------------------------------------
+
+
+def _open_value(gate: HardConcreteGate) -> float:
+    # the dense-start value: eval mask exactly 1 and no extra zeros from the expected-zeros rule
+    return open_log_alpha(gate.n, gate.beta, gate.limit_l, gate.limit_r)
+
+
+@torch.no_grad()
+def set_gate_mask(gate: Gate, keep: torch.Tensor) -> None:
+    """Make ``gate``'s eval mask exactly ``keep``: kept units confidently open (mask 1), the rest closed."""
+    if isinstance(gate, HardConcreteGate):
+        gate.log_alpha.fill_(_open_value(gate))
+    elif isinstance(gate, TopKGate):
+        gate.scores.fill_(1.0)
+    else:
+        raise TypeError(
+            f"one-shot pruning cannot set a {type(gate).__name__}; add it to hf_flop.oneshot.set_gate_mask."
+        )
+    gate.close(~keep.to(torch.bool))
+
+
+def _set_all(structures: list[Structure], keep: dict[str, torch.Tensor]) -> None:
+    for s in structures:
+        set_gate_mask(s.gate, keep[s.key])
+
+
+def open_all_gates(model: nn.Module) -> None:
+    """Open every gate of a FLOP model: eval mode then computes the dense model (up to float rounding)."""
+    for s in find_structures(model):
+        set_gate_mask(s.gate, torch.ones(s.n_units, dtype=torch.bool))
+
+
+# --- ordering units -----------------------------------------------------------------------------------
+
+
+def _check_scores(structures: list[Structure], scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not isinstance(scores, dict):
+        raise TypeError(
+            f"scores must be a dict gate name -> tensor (from compute_scores), got {type(scores).__name__}."
+        )
+    missing = [s.key for s in structures if s.key not in scores]
+    if missing:
+        raise ValueError(f"scores lack the gates {missing[:5]}; compute them with hf_flop.compute_scores(model, ...).")
+    checked = {}
+    for s in structures:
+        value = torch.as_tensor(scores[s.key]).detach().float().cpu()
+        if value.shape != (s.n_units,):
+            raise ValueError(f"scores['{s.key}'] has shape {tuple(value.shape)}, expected ({s.n_units},).")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"scores['{s.key}'] holds NaN or inf.")
+        checked[s.key] = value
+    return checked
+
+
+RANKINGS = ("per_parameter", "per_gate")
+
+
+def _removal_order(
+    structures: list[Structure], scores: dict[str, torch.Tensor], ranking: str, protect: int = 0
+) -> torch.Tensor:
+    """Flat unit ids (structures in order, units within), least important first.
+
+    ``per_parameter`` ranks by score / the unit's parameters: right when scores are comparable across
+    layers (sensitivity: an estimated loss change). ``per_gate`` ranks by score / the mean score of the
+    unit's gate: scale-free, for magnitude and activation scores, whose scales differ between layers.
+    The ``protect`` highest-scored units of each gate are left out (never removed). Ties keep the
+    flat order, so the result is deterministic.
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking={ranking!r} is not known; use one of {list(RANKINGS)}.")
+    priority, candidate = [], []
+    for s in structures:
+        value = scores[s.key]
+        scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
+        priority.append(value / scale)
+        free = torch.ones(s.n_units, dtype=torch.bool)
+        free[torch.argsort(value, descending=True, stable=True)[:protect]] = False
+        candidate.append(free)
+    priority, candidate = torch.cat(priority), torch.cat(candidate)
+    ids = candidate.nonzero().squeeze(1)
+    return ids[torch.argsort(priority[ids], stable=True)]
+
+
+def _keep_masks(structures: list[Structure], removed: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = torch.ones(sum(s.n_units for s in structures), dtype=torch.bool)
+    flat[removed] = False
+    return {s.key: mask for s, mask in zip(structures, flat.split([s.n_units for s in structures]))}
+
+
+# --- pruning to a target ---------------------------------------------------------------------------
+
+
+def prune_to_target(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    target_sparsity: float | None = None,
+    *,
+    ranking: str = "per_parameter",
+    min_units_per_gate: int = 1,
+    refinements: int = 3,
+) -> OneShotResult:
+    """Close the least important units to hit ``target_sparsity`` (default: the model's config).
+
+    Units are removed in ``ranking`` order (``"per_parameter"``: score per parameter;
+    ``"per_gate"``: score relative to its gate's mean) until the deterministic kept count is as close
+    to the budget as one unit allows: ``|kept - budget| <= step / 2``, ``step`` being what the unit at
+    the boundary is worth (at most one unit's parameters, times ``round_to`` where that rounding
+    applies). When that unit is coarse (a head among rank components and rows), up to
+    ``refinements`` times it is kept instead and the next, finer units fill the gap; the closest result
+    wins. Rank components closed in a layer that still compacts to a dense matrix save nothing, so
+    they are opened again (the count does not change). ``min_units_per_gate`` units with the highest
+    scores stay open in every gate. The gates are left set; the result says what was done.
+    """
+    flop_model = find_flop_model(model)
+    target = flop_model.flop_config.target_sparsity if target_sparsity is None else target_sparsity
+    if not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
+        raise ValueError(f"target_sparsity={target!r} must be in [0, 1), the fraction of prunable parameters removed.")
+    if not isinstance(min_units_per_gate, int) or min_units_per_gate < 0:
+        raise ValueError(f"min_units_per_gate={min_units_per_gate!r} must be a non-negative integer.")
+    if not isinstance(refinements, int) or refinements < 0:
+        raise ValueError(f"refinements={refinements!r} must be a non-negative integer.")
+    structures = find_structures(flop_model)
+    order = _removal_order(structures, _check_scores(structures, scores), ranking, protect=min_units_per_gate)
+
+    def kept_with(removed: torch.Tensor) -> int:  # deterministic kept parameters with these units removed
+        _set_all(structures, _keep_masks(structures, removed))
+        return sparsity_report(flop_model).deterministic_kept_params
+
+    prunable = sparsity_report(flop_model).prunable_params
+    budget = (1.0 - target) * prunable
+    floor = kept_with(order)
+    if floor > budget:
+        raise ValueError(
+            f"target_sparsity={target} cannot be reached: removing every candidate unit leaves sparsity "
+            f"{1.0 - floor / prunable:.4f} (levels {flop_model.flop_config.levels}, min_units_per_gate="
+            f"{min_units_per_gate}). Lower the target, add levels, or lower min_units_per_gate."
+        )
+    best = None  # (distance to the budget, removed units, step)
+    for _ in range(1 + refinements):
+        kept = functools.cache(lambda k, seq=order: kept_with(seq[:k]))
+        if kept(len(order)) > budget:
+            break
+        lo, hi = 0, len(order)  # the smallest prefix hi with kept(hi) <= budget, by bisection
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if kept(mid) <= budget else (mid + 1, hi)
+        step = kept(hi - 1) - kept(hi) if hi > 0 else 0
+        k = hi - 1 if hi > 0 and kept(hi - 1) - budget < budget - kept(hi) else hi  # ties: sparser side
+        if best is None or abs(kept(k) - budget) < best[0]:
+            best = (abs(kept(k) - budget), order[:k], step)
+        if hi == 0 or best[0] == 0:
+            break
+        # the boundary unit may be coarse (a head): keep it, and let the finer units after it fill the gap
+        order = torch.cat([order[: hi - 1], order[hi:]])
+    _, removed, step = best
+    keep = _keep_masks(structures, removed)
+    kept_params = kept_with(removed)
+    modules = sparsity_report(flop_model).modules
+    for s in structures:
+        if s.layer is not None and not modules[s.layer].factorized_after_compaction:
+            keep[s.key] = torch.ones_like(keep[s.key])
+    _set_all(structures, keep)
+    report = sparsity_report(flop_model)
+    for s in structures:  # the gates must now say exactly what the plan says
+        if not torch.equal(s.gate.deterministic_mask().detach().cpu() != 0, keep[s.key]):
+            raise RuntimeError(f"gate '{s.key}' did not take its one-shot mask; its settings cannot express it.")
+    if report.deterministic_kept_params != kept_params:
+        raise RuntimeError("re-opening rank components of dense layers changed the count; please report this.")
+    return OneShotResult(
+        keep=keep,
+        kept_params=report.deterministic_kept_params,
+        budget=budget,
+        step=step,
+        deterministic_sparsity=report.deterministic_sparsity,
+        target_sparsity=target,
+    )
+
+
+def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:
+    import peft
+
+    from . import get_flop_model
+
+    try:
+        flop_model = find_flop_model(model)
+    except ValueError:
+        flop_model = None
+    if flop_model is not None:
+        if config is not None and config is not flop_model.flop_config:
+            raise ValueError(
+                "this model already has FLOP layers; pass config=None (its own FlopConfig is used) and "
+                "target_sparsity=... to change the target."
+            )
+        return model
+    if config is None:
+        raise ValueError(
+            f"{type(model).__name__} has no FLOP layers yet; pass a FlopConfig to inject them, "
+            "e.g. prune_oneshot(model, FlopConfig(levels=['rank'], target_sparsity=0.5), data)."
+        )
+    if not isinstance(config, FlopConfig):
+        raise TypeError(f"config must be a FlopConfig or None, got {type(config).__name__}.")
+    if isinstance(model, peft.PeftModel):
+        raise ValueError("this PeftModel holds another PEFT method; pass the plain transformers model.")
+    return get_flop_model(model, config)
+
+
+def prune_oneshot(
+    model: nn.Module,
+    config: FlopConfig | None = None,
+    calibration_data: Iterable | None = None,
+    score: str = "magnitude",
+    *,
+    target_sparsity: float | None = None,
+    max_batches: int | None = None,
+    ema_decay: float | None = None,
+    ranking: str | None = None,
+    min_units_per_gate: int = 1,
+) -> nn.Module:
+    """Prune with no training: score every gated unit, close the least important to hit the target.
+
+    ``model`` is a plain transformers model (FLOP is injected in place with ``config``; the result is
+    a ``PeftModel``) or a model that already has FLOP layers (``config=None``). Any previous gate state
+    is replaced: all gates are opened, the dense model is scored with ``score`` (``"magnitude"``,
+    ``"activation"`` or ``"sensitivity"``; see ``hf_flop.scores``) over ``calibration_data`` (an
+    iterable of dicts of tensors with ``input_ids``, plus ``labels`` for sensitivity; at most
+    ``max_batches`` of them), then ``prune_to_target`` closes units until
+    ``sparsity_report(model).deterministic_sparsity`` is ``target_sparsity`` (default: the config's)
+    to within half a unit's parameters. ``ranking`` (default ``"per_parameter"`` for sensitivity,
+    ``"per_gate"`` for the others) is explained there. ``hf_flop.compact(model)`` then writes the
+    smaller model.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
+    if score != "magnitude" and calibration_data is None:
+        raise ValueError(f"score={score!r} needs calibration_data (batches of tensors); 'magnitude' needs none.")
+    model = _injected(model, config)
+    open_all_gates(model)
+    scores = compute_scores(model, calibration_data, score, max_batches=max_batches, ema_decay=ema_decay)
+    if ranking is None:  # a Taylor score is a loss change, comparable across layers; the others are not
+        ranking = "per_parameter" if score == "sensitivity" else "per_gate"
+    prune_to_target(model, scores, target_sparsity, ranking=ranking, min_units_per_gate=min_units_per_gate)
+    return model
+
+
+@torch.no_grad()
+def warm_start_gates(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    *,
+    low: float = 3.0,
+    high: float | None = None,
+    ranking: str = "per_parameter",
+    dense_start: bool = True,
+) -> None:
+    """Initialise the gates from scores before ``PruningTrainer``: more important units start more open.
+
+    Every unit is ranked over the whole model, in ``ranking`` order (see ``prune_to_target``); its
+    quantile ``q`` in [0, 1] sets a hard-concrete gate to
+    ``log_alpha = low + (high - low) * q`` (``high`` defaults to ``FlopConfig.init_log_alpha`` or, when
+    that is None, to the largest dense-start value ``gates.open_log_alpha`` among the gates), and
+    a top-k gate's ``scores`` to ``q``. Under the trainer's sparsity pressure the gates with small
+    ``log_alpha`` close first, because ``P(z != 0)`` moves fastest there.
+
+    ``low=3.0`` puts every unit's stretched eval value at 1 (default temperature and stretch), but the
+    eval mask also zeroes ``round(sum(1 - P(z != 0)))`` units per gate, which a gate with thousands of
+    units reaches. With ``dense_start=True`` each such gate is lifted as a whole (its order kept) just
+    enough that nothing is zeroed, so training starts from the dense model.
+    """
+    flop_model = find_flop_model(model)
+    structures = find_structures(flop_model)
+    if high is None:  # the configured init, else the largest dense-start value of the gates (one for all)
+        high = flop_model.flop_config.init_log_alpha
+        opens = [_open_value(s.gate) for s in structures if isinstance(s.gate, HardConcreteGate)]
+        high = max(opens, default=low) if high is None else high
+    if not low <= high:
+        raise ValueError(f"warm_start_gates needs low <= high, got low={low}, high={high}.")
+    order = _removal_order(structures, _check_scores(structures, scores), ranking)
+    flat = torch.empty(len(order))
+    flat[order] = torch.linspace(0.0, 1.0, len(order)) if len(order) > 1 else torch.ones(len(order))
+    for s, q in zip(structures, flat.split([s.n_units for s in structures])):
+        if isinstance(s.gate, HardConcreteGate):
+            s.gate.log_alpha.copy_(low + (high - low) * q.to(s.gate.log_alpha.device))
+            if dense_start:
+                _lift_until_open(s.gate)
+        elif isinstance(s.gate, TopKGate):
+            s.gate.scores.copy_(q.to(s.gate.scores.device))
+        else:
+            raise TypeError(f"warm_start_gates cannot set a {type(s.gate).__name__}.")
+
+
+def _lift_until_open(gate: HardConcreteGate) -> None:
+    """Add to ``log_alpha`` the smallest shift (to 0.01) for which the eval mask is all ones."""
+    base = gate.log_alpha.detach().clone()
+
+    def all_open(shift: float) -> bool:
+        gate.log_alpha.copy_(base + shift)
+        return bool((gate.deterministic_mask() == 1).all())
+
+    if all_open(0.0):
+        return
+    lo, hi = 0.0, _open_value(gate) - float(base.min())  # at hi every unit is confidently open
+    while hi - lo > 0.01:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if all_open(mid) else (mid, hi)
+    all_open(hi)
