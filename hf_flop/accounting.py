@@ -91,6 +91,8 @@ def _kept_dims(flop_model, deterministic: bool) -> tuple[dict, dict]:
             units = torch.tensor(max(int(units), 1))
             if group.level == "row":
                 units = torch.tensor(round_up(int(units), round_to, group.n_units))
+        else:  # the same floor in expectation, so expected and eval counts agree once gates are decided
+            units = units.clamp(min=1.0)
         kept_in[group.consumer] = units * group.consumer_unit
         for seg in group.producers:
             kept_out.setdefault(seg.module, []).append((units * seg.unit, seg.unit * group.n_units))
@@ -112,6 +114,8 @@ def _factor_params(gate: Gate, full_rank: int, in_k, out_k, deterministic: bool,
     rank = _kept_units(gate, deterministic)
     if deterministic:
         rank = torch.tensor(round_up(max(int(rank), 1), round_to, full_rank))  # compaction keeps >= 1
+    else:
+        rank = rank.clamp(min=1.0)  # the same floor in expectation
     factored = rank * (in_k + out_k)
     if deterministic or factored < dense:
         keep_factored = bool(factored < dense)

@@ -1,0 +1,392 @@
+"""`PruningTrainer`: a drop-in `transformers.Trainer` that prunes to an exact size while it trains.
+
+What it adds to `Trainer`:
+
+* the loss ``task + lambda_1 (s - t) + lambda_2 (s - t)^2`` (see ``hf_flop.constraint``), with
+  ``s`` the expected sparsity and ``t`` the target, warmed up linearly over ``target_warmup_steps``;
+* three optimizer groups on top of Trainer's two: the gates (own learning rate, no weight decay)
+  and the multipliers (gradient ascent, no weight decay, constant learning rate, outside gradient
+  clipping since they are not model parameters);
+* optional logit distillation from a ``teacher_model``;
+* pruning metrics in every training log and the multipliers in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .accounting import expected_sparsity, find_flop_model, min_reachable_kept_params, sparsity_report
+from .constraint import LagrangianConstraint, resolve_warmup_steps, warmed_up_target
+from .topk import AdaptiveRegularizer, gate_group_overrides
+
+CONSTRAINT_STATE_NAME = "flop_constraint.json"
+
+
+@dataclass
+class PruningArguments(TrainingArguments):
+    """`TrainingArguments` plus the pruning schedule.
+
+    The target sparsity itself lives in the model's ``FlopConfig.target_sparsity``.
+    """
+
+    target_warmup_steps: float = field(
+        default=0.5,
+        metadata={
+            "help": "Steps over which the target sparsity rises linearly from 0 to its final value; a value "
+            "below 1 is a fraction of the run (as for warmup_steps). Training after the warm-up settles the "
+            "gates at the target."
+        },
+    )
+    gate_learning_rate: float = field(
+        default=0.2,
+        metadata={
+            "help": "Learning rate of the gate parameters (hard-concrete log_alpha, top-k scores/threshold), "
+            "constant, no weight decay. Gates start at log_alpha = 5 (dense) and travel several units to "
+            "close, so this is far larger than a fine-tuning learning rate."
+        },
+    )
+    lagrangian_learning_rate: float = field(
+        default=0.1,
+        metadata={
+            "help": "Learning rate of lambda_1, the linear multiplier (gradient ascent, constant, no weight decay)."
+        },
+    )
+    quadratic_learning_rate: float = field(
+        default=2.0,
+        metadata={
+            "help": "Learning rate of lambda_2, the quadratic multiplier (gradient ascent, constant). Its gradient "
+            "(s - t)^2 vanishes near the target, and the quadratic term is what damps lambda_1's overshoot, so it "
+            "learns faster than lambda_1."
+        },
+    )
+    distillation_alpha: float = field(
+        default=0.5,
+        metadata={"help": "With a teacher_model: loss = (1 - alpha) * task + alpha * distillation."},
+    )
+    distillation_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature of the logit distillation (KL, scaled by T^2)."}
+    )
+    # The constraint reaches gate parameters outside the model's forward (e.g. a top-k threshold is
+    # used only by the expected size); DDP's unused-parameter search would mark such a parameter
+    # unused and then fail when its gradient arrives. Every FLOP parameter does get a gradient.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "Passed to DistributedDataParallel. False suits FLOP models (see hf_flop.trainer)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_warmup_steps < 0:
+            raise ValueError(f"PruningArguments.target_warmup_steps={self.target_warmup_steps} must be >= 0.")
+        for name in (
+            "gate_learning_rate",
+            "lagrangian_learning_rate",
+            "quadratic_learning_rate",
+            "distillation_temperature",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PruningArguments.{name}={getattr(self, name)} must be > 0.")
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(f"PruningArguments.distillation_alpha={self.distillation_alpha} must be in [0, 1].")
+
+
+class PruningTrainer(Trainer):
+    """`Trainer` that drives a FLOP model (from ``hf_flop.get_flop_model``) to its target sparsity.
+
+    Use it exactly like `Trainer`, with `PruningArguments`. ``teacher_model`` (optional) is a model
+    whose logits the pruned model learns to match, typically the dense model before injection (a
+    copy: injection modifies a model in place). It only needs to return logits.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: PruningArguments | None = None, *trainer_args, **kwargs):
+        teacher_model = kwargs.pop("teacher_model", None)
+        if model is None:
+            raise ValueError(
+                "PruningTrainer needs a model wrapped by hf_flop.get_flop_model (model_init is not supported)."
+            )
+        if args is None:
+            args = PruningArguments(output_dir="trainer_output")
+        if not isinstance(args, PruningArguments):
+            raise TypeError(
+                f"PruningTrainer needs PruningArguments (a TrainingArguments subclass), got {type(args).__name__}; "
+                "replace TrainingArguments(...) by hf_flop.PruningArguments(...) with the same arguments."
+            )
+        self._flop = _checked_flop_model(model)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        # Top-k gates have no expectation to hold at a target, only a size to push down: they get
+        # MLPruning's one-sided adaptive regularizer (same call signature, no multipliers).
+        constraint = AdaptiveRegularizer() if self.flop_config.gate == "topk" else LagrangianConstraint()
+        self.constraint = constraint.to(self.args.device)
+        self.add_callback(_PruningStepCallback(self.constraint))
+        self.teacher_model = _prepared_teacher(teacher_model, model, self.args.device)
+        self._task_loss_sum: torch.Tensor | None = None
+        self._task_loss_first_step = 0
+
+    # --- the schedule ------------------------------------------------------------------------------
+    @property
+    def flop_config(self):
+        return self._flop.flop_config
+
+    def current_target(self) -> float:
+        """The target sparsity of the current step (after warm-up: ``FlopConfig.target_sparsity``)."""
+        warmup = resolve_warmup_steps(self.args.target_warmup_steps, self.state.max_steps or 0)
+        return warmed_up_target(self.flop_config.target_sparsity, self.state.global_step, warmup)
+
+    # --- optimizer ---------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the gates and the multipliers moved to groups of their own."""
+        if self.optimizer is not None and any("flop_role" in g for g in self.optimizer.param_groups):
+            return self.optimizer
+        created_here = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        multipliers = dict(self.constraint.named_parameters())  # none for the top-k regularizer
+        if multipliers and "maximize" not in optimizer.defaults:
+            raise ValueError(
+                f"{type(optimizer).__name__} has no 'maximize' option, which the Lagrange multipliers need (gradient "
+                "ascent). Use a torch optimizer, e.g. PruningArguments(optim='adamw_torch')."
+            )
+        if created_here:
+            gates = [p for p in self._flop.gate_parameters() if p.requires_grad]
+            gate_ids = {id(p) for p in gates}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
+            settings = {"weight_decay": 0.0, "flop_role": "gates", **_gate_settings(optimizer)}
+            optimizer.add_param_group({"params": gates, **settings})
+        for name, param in multipliers.items():
+            optimizer.add_param_group({"params": [param], "weight_decay": 0.0, "maximize": True, "flop_role": name})
+        _hold_learning_rates(optimizer, self.args)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        _hold_learning_rates(optimizer or self.optimizer, self.args)  # the scheduler's first step rescaled them
+        return scheduler
+
+    # --- loss --------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """Task loss (mixed with distillation when there is a teacher) plus the Lagrangian term.
+
+        In evaluation only the task loss is returned.
+        """
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # Terms that are one value per optimizer step must add up to that value over the micro-batches
+        # of a gradient-accumulation window. If Trainer divides the loss by the window length itself
+        # (task loss not normalised by num_items_in_batch), nothing to do; otherwise divide here.
+        scaled = self._loss_scaled_for_ga(num_items_in_batch)
+        steps_in_window = getattr(self, "current_gradient_accumulation_steps", 1)
+        window = 1.0 / steps_in_window if scaled else 1.0
+        # logged in the units of Trainer's "loss": what training_step accumulates for the task alone
+        self._track_task_loss(task.detach() if scaled else task.detach() / steps_in_window)
+        loss = task
+        if self.teacher_model is not None:
+            alpha = self.args.distillation_alpha
+            distill = self._distillation_loss(_logits(outputs), teacher_inputs)
+            loss = (1.0 - alpha) * task + alpha * window * distill
+        s = expected_sparsity(self.model)
+        loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether Trainer treats the task loss as already normalised over the accumulation window."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _distillation_loss(self, student_logits: torch.Tensor, teacher_inputs: dict) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = _logits(self.teacher_model(**teacher_inputs))
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_model logits have shape {tuple(teacher_logits.shape)} but the model's have "
+                f"{tuple(student_logits.shape)}; the teacher must share the task head and vocabulary."
+            )
+        temp = self.args.distillation_temperature
+        per_position = F.kl_div(
+            F.log_softmax(student_logits.float() / temp, dim=-1),
+            F.log_softmax(teacher_logits.float() / temp, dim=-1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1) * (temp * temp)
+        mask = teacher_inputs.get("attention_mask")
+        if mask is not None and mask.shape == per_position.shape:
+            mask = mask.to(per_position.dtype)
+            return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
+        return per_position.mean()
+
+    # --- logging -----------------------------------------------------------------------------------
+    def _track_task_loss(self, value: torch.Tensor) -> None:
+        if self._task_loss_sum is None:
+            self._task_loss_sum = torch.zeros((), device=value.device)
+            self._task_loss_first_step = self.state.global_step
+        self._task_loss_sum += value
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log, plus sparsity, target, multipliers and the task loss alone in training logs."""
+        if "loss" in logs:  # a training log (evaluation logs use eval_ keys)
+            report = sparsity_report(self.model)
+            logs["expected_sparsity"] = report.expected_sparsity
+            logs["deterministic_sparsity"] = report.deterministic_sparsity
+            logs["target_sparsity"] = self.current_target()
+            logs.update(self.constraint.values())
+            if self._task_loss_sum is not None:
+                total = self.accelerator.gather(self._task_loss_sum.reshape(1)).mean().item()
+                steps = max(self.state.global_step - self._task_loss_first_step, 1)
+                logs["task_loss"] = total / steps
+                self._task_loss_sum = None
+        super().log(logs, start_time)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            state = {**self.constraint.values(), "global_step": self.state.global_step, "target": self.current_target()}
+            _write_json_atomic(os.path.join(output_dir, CONSTRAINT_STATE_NAME), state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, CONSTRAINT_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{checkpoint} has no {CONSTRAINT_STATE_NAME}: it was not written by PruningTrainer, so the "
+                "Lagrange multipliers cannot be restored. Resume from a PruningTrainer checkpoint."
+            )
+        with open(path) as f:
+            self.constraint.load_values(json.load(f))
+        _hold_learning_rates(self.optimizer, self.args)  # e.g. resumed with other learning rates
+
+    # --- export ------------------------------------------------------------------------------------
+    def save_compacted(self, output_dir: str, **kwargs):
+        """Compact the pruned model and save it (``hf_flop.save_compacted``), from the main process only."""
+        from . import save_compacted
+
+        result = save_compacted(self.model, output_dir, **kwargs) if self.args.should_save else None
+        self.accelerator.wait_for_everyone()
+        return result
+
+
+def _gate_settings(optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer settings of the gate group: no momentum, and for Adam a short second-moment memory.
+
+    Momentum carries gates past the point where the constraint is met, and a closed gate gets no
+    task gradient to bring it back, so every overshoot stays. A gate's gradient also shrinks by
+    orders of magnitude as it saturates (open or closed); a short memory (beta2 = 0.99) keeps its
+    steps from stalling on the large gradients of the past. Measured on the tiny task of
+    tests/test_trainer.py: final sparsity within 0.007 of 0.5 and 0.8 over three seeds, against
+    0.02 with the optimizer's own (0.9, 0.999).
+    """
+    settings = gate_group_overrides(optimizer)
+    if "betas" in settings:
+        settings["betas"] = (0.0, min(settings["betas"][1], 0.99))
+    return settings
+
+
+def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArguments) -> None:
+    """Put the constant learning rates of the gate and multiplier groups back.
+
+    Gates and multipliers are not on Trainer's schedule (CoFi does the same): a decayed gate or
+    multiplier step would freeze the constraint before it is met. Trainer's scheduler rescales every
+    group, so this runs after each scheduler step. The ``flop_role`` tag survives optimizer checkpoints.
+    """
+    rates = {
+        "gates": args.gate_learning_rate,
+        "lambda_1": args.lagrangian_learning_rate,
+        "lambda_2": args.quadratic_learning_rate,
+    }
+    for group in optimizer.param_groups:
+        if "flop_role" in group:
+            group["lr"] = rates[group["flop_role"]]
+
+
+class _PruningStepCallback(TrainerCallback):
+    """After each optimizer step: clear the multipliers' gradients, restore the constant learning rates.
+
+    Trainer zeroes gradients with ``model.zero_grad()``, and the multipliers are not model parameters.
+    """
+
+    def __init__(self, constraint: nn.Module) -> None:
+        self.constraint = constraint
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.constraint.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            _hold_learning_rates(optimizer, args)
+
+
+def _checked_flop_model(model: nn.Module):
+    """The model's FlopModel, after checking that its target can be reached at all."""
+    try:
+        flop_model = find_flop_model(model)
+    except ValueError:
+        raise ValueError(
+            f"PruningTrainer got a {type(model).__name__} with no FLOP layers; wrap it first with "
+            "hf_flop.get_flop_model(model, FlopConfig(target_sparsity=...))."
+        ) from None
+    if not any(p.requires_grad for p in flop_model.gate_parameters()):
+        raise ValueError(
+            "the model's FLOP gates are frozen (requires_grad=False); PruningTrainer has nothing to prune."
+        )
+    config = flop_model.flop_config
+    prunable = sparsity_report(model).prunable_params
+    floor = min_reachable_kept_params(model)
+    reachable = 1.0 - floor / prunable
+    if config.target_sparsity > reachable + 1e-9:
+        raise ValueError(
+            f"FlopConfig.target_sparsity={config.target_sparsity} cannot be reached: with levels {config.levels}, "
+            f"{floor:,} of the {prunable:,} prunable parameters sit in layers no gate can shrink, so the sparsity "
+            f"is at most {reachable:.4f}. Lower the target, or add 'rank' to levels (or narrow target_modules to "
+            "layers that head/row gates reach)."
+        )
+    return flop_model
+
+
+def _prepared_teacher(teacher: nn.Module | None, student: nn.Module, device) -> nn.Module | None:
+    if teacher is None:
+        return None
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher_model must be a torch nn.Module, got {type(teacher).__name__}.")
+    student_params = {id(p) for p in student.parameters()}
+    if any(id(p) in student_params for p in teacher.parameters()):
+        raise ValueError(
+            "teacher_model shares parameters with the model being pruned (get_flop_model modifies a model in "
+            "place); pass a copy made before injection, e.g. teacher = copy.deepcopy(model) first."
+        )
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def _logits(outputs) -> torch.Tensor:
+    """The logits of a model output (ModelOutput, dict, tuple with or without a loss, or a tensor)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):
+        if "logits" not in outputs:
+            raise ValueError(f"model outputs have no 'logits' (keys: {list(outputs)}); distillation needs logits.")
+        return outputs["logits"]
+    return outputs[1] if len(outputs) > 1 and outputs[0].dim() == 0 else outputs[0]
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
