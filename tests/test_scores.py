@@ -222,14 +222,15 @@ def test_magnitude_of_blocks_and_embedding_clusters():
         torch.testing.assert_close(scores[f"model.embed_tokens.embedding_{c}"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_result_reports_the_boundary_and_lands_on_the_closer_side():
+@pytest.mark.parametrize("ranking", ["per_gate", "per_parameter"])
+def test_result_reports_the_boundary_and_lands_on_the_closer_side(ranking):
     peft_model = injected("bert", ["rank", "head", "row"], target_sparsity=0.6)
     open_all_gates(peft_model)
-    result = prune_to_target(peft_model, magnitude_scores(peft_model), refinements=0)
+    result = prune_to_target(peft_model, magnitude_scores(peft_model), ranking=ranking, refinements=0)
     assert result.kept_params == sparsity_report(peft_model).deterministic_kept_params
     assert abs(result.kept_params - result.budget) <= result.step / 2
     assert 0 < result.step <= largest_unit(peft_model)
-    # without refinement the order is pure: every closed unit scores (per parameter) no higher than any
+    # without refinement the order is pure: every closed unit ranks no higher than any
     # kept unit that was a candidate (each gate's best unit is protected by min_units_per_gate=1). Gates
     # with nothing closed are left out: rank gates of layers that stay dense are re-opened on purpose.
     fresh = injected("bert", ["rank", "head", "row"], target_sparsity=0.6)
@@ -239,7 +240,8 @@ def test_result_reports_the_boundary_and_lands_on_the_closer_side():
     for key, keep in result.keep.items():
         if keep.all():
             continue
-        priority = dense_scores[key] / params[key]
+        scale = params[key] if ranking == "per_parameter" else dense_scores[key].mean()
+        priority = dense_scores[key] / scale
         closed.append(priority[~keep])
         candidates.append(priority[keep & (torch.arange(len(keep)) != priority.argmax())])
     closed, candidates = torch.cat(closed), torch.cat(candidates)
@@ -249,7 +251,8 @@ def test_result_reports_the_boundary_and_lands_on_the_closer_side():
 
 def test_rank_components_of_layers_that_stay_dense_are_reopened():
     peft_model = injected("llama", ["rank"], target_sparsity=0.3)
-    result = prune_to_target(peft_model, magnitude_scores(peft_model))
+    # ranked per parameter, the singular values leave some layers above break-even and cut others below
+    result = prune_to_target(peft_model, magnitude_scores(peft_model), ranking="per_parameter")
     report = sparsity_report(peft_model)
     dense = [n for n, m in report.modules.items() if not m.factorized_after_compaction]
     factored = [n for n, m in report.modules.items() if m.factorized_after_compaction]
@@ -308,10 +311,9 @@ def test_warm_start_orders_the_gates_by_score_and_keeps_the_dense_start(gate):
     peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"], gate=gate)).eval()
     scores = compute_scores(peft_model, data, "activation")
     warm_start_gates(peft_model, scores)
-    params = {s.key: s.unit_params for s in find_structures(peft_model)}
     gates = hf_flop.accounting.find_flop_model(peft_model).gates()
     values = torch.cat([(g.log_alpha if gate == "hard_concrete" else g.scores).detach() for g in gates.values()])
-    priority = torch.cat([scores[k] / params[k] for k in gates])
+    priority = torch.cat([scores[k] / scores[k].mean() for k in gates])  # ranking="per_gate"
     order = torch.argsort(priority, stable=True)
     assert (values[order].diff() >= 0).all() and values.max() > values.min()
     if gate == "hard_concrete":
