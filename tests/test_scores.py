@@ -399,3 +399,20 @@ def test_copy_of_a_pruned_model_keeps_its_masks():
     pruned = prune_oneshot(tiny_gpt2(), FlopConfig(levels=["rank", "head", "row"], target_sparsity=0.5))
     clone = copy.deepcopy(pruned)
     assert sparsity_report(clone).deterministic_kept_params == sparsity_report(pruned).deterministic_kept_params
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_one_shot_model_compacts_to_the_counted_size(arch):
+    model = TINY_BUILDERS[arch]().eval()
+    dense_params = sum(p.numel() for p in model.parameters())
+    data = calibration(arch)
+    pruned = prune_oneshot(model, FlopConfig(levels=["rank", "head", "row"], target_sparsity=0.5), data, "activation")
+    report = sparsity_report(pruned)
+    with torch.no_grad():
+        gated = pruned.eval()(input_ids=data[0]["input_ids"]).logits
+    small = hf_flop.compact(pruned).eval()
+    with torch.no_grad():
+        assert (small(input_ids=data[0]["input_ids"]).logits - gated).abs().max() < 1e-4
+    removed = dense_params - sum(p.numel() for p in small.parameters())
+    # every counted weight is gone (biases of removed heads/rows, not counted as prunable, may go too)
+    assert removed >= report.prunable_params - report.deterministic_kept_params > 0
