@@ -1,0 +1,222 @@
+"""The `hf-flop` command line: help, one-line errors, and the prune job end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from hf_flop import cli, data
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(data.minilm_path())
+
+
+def _save_tiny(folder, model_class, config, tokenizer):
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _tiny_sizes(tokenizer) -> dict:
+    return dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_cls_dir(tmp_path_factory, tokenizer):
+    """A tiny random BERT classifier with the (real, local) MiniLM tokenizer."""
+    config = BertConfig(**_tiny_sizes(tokenizer))
+    return _save_tiny(tmp_path_factory.mktemp("tiny_cls"), BertForSequenceClassification, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with grouped-query attention and the MiniLM tokenizer."""
+    config = LlamaConfig(**_tiny_sizes(tokenizer), num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    return _save_tiny(tmp_path_factory.mktemp("tiny_lm"), LlamaForCausalLM, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sentiment_csv(tmp_path_factory):
+    """A small learnable sentiment set: the label is the polarity of the adjectives."""
+    folder = tmp_path_factory.mktemp("csv")
+    lines = ["sentence,label"]
+    for i in range(80):
+        words = POSITIVE if i % 2 else NEGATIVE
+        lines.append(f"the film was {words[i % 5]} and {words[(i // 2) % 5]},{i % 2}")
+    path = folder / "sentiment.csv"
+    path.write_text("\n".join(lines) + "\n")
+    no_label = folder / "no_label.csv"
+    no_label.write_text("sentence,score\nnice film,1.5\nbad film,-2.0\n")
+    return path, no_label
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_no_subcommand_prints_help(capsys):
+    code, out, _ = _run([], capsys)
+    assert code == 0 and "prune" in out and "report" in out
+
+
+def test_prune_help_documents_every_option(capsys):
+    parser = cli.build_parser()
+    prune = parser._subparsers._group_actions[0].choices["prune"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prune", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    options = [opt for action in prune._actions for opt in action.option_strings if opt.startswith("--")]
+    assert len(options) >= 25
+    for action in prune._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    for option in options:
+        assert option in text, f"{option} missing from --help"
+
+
+def _one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and fragment in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--target", "1.2"], "outside [0, 1)"),
+        (["--target", "half"], "is not a number"),
+        (["--levels", "rank,bogus"], "comma-separated subset"),
+        (["--max-steps", "0"], "must be > 0"),
+        (["--task", "qa"], "invalid choice"),
+        (["--push-to-hub"], "--repo-id"),
+        (["--model", "/no/such/model/dir"], "model path /no/such/model/dir does not exist"),
+        (["--model", "nobody-xyz/no-such-model"], "cannot load model 'nobody-xyz/no-such-model'"),
+    ],
+)
+def test_bad_options_give_one_line_errors(argv, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:  # argparse errors exit; later checks return 2
+        code = cli.main(["prune", *argv, "--output-dir", str(tmp_path / "out")])
+        raise SystemExit(code)
+    _one_line_error(exit_info.value.code, capsys.readouterr().err, fragment)
+
+
+def test_bad_data_gives_one_line_errors(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
+    csv, no_label = sentiment_csv
+    base = ["prune", "--model", str(tiny_cls_dir), "--output-dir", str(tmp_path / "out")]
+    code, _, err = _run([*base, "--dataset", str(no_label)], capsys)
+    _one_line_error(code, err, "no label column")
+    code, _, err = _run([*base, "--dataset", str(csv), "--text-column", "body"], capsys)
+    _one_line_error(code, err, "no text column 'body'")
+    code, _, err = _run([*base, "--dataset", "rt-sentiment", "--data-dir", str(tmp_path)], capsys)
+    _one_line_error(code, err, "bash scripts/setup.sh")
+    code, _, err = _run([*base, "--dataset", str(tmp_path / "missing.csv")], capsys)
+    _one_line_error(code, err, "does not exist")
+    (tmp_path / "empty_model").mkdir()
+    code, _, err = _run(["prune", "--model", str(tmp_path / "empty_model")], capsys)
+    _one_line_error(code, err, "no config.json")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    code, _, err = _run([*base[:3], "--output-dir", str(full)], capsys)
+    _one_line_error(code, err, "not empty")
+    assert (full / "keep.txt").read_text() == "x"
+
+
+def test_prune_seq_cls_end_to_end(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    from hf_flop.metrics import evaluate_model
+
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    argv += ["--max-steps", "4", "--dense-epochs", "1", "--max-length", "16", "--eval-samples", "16"]
+    argv += ["--levels", "rank,head,row", "--gate-learning-rate", "0.5", "--target", "0.3"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "accuracy" in stdout and "CPU latency, batch 32" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    # a single-split csv: 10% (8 rows) is carved out for validation, which is then the report split
+    assert summary["results"]["metric"] == "accuracy" and summary["results"]["eval_split"] == "validation"
+    assert summary["train_examples"] == 72 and summary["eval_examples"] == 8
+    params = summary["params"]
+    assert params["prunable_kept"] <= params["prunable"]
+    assert any("expected_sparsity" in e for e in summary["log_history"])
+    for name in ("sparsity.png", "kept.png"):
+        assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "model" / "README.md").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+    # the saved model is what was evaluated: same accuracy on the same examples, same size
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert sum(p.numel() for p in saved.parameters()) == params["pruned_total"]
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    args = cli.build_parser().parse_args(argv)
+    cli._fill_task_defaults(args)
+    report = cli._prepare_data(args, tokenizer)["report"]
+    again = evaluate_model(saved, report, task="seq-cls", collator=DataCollatorWithPadding(tokenizer))
+    assert again["accuracy"] == pytest.approx(summary["results"]["pruned"])
+
+    code, _, err = _run(argv, capsys)  # the output folder now exists
+    _one_line_error(code, err, "not empty")
+
+
+def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"the cat number {i % 7} sat on the mat near dog {i % 5}" for i in range(300)))
+    out = tmp_path / "run"
+    argv = ["prune", "--task", "causal-lm", "--model", str(tiny_lm_dir), "--dataset", str(text)]
+    argv += ["--output-dir", str(out), "--max-steps", "3", "--max-length", "16", "--no-plots", "--no-distill"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    results = summary["results"]
+    assert results["metric"] == "perplexity"
+    for key in ("pretrained", "dense", "pruned"):
+        assert 1.0 < results[key] < 2 * 30522
+    assert results["pretrained"] == results["dense"]  # no dense fine-tune by default for causal-lm
+    assert not (out / "plots").exists()
+
+
+def test_report_prints_the_sparsity_table(capsys, tiny_cls_dir):
+    code, out, err = _run(["report", "--model", str(tiny_cls_dir), "--levels", "rank,head"], capsys)
+    assert code == 0, err
+    assert "prunable params" in out and "attention.self.query" in out and "head" in out
+
+
+@pytest.mark.slow
+def test_default_job_with_tiny_settings(tmp_path):
+    """The real console script on the embedded defaults (MiniLM, Rotten Tomatoes), shrunk to a few steps."""
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "hf-flop"), "prune", "--output-dir", str(out)]
+    cmd += ["--train-samples", "64", "--eval-samples", "64", "--dense-epochs", "1", "--max-steps", "4"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "minilm" and summary["params"]["prunable"] == 10_616_832
+    assert 0.0 <= summary["results"]["dense"] <= 1.0 and summary["results"]["eval_split"] == "test"
+    assert (out / "model" / "config.json").is_file() and (out / "plots" / "kept.png").is_file()
+    helped = subprocess.run([sys.executable, "-m", "hf_flop", "--help"], capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "prune" in helped.stdout
