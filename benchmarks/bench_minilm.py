@@ -1,0 +1,345 @@
+"""P1-P4, P6, P7 of the main job: MiniLM-L6 on the Rotten Tomatoes sentiment sentences, CPU.
+
+Phases (each in its own process, so its peak memory is its own; a phase whose JSON exists is
+skipped, so an interrupted run resumes):
+
+  dense          plain fine-tune of MiniLM + a new classifier head for --epochs; the baseline,
+                 the teacher and the starting point of every pruned model
+  dense_more     the dense model fine-tuned --epochs more: the "same budget" dense reference
+                 for wall time (P4) and peak memory (P7)
+  flop_<T>       `hf-flop prune` from the dense model, --epochs of FLOP with distillation, then
+                 compaction, evaluation and CPU latency (T = 50, 75 % of encoder linear weights)
+  tp_<imp>_<T>   Torch-Pruning (heads + FFN channels, magnitude or Taylor) to the same kept
+                 parameter count, then --epochs of fine-tuning with the same distillation
+
+    .venv/bin/python benchmarks/bench_minilm.py            # full run (about 1 h on 2 idle cores)
+    .venv/bin/python benchmarks/bench_minilm.py --quick    # minutes: small subsets, smoke test
+
+Results: benchmarks/results/minilm[_quick]/<phase>.json, summary in bench_minilm[_quick].json/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = (0.5, 0.75)
+IMPORTANCES = ("magnitude", "taylor")
+SETTINGS = {  # shared by every phase: same data, same batch, same learning rate, same epochs
+    "full": {"train_samples": 0, "eval_samples": 0, "epochs": 2.0, "batch_size": 16, "max_length": 64},
+    "quick": {"train_samples": 400, "eval_samples": 200, "epochs": 1.0, "batch_size": 16, "max_length": 48},
+}
+LEARNING_RATE = 5e-5
+
+
+def _data(settings: dict, tokenizer):
+    from hf_flop.data import load_sentiment, tokenize_classification
+
+    raw = load_sentiment()
+
+    def prep(split, n):
+        part = raw[split] if not n else raw[split].shuffle(seed=0).select(range(min(n, len(raw[split]))))
+        return tokenize_classification(
+            part, tokenizer, text_column="text", label_column="label", max_length=settings["max_length"]
+        )
+
+    return prep("train", settings["train_samples"]), prep("test", settings["eval_samples"])
+
+
+def _args(out: str, settings: dict, cls=None, **extra):
+    from transformers import TrainingArguments
+
+    cls = cls or TrainingArguments
+    return cls(
+        output_dir=out,
+        num_train_epochs=settings["epochs"],
+        per_device_train_batch_size=settings["batch_size"],
+        learning_rate=LEARNING_RATE,
+        weight_decay=0.01,
+        warmup_steps=0.1,
+        logging_steps=20,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+
+
+def _latency(dense, small, test_set, tokenizer, max_length: int) -> dict:
+    import torch
+
+    from hf_flop.metrics import cpu_latency
+
+    result = {}
+    with torch.inference_mode():
+        for batch in (1, 32):
+            rows = [{k: v for k, v in test_set[i].items() if k != "labels"} for i in range(batch)]
+            inputs = dict(tokenizer.pad(rows, padding="max_length", max_length=max_length, return_tensors="pt"))
+            timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=10 if batch == 1 else 5)
+            result[str(batch)] = {
+                "dense_ms": timing["dense"] * 1e3,
+                "pruned_ms": timing["pruned"] * 1e3,
+                "speedup": timing["dense"] / timing["pruned"],
+            }
+    return result
+
+
+def _linear_flops_ratio(dense, small) -> float:
+    """Multiply-adds per token in the encoder linears, dense / pruned: the ideal speed-up."""
+    from torch import nn
+
+    def macs(model):
+        return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in n)
+
+    return macs(dense) / macs(small)
+
+
+def phase_dense(out: Path, settings: dict, source: str, save_to: Path | None) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    from hf_flop.metrics import evaluate_model
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    train, test = _data(settings, tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    collator = DataCollatorWithPadding(tokenizer)
+    start = time.perf_counter()
+    Trainer(model=model, args=_args(str(out / "work"), settings), train_dataset=train, data_collator=collator).train()
+    wall = time.perf_counter() - start
+    accuracy = evaluate_model(model, test, task="seq-cls", collator=collator)["accuracy"]
+    if save_to is not None:
+        model.save_pretrained(save_to)
+        tokenizer.save_pretrained(save_to)
+    return {"accuracy": accuracy, "wall_time_s": wall, "train_examples": len(train), "test_examples": len(test)}
+
+
+def phase_flop(out: Path, settings: dict, target: float, dense_model: Path) -> dict:
+    from hf_flop.cli import main
+
+    argv = [
+        "prune",
+        "--model",
+        str(dense_model),
+        "--dense-epochs",
+        "0",
+        "--epochs",
+        str(settings["epochs"]),
+        "--target",
+        str(target),
+        "--levels",
+        "rank,head,row",
+        "--train-samples",
+        str(settings["train_samples"]),
+        "--eval-samples",
+        str(settings["eval_samples"]),
+        "--batch-size",
+        str(settings["batch_size"]),
+        "--max-length",
+        str(settings["max_length"]),
+        "--output-dir",
+        str(out / "run"),
+        "--overwrite",
+    ]
+    code = main(argv)
+    if code:
+        raise SystemExit(f"hf-flop prune failed with status {code}")
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    from transformers import AutoModelForSequenceClassification
+
+    import hf_flop  # noqa: F401  (registers the compacted model classes)
+
+    small = AutoModelForSequenceClassification.from_pretrained(out / "run" / "model")
+    dense = AutoModelForSequenceClassification.from_pretrained(dense_model)
+    return {
+        "accuracy_dense": summary["results"]["dense"],
+        "accuracy": summary["results"]["pruned"],
+        "sparsity": summary["params"]["sparsity"],
+        "target": target,
+        "params": summary["params"],
+        "latency": summary["latency_ms"],
+        "speedup": summary["speedup"],
+        "wall_time_s": summary["wall_time_s"].get("pruning"),
+        "flops_ratio": _linear_flops_ratio(dense, small),
+    }
+
+
+def phase_tp(out: Path, settings: dict, importance: str, target: float, dense_model: Path) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    sys.path.insert(0, str(HERE))
+    from torch_pruning_baseline import DistillationTrainer, encoder_linear_params, prune_with_torch_pruning
+
+    from hf_flop.metrics import evaluate_model
+    from hf_flop.trainer import PruningArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(dense_model)
+    train, test = _data(settings, tokenizer)
+    collator = DataCollatorWithPadding(tokenizer)
+    dense = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
+    model = copy.deepcopy(dense)
+    calibration = [collator([train[i] for i in range(j, j + 16)]) for j in range(0, 128, 16)]
+    example = {k: v for k, v in calibration[0].items() if k != "labels"}
+    before = encoder_linear_params(model)
+    prune_with_torch_pruning(model, example, target, importance, calibration)
+    sparsity = 1 - encoder_linear_params(model) / before
+    accuracy_oneshot = evaluate_model(model, test, task="seq-cls", collator=collator)["accuracy"]
+    model.train()
+    start = time.perf_counter()
+    DistillationTrainer(
+        model=model,
+        args=_args(str(out / "work"), settings, PruningArguments),
+        teacher_model=dense,
+        train_dataset=train,
+        data_collator=collator,
+    ).train()
+    wall = time.perf_counter() - start
+    accuracy = evaluate_model(model, test, task="seq-cls", collator=collator)["accuracy"]
+    model.eval()
+    return {
+        "accuracy": accuracy,
+        "accuracy_oneshot": accuracy_oneshot,
+        "sparsity": sparsity,
+        "target": target,
+        "latency": _latency(dense, model, test, tokenizer, settings["max_length"]),
+        "flops_ratio": _linear_flops_ratio(dense, model),
+        "wall_time_s": wall,
+    }
+
+
+def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
+    dense_model = root / "dense_model"
+    if name == "dense":
+        from hf_flop.data import minilm_path
+
+        return phase_dense(out, settings, str(minilm_path()), save_to=dense_model)
+    if name == "dense_more":
+        return phase_dense(out, settings, str(dense_model), save_to=None)
+    kind, *rest = name.split("_")
+    target = int(rest[-1]) / 100
+    if kind == "flop":
+        return phase_flop(out, settings, target, dense_model)
+    return phase_tp(out, settings, rest[0], target, dense_model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Small subsets and one epoch: a smoke test.")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
+    parser.add_argument("--only", help="Comma-separated phases to run (default: all).")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    settings = SETTINGS[mode]
+    root = HERE / "results" / ("minilm_quick" if args.quick else "minilm")
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    if args.phase:  # child process: one phase, then its own peak memory
+        out = root / args.phase
+        out.mkdir(exist_ok=True)
+        result = run_phase(args.phase, out, settings, root)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["load_avg_end"] = os.getloadavg()
+        (root / f"{args.phase}.json").write_text(json.dumps(result, indent=2))
+        return
+
+    phases = ["dense", "dense_more"] + [f"flop_{int(t * 100)}" for t in TARGETS]
+    phases += [f"tp_{imp}_{int(t * 100)}" for t in TARGETS for imp in IMPORTANCES]
+    if args.only:
+        phases = [p for p in phases if p in args.only.split(",")]
+    for phase in phases:
+        if (root / f"{phase}.json").exists():
+            print(f"[skip] {phase}: {root / f'{phase}.json'} exists")
+            continue
+        print(f"[run] {phase}", flush=True)
+        cmd = [sys.executable, __file__, "--phase", phase] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, check=True)
+    summarize(root, mode)
+
+
+def summarize(root: Path, mode: str) -> None:
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
+    dense = results.get("dense", {})
+    dense_more = results.get("dense_more", {})
+    rows = []
+    for name, r in results.items():
+        if not name.startswith(("flop_", "tp_")):
+            continue
+        lat = r.get("latency", {})
+        b1 = lat.get("1", {})
+        b32 = lat.get("32", {})
+        speed1 = b1.get("speedup", b1.get("dense", 0) / b1["pruned"] if "pruned" in b1 else None)
+        speed32 = b32.get("speedup", b32.get("dense", 0) / b32["pruned"] if "pruned" in b32 else None)
+        rows.append(
+            {
+                "run": name,
+                "target": r.get("target"),
+                "sparsity": r.get("sparsity"),
+                "accuracy": r.get("accuracy"),
+                "drop_vs_dense_points": 100 * (dense.get("accuracy", 0) - r["accuracy"]),
+                "speedup_b1": speed1,
+                "speedup_b32": speed32,
+                "flops_ratio": r.get("flops_ratio"),
+                "wall_time_s": r.get("wall_time_s"),
+                "wall_vs_dense_same_epochs": (r["wall_time_s"] / dense_more["wall_time_s"])
+                if r.get("wall_time_s") and dense_more.get("wall_time_s")
+                else None,
+                "peak_rss_mb": r.get("peak_rss_mb"),
+                "peak_rss_vs_dense": r["peak_rss_mb"] / dense_more["peak_rss_mb"]
+                if dense_more.get("peak_rss_mb")
+                else None,
+            }
+        )
+    summary = {
+        "mode": mode,
+        "settings": SETTINGS[mode],
+        "machine": {"cpus": os.cpu_count()},
+        "dense": dense,
+        "dense_more": dense_more,
+        "rows": rows,
+    }
+    out = root.parent / f"bench_minilm{'_quick' if mode == 'quick' else ''}"
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    _plot(summary, out.with_suffix(".png"))
+    print(json.dumps(rows, indent=1))
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, marker in (("flop", "o"), ("tp_magnitude", "s"), ("tp_taylor", "^")):
+        pts = [r for r in rows if r["run"].startswith(method + "_")]
+        if pts:
+            axes[0].plot([r["sparsity"] for r in pts], [100 * r["accuracy"] for r in pts], marker=marker, label=method)
+            axes[1].plot(
+                [r["sparsity"] for r in pts], [r["speedup_b32"] or 0 for r in pts], marker=marker, label=method
+            )
+    if summary["dense"]:
+        axes[0].axhline(100 * summary["dense"]["accuracy"], color="gray", ls="--", label="dense")
+    axes[0].set(xlabel="removed fraction of encoder linear weights", ylabel="test accuracy (%)", title="accuracy")
+    axes[1].set(xlabel="removed fraction of encoder linear weights", ylabel="CPU speed-up, batch 32", title="latency")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MiniLM-L6 on Rotten Tomatoes sentences ({summary['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The peer baseline: Torch-Pruning (dependency-graph structured pruning) on a BERT-family encoder.
+
+It removes attention heads and FFN channels of every block, by weight magnitude or first-order
+Taylor importance, with the same ratio for both, so the encoder linears keep ``1 - target`` of
+their parameters, the same budget FLOP gets. The residual (hidden) width is left alone: its
+linears are ignored, as in Torch-Pruning's own BERT example.
+"""
+
+from __future__ import annotations
+
+import torch_pruning as tp
+from torch import nn
+from transformers import Trainer
+
+from hf_flop.structures import arch_spec, block_layouts
+from hf_flop.trainer import PruningTrainer
+
+
+def encoder_linear_params(model: nn.Module) -> int:
+    """Weights of the attention and MLP projections: what FLOP counts as prunable."""
+    spec = arch_spec(model.config.model_type)
+    modules = dict(model.named_modules())
+    total = 0
+    for layout in block_layouts(model, spec):
+        for name in spec.default_targets():
+            total += modules[f"{layout.prefix}.{name}"].weight.numel()
+    return total
+
+
+def prune_with_torch_pruning(
+    model: nn.Module,
+    example_inputs: dict,
+    target: float,
+    importance: str = "magnitude",
+    calibration_batches: list[dict] | None = None,
+) -> nn.Module:
+    """Prune heads and FFN channels in place so the encoder linears lose ``target`` of their weights."""
+    spec = arch_spec(model.config.model_type)
+    modules = dict(model.named_modules())
+    layouts = block_layouts(model, spec)
+    num_heads, ignored = {}, []
+    for layout in layouts:
+        for name in (spec.q, spec.k, spec.v):
+            num_heads[modules[f"{layout.prefix}.{name}"]] = layout.heads
+        ignored += [modules[f"{layout.prefix}.{spec.o}"], modules[f"{layout.prefix}.{spec.down}"]]
+    ignored += [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not n.startswith(tuple(lay.prefix for lay in layouts))
+    ]
+    if importance == "magnitude":
+        scorer = tp.importance.MagnitudeImportance(p=2)
+    elif importance == "taylor":
+        scorer = tp.importance.TaylorImportance()
+    else:
+        raise ValueError(f"importance={importance!r}: use 'magnitude' or 'taylor'.")
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example_inputs,
+        importance=scorer,
+        pruning_ratio=target,  # FFN channels
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,  # whole heads only, like FLOP's head level
+        head_pruning_ratio=target,
+        ignored_layers=ignored,
+        global_pruning=False,
+    )
+    if importance == "taylor":
+        model.zero_grad()
+        for batch in calibration_batches or []:
+            model(**batch).loss.backward()
+    pruner.step()
+    # heads are gone from Q/K/V and O: tell the attention modules (the one architecture fact we need)
+    head_dim = layouts[0].head_dim
+    for layout in layouts:
+        attention = modules[f"{layout.prefix}.{spec.attention}"]
+        width = modules[f"{layout.prefix}.{spec.q}"].out_features
+        for attr, kind in spec.attention_head_attrs.items():
+            setattr(attention, attr, width // head_dim if kind == "heads" else width)
+    model.zero_grad()
+    return model
+
+
+class DistillationTrainer(Trainer):
+    """Plain fine-tuning with the same logit distillation PruningTrainer applies (its own loss function).
+
+    The baseline must get what FLOP gets: the same teacher, mixing weight and temperature. Use it
+    with ``PruningArguments`` (for ``distillation_alpha`` / ``distillation_temperature``).
+    """
+
+    _distillation_loss = PruningTrainer._distillation_loss
+
+    def __init__(self, *args, teacher_model: nn.Module, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher_model = teacher_model.eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        alpha = self.args.distillation_alpha
+        loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher_inputs)
+        return (loss, outputs) if return_outputs else loss
