@@ -74,13 +74,6 @@ class PruningArguments(TrainingArguments):
     distillation_temperature: float = field(
         default=2.0, metadata={"help": "Softmax temperature of the logit distillation (KL, scaled by T^2)."}
     )
-    # The constraint reaches gate parameters outside the model's forward (e.g. a top-k threshold is
-    # used only by the expected size); DDP's unused-parameter search would mark such a parameter
-    # unused and then fail when its gradient arrives. Every FLOP parameter does get a gradient.
-    ddp_find_unused_parameters: bool | None = field(
-        default=False,
-        metadata={"help": "Passed to DistributedDataParallel. False suits FLOP models (see hf_flop.trainer)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

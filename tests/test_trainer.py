@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 import hf_flop
 from hf_flop import FlopConfig, PruningArguments, PruningTrainer, get_flop_model, sparsity_report
 from hf_flop.constraint import LagrangianConstraint, resolve_warmup_steps, warmed_up_target
+from hf_flop.topk import AdaptiveRegularizer
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_task import VOCAB, CountingTask, tiny_llama  # noqa: E402
@@ -165,6 +166,17 @@ def test_accumulation_gives_the_same_task_loss_log(tmp_path):
         trainer.train()
         losses.append(trainer.state.log_history[0]["task_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=0.05)  # different gate samples, same scale
+
+
+def test_topk_gates_get_the_adaptive_regularizer(tmp_path):
+    """gate="topk" has no expectation to hold: MLPruning's one-sided regularizer replaces the multipliers."""
+    trainer = make_trainer(tmp_path, flop_llama(0.5, gate="topk"), steps=20, logging_steps=10, target_warmup_steps=5)
+    assert isinstance(trainer.constraint, AdaptiveRegularizer)
+    trainer.train()
+    roles = [g.get("flop_role") for g in trainer.optimizer.param_groups]
+    assert roles.count("gates") == 1 and "lambda_1" not in roles
+    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert last["topk_strength"] > 0 and last["expected_sparsity"] > 0
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
