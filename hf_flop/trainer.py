@@ -4,8 +4,8 @@ What it adds to `Trainer`:
 
 * the loss ``task + lambda_1 (s - t) + lambda_2 (s - t)^2`` (see ``hf_flop.constraint``), with
   ``s`` the expected sparsity and ``t`` the target, warmed up linearly over ``target_warmup_steps``;
-* three optimizer groups on top of Trainer's two: the gates (own learning rate, no weight decay)
-  and the multipliers (gradient ascent, no weight decay, constant learning rate, outside gradient
+* three optimizer groups on top of Trainer's two: the gates (own learning rate, no weight decay,
+  no momentum) and the multipliers (gradient ascent, no weight decay, constant learning rate, outside gradient
   clipping since they are not model parameters);
 * optional logit distillation from a ``teacher_model``;
 * pruning metrics in every training log and the multipliers in every checkpoint.
@@ -49,8 +49,8 @@ class PruningArguments(TrainingArguments):
         default=0.2,
         metadata={
             "help": "Learning rate of the gate parameters (hard-concrete log_alpha, top-k scores/threshold), "
-            "constant, no weight decay. Gates start at log_alpha = 5 (dense) and travel several units to "
-            "close, so this is far larger than a fine-tuning learning rate."
+            "constant, no weight decay, no momentum. Hard-concrete gates start fully open (log_alpha near 7) and "
+            "travel several units to close, so this is far larger than a fine-tuning learning rate."
         },
     )
     lagrangian_learning_rate: float = field(
