@@ -95,7 +95,11 @@ class HardConcreteGate(Gate):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.limit_l / self.limit_r))
 
     def deterministic_mask(self) -> torch.Tensor:
-        soft = self._stretch_and_clamp(torch.sigmoid(0.8 * self.log_alpha / self.beta))
+        # Stretching lifts confidently open gates to exactly 1 (the dense start); below 0.5 the plain
+        # sigmoid is kept, never clamped to 0, so only the expected-zeros rule zeroes units and the
+        # eval mask keeps round(expected L0) of them, as the constraint assumes.
+        s = torch.sigmoid(0.8 * self.log_alpha / self.beta)
+        soft = torch.where(s >= 0.5, self._stretch_and_clamp(s), s)
         expected_zeros = int(round(self.n - self.keep_probability().sum().item()))
         if expected_zeros > 0:
             soft = soft.clone()

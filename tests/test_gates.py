@@ -40,6 +40,15 @@ def test_deterministic_mask_zeroes_expected_number_of_smallest():
     assert mask[9] > 0  # the undecided gate keeps its soft value
 
 
+def test_deterministic_mask_keeps_round_expected_l0_units():
+    # half-closed gates (log_alpha around -3) count in expectation, so the eval mask must keep them
+    gate = HardConcreteGate(200, init_std=0.0)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-6.0, 6.0, 200))
+    kept = int((gate.deterministic_mask() != 0).sum())
+    assert kept == round(gate.expected_l0().item())
+
+
 def test_expected_l0_is_differentiable():
     gate = HardConcreteGate(4)
     gate.expected_l0().backward()
