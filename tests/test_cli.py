@@ -165,7 +165,8 @@ def test_prune_seq_cls_end_to_end(capsys, tmp_path, tiny_cls_dir, sentiment_csv)
     assert any("expected_sparsity" in e for e in summary["log_history"])
     for name in ("sparsity.png", "kept.png"):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
-    assert (out / "model" / "README.md").is_file()
+    card = (out / "model" / "README.md").read_text()
+    assert f"# {tiny_cls_dir.name}-flop-30" in card and "accuracy" in card
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
     # the saved model is what was evaluated: same accuracy on the same examples, same size
