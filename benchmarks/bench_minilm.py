@@ -1,16 +1,19 @@
 """P1-P4, P6, P7 of the main job: MiniLM-L6 on the Rotten Tomatoes sentiment sentences, CPU.
 
 Phases (each in its own process, so its peak memory is its own; a phase whose JSON exists is
-skipped, so an interrupted run resumes):
+skipped, so an interrupted run resumes; one torch thread each unless --threads says otherwise):
 
-  dense          plain fine-tune of MiniLM + a new classifier head for --epochs; the baseline,
-                 the teacher and the starting point of every pruned model
-  dense_more     the dense model fine-tuned --epochs more: the "same budget" dense reference
-                 for wall time (P4) and peak memory (P7)
-  flop_<T>       `hf-flop prune` from the dense model, --epochs of FLOP with distillation, then
-                 compaction, evaluation and CPU latency (T = 50, 75 % of encoder linear weights)
+  dense          plain fine-tune of MiniLM + a new classifier head (full: all 8,072 sentences,
+                 2 epochs); the baseline, the teacher and the starting point of every other run
+  dense_more     the dense model fine-tuned for the shared budget (full: 4,000 sentences, 1
+                 epoch, 250 steps of 16): the "same budget" dense reference for P4 and P7
+  flop_<T>       `hf-flop prune` from the dense model for the shared budget with distillation,
+                 levels rank+head+row, then compaction, evaluation and CPU latency (T = 50, 75 %
+                 of the encoder linear weights removed)
   tp_<imp>_<T>   Torch-Pruning (heads + FFN channels, magnitude or Taylor) to the same kept
-                 parameter count, then --epochs of fine-tuning with the same distillation
+                 parameter count, then the shared budget of fine-tuning with the same distillation
+  flop_50_<lv>   issue 5's levels sweep at 50%: rank only, head+row, head+row+block (MLPruning's
+                 three levels; rank and block do not combine in one step)
 
     .venv/bin/python benchmarks/bench_minilm.py            # full run (about 1 h on 2 idle cores)
     .venv/bin/python benchmarks/bench_minilm.py --quick    # minutes: small subsets, smoke test
@@ -20,12 +23,9 @@ Results: benchmarks/results/minilm[_quick]/<phase>.json, summary in bench_minilm
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +33,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TARGETS = (0.5, 0.75)
 IMPORTANCES = ("magnitude", "taylor")
+LEVELS = {"": "rank,head,row", "rank": "rank", "headrow": "head,row", "hrb": "head,row,block"}
+LATENCY_THREADS = 1  # the CLI's default too: one fixed thread count keeps ratios stable on a shared machine
 SETTINGS = {  # shared by every phase: same data, same batch, same learning rate, same epochs
-    "full": {"train_samples": 0, "eval_samples": 0, "epochs": 2.0, "batch_size": 16, "max_length": 64},
-    "quick": {"train_samples": 400, "eval_samples": 200, "epochs": 1.0, "batch_size": 16, "max_length": 48},
+    # the dense starting point trains on dense_train_samples (0 = all 8,072) for dense_epochs; every
+    # compared run (dense_more, flop_*, tp_*) then gets the same budget: train_samples, epochs
+    "full": {"train_samples": 4000, "epochs": 1.0, "dense_train_samples": 0, "dense_epochs": 2.0}
+    | {"eval_samples": 0, "batch_size": 16, "max_length": 64},
+    "quick": {"train_samples": 400, "epochs": 1.0, "dense_train_samples": 400, "dense_epochs": 1.0}
+    | {"eval_samples": 200, "batch_size": 16, "max_length": 48},
 }
 LEARNING_RATE = 5e-5
 
@@ -80,6 +86,8 @@ def _latency(dense, small, test_set, tokenizer, max_length: int) -> dict:
     from hf_flop.metrics import cpu_latency
 
     result = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LATENCY_THREADS)
     with torch.inference_mode():
         for batch in (1, 32):
             rows = [{k: v for k, v in test_set[i].items() if k != "labels"} for i in range(batch)]
@@ -90,6 +98,7 @@ def _latency(dense, small, test_set, tokenizer, max_length: int) -> dict:
                 "pruned_ms": timing["pruned"] * 1e3,
                 "speedup": timing["dense"] / timing["pruned"],
             }
+    torch.set_num_threads(threads)
     return result
 
 
@@ -97,8 +106,14 @@ def _linear_flops_ratio(dense, small) -> float:
     """Multiply-adds per token in the encoder linears, dense / pruned: the ideal speed-up."""
     from torch import nn
 
-    def macs(model):
-        return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in n)
+    from hf_flop.modeling.block_sparse import BlockSparseLinear
+
+    def macs(model):  # dense linears: every weight; block-sparse ones: the stored blocks
+        return sum(
+            m.weight.numel() if isinstance(m, nn.Linear) else m.values.numel()
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, BlockSparseLinear)) and ".encoder." in n
+        )
 
     return macs(dense) / macs(small)
 
@@ -122,7 +137,7 @@ def phase_dense(out: Path, settings: dict, source: str, save_to: Path | None) ->
     return {"accuracy": accuracy, "wall_time_s": wall, "train_examples": len(train), "test_examples": len(test)}
 
 
-def phase_flop(out: Path, settings: dict, target: float, dense_model: Path) -> dict:
+def phase_flop(out: Path, settings: dict, target: float, dense_model: Path, levels: str) -> dict:
     from hf_flop.cli import main
 
     argv = [
@@ -136,7 +151,9 @@ def phase_flop(out: Path, settings: dict, target: float, dense_model: Path) -> d
         "--target",
         str(target),
         "--levels",
-        "rank,head,row",
+        levels,
+        "--latency-threads",
+        str(LATENCY_THREADS),
         "--train-samples",
         str(settings["train_samples"]),
         "--eval-samples",
@@ -164,6 +181,7 @@ def phase_flop(out: Path, settings: dict, target: float, dense_model: Path) -> d
         "accuracy": summary["results"]["pruned"],
         "sparsity": summary["params"]["sparsity"],
         "target": target,
+        "levels": levels,
         "params": summary["params"],
         "latency": summary["latency_ms"],
         "speedup": summary["speedup"],
@@ -220,49 +238,27 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
     if name == "dense":
         from hf_flop.data import minilm_path
 
-        return phase_dense(out, settings, str(minilm_path()), save_to=dense_model)
+        start = {**settings, "train_samples": settings["dense_train_samples"], "epochs": settings["dense_epochs"]}
+        return phase_dense(out, start, str(minilm_path()), save_to=dense_model)
     if name == "dense_more":
         return phase_dense(out, settings, str(dense_model), save_to=None)
     kind, *rest = name.split("_")
-    target = int(rest[-1]) / 100
     if kind == "flop":
-        return phase_flop(out, settings, target, dense_model)
+        return phase_flop(out, settings, int(rest[0]) / 100, dense_model, LEVELS[rest[1] if len(rest) > 1 else ""])
+    target = int(rest[-1]) / 100
     return phase_tp(out, settings, rest[0], target, dense_model)
 
 
+PHASES = ["dense", "dense_more"] + [f"flop_{int(t * 100)}" for t in TARGETS]
+PHASES += [f"tp_{imp}_{int(t * 100)}" for t in TARGETS for imp in IMPORTANCES]
+PHASES += [f"flop_50_{levels}" for levels in LEVELS if levels]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Small subsets and one epoch: a smoke test.")
-    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
-    parser.add_argument("--only", help="Comma-separated phases to run (default: all).")
-    args = parser.parse_args()
-    mode = "quick" if args.quick else "full"
-    settings = SETTINGS[mode]
-    root = HERE / "results" / ("minilm_quick" if args.quick else "minilm")
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(HERE))
+    from phase_runner import run_benchmark
 
-    if args.phase:  # child process: one phase, then its own peak memory
-        out = root / args.phase
-        out.mkdir(exist_ok=True)
-        result = run_phase(args.phase, out, settings, root)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["load_avg_end"] = os.getloadavg()
-        (root / f"{args.phase}.json").write_text(json.dumps(result, indent=2))
-        return
-
-    phases = ["dense", "dense_more"] + [f"flop_{int(t * 100)}" for t in TARGETS]
-    phases += [f"tp_{imp}_{int(t * 100)}" for t in TARGETS for imp in IMPORTANCES]
-    if args.only:
-        phases = [p for p in phases if p in args.only.split(",")]
-    for phase in phases:
-        if (root / f"{phase}.json").exists():
-            print(f"[skip] {phase}: {root / f'{phase}.json'} exists")
-            continue
-        print(f"[run] {phase}", flush=True)
-        cmd = [sys.executable, __file__, "--phase", phase] + (["--quick"] if args.quick else [])
-        subprocess.run(cmd, check=True)
-    summarize(root, mode)
+    run_benchmark(__file__, "minilm", PHASES, SETTINGS, run_phase, summarize)
 
 
 def summarize(root: Path, mode: str) -> None:
@@ -282,6 +278,7 @@ def summarize(root: Path, mode: str) -> None:
             {
                 "run": name,
                 "target": r.get("target"),
+                "levels": r.get("levels"),
                 "sparsity": r.get("sparsity"),
                 "accuracy": r.get("accuracy"),
                 "drop_vs_dense_points": 100 * (dense.get("accuracy", 0) - r["accuracy"]),
@@ -306,10 +303,10 @@ def summarize(root: Path, mode: str) -> None:
         "dense_more": dense_more,
         "rows": rows,
     }
-    out = root.parent / f"bench_minilm{'_quick' if mode == 'quick' else ''}"
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    _plot(summary, out.with_suffix(".png"))
-    print(json.dumps(rows, indent=1))
+    sys.path.insert(0, str(HERE))
+    from phase_runner import write_summary
+
+    write_summary(root, "bench_minilm", summary, _plot)
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -319,16 +316,18 @@ def _plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    if not rows:
-        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method, marker in (("flop", "o"), ("tp_magnitude", "s"), ("tp_taylor", "^")):
-        pts = [r for r in rows if r["run"].startswith(method + "_")]
+        pts = [r for r in rows if r["run"].startswith(method + "_") and r["run"].count("_") == method.count("_") + 1]
         if pts:
             axes[0].plot([r["sparsity"] for r in pts], [100 * r["accuracy"] for r in pts], marker=marker, label=method)
             axes[1].plot(
                 [r["sparsity"] for r in pts], [r["speedup_b32"] or 0 for r in pts], marker=marker, label=method
             )
+    for r in rows:  # the levels sweep at 50%: single points, labelled
+        if r["run"].startswith("flop_50"):
+            axes[0].annotate(r["levels"], (r["sparsity"], 100 * r["accuracy"]), fontsize=7)
+            axes[1].annotate(r["levels"], (r["sparsity"], r["speedup_b32"] or 0), fontsize=7)
     if summary["dense"]:
         axes[0].axhline(100 * summary["dense"]["accuracy"], color="gray", ls="--", label="dense")
     axes[0].set(xlabel="removed fraction of encoder linear weights", ylabel="test accuracy (%)", title="accuracy")

@@ -48,12 +48,7 @@ def prune_with_torch_pruning(
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and not n.startswith(tuple(lay.prefix for lay in layouts))
     ]
-    if importance == "magnitude":
-        scorer = tp.importance.MagnitudeImportance(p=2)
-    elif importance == "taylor":
-        scorer = tp.importance.TaylorImportance()
-    else:
-        raise ValueError(f"importance={importance!r}: use 'magnitude' or 'taylor'.")
+    scorer = _importance(importance)
     pruner = tp.pruner.MetaPruner(
         model,
         example_inputs,
@@ -67,9 +62,7 @@ def prune_with_torch_pruning(
         global_pruning=False,
     )
     if importance == "taylor":
-        model.zero_grad()
-        for batch in calibration_batches or []:
-            model(**batch).loss.backward()
+        _accumulate_gradients(model, calibration_batches)
     pruner.step()
     # heads are gone from Q/K/V and O: tell the attention modules (the one architecture fact we need)
     head_dim = layouts[0].head_dim
@@ -101,3 +94,52 @@ class DistillationTrainer(Trainer):
         alpha = self.args.distillation_alpha
         loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher_inputs)
         return (loss, outputs) if return_outputs else loss
+
+
+def prune_ffn_with_torch_pruning(
+    model: nn.Module,
+    example_inputs: dict,
+    ffn_ratio: float,
+    importance: str = "magnitude",
+    calibration_batches: list[dict] | None = None,
+) -> nn.Module:
+    """Prune FFN channels only (up/gate rows, down columns), ``ffn_ratio`` of them in every block, in place.
+
+    For decoders with grouped-query attention: removing whole query heads independently of their
+    KV group would break the query/KV ratio, so this baseline leaves attention alone and takes
+    the whole budget from the FFN (``ffn_ratio = target * linear params / FFN params``).
+    """
+    spec = arch_spec(model.config.model_type)
+    modules = dict(model.named_modules())
+    roots = {modules[f"{lay.prefix}.{name}"] for lay in block_layouts(model, spec) for name in spec.up}
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in roots]
+    scorer = _importance(importance)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        {**example_inputs, "use_cache": False},
+        importance=scorer,
+        pruning_ratio=ffn_ratio,
+        ignored_layers=ignored,
+        global_pruning=False,
+        output_transform=lambda outputs: outputs.logits,  # tracing needs one tensor, not a ModelOutput
+    )
+    if importance == "taylor":
+        _accumulate_gradients(model, calibration_batches)
+    pruner.step()
+    model.zero_grad()
+    return model
+
+
+def _importance(name: str):
+    if name == "magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.TaylorImportance()
+    raise ValueError(f"importance={name!r}: use 'magnitude' or 'taylor'.")
+
+
+def _accumulate_gradients(model: nn.Module, batches: list[dict] | None) -> None:
+    """Taylor importance reads ``weight * grad``: sum the loss gradients of the calibration batches."""
+    model.zero_grad()
+    for batch in batches or []:
+        model(**batch).loss.backward()

@@ -1,0 +1,386 @@
+"""P5 of the main job and issue 7's rows: SmolLM2-135M on the Penn Treebank, CPU, a fixed budget.
+
+Every run gets the same recovery budget: ``steps`` optimizer steps of ``batch`` blocks of
+``block`` tokens (the same seeded blocks in the same order), learning rate 5e-5, and, for every
+pruned model, the same logit distillation from the pretrained model. The target is 50% of the
+non-embedding linear weights (q, k, v, o, gate, up, down) removed; the embedding variant removes
+the same number of parameters in total from the linears and the (tied) embedding together.
+
+Phases (each in its own process; a phase whose JSON exists is skipped, so a run resumes):
+
+  pretrained       test perplexity of the pretrained model, the parameter counts
+  dense            the dense model fine-tuned with the budget: the reference P5 asks for
+  flop             PruningTrainer, levels head+row, gates warm-started from activation scores
+                   (still the dense model at step 0), then compaction
+  flop_emb         levels head+row+embedding (4 frequency clusters from the training blocks),
+                   the same total kept parameters as `flop`
+  oneshot_<score>  hf_flop.prune_oneshot (magnitude / activation / sensitivity), head+row, then
+                   compaction; perplexity with no training, then after the same budget
+  tp_<imp>         Torch-Pruning (magnitude / Taylor) FFN channels to the same kept count (GQA
+                   heads are left alone, see torch_pruning_baseline), then the same budget
+
+    .venv/bin/python benchmarks/bench_smollm2.py            # full run (about 1 h on 2 idle cores)
+    .venv/bin/python benchmarks/bench_smollm2.py --quick    # smoke test: a few steps, tiny subsets
+
+Results: benchmarks/results/smollm2[_quick]/<phase>.json, summary in bench_smollm2[_quick].json/.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGET = 0.5
+LEVELS = ["head", "row"]
+SCORES = ("magnitude", "activation", "sensitivity")
+IMPORTANCES = ("magnitude", "taylor")
+EMBEDDING_CLUSTERS = 4
+LEARNING_RATE = 5e-5
+# A budget of tens of steps is short for gates that start fully open (log_alpha ~7, moving ~lr per
+# step): FLOP runs here start from the activation scores (hf_flop.warm_start_gates, log_alpha 3..7
+# by rank) and move their gates at 0.5 instead of the default 0.2.
+GATE_LEARNING_RATE = 0.5
+SETTINGS = {
+    "full": {"block": 128, "batch": 4, "steps": 40, "eval_blocks": 48, "calibration_batches": 8},
+    "quick": {"block": 32, "batch": 2, "steps": 3, "eval_blocks": 4, "calibration_batches": 2},
+}
+
+
+def _data(settings: dict, tokenizer):
+    """Seeded training blocks (exactly steps * batch of them), the first test blocks, calibration batches."""
+    from transformers import default_data_collator
+
+    from hf_flop.data import load_ptb, tokenize_lm
+
+    raw = load_ptb()
+    train = tokenize_lm(raw["train"], tokenizer, text_column="text", block_size=settings["block"])
+    train = train.shuffle(seed=0).select(range(settings["steps"] * settings["batch"]))
+    test = tokenize_lm(raw["test"], tokenizer, text_column="text", block_size=settings["block"])
+    test = test.select(range(min(settings["eval_blocks"], len(test))))
+    b = settings["batch"]
+    calibration = [
+        default_data_collator([train[i] for i in range(j, j + b)])
+        for j in range(0, b * settings["calibration_batches"], b)
+    ]
+    return train, test, calibration
+
+
+def _pretrained(dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_flop.data import smollm2_path
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model.config.use_cache = False  # training and full-block evaluation only
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _args(out: Path, settings: dict, **extra):
+    from hf_flop.trainer import PruningArguments
+
+    return PruningArguments(
+        output_dir=str(out / "work"),
+        max_steps=settings["steps"],
+        per_device_train_batch_size=settings["batch"],
+        learning_rate=LEARNING_RATE,
+        warmup_steps=0.1,
+        logging_steps=max(1, settings["steps"] // 20),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+
+
+def _perplexity(model, test) -> float:
+    from transformers import default_data_collator
+
+    from hf_flop.metrics import evaluate_model
+
+    return evaluate_model(model, test, task="causal-lm", collator=default_data_collator, batch_size=8)["perplexity"]
+
+
+def _linear_params(model) -> int:
+    """q, k, v, o, gate, up, down weights: the P5 budget's base."""
+    sys.path.insert(0, str(HERE))
+    from torch_pruning_baseline import encoder_linear_params
+
+    return encoder_linear_params(model)
+
+
+def _latency(dense, small, test) -> dict:
+    """Batch 1, one block, one thread: the ratio stays meaningful on a shared machine."""
+    import torch
+
+    from hf_flop.metrics import cpu_latency
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    inputs = {"input_ids": torch.tensor([test[0]["input_ids"]])}
+    with torch.inference_mode():
+        timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=10, warmup=2)
+    torch.set_num_threads(threads)
+    return {
+        "dense_ms": timing["dense"] * 1e3,
+        "pruned_ms": timing["pruned"] * 1e3,
+        "speedup": timing["dense"] / timing["pruned"],
+    }
+
+
+def _train(trainer) -> float:
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def _sizes(model, dense_linear: int) -> dict:
+    linear = _linear_params(model)
+    return {
+        "total_params": model.num_parameters(),
+        "linear_params": linear,
+        "linear_sparsity": 1 - linear / dense_linear,
+    }
+
+
+def phase_pretrained(out: Path, settings: dict) -> dict:
+    model, tokenizer = _pretrained()
+    _, test, _ = _data(settings, tokenizer)
+    embedding = model.get_input_embeddings().weight.numel()
+    return {
+        "perplexity": _perplexity(model, test),
+        "total_params": model.num_parameters(),
+        "linear_params": _linear_params(model),
+        "embedding_params": embedding,
+        "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        "test_tokens": len(test) * settings["block"],
+    }
+
+
+def phase_dense(out: Path, settings: dict) -> dict:
+    from transformers import Trainer, default_data_collator
+
+    model, tokenizer = _pretrained()
+    train, test, _ = _data(settings, tokenizer)
+    trainer = Trainer(model=model, args=_args(out, settings), train_dataset=train, data_collator=default_data_collator)
+    wall = _train(trainer)
+    return {"perplexity": _perplexity(model, test), "wall_time_s": wall, **_sizes(model, _linear_params(model))}
+
+
+def _flop_budget(model, pretrained_stats: dict, with_embedding: bool) -> float:
+    """The target sparsity that keeps (1 - TARGET) of the linears plus the whole embedding, in total."""
+    from hf_flop import sparsity_report
+
+    if not with_embedding:
+        return TARGET
+    prunable = sparsity_report(model).prunable_params
+    kept = (1 - TARGET) * pretrained_stats["linear_params"] + pretrained_stats["embedding_params"]
+    return 1 - kept / prunable
+
+
+def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool) -> dict:
+    from transformers import default_data_collator
+
+    from hf_flop import FlopConfig, compact, compute_scores, get_flop_model, sparsity_report, warm_start_gates
+    from hf_flop.accounting import find_flop_model
+    from hf_flop.embedding import frequency_cutoffs
+    from hf_flop.trainer import PruningTrainer
+
+    pretrained_stats = json.loads((root / "pretrained.json").read_text())
+    model, tokenizer = _pretrained()
+    train, test, calibration = _data(settings, tokenizer)
+    teacher = copy.deepcopy(model)
+    dense = copy.deepcopy(model).eval()
+    levels = LEVELS + (["embedding"] if with_embedding else [])
+    extra = {}
+    if with_embedding:
+        tokens = [t for row in train["input_ids"] for t in row]
+        cutoffs, order = frequency_cutoffs(tokens, model.config.vocab_size, EMBEDDING_CLUSTERS)
+        extra = {"embedding_cutoffs": cutoffs, "embedding_order": order}
+    config = FlopConfig(levels=levels, target_sparsity=TARGET, **extra)
+    model = get_flop_model(model, config)
+    flop_config = find_flop_model(model).flop_config  # the embedding's share is known once it is injected
+    flop_config.target_sparsity = _flop_budget(model, pretrained_stats, with_embedding)
+    warm_start_gates(model, compute_scores(model, calibration, "activation"))
+    trainer = PruningTrainer(
+        model=model,
+        args=_args(out, settings, target_warmup_steps=0.5, gate_learning_rate=GATE_LEARNING_RATE),
+        teacher_model=teacher,
+        train_dataset=train,
+        data_collator=default_data_collator,
+    )
+    wall = _train(trainer)
+    report = sparsity_report(model)
+    gated_ppl = _perplexity(model, test)
+    small = compact(model)
+    return {
+        "perplexity": _perplexity(small, test),
+        "perplexity_gated": gated_ppl,
+        "target_sparsity": flop_config.target_sparsity,
+        "deterministic_sparsity": report.deterministic_sparsity,
+        "expected_sparsity": float(report.expected_sparsity),
+        "embedding_cutoffs": extra.get("embedding_cutoffs"),
+        "wall_time_s": wall,
+        "latency_b1": _latency(dense, small, test),
+        **_sizes(small, pretrained_stats["linear_params"]),
+        "log": [e for e in trainer.state.log_history if "expected_sparsity" in e],
+    }
+
+
+def _recover(out: Path, settings: dict, model, teacher, train) -> float:
+    """The shared recovery budget: fine-tune with the same distillation PruningTrainer applies."""
+    from transformers import default_data_collator
+
+    sys.path.insert(0, str(HERE))
+    from torch_pruning_baseline import DistillationTrainer
+
+    model.train()
+    trainer = DistillationTrainer(
+        model=model,
+        args=_args(out, settings),
+        teacher_model=teacher,
+        train_dataset=train,
+        data_collator=default_data_collator,
+    )
+    return _train(trainer)
+
+
+def _prune_with_hf_flop(model, calibration, score: str):
+    """hf_flop's one-shot: gates closed by ``score``, then compaction to a plain smaller model."""
+    from hf_flop import FlopConfig, compact, prune_oneshot, sparsity_report
+
+    gated = prune_oneshot(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET), calibration, score)
+    return compact(gated), {"deterministic_sparsity": sparsity_report(gated).deterministic_sparsity}
+
+
+def _prune_with_torch_pruning(model, calibration, importance: str):
+    """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose TARGET of their weights."""
+    sys.path.insert(0, str(HERE))
+    from torch_pruning_baseline import prune_ffn_with_torch_pruning
+
+    from hf_flop.structures import arch_spec, block_layouts
+
+    spec = arch_spec(model.config.model_type)
+    modules = dict(model.named_modules())
+    layouts = block_layouts(model, spec)
+    ffn = sum(modules[f"{lay.prefix}.{n}"].weight.numel() for lay in layouts for n in (*spec.up, spec.down))
+    ffn_ratio = TARGET * _linear_params(model) / ffn
+    example = {"input_ids": calibration[0]["input_ids"][:1]}
+    return prune_ffn_with_torch_pruning(model, example, ffn_ratio, importance, calibration), {"ffn_ratio": ffn_ratio}
+
+
+def phase_prune_then_recover(out: Path, settings: dict, root: Path, prune, criterion: str) -> dict:
+    """One-shot pruning (``prune(model, calibration, criterion)``), then the shared recovery budget."""
+    pretrained_stats = json.loads((root / "pretrained.json").read_text())
+    model, tokenizer = _pretrained()
+    train, test, calibration = _data(settings, tokenizer)
+    teacher = copy.deepcopy(model).eval()
+    start = time.perf_counter()
+    small, details = prune(model, calibration, criterion)
+    prune_time = time.perf_counter() - start
+    oneshot_ppl = _perplexity(small, test)
+    wall = _recover(out, settings, small, teacher, train)
+    return {
+        "perplexity": _perplexity(small, test),
+        "perplexity_oneshot": oneshot_ppl,
+        "prune_time_s": prune_time,
+        "wall_time_s": wall,
+        "latency_b1": _latency(teacher, small.eval(), test),
+        **details,
+        **_sizes(small, pretrained_stats["linear_params"]),
+    }
+
+
+def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
+    if name == "pretrained":
+        return phase_pretrained(out, settings)
+    if name == "dense":
+        return phase_dense(out, settings)
+    if name in ("flop", "flop_emb"):
+        return phase_flop(out, settings, root, with_embedding=name == "flop_emb")
+    kind, criterion = name.split("_", 1)
+    prune = _prune_with_hf_flop if kind == "oneshot" else _prune_with_torch_pruning
+    return phase_prune_then_recover(out, settings, root, prune, criterion)
+
+
+PHASES = (
+    ["pretrained", "dense", "flop", "flop_emb"] + [f"oneshot_{s}" for s in SCORES] + [f"tp_{i}" for i in IMPORTANCES]
+)
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE))
+    from phase_runner import run_benchmark
+
+    run_benchmark(__file__, "smollm2", PHASES, SETTINGS, run_phase, summarize)
+
+
+def summarize(root: Path, mode: str) -> None:
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
+    pre = results.get("pretrained", {})
+    rows = []
+    for name in PHASES[1:]:
+        r = results.get(name)
+        if r is None:
+            continue
+        rows.append(
+            {
+                "run": name,
+                "perplexity": r["perplexity"],
+                "perplexity_before_recovery": r.get("perplexity_oneshot"),
+                "total_params": r.get("total_params"),
+                "linear_sparsity": r.get("linear_sparsity"),
+                "total_vs_pretrained": r["total_params"] / pre["total_params"]
+                if pre and r.get("total_params")
+                else None,
+                "speedup_b1": (r.get("latency_b1") or {}).get("speedup"),
+                "wall_time_s": r.get("wall_time_s"),
+                "peak_rss_mb": r.get("peak_rss_mb"),
+            }
+        )
+    summary = {
+        "mode": mode,
+        "settings": SETTINGS[mode],
+        "target": TARGET,
+        "levels": LEVELS,
+        "pretrained": pre,
+        "rows": rows,
+    }
+    sys.path.insert(0, str(HERE))
+    from phase_runner import write_summary
+
+    write_summary(root, "bench_smollm2", summary, _plot)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = [r["run"] for r in rows]
+    after = [r["perplexity"] for r in rows]
+    before = [r["perplexity_before_recovery"] or float("nan") for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="one-shot, no training", color="lightgray")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"after {summary['settings']['steps']} steps")
+    if summary["pretrained"]:
+        ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set(ylabel="PTB test perplexity (log)", title=f"SmolLM2-135M, 50% of linear weights removed ({summary['mode']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
