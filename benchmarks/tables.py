@@ -1,0 +1,84 @@
+"""Print the README's benchmark tables (markdown) from the committed JSON summaries.
+
+.venv/bin/python benchmarks/tables.py            # full runs
+.venv/bin/python benchmarks/tables.py --quick    # the --quick smoke runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _fmt(value, spec: str = ".2f", missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _levels(row: dict) -> str:
+    if row["run"].startswith("tp_"):
+        return "heads + FFN (Torch-Pruning)"
+    return row.get("levels") or "rank,head,row"  # results written before the levels sweep existed
+
+
+def minilm_tables(summary: dict) -> str:
+    dense, more = summary["dense"], summary["dense_more"]
+    lines = [
+        f"Dense start: accuracy {_fmt(100 * dense['accuracy'], '.1f')} % on {dense.get('test_examples')} test "
+        f"sentences; dense fine-tuned for the same budget (`dense_more`): {_fmt(100 * more.get('accuracy', 0), '.1f')} %, "
+        f"{_fmt(more.get('wall_time_s'), '.0f')} s, peak RSS {_fmt(more.get('peak_rss_mb'), '.0f')} MB.",
+        "",
+        "| run | levels | removed (target) | accuracy % (drop) | speed-up b1 / b32 | FLOP-count limit | "
+        "of the limit b1 / b32 | wall time vs dense | peak RSS vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        limit = r.get("flops_ratio")
+        of_limit = (
+            f"{r['speedup_b1'] / limit:.2f} / {r['speedup_b32'] / limit:.2f}" if limit and r.get("speedup_b1") else "–"
+        )
+        lines.append(
+            f"| {r['run']} | {_levels(r)} | {_fmt(r['sparsity'], '.3f')} ({r['target']}) | "
+            f"{_fmt(100 * r['accuracy'], '.1f')} ({_fmt(r['drop_vs_dense_points'], '+.1f')}) | "
+            f"{_fmt(r['speedup_b1'])} / {_fmt(r['speedup_b32'])} | {_fmt(limit)} | {of_limit} | "
+            f"{_fmt(r['wall_vs_dense_same_epochs'])}x | {_fmt(r['peak_rss_vs_dense'])}x |"
+        )
+    return "\n".join(lines)
+
+
+def smollm2_table(summary: dict) -> str:
+    pre = summary["pretrained"]
+    lines = [
+        f"Pretrained: perplexity {_fmt(pre.get('perplexity'), '.1f')} on {pre.get('test_tokens')} PTB test tokens, "
+        f"{pre.get('total_params'):,} parameters ({pre.get('linear_params'):,} in the linears, "
+        f"{pre.get('embedding_params'):,} in the tied embedding).",
+        "",
+        "| run | perplexity before recovery | perplexity after | linears removed | total params (vs pretrained) | "
+        "speed-up b1 | train time (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        lines.append(
+            f"| {r['run']} | {_fmt(r['perplexity_before_recovery'], ',.1f')} | {_fmt(r['perplexity'], ',.1f')} | "
+            f"{_fmt(r['linear_sparsity'], '.3f')} | {r['total_params']:,} ({_fmt(r['total_vs_pretrained'], '.3f')}) | "
+            f"{_fmt(r['speedup_b1'])} | {_fmt(r['wall_time_s'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Tables of the --quick smoke runs.")
+    suffix = "_quick" if parser.parse_args().quick else ""
+    for name, render in (("bench_minilm", minilm_tables), ("bench_smollm2", smollm2_table)):
+        path = RESULTS / f"{name}{suffix}.json"
+        if path.exists():
+            print(f"### {path.name}\n\n{render(json.loads(path.read_text()))}\n")
+        else:
+            print(f"### {path.name}: not run yet\n")
+
+
+if __name__ == "__main__":
+    main()
