@@ -326,6 +326,8 @@ def _plot(summary: dict, path: Path) -> None:
             )
     for r in rows:  # the levels sweep at 50%: single points, labelled
         if r["run"].startswith("flop_50"):
+            axes[0].plot(r["sparsity"], 100 * r["accuracy"], "x", color="C0")
+            axes[1].plot(r["sparsity"], r["speedup_b32"] or 0, "x", color="C0")
             axes[0].annotate(r["levels"], (r["sparsity"], 100 * r["accuracy"]), fontsize=7)
             axes[1].annotate(r["levels"], (r["sparsity"], r["speedup_b32"] or 0), fontsize=7)
     if summary["dense"]:
