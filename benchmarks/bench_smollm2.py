@@ -385,7 +385,7 @@ def _plot(summary: dict, path: Path) -> None:
 
     rows = summary["rows"]
     fig, ax = plt.subplots(figsize=(9, 4))
-    names = [r["run"] for r in rows]
+    names = [f"{r['run']} ({r['linear_sparsity']:.2f})" for r in rows]  # what was really removed
     after = [r["perplexity"] for r in rows]
     before = [r["perplexity_before_recovery"] or float("nan") for r in rows]
     xs = range(len(rows))
@@ -395,7 +395,10 @@ def _plot(summary: dict, path: Path) -> None:
         ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
     ax.set_yscale("log")
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
-    ax.set(ylabel="PTB test perplexity (log)", title=f"SmolLM2-135M, 50% of linear weights removed ({summary['mode']})")
+    ax.set(
+        ylabel="PTB test perplexity (log)",
+        title=f"SmolLM2-135M on PTB, target: 50% of the linears removed (removed in brackets; {summary['mode']})",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
