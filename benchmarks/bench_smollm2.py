@@ -17,6 +17,7 @@ Phases (each in its own process; a phase whose JSON exists is skipped, so a run 
   flop[_emb]_fast  the same with the gates' learning rate 1.5 instead of 0.5
   oneshot_activation_emb  one-shot activation scores with level embedding too, at the total
                    size of the head+row runs, then the same budget
+  <phase>_long     flop and oneshot_activation again with 4x the budget (160 steps)
   oneshot_<score>  hf_flop.prune_oneshot (magnitude / activation / sensitivity), head+row, then
                    compaction; perplexity with no training, then after the same budget
   tp_<imp>         Torch-Pruning (magnitude / Taylor) FFN channels to the same kept count (GQA
@@ -49,6 +50,7 @@ LEARNING_RATE = 5e-5
 # at 0.35 of the linears removed, short of the 0.5 target (results/smollm2/flop.json), so the
 # `_fast` phases, added after it, move the gates at 1.5.
 GATE_LEARNING_RATES = {"": 0.5, "fast": 1.5}
+LONG_BUDGET = 4  # the `_long` phases: does FLOP reach the target with 4x the steps, and how does it compare?
 SETTINGS = {
     "full": {"block": 128, "batch": 4, "steps": 40, "eval_blocks": 48, "calibration_batches": 8},
     "quick": {"block": 32, "batch": 2, "steps": 3, "eval_blocks": 4, "calibration_batches": 2},
@@ -317,6 +319,8 @@ def phase_prune_then_recover(out: Path, settings: dict, root: Path, prune, crite
 
 
 def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
+    if name.endswith("_long"):  # the same run with LONG_BUDGET times the steps (and training blocks)
+        name, settings = name.removesuffix("_long"), {**settings, "steps": LONG_BUDGET * settings["steps"]}
     if name == "pretrained":
         return phase_pretrained(out, settings)
     if name == "dense":
@@ -331,6 +335,7 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
 
 PHASES = ["pretrained", "dense", "flop", "flop_emb"] + [f"oneshot_{s}" for s in SCORES]
 PHASES += [f"tp_{i}" for i in IMPORTANCES] + ["flop_fast", "oneshot_activation_emb", "flop_emb_fast"]
+PHASES += ["flop_long", "oneshot_activation_long"]
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from .data import DATASETS, MODELS
 from .hub import PushToHubError
 
 TASKS = ("seq-cls", "causal-lm")
-# The default job must finish in under ~15 minutes on 2 CPU cores (measured 9.3 min, see the
+# The default job must finish in under ~15 minutes on 2 CPU cores (measured 7.9 min, see the
 # README): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
 TASK_DEFAULTS = {
     "seq-cls": {
