@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling modules (phase_runner, torch_pruning_baseline), also when imported
 TARGETS = (0.5, 0.75)
 IMPORTANCES = ("magnitude", "taylor")
 LEVELS = {"": "rank,head,row", "rank": "rank", "headrow": "head,row", "hrb": "head,row,block"}
@@ -191,10 +192,8 @@ def phase_flop(out: Path, settings: dict, target: float, dense_model: Path, leve
 
 
 def phase_tp(out: Path, settings: dict, importance: str, target: float, dense_model: Path) -> dict:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
-
-    sys.path.insert(0, str(HERE))
     from torch_pruning_baseline import DistillationTrainer, encoder_linear_params, prune_with_torch_pruning
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     from hf_flop.metrics import evaluate_model
     from hf_flop.trainer import PruningArguments
@@ -255,7 +254,6 @@ PHASES += [f"flop_50_{levels}" for levels in LEVELS if levels]
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
     from phase_runner import run_benchmark
 
     run_benchmark(__file__, "minilm", PHASES, SETTINGS, run_phase, summarize)
@@ -303,7 +301,6 @@ def summarize(root: Path, mode: str) -> None:
         "dense_more": dense_more,
         "rows": rows,
     }
-    sys.path.insert(0, str(HERE))
     from phase_runner import write_summary
 
     write_summary(root, "bench_minilm", summary, _plot)

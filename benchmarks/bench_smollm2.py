@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling modules (phase_runner, torch_pruning_baseline), also when imported
 TARGET = 0.5
 LEVELS = ["head", "row"]
 SCORES = ("magnitude", "activation", "sensitivity")
@@ -76,14 +77,14 @@ def _data(settings: dict, tokenizer):
     return train, test, calibration
 
 
-def _pretrained(dtype=None):
+def _pretrained():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_flop.data import smollm2_path
 
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False  # training and full-block evaluation only
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -116,7 +117,6 @@ def _perplexity(model, test) -> float:
 
 def _linear_params(model) -> int:
     """q, k, v, o, gate, up, down weights: the P5 budget's base."""
-    sys.path.insert(0, str(HERE))
     from torch_pruning_baseline import encoder_linear_params
 
     return encoder_linear_params(model)
@@ -210,8 +210,7 @@ def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate
     pretrained_stats = json.loads((root / "pretrained.json").read_text())
     model, tokenizer = _pretrained()
     train, test, calibration = _data(settings, tokenizer)
-    teacher = copy.deepcopy(model)
-    dense = copy.deepcopy(model).eval()
+    teacher = copy.deepcopy(model)  # the distillation teacher, then the dense side of the latency ratio
     levels = LEVELS + (["embedding"] if with_embedding else [])
     extra = _embedding_clusters(model, train) if with_embedding else {}
     config = FlopConfig(levels=levels, target_sparsity=TARGET, **extra)
@@ -239,7 +238,7 @@ def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate
         "expected_sparsity": float(report.expected_sparsity),
         "embedding_cutoffs": extra.get("embedding_cutoffs"),
         "wall_time_s": wall,
-        "latency_b1": _latency(dense, small, test),
+        "latency_b1": _latency(teacher, small, test),
         **_sizes(small, pretrained_stats["linear_params"]),
         "log": [e for e in trainer.state.log_history if "expected_sparsity" in e],
     }
@@ -247,10 +246,8 @@ def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate
 
 def _recover(out: Path, settings: dict, model, teacher, train) -> float:
     """The shared recovery budget: fine-tune with the same distillation PruningTrainer applies."""
-    from transformers import default_data_collator
-
-    sys.path.insert(0, str(HERE))
     from torch_pruning_baseline import DistillationTrainer
+    from transformers import default_data_collator
 
     model.train()
     trainer = DistillationTrainer(
@@ -282,7 +279,6 @@ def _prune_with_hf_flop(model, calibration, score: str, train, pretrained_stats:
 
 def _prune_with_torch_pruning(model, calibration, importance: str, train, pretrained_stats: dict):
     """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose TARGET of their weights."""
-    sys.path.insert(0, str(HERE))
     from torch_pruning_baseline import prune_ffn_with_torch_pruning
 
     from hf_flop.structures import arch_spec, block_layouts
@@ -339,7 +335,6 @@ PHASES += ["flop_long", "oneshot_activation_long"]
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
     from phase_runner import run_benchmark
 
     run_benchmark(__file__, "smollm2", PHASES, SETTINGS, run_phase, summarize)
@@ -376,7 +371,6 @@ def summarize(root: Path, mode: str) -> None:
         "pretrained": pre,
         "rows": rows,
     }
-    sys.path.insert(0, str(HERE))
     from phase_runner import write_summary
 
     write_summary(root, "bench_smollm2", summary, _plot)
