@@ -389,7 +389,12 @@ def _plot(summary: dict, path: Path) -> None:
     before = [r["perplexity_before_recovery"] or float("nan") for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], before, width=0.4, label="one-shot, no training", color="lightgray")
-    ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"after {summary['settings']['steps']} steps")
+    ax.bar(
+        [x + 0.2 for x in xs],
+        after,
+        width=0.4,
+        label=f"after {summary['settings']['steps']} steps (_long: {LONG_BUDGET * summary['settings']['steps']})",
+    )
     if summary["pretrained"]:
         ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
     ax.set_yscale("log")
