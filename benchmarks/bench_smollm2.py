@@ -17,7 +17,7 @@ Phases (each in its own process; a phase whose JSON exists is skipped, so a run 
   flop[_emb]_fast  the same with the gates' learning rate 1.5 instead of 0.5
   oneshot_activation_emb  one-shot activation scores with level embedding too, at the total
                    size of the head+row runs, then the same budget
-  <phase>_long     flop and oneshot_activation again with 4x the budget (160 steps)
+  <phase>_long     flop, oneshot_activation and flop_emb again with 4x the budget (160 steps)
   oneshot_<score>  hf_flop.prune_oneshot (magnitude / activation / sensitivity), head+row, then
                    compaction; perplexity with no training, then after the same budget
   tp_<imp>         Torch-Pruning (magnitude / Taylor) FFN channels to the same kept count (GQA
@@ -331,7 +331,7 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
 
 PHASES = ["pretrained", "dense", "flop", "flop_emb"] + [f"oneshot_{s}" for s in SCORES]
 PHASES += [f"tp_{i}" for i in IMPORTANCES] + ["flop_fast", "oneshot_activation_emb", "flop_emb_fast"]
-PHASES += ["flop_long", "oneshot_activation_long"]
+PHASES += ["flop_long", "oneshot_activation_long", "flop_emb_long"]
 
 
 def main() -> None:
