@@ -87,19 +87,18 @@ def _latency(dense, small, test_set, tokenizer, max_length: int) -> dict:
     from hf_flop.metrics import cpu_latency
 
     result = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(LATENCY_THREADS)
     with torch.inference_mode():
         for batch in (1, 32):
             rows = [{k: v for k, v in test_set[i].items() if k != "labels"} for i in range(batch)]
             inputs = dict(tokenizer.pad(rows, padding="max_length", max_length=max_length, return_tensors="pt"))
-            timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=10 if batch == 1 else 5)
+            timing = cpu_latency(
+                {"dense": dense, "pruned": small}, inputs, repeats=10 if batch == 1 else 5, threads=LATENCY_THREADS
+            )
             result[str(batch)] = {
                 "dense_ms": timing["dense"] * 1e3,
                 "pruned_ms": timing["pruned"] * 1e3,
                 "speedup": timing["dense"] / timing["pruned"],
             }
-    torch.set_num_threads(threads)
     return result
 
 

@@ -128,12 +128,9 @@ def _latency(dense, small, test) -> dict:
 
     from hf_flop.metrics import cpu_latency
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     inputs = {"input_ids": torch.tensor([test[0]["input_ids"]])}
     with torch.inference_mode():
-        timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=10, warmup=2)
-    torch.set_num_threads(threads)
+        timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=10, warmup=2, threads=1)
     return {
         "dense_ms": timing["dense"] * 1e3,
         "pruned_ms": timing["pruned"] * 1e3,

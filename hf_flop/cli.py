@@ -635,17 +635,19 @@ def _prune_job(args, console, model_path, tokenizer, data, flop_config, out: Pat
 
         latency = {}  # CPU latency, whatever device trained
         dense, small = dense.cpu(), small.cpu()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.latency_threads)  # a fixed count: stable ratios on a shared machine
-        try:
-            with console.status("measuring CPU latency (dense vs compacted)"), torch.inference_mode():
-                for batch_size in LATENCY_BATCHES:
-                    inputs = _latency_inputs(data["report"], tokenizer, batch_size, args.max_length)
-                    repeats, warmup = (5, 1) if batch_size > 1 else (10, 2)
-                    timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=repeats, warmup=warmup)
-                    latency[str(batch_size)] = {k: round(v * 1000, 3) for k, v in timing.items()}
-        finally:
-            torch.set_num_threads(threads)
+        with console.status("measuring CPU latency (dense vs compacted)"), torch.inference_mode():
+            for batch_size in LATENCY_BATCHES:
+                inputs = _latency_inputs(data["report"], tokenizer, batch_size, args.max_length)
+                repeats, warmup = (5, 1) if batch_size > 1 else (10, 2)
+                # a fixed thread count keeps the ratio stable on a shared machine
+                timing = cpu_latency(
+                    {"dense": dense, "pruned": small},
+                    inputs,
+                    repeats=repeats,
+                    warmup=warmup,
+                    threads=args.latency_threads,
+                )
+                latency[str(batch_size)] = {k: round(v * 1000, 3) for k, v in timing.items()}
 
         with console.status("saving the compacted model and card"):
             _save_model(model, out / "model", tokenizer, results, latency, args)

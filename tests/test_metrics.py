@@ -82,3 +82,20 @@ def test_cpu_latency_times_each_model():
     assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
     with pytest.raises(ValueError, match="repeats"):
         metrics.cpu_latency(models, inputs, repeats=0)
+
+
+def test_cpu_latency_fixes_the_thread_count_and_restores_it():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, input_ids):
+            seen.append(torch.get_num_threads())
+            return input_ids
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    metrics.cpu_latency({"p": Probe()}, {"input_ids": torch.zeros(1)}, repeats=2, warmup=1, threads=other)
+    assert seen == [other] * 3 and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        metrics.cpu_latency({"p": Probe()}, {"input_ids": torch.zeros(1)}, threads=0)
+    assert torch.get_num_threads() == before

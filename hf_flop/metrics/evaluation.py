@@ -47,22 +47,32 @@ def evaluate_model(model: nn.Module, dataset, *, task: str, collator, batch_size
 
 
 @torch.no_grad()
-def cpu_latency(models: dict[str, nn.Module], inputs: dict, *, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+def cpu_latency(
+    models: dict[str, nn.Module], inputs: dict, *, repeats: int = 10, warmup: int = 2, threads: int | None = None
+) -> dict[str, float]:
     """Fastest of ``repeats`` forward passes of each model on ``inputs``, in seconds.
 
     The models run in alternation, one forward each per round, so that a change in machine load
     (shared CPUs) hits them all alike; the minimum is the least disturbed measurement, which keeps
-    the ratio between models meaningful on a busy machine.
+    the ratio between models meaningful on a busy machine. ``threads`` (default: leave torch's
+    setting) fixes the torch thread count for the measurement and restores it afterwards.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1.")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1 (or None to keep torch's setting).")
     times: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():
         model.eval()
-    for round_ in range(warmup + repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(**inputs)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        for round_ in range(warmup + repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**inputs)
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
     return {name: min(values) for name, values in times.items()}
