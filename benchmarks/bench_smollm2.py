@@ -278,11 +278,11 @@ def _prune_with_torch_pruning(model, calibration, importance: str, train, pretra
     """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose TARGET of their weights."""
     from torch_pruning_baseline import prune_ffn_with_torch_pruning
 
-    from hf_flop.structures import arch_spec, block_layouts
+    from hf_flop.architectures import arch_spec, layer_layouts
 
     spec = arch_spec(model.config.model_type)
     modules = dict(model.named_modules())
-    layouts = block_layouts(model, spec)
+    layouts = layer_layouts(model, spec)
     ffn = sum(modules[f"{lay.prefix}.{n}"].weight.numel() for lay in layouts for n in (*spec.up, spec.down))
     ffn_ratio = TARGET * _linear_params(model) / ffn
     example = {"input_ids": calibration[0]["input_ids"][:1]}

@@ -12,7 +12,7 @@ import torch_pruning as tp
 from torch import nn
 from transformers import Trainer
 
-from hf_flop.structures import arch_spec, block_layouts
+from hf_flop.architectures import arch_spec, layer_layouts
 from hf_flop.trainer import PruningTrainer
 
 
@@ -21,7 +21,7 @@ def encoder_linear_params(model: nn.Module) -> int:
     spec = arch_spec(model.config.model_type)
     modules = dict(model.named_modules())
     total = 0
-    for layout in block_layouts(model, spec):
+    for layout in layer_layouts(model, spec):
         for name in spec.default_targets():
             total += modules[f"{layout.prefix}.{name}"].weight.numel()
     return total
@@ -37,7 +37,7 @@ def prune_with_torch_pruning(
     """Prune heads and FFN channels in place so the encoder linears lose ``target`` of their weights."""
     spec = arch_spec(model.config.model_type)
     modules = dict(model.named_modules())
-    layouts = block_layouts(model, spec)
+    layouts = layer_layouts(model, spec)
     num_heads, ignored = {}, []
     for layout in layouts:
         for name in (spec.q, spec.k, spec.v):
@@ -111,7 +111,7 @@ def prune_ffn_with_torch_pruning(
     """
     spec = arch_spec(model.config.model_type)
     modules = dict(model.named_modules())
-    roots = {modules[f"{lay.prefix}.{name}"] for lay in block_layouts(model, spec) for name in spec.up}
+    roots = {modules[f"{lay.prefix}.{name}"] for lay in layer_layouts(model, spec) for name in spec.up}
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in roots]
     scorer = _importance(importance)
     pruner = tp.pruner.MetaPruner(

@@ -1,49 +1,40 @@
 """hf_flop: structured pruning of transformers models with FLOP (factorized low-rank pruning).
 
 ``import hf_flop`` registers the ``FLOP`` PEFT method, so ``peft.get_peft_model(model,
-FlopConfig(...))`` and ``PeftModel.from_pretrained`` work.
+FlopConfig(...))`` and ``PeftModel.from_pretrained`` work, and the compacted models' classes, so
+``AutoModel*.from_pretrained`` loads them without ``trust_remote_code``.
+
+Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports acyclic):
+
+* ``config`` FlopConfig; ``gates`` the gate types; ``counting`` the counting rules;
+* ``gated`` the verbs every gated module answers; ``layers`` the gated linear; the levels:
+  ``rank``, ``blocks``, ``groups`` (head, row), ``embedding``; ``architectures`` the one table of
+  supported layouts; ``linear`` GPT-2's Conv1D orientation;
+* ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
+  ``scores`` / ``oneshot`` one-shot pruning; ``constraint`` / ``trainer`` learned pruning;
+  ``hub`` saving, cards, publishing; ``modeling`` the compacted models (self-contained remote code);
+  ``registration`` what ``import hf_flop`` registers.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from .accounting import SparsityReport, expected_sparsity, sparsity_report
+from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 from .compact import compact
 from .config import FlopConfig
 from .gates import Gate, HardConcreteGate, TopKGate
 from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
-from .model import FlopModel
-from .modeling import register_auto_classes
+from .model import FlopModel, get_flop_model
 from .oneshot import prune_oneshot, prune_to_target, warm_start_gates
-from .registration import register
+from .registration import register, register_auto_classes
 from .scores import compute_scores
-from .structures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 from .trainer import PruningArguments, PruningTrainer
 
 register()
 register_auto_classes()  # compacted models load with AutoModel*.from_pretrained
 
 __version__ = "0.1.0"
-
-
-def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "default"):
-    """Inject FLOP into ``model`` and return a ``peft.PeftModel`` around it (same as ``peft.get_peft_model``).
-
-    In eval mode the returned model computes what ``model`` computed (within float rounding)
-    until its gates are trained.
-    """
-    import peft
-
-    if not isinstance(config, FlopConfig):
-        raise TypeError(f"get_flop_model needs a FlopConfig, got {type(config).__name__}.")
-    if isinstance(model, peft.PeftModel):
-        raise ValueError(
-            "this model is already a PeftModel; FLOP cannot be injected twice. Pass the original transformers model."
-        )
-    return peft.get_peft_model(model, config, adapter_name=adapter_name)
-
 
 __all__ = [
     "ARCHITECTURES",

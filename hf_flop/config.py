@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from .registration import flop_peft_type
+from .peft_type import flop_peft_type
 
 LEVELS = ("rank", "head", "row", "block", "embedding")
 GATES = ("hard_concrete", "topk")

@@ -13,11 +13,22 @@ computes the logits with the same gated clusters; an untied head is left alone (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .counting import (
+    compacted_count,
+    expected_kept_count,
+    factorized_params,
+    kept_unit_indices,
+    stays_factorized,
+    svd_factors,
+)
+from .gated import Compacted, Cut, GatedLayer, GatedUnits, ModuleSparsity
+from .gates import Gate
 from .modeling.factorized_embedding import TiedFactorizedHead, cluster_logits, cluster_lookup, inverse_order
 
 
@@ -69,14 +80,23 @@ def check_cutoffs(cutoffs: Sequence[int] | None, order: Sequence[int] | None, vo
     return [0, *cutoffs]
 
 
-class FlopEmbedding(nn.Module):
+class FlopEmbedding(nn.Module, GatedLayer):
     """Gated cluster-factorized replacement of an ``nn.Embedding``.
 
     Parameters ``flop_P[c]`` (n_c x r_c), ``flop_Q[c]`` (r_c x d) and gates ``flop_gates[c]``; the frozen
     ``base_layer`` keeps the original embedding (for unloading). ``order``: the token permutation.
+    Each cluster is one report entry (``<name>.cluster_<c>``) and one gate (``<name>.embedding_<c>``).
     """
 
-    def __init__(self, base_layer: nn.Embedding, starts: list[int], order: Sequence[int] | None, gate_factory):
+    supersedes_base_weight = True
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        starts: list[int],
+        order: Sequence[int] | None,
+        gate_factory: Callable[[int], Gate],
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.num_embeddings, self.hidden = base_layer.weight.shape
@@ -88,14 +108,11 @@ class FlopEmbedding(nn.Module):
         permuted = weight if order is None else weight[torch.as_tensor(order, device=weight.device)]
         self.flop_P, self.flop_Q, self.flop_gates = nn.ParameterList(), nn.ParameterList(), nn.ModuleList()
         for start, size in zip(starts, self.sizes):
-            u, s, vh = torch.linalg.svd(permuted[start : start + size].float(), full_matrices=False)
-            self.flop_P.append(nn.Parameter((u * s.sqrt()).to(weight.dtype).contiguous()))
-            self.flop_Q.append(nn.Parameter((s.sqrt()[:, None] * vh).to(weight.dtype).contiguous()))
-            self.flop_gates.append(gate_factory(len(s)).to(weight.device))
+            p, q = svd_factors(permuted[start : start + size])
+            self.flop_P.append(nn.Parameter(p))
+            self.flop_Q.append(nn.Parameter(q))
+            self.flop_gates.append(gate_factory(q.shape[0]).to(weight.device))
         base_layer.weight.requires_grad_(False)  # superseded by the factors
-
-    def ranks(self) -> list[int]:
-        return [q.shape[0] for q in self.flop_Q]
 
     def factors(self, deterministic: bool = False):
         """Per cluster ``(P diag(z), Q)``: sampled gates in training, eval masks otherwise (or if asked)."""
@@ -118,6 +135,116 @@ class FlopEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab={self.num_embeddings}, hidden={self.hidden}, clusters={self.sizes}"
+
+    # --- the gated-layer verbs (hf_flop.gated) ---------------------------------------------------------
+    def gates(self) -> dict[str, Gate]:
+        return {f"embedding_{c}": gate for c, gate in enumerate(self.flop_gates)}
+
+    def count(self, kept_in, kept_out, *, deterministic: bool, round_to: int) -> dict[str, ModuleSparsity]:
+        """One entry per cluster ``E_c = P_c diag(z_c) Q_c`` (``(n_c, d)``, factorized or dense); head/row
+        gates do not reach the embedding, so ``kept_in`` / ``kept_out`` are ignored."""
+        entries = {}
+        for c, (size, gate) in enumerate(zip(self.sizes, self.flop_gates)):
+            n, d = torch.tensor(float(size)), torch.tensor(float(self.hidden))
+            rank = gate.l0(deterministic)
+            if deterministic:
+                rank = torch.tensor(compacted_count(int(rank), gate.n, round_to))
+            else:
+                rank = expected_kept_count(rank)
+            params, factorized = factorized_params(rank, n, d, deterministic=deterministic)
+            kept_rank = int(rank) if deterministic else rank
+            entries[f".cluster_{c}"] = ModuleSparsity(
+                (size, self.hidden), (size, self.hidden), gate.n, kept_rank, params, factorized
+            )
+        return entries
+
+    @torch.no_grad()
+    def compact(self, cut: Cut) -> Compacted:
+        """Each cluster cut to its kept rank: ``rows`` (n_c x r) and ``proj`` (r x d), or dense ``rows``."""
+        clusters, tensors = [], {}
+        dtype = self.base_layer.weight.dtype
+        for c, (p, q, gate) in enumerate(zip(self.flop_P, self.flop_Q, self.flop_gates)):
+            z = gate.deterministic_mask().detach().float().cpu()
+            rank = compacted_count(int((z != 0).sum()), len(z), cut.round_to)
+            comps = kept_unit_indices(z, rank)
+            rows = p.detach().float().cpu()[:, comps] * z[comps]
+            proj = q.detach().float().cpu()[comps]
+            size = rows.shape[0]
+            if stays_factorized(rank, self.hidden, size):
+                clusters.append({"size": size, "rank": rank})
+                tensors[f"clusters.{c}.rows"] = rows.to(dtype).contiguous()
+                tensors[f"clusters.{c}.proj"] = proj.to(dtype).contiguous()
+            else:
+                clusters.append({"size": size, "rank": None})
+                tensors[f"clusters.{c}.rows"] = (rows @ proj).to(dtype).contiguous()
+        tensors["position"] = self.position.detach().cpu().clone()
+        spec = {"kind": "factorized_embedding", "hidden": self.hidden, "clusters": clusters, "order": self.order}
+        return Compacted(spec, tensors)
+
+    def scored_units(self, name: str) -> list[GatedUnits]:
+        """Rank components of each cluster. A token of cluster c reads row ``P_c[t]``, so its features are
+        ``P_c[t, k]`` (0 for other tokens) and ``Q_c[k]`` is the consumer: the activation score weighs
+        clusters by how often their tokens occur in the calibration data. A tied head's use of the same
+        clusters is left out of it."""
+        found, start = [], 0
+        for c, (p, q, gate) in enumerate(zip(self.flop_P, self.flop_Q, self.flop_gates)):
+            p, q = p.detach(), q.detach()
+            found.append(
+                GatedUnits(
+                    key=f"{name}.embedding_{c}",
+                    level="embedding",
+                    gate=gate,
+                    n_units=q.shape[0],
+                    unit=1,
+                    unit_params=p.shape[0] + self.hidden,
+                    observed=self,
+                    column_sq_norms=q.float().pow(2).sum(1),
+                    row_sq_norms=p.float().pow(2).sum(0),
+                    features=functools.partial(_cluster_rows, self.position, p, start),
+                    layer=f"{name}.cluster_{c}",
+                )
+            )
+            start += p.shape[0]
+        return found
+
+    @torch.no_grad()
+    def unload(self, model: nn.Module, merge: bool) -> None:
+        """Put plain ``nn.Embedding`` (and a tied ``nn.Linear`` head) back, with the folded weight if ``merge``."""
+        base = self.base_layer
+        if merge:
+            base.weight.data.copy_(self.folded_weight())
+        model.set_input_embeddings(base)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, FlopTiedHead):
+            linear = nn.Linear(self.hidden, self.num_embeddings, bias=head.bias is not None, device=base.weight.device)
+            linear.weight = base.weight
+            if head.bias is not None:
+                linear.bias = head.bias
+            model.set_output_embeddings(linear)
+
+
+class FlopTiedHead(TiedFactorizedHead, GatedLayer):
+    """The LM head of a model whose tied embedding is a ``FlopEmbedding``: logits from the same gated clusters.
+
+    It has no gates or weight of its own; compaction writes a ``tied_embedding_head`` entry that ties
+    the compacted head to the compacted embedding again.
+    """
+
+    def count(self, kept_in, kept_out, *, deterministic: bool, round_to: int) -> dict[str, ModuleSparsity]:
+        return {}  # its weight is the embedding's, counted there
+
+    @torch.no_grad()
+    def compact(self, cut: Cut) -> Compacted:
+        embedding = self._tied[0]
+        spec = {
+            "kind": "tied_embedding_head",
+            "embedding": cut.path_of(embedding),
+            "vocab": embedding.num_embeddings,
+            "bias": self.bias is not None,
+        }
+        tensors = {"bias": self.bias.detach().clone()} if self.bias is not None else {}
+        # the head ties itself to the embedding on load; nothing is left for transformers to tie
+        return Compacted(spec, tensors, config={"tie_word_embeddings": False})
 
 
 def _tied_head(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
@@ -142,7 +269,7 @@ def check_embedding_level(model: nn.Module, config, targets: list[str]) -> None:
         )
 
 
-def inject_embedding(model: nn.Module, config, gate_factory) -> tuple[FlopEmbedding, TiedFactorizedHead | None]:
+def inject_embedding(model: nn.Module, config, gate_factory: Callable[[int], Gate]) -> tuple[FlopEmbedding, FlopTiedHead | None]:
     """Replace ``model``'s input embedding (and a tied output embedding) with the gated versions."""
     embedding = model.get_input_embeddings()
     starts = check_cutoffs(config.embedding_cutoffs, config.embedding_order, embedding.num_embeddings)
@@ -152,65 +279,15 @@ def inject_embedding(model: nn.Module, config, gate_factory) -> tuple[FlopEmbedd
     model.set_input_embeddings(flop_embedding)
     new_head = None
     if tied:
-        new_head = TiedFactorizedHead(head.bias if getattr(head, "bias", None) is not None else False)
+        new_head = FlopTiedHead(head.bias if getattr(head, "bias", None) is not None else False)
         new_head.tie_to(flop_embedding)
         model.set_output_embeddings(new_head)
     return flop_embedding, new_head
 
 
-def find_embedding(model: nn.Module) -> tuple[str, FlopEmbedding] | None:
-    """``(name, layer)`` of the gated embedding of ``model``, or None."""
-    return next(((n, m) for n, m in model.named_modules() if isinstance(m, FlopEmbedding)), None)
-
-
-def find_tied_head(model: nn.Module) -> str | None:
-    """Name of the tied head that computes logits with the gated embedding, or None."""
-    return next((n for n, m in model.named_modules() if isinstance(m, TiedFactorizedHead)), None)
-
-
-@torch.no_grad()
-def unload_embedding(model: nn.Module, merge: bool) -> None:
-    """Put plain ``nn.Embedding`` (and a tied ``nn.Linear`` head) back, with the folded weight if ``merge``."""
-    found = find_embedding(model)
-    if found is None:
-        return
-    layer = found[1]
-    base = layer.base_layer
-    if merge:
-        base.weight.data.copy_(layer.folded_weight())
-    model.set_input_embeddings(base)
-    head_name = find_tied_head(model)
-    if head_name is not None:
-        head = model.get_submodule(head_name)
-        linear = nn.Linear(layer.hidden, layer.num_embeddings, bias=head.bias is not None, device=base.weight.device)
-        linear.weight = base.weight
-        if head.bias is not None:
-            linear.bias = head.bias
-        model.set_output_embeddings(linear)
-
-
-@torch.no_grad()
-def compact_embedding(layer: FlopEmbedding, round_to: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(plan entry, {tensor name: tensor})`` of the gated embedding, cut to what its gates keep."""
-    from .compact import kept_units
-    from .layers import round_up
-
-    clusters, tensors = [], {}
-    dtype = layer.base_layer.weight.dtype
-    for c, (p, q, gate) in enumerate(zip(layer.flop_P, layer.flop_Q, layer.flop_gates)):
-        z = gate.deterministic_mask().detach().float().cpu()
-        rank = round_up(max(int((z != 0).sum()), 1), round_to, len(z))
-        comps = kept_units(z, rank)
-        rows = p.detach().float().cpu()[:, comps] * z[comps]
-        proj = q.detach().float().cpu()[comps]
-        size = rows.shape[0]
-        if rank * (size + layer.hidden) < size * layer.hidden:
-            clusters.append({"size": size, "rank": rank})
-            tensors[f"clusters.{c}.rows"] = rows.to(dtype).contiguous()
-            tensors[f"clusters.{c}.proj"] = proj.to(dtype).contiguous()
-        else:
-            clusters.append({"size": size, "rank": None})
-            tensors[f"clusters.{c}.rows"] = (rows @ proj).to(dtype).contiguous()
-    tensors["position"] = layer.position.detach().cpu().clone()
-    spec = {"kind": "factorized_embedding", "hidden": layer.hidden, "clusters": clusters, "order": layer.order}
-    return spec, tensors
+def _cluster_rows(position: torch.Tensor, p: torch.Tensor, start: int, input_ids: torch.Tensor) -> torch.Tensor:
+    pos = position[input_ids]
+    inside = (pos >= start) & (pos < start + p.shape[0])
+    out = p.new_zeros(*input_ids.shape, p.shape[1])
+    out[inside] = p[pos[inside] - start]
+    return out

@@ -1,11 +1,18 @@
 """Gates: one learnable keep/drop decision per structural unit (rank-1 component, head, FFN row).
 
-Every gate exposes the same verbs, so layers, accounting and the trainer never ask which kind they hold:
+Every gate exposes the same verbs, so layers, accounting, one-shot pruning and the trainer never
+ask which kind they hold:
 
-* ``forward()``            -- a stochastic sample in training mode, the deterministic mask in eval mode;
-* ``deterministic_mask()`` -- the eval-time mask (no randomness);
-* ``keep_probability()``   -- per unit, the differentiable probability that the unit survives;
-* ``expected_l0()``        -- ``keep_probability().sum()``, the expected number of surviving units.
+* ``from_config(config, n)`` -- build a gate over ``n`` units from a ``FlopConfig``;
+* ``forward()``              -- a stochastic sample in training mode, the deterministic mask in eval mode;
+* ``deterministic_mask()``   -- the eval-time mask (no randomness);
+* ``keep_probability()``     -- per unit, the differentiable probability that the unit survives;
+* ``expected_l0()``          -- ``keep_probability().sum()``, the expected number of surviving units;
+* ``l0(deterministic)``      -- units kept: the eval mask's non-zeros, or the expected L0;
+* ``set_mask(keep)``         -- make the eval mask exactly ``keep`` (one-shot pruning);
+* ``warm_start(q, ...)``     -- order the units by importance quantiles ``q`` before training.
+
+A new gate type is one class here plus one entry in ``GATE_TYPES``.
 """
 
 from __future__ import annotations
@@ -15,11 +22,18 @@ import math
 import torch
 from torch import nn
 
+from .config import FlopConfig
+
 
 class Gate(nn.Module):
     """Interface shared by all gates over ``n`` units."""
 
     n: int
+
+    @classmethod
+    def from_config(cls, config: FlopConfig, n: int) -> Gate:
+        """A gate over ``n`` units with the settings of ``config``."""
+        return cls(n)
 
     def forward(self) -> torch.Tensor:
         return self.sample() if self.training else self.deterministic_mask()
@@ -36,10 +50,28 @@ class Gate(nn.Module):
     def expected_l0(self) -> torch.Tensor:
         return self.keep_probability().sum()
 
+    def l0(self, deterministic: bool) -> torch.Tensor:
+        """Units kept: the eval mask's non-zeros (``deterministic``), else the differentiable expected L0."""
+        return (self.deterministic_mask() != 0).sum() if deterministic else self.expected_l0()
+
     @torch.no_grad()
     def close(self, units: torch.Tensor) -> None:  # pragma: no cover - interface
         """Force the given units (bool mask or indices) shut, e.g. for one-shot pruning."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor) -> None:  # pragma: no cover - interface
+        """Make the eval mask exactly ``keep`` (bool per unit): kept units fully open (1), the rest closed."""
+        raise NotImplementedError
+
+    def warm_start_ceiling(self) -> float | None:
+        """The value ``warm_start`` gives the most important unit by default; None if the gate has no such scale."""
+        return None
+
+    @torch.no_grad()
+    def warm_start(self, quantiles: torch.Tensor, *, low: float, high: float, dense_start: bool) -> None:
+        """Set the gate so units with higher importance quantile (in [0, 1]) start more open."""
+        raise NotImplementedError  # pragma: no cover - interface
 
 
 class HardConcreteGate(Gate):
@@ -79,6 +111,12 @@ class HardConcreteGate(Gate):
         with torch.no_grad():
             self.log_alpha.normal_(init_log_alpha, init_std)
 
+    @classmethod
+    def from_config(cls, config: FlopConfig, n: int) -> HardConcreteGate:
+        return cls(
+            n, init_log_alpha=config.init_log_alpha, beta=config.temperature, limit_l=config.limit_l, limit_r=config.limit_r
+        )
+
     def extra_repr(self) -> str:
         return f"n={self.n}, beta={self.beta}, limits=({self.limit_l}, {self.limit_r})"
 
@@ -110,6 +148,46 @@ class HardConcreteGate(Gate):
     def close(self, units: torch.Tensor) -> None:
         # far enough below zero that both the sample and the eval mask are 0 and P(z != 0) ~ 0
         self.log_alpha[units] = -20.0
+
+    def open_value(self) -> float:
+        """The dense-start ``log_alpha`` of this gate (see ``open_log_alpha``)."""
+        return open_log_alpha(self.n, self.beta, self.limit_l, self.limit_r)
+
+    @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor) -> None:
+        self.log_alpha.fill_(self.open_value())
+        self.close(~keep.to(torch.bool))
+
+    def warm_start_ceiling(self) -> float:
+        return self.open_value()
+
+    @torch.no_grad()
+    def warm_start(self, quantiles: torch.Tensor, *, low: float, high: float, dense_start: bool) -> None:
+        """``log_alpha = low + (high - low) * q``: under size pressure the small ones close first.
+
+        ``P(z != 0)`` moves fastest at small ``log_alpha``. With ``dense_start`` the whole gate is then
+        lifted (order kept) just enough that its eval mask is all ones, so training starts from the
+        dense model even where the expected-zeros rule would zero some units.
+        """
+        self.log_alpha.copy_(low + (high - low) * quantiles.to(self.log_alpha.device))
+        if dense_start:
+            self._lift_until_open()
+
+    def _lift_until_open(self) -> None:
+        """Add to ``log_alpha`` the smallest shift (to 0.01) for which the eval mask is all ones."""
+        base = self.log_alpha.detach().clone()
+
+        def all_open(shift: float) -> bool:
+            self.log_alpha.copy_(base + shift)
+            return bool((self.deterministic_mask() == 1).all())
+
+        if all_open(0.0):
+            return
+        lo, hi = 0.0, self.open_value() - float(base.min())  # at hi every unit is confidently open
+        while hi - lo > 0.01:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if all_open(mid) else (mid, hi)
+        all_open(hi)
 
 
 def open_log_alpha(n: int, beta: float = 1.0, limit_l: float = -0.1, limit_r: float = 1.1) -> float:
@@ -190,5 +268,20 @@ class TopKGate(Gate):
         frac = (kept - 0.5) / self.n
         self.threshold.fill_(math.log(frac / (1 - frac)) if kept > 0 else -30.0)
 
+    @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor) -> None:
+        self.scores.fill_(1.0)
+        self.close(~keep.to(torch.bool))
+
+    @torch.no_grad()
+    def warm_start(self, quantiles: torch.Tensor, *, low: float, high: float, dense_start: bool) -> None:
+        """The scores become the quantiles: the mask keeps the most important units first (the threshold stays)."""
+        self.scores.copy_(quantiles.to(self.scores.device))
+
 
 GATE_TYPES: dict[str, type[Gate]] = {"hard_concrete": HardConcreteGate, "topk": TopKGate}
+
+
+def build_gate(config: FlopConfig, n: int) -> Gate:
+    """A gate of the config's type (``FlopConfig.gate``) over ``n`` units."""
+    return GATE_TYPES[config.gate].from_config(config, n)

@@ -21,8 +21,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .accounting import SparsityReport, find_flop_model, sparsity_report
-from .compact import compact_with_plan
+from .accounting import SparsityReport, sparsity_report
+from .compact import compact_with_plan, plan_layers
+from .model import find_flop_model
 from .modeling import auto_class_names
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "compacted_model_card.md"
@@ -311,7 +312,7 @@ def _task_of(stock_class: type) -> tuple[str, str]:
 
 
 def _block_rows(plan: dict) -> list[dict]:
-    return [{"name": block, **counts} for block, counts in plan.get("blocks", {}).items()]
+    return [{"name": layer, **counts} for layer, counts in plan_layers(plan).items()]
 
 
 def _layer_rows(report: SparsityReport) -> list[dict]:

@@ -1,82 +1,50 @@
-"""`FlopModel`: injects FLOP layers and head/row gates into a transformers model (a PEFT tuner)."""
+"""`FlopModel`: the PEFT tuner that injects FLOP's gated modules into a transformers model.
+
+Injection, in PEFT's order: ``_pre_injection_hook`` checks everything a level needs (so nothing is
+replaced when something is wrong), ``_create_and_replace`` swaps each targeted linear for a
+``FlopLinear`` of the config's linear level, and ``_post_injection_hook`` adds the model-level
+gates (head/row groups, the embedding). ``LEVEL_CHECKS`` holds each level's checks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
 
-import torch
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+import peft
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
+from .architectures import ARCHITECTURES, UnsupportedArchitectureError, arch_spec, base_model_type
 from .blocks import check_block_shapes
 from .config import FlopConfig
-from .embedding import FlopEmbedding, check_embedding_level, inject_embedding, unload_embedding
-from .gates import GATE_TYPES, Gate, HardConcreteGate
-from .layers import LINEAR_TYPES, FlopLinear
-from .structures import (
-    ARCHITECTURES,
-    ArchSpec,
-    Segment,
-    UnsupportedArchitectureError,
-    arch_spec,
-    base_model_type,
-    block_layouts,
-)
-
-
-@dataclass
-class StructureGroup:
-    """One gate over the heads (or FFN rows) of one block and the modules it shrinks.
-
-    The gate masks ``consumer``'s input (``consumer_unit`` features per unit): a head whose
-    attention output never reaches the output projection can have its Q/K/V rows removed exactly,
-    and likewise an FFN neuron that never reaches the down projection.
-    """
-
-    key: str
-    level: str
-    block: str
-    n_units: int
-    consumer: str
-    consumer_unit: int
-    producers: list[Segment]
-
-
-class _InputMask:
-    """Forward pre-hook multiplying a consumer's input by its structure gate, unit by unit.
-
-    A callable object rather than a closure so that ``copy.deepcopy`` of the model (e.g. to make a
-    teacher) carries a hook bound to the copied gate.
-    """
-
-    def __init__(self, gate: Gate, unit: int) -> None:
-        self.gate = gate
-        self.unit = unit
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        mask = self.gate().repeat_interleave(self.unit)
-        return (args[0] * mask.to(args[0].dtype), *args[1:])
-
-
-def make_gate_factory(config: FlopConfig):
-    """A callable ``n -> Gate`` honouring the config's gate type and hard-concrete settings."""
-
-    def factory(n: int) -> Gate:
-        if config.gate == "hard_concrete":
-            return HardConcreteGate(
-                n,
-                init_log_alpha=config.init_log_alpha,
-                beta=config.temperature,
-                limit_l=config.limit_l,
-                limit_r=config.limit_r,
-            )
-        return GATE_TYPES[config.gate](n)
-
-    return factory
+from .embedding import check_embedding_level, inject_embedding
+from .gated import GatedLayer
+from .gates import Gate, build_gate
+from .groups import GROUP_LEVELS, InputMask, StructureGroup, structure_groups
+from .layers import FlopLinear
+from .linear import is_linear, scale_inputs_
 
 
 def _model_type(model: nn.Module) -> str | None:
     return base_model_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def _check_groups(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    arch_spec(_model_type(model))  # raises a clear error for unknown layouts
+
+
+def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    check_block_shapes(model, targets, config.block_size)
+
+
+# level -> check run before anything is replaced: (model, config, targeted module names) -> None or raise
+LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
+    "head": _check_groups,
+    "row": _check_groups,
+    "block": _check_blocks,
+    "embedding": check_embedding_level,
+}
 
 
 class FlopModel(BaseTuner):
@@ -103,7 +71,7 @@ class FlopModel(BaseTuner):
                 raise UnsupportedArchitectureError(
                     f"FlopConfig.target_modules=None needs a known architecture, but model_type={model_type!r} "
                     f"is not one of {sorted(ARCHITECTURES)}. Pass target_modules=[...] (names of its linear "
-                    "layers) or add an ArchSpec to hf_flop/structures.py."
+                    "layers) or add an ArchSpec to hf_flop/architectures.py."
                 )
             peft_config.target_modules = ARCHITECTURES[model_type].default_targets()
         return peft_config
@@ -112,32 +80,27 @@ class FlopModel(BaseTuner):
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
         if not matched:
-            candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+            candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
             raise ValueError(
                 f"FlopConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
                 f"Linear layers it has (by suffix): {candidates}."
             )
-        bad = {
-            n: type(m).__name__ for n, m in model.named_modules() if n in matched and not isinstance(m, LINEAR_TYPES)
-        }
+        bad = {n: type(m).__name__ for n, m in model.named_modules() if n in matched and not is_linear(m)}
         if bad:
             raise TypeError(
                 f"FLOP replaces only nn.Linear / Conv1D layers, but target_modules also matches {bad}; "
                 "narrow target_modules or list those in exclude_modules."
             )
-        if {"head", "row"} & set(config.levels):
-            arch_spec(_model_type(model))  # raises a clear error for unknown layouts
-        if "block" in config.levels:
-            check_block_shapes(model, matched, config.block_size)
-        if "embedding" in config.levels:
-            check_embedding_level(model, config, matched)
+        for level in config.levels:
+            if level in LEVEL_CHECKS:
+                LEVEL_CHECKS[level](model, config, matched)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         new = FlopLinear(
             target,
             adapter_name,
             factorized="rank" in peft_config.levels,
-            gate_factory=make_gate_factory(peft_config),
+            gate_factory=functools.partial(build_gate, peft_config),
             live_threshold=peft_config.live_threshold,
             block_size=peft_config.block_size if "block" in peft_config.levels else None,
         )
@@ -154,21 +117,20 @@ class FlopModel(BaseTuner):
         self.flop_structure_gates = nn.ModuleDict()
         self.structure_groups: list[StructureGroup] = []
         self._hook_handles = []
-        levels = set(config.levels) & {"head", "row"}
+        levels = set(config.levels) & set(GROUP_LEVELS)
         if levels:
-            spec = arch_spec(_model_type(model))
-            targeted = {n for n, m in model.named_modules() if isinstance(m, FlopLinear)}
-            factory = make_gate_factory(config)
-            for group in _structure_groups(model, spec, levels):
+            targeted = set(self.flop_layers())
+            for group in structure_groups(model, arch_spec(_model_type(model)), levels):
+                # a group needs every module it cuts to be a FlopLinear (targeted)
                 if group.consumer in targeted and all(s.module in targeted for s in group.producers):
-                    self.flop_structure_gates[group.key] = factory(group.n_units)
+                    self.flop_structure_gates[group.key] = build_gate(config, group.n_units)
                     self.structure_groups.append(group)
             modules = dict(model.named_modules())
             for group in self.structure_groups:
-                hook = _InputMask(self.flop_structure_gates[group.key], group.consumer_unit)
+                hook = InputMask(self.flop_structure_gates[group.key], group.consumer_unit)
                 self._hook_handles.append(modules[group.consumer].register_forward_pre_hook(hook))
         if "embedding" in config.levels:
-            inject_embedding(model, config, make_gate_factory(config))
+            inject_embedding(model, config, functools.partial(build_gate, config))
         self._mark_only_adapters_as_trainable(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -181,7 +143,7 @@ class FlopModel(BaseTuner):
         for param in model.parameters():
             param.requires_grad_(True)
         for module in model.modules():
-            if (isinstance(module, FlopLinear) and module.factorized) or isinstance(module, FlopEmbedding):
+            if getattr(module, "supersedes_base_weight", False):
                 module.base_layer.weight.requires_grad_(False)
 
     @classmethod
@@ -192,7 +154,7 @@ class FlopModel(BaseTuner):
             superseded = {
                 f"{name}.base_layer.weight"
                 for name, module in model.named_modules()
-                if (isinstance(module, FlopLinear) and module.factorized) or isinstance(module, FlopEmbedding)
+                if getattr(module, "supersedes_base_weight", False)
             }
             superseded |= {k.removeprefix("_fsdp_wrapped_module.") for k in superseded}
             selected.update({k: v for k, v in state_dict.items() if k not in superseded})
@@ -204,16 +166,23 @@ class FlopModel(BaseTuner):
         return next(iter(self.peft_config.values()))
 
     def flop_layers(self) -> dict[str, FlopLinear]:
+        """The targeted linears, by module name."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, FlopLinear)}
 
+    def gated_layers(self) -> dict[str, GatedLayer]:
+        """Every gated module by module name: the targeted linears first, then the others (embedding,
+        tied head), each in model order."""
+        others = {name: m for name, m in self.model.named_modules() if isinstance(m, GatedLayer)}
+        return {**self.flop_layers(), **others}
+
     def gates(self) -> dict[str, Gate]:
-        """Every gate of the model by a readable name (rank gates under their module's name)."""
-        found: dict[str, Gate] = {f"{n}.rank": m.gate for n, m in self.flop_layers().items() if m.factorized}
-        found.update({f"{n}.block": m.block_gate for n, m in self.flop_layers().items() if m.block_size})
-        found.update({g.key: self.flop_structure_gates[g.key] for g in self.structure_groups})
-        embeddings = ((n, m) for n, m in self.model.named_modules() if isinstance(m, FlopEmbedding))
-        found.update({f"{n}.embedding_{c}": g for n, m in embeddings for c, g in enumerate(m.flop_gates)})
-        return found
+        """Every gate of the model by a readable name: ``<module>.rank`` / ``.block`` for the linears' own
+        gates, then ``head_<i>`` / ``row_<i>`` for the head/row groups, then ``<embedding>.embedding_<c>``."""
+        linears = self.flop_layers()
+        own = {f"{n}.{suffix}": g for n, m in self.gated_layers().items() for suffix, g in m.gates().items()}
+        linear = {k: g for k, g in own.items() if k.rsplit(".", 1)[0] in linears}
+        groups = {g.key: self.flop_structure_gates[g.key] for g in self.structure_groups}
+        return {**linear, **groups, **own}
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for gate in self.gates().values() for p in gate.parameters()]
@@ -230,41 +199,40 @@ class FlopModel(BaseTuner):
         }
         for handle in self._hook_handles:
             handle.remove()
-        unload_embedding(self.model, merge=True)
+        for module in list(self.gated_layers().values()):
+            if not isinstance(module, BaseTunerLayer):  # PEFT unloads its own layers below
+                module.unload(self.model, merge=True)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         modules = dict(model.named_modules())
-        with torch.no_grad():
-            for name, (mask, unit) in masks.items():
-                layer = modules[name]
-                scale = mask.repeat_interleave(unit)
-                if isinstance(layer, nn.Linear):
-                    layer.weight.mul_(scale[None, :])
-                else:  # Conv1D: (in, out)
-                    layer.weight.mul_(scale[:, None])
+        for name, (mask, unit) in masks.items():
+            scale_inputs_(modules[name], mask.repeat_interleave(unit))
         return model
 
 
-def _structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list[StructureGroup]:
-    groups = []
-    for i, layout in enumerate(block_layouts(model, spec)):
-        p = layout.prefix
-        if "head" in levels:
-            hd, gs, kv = layout.head_dim, layout.group_size, layout.kv_heads
-            q_width = layout.heads * hd
-            if spec.fused_qkv:
-                producers = [
-                    Segment(f"{p}.{spec.q}", gs * hd, 0),
-                    Segment(f"{p}.{spec.k}", hd, q_width),
-                    Segment(f"{p}.{spec.v}", hd, q_width + kv * hd),
-                ]
-            else:
-                producers = [
-                    Segment(f"{p}.{spec.q}", gs * hd),
-                    Segment(f"{p}.{spec.k}", hd),
-                    Segment(f"{p}.{spec.v}", hd),
-                ]
-            groups.append(StructureGroup(f"head_{i}", "head", p, kv, f"{p}.{spec.o}", gs * hd, producers))
-        if "row" in levels:
-            producers = [Segment(f"{p}.{up}", 1) for up in spec.up]
-            groups.append(StructureGroup(f"row_{i}", "row", p, layout.intermediate, f"{p}.{spec.down}", 1, producers))
-    return groups
+def find_flop_model(model: nn.Module) -> FlopModel:
+    """The ``FlopModel`` inside a ``PeftModel`` (or the object itself), or a clear error."""
+    for candidate in (
+        model,
+        getattr(model, "base_model", None),
+        getattr(getattr(model, "module", None), "base_model", None),
+    ):
+        if isinstance(candidate, FlopModel):
+            return candidate
+    raise ValueError(
+        f"{type(model).__name__} has no FLOP layers; wrap it first with hf_flop.get_flop_model(model, FlopConfig(...))."
+    )
+
+
+def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "default") -> peft.PeftModel:
+    """Inject FLOP into ``model`` and return a ``peft.PeftModel`` around it (same as ``peft.get_peft_model``).
+
+    In eval mode the returned model computes what ``model`` computed (within float rounding)
+    until its gates are trained.
+    """
+    if not isinstance(config, FlopConfig):
+        raise TypeError(f"get_flop_model needs a FlopConfig, got {type(config).__name__}.")
+    if isinstance(model, peft.PeftModel):
+        raise ValueError(
+            "this model is already a PeftModel; FLOP cannot be injected twice. Pass the original transformers model."
+        )
+    return peft.get_peft_model(model, config, adapter_name=adapter_name)

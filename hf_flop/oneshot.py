@@ -15,12 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from .accounting import find_flop_model, sparsity_report
+from .accounting import sparsity_report
 from .config import FlopConfig
-from .gates import Gate, HardConcreteGate, TopKGate, open_log_alpha
-from .scores import SCORES, Structure, compute_scores, find_structures
+from .gated import GatedUnits
+from .model import find_flop_model, get_flop_model
+from .scores import SCORES, compute_scores, find_gated_units
 
 
 @dataclass
@@ -38,49 +40,30 @@ class OneShotResult:
 # --- setting gates ----------------------------------------------------------------------------------
 
 
-def _open_value(gate: HardConcreteGate) -> float:
-    # the dense-start value: eval mask exactly 1 and no extra zeros from the expected-zeros rule
-    return open_log_alpha(gate.n, gate.beta, gate.limit_l, gate.limit_r)
-
-
-@torch.no_grad()
-def set_gate_mask(gate: Gate, keep: torch.Tensor) -> None:
-    """Make ``gate``'s eval mask exactly ``keep``: kept units confidently open (mask 1), the rest closed."""
-    if isinstance(gate, HardConcreteGate):
-        gate.log_alpha.fill_(_open_value(gate))
-    elif isinstance(gate, TopKGate):
-        gate.scores.fill_(1.0)
-    else:
-        raise TypeError(
-            f"one-shot pruning cannot set a {type(gate).__name__}; add it to hf_flop.oneshot.set_gate_mask."
-        )
-    gate.close(~keep.to(torch.bool))
-
-
-def _set_all(structures: list[Structure], keep: dict[str, torch.Tensor]) -> None:
-    for s in structures:
-        set_gate_mask(s.gate, keep[s.key])
+def _set_all(units: list[GatedUnits], keep: dict[str, torch.Tensor]) -> None:
+    for s in units:
+        s.gate.set_mask(keep[s.key])
 
 
 def open_all_gates(model: nn.Module) -> None:
     """Open every gate of a FLOP model: eval mode then computes the dense model (up to float rounding)."""
-    for s in find_structures(model):
-        set_gate_mask(s.gate, torch.ones(s.n_units, dtype=torch.bool))
+    for s in find_gated_units(model):
+        s.gate.set_mask(torch.ones(s.n_units, dtype=torch.bool))
 
 
 # --- ordering units -----------------------------------------------------------------------------------
 
 
-def _check_scores(structures: list[Structure], scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check_scores(units: list[GatedUnits], scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not isinstance(scores, dict):
         raise TypeError(
             f"scores must be a dict gate name -> tensor (from compute_scores), got {type(scores).__name__}."
         )
-    missing = [s.key for s in structures if s.key not in scores]
+    missing = [s.key for s in units if s.key not in scores]
     if missing:
         raise ValueError(f"scores lack the gates {missing[:5]}; compute them with hf_flop.compute_scores(model, ...).")
     checked = {}
-    for s in structures:
+    for s in units:
         value = torch.as_tensor(scores[s.key]).detach().float().cpu()
         if value.shape != (s.n_units,):
             raise ValueError(f"scores['{s.key}'] has shape {tuple(value.shape)}, expected ({s.n_units},).")
@@ -94,9 +77,9 @@ RANKINGS = ("per_gate", "per_parameter")
 
 
 def _removal_order(
-    structures: list[Structure], scores: dict[str, torch.Tensor], ranking: str, protect: int = 0
+    units: list[GatedUnits], scores: dict[str, torch.Tensor], ranking: str, protect: int = 0
 ) -> torch.Tensor:
-    """Flat unit ids (structures in order, units within), least important first.
+    """Flat unit ids (gates in order, units within), least important first.
 
     ``per_gate`` ranks by score / the mean score of the unit's gate: scale-free, so layers whose
     weights or activations are larger are not spared for that alone. ``per_parameter`` ranks by
@@ -110,7 +93,7 @@ def _removal_order(
     if ranking not in RANKINGS:
         raise ValueError(f"ranking={ranking!r} is not known; use one of {list(RANKINGS)}.")
     priority, candidate = [], []
-    for s in structures:
+    for s in units:
         value = scores[s.key]
         scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
         priority.append(value / scale)
@@ -122,10 +105,10 @@ def _removal_order(
     return ids[torch.argsort(priority[ids], stable=True)]
 
 
-def _keep_masks(structures: list[Structure], removed: torch.Tensor) -> dict[str, torch.Tensor]:
-    flat = torch.ones(sum(s.n_units for s in structures), dtype=torch.bool)
+def _keep_masks(units: list[GatedUnits], removed: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = torch.ones(sum(s.n_units for s in units), dtype=torch.bool)
     flat[removed] = False
-    return {s.key: mask for s, mask in zip(structures, flat.split([s.n_units for s in structures]))}
+    return {s.key: mask for s, mask in zip(units, flat.split([s.n_units for s in units]))}
 
 
 # --- pruning to a target ---------------------------------------------------------------------------
@@ -160,11 +143,11 @@ def prune_to_target(
         raise ValueError(f"min_units_per_gate={min_units_per_gate!r} must be a non-negative integer.")
     if not isinstance(refinements, int) or refinements < 0:
         raise ValueError(f"refinements={refinements!r} must be a non-negative integer.")
-    structures = find_structures(flop_model)
-    order = _removal_order(structures, _check_scores(structures, scores), ranking, protect=min_units_per_gate)
+    units = find_gated_units(flop_model)
+    order = _removal_order(units, _check_scores(units, scores), ranking, protect=min_units_per_gate)
 
     def kept_with(removed: torch.Tensor) -> int:  # deterministic kept parameters with these units removed
-        _set_all(structures, _keep_masks(structures, removed))
+        _set_all(units, _keep_masks(units, removed))
         return sparsity_report(flop_model).deterministic_kept_params
 
     prunable = sparsity_report(flop_model).prunable_params
@@ -194,15 +177,15 @@ def prune_to_target(
         # the boundary unit may be coarse (a head): keep it, and let the finer units after it fill the gap
         order = torch.cat([order[: hi - 1], order[hi:]])
     _, removed, step = best
-    keep = _keep_masks(structures, removed)
+    keep = _keep_masks(units, removed)
     kept_params = kept_with(removed)
     modules = sparsity_report(flop_model).modules
-    for s in structures:
+    for s in units:
         if s.layer is not None and not modules[s.layer].factorized_after_compaction:
             keep[s.key] = torch.ones_like(keep[s.key])
-    _set_all(structures, keep)
+    _set_all(units, keep)
     report = sparsity_report(flop_model)
-    for s in structures:  # the gates must now say exactly what the plan says
+    for s in units:  # the gates must now say exactly what the plan says
         if not torch.equal(s.gate.deterministic_mask().detach().cpu() != 0, keep[s.key]):
             raise RuntimeError(f"gate '{s.key}' did not take its one-shot mask; its settings cannot express it.")
     if report.deterministic_kept_params != kept_params:
@@ -218,10 +201,6 @@ def prune_to_target(
 
 
 def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:
-    import peft
-
-    from . import get_flop_model
-
     try:
         flop_model = find_flop_model(model)
     except ValueError:
@@ -240,7 +219,7 @@ def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:
         )
     if not isinstance(config, FlopConfig):
         raise TypeError(f"config must be a FlopConfig or None, got {type(config).__name__}.")
-    if isinstance(model, peft.PeftModel):
+    if isinstance(model, PeftModel):
         raise ValueError("this PeftModel holds another PEFT method; pass the plain transformers model.")
     return get_flop_model(model, config)
 
@@ -305,39 +284,15 @@ def warm_start_gates(
     enough that nothing is zeroed, so training starts from the dense model.
     """
     flop_model = find_flop_model(model)
-    structures = find_structures(flop_model)
+    units = find_gated_units(flop_model)
     if high is None:  # the configured init, else the largest dense-start value of the gates (one for all)
         high = flop_model.flop_config.init_log_alpha
-        opens = [_open_value(s.gate) for s in structures if isinstance(s.gate, HardConcreteGate)]
-        high = max(opens, default=low) if high is None else high
+        ceilings = [s.gate.warm_start_ceiling() for s in units]
+        high = max((c for c in ceilings if c is not None), default=low) if high is None else high
     if not low <= high:
         raise ValueError(f"warm_start_gates needs low <= high, got low={low}, high={high}.")
-    order = _removal_order(structures, _check_scores(structures, scores), ranking)
+    order = _removal_order(units, _check_scores(units, scores), ranking)
     flat = torch.empty(len(order))
     flat[order] = torch.linspace(0.0, 1.0, len(order)) if len(order) > 1 else torch.ones(len(order))
-    for s, q in zip(structures, flat.split([s.n_units for s in structures])):
-        if isinstance(s.gate, HardConcreteGate):
-            s.gate.log_alpha.copy_(low + (high - low) * q.to(s.gate.log_alpha.device))
-            if dense_start:
-                _lift_until_open(s.gate)
-        elif isinstance(s.gate, TopKGate):
-            s.gate.scores.copy_(q.to(s.gate.scores.device))
-        else:
-            raise TypeError(f"warm_start_gates cannot set a {type(s.gate).__name__}.")
-
-
-def _lift_until_open(gate: HardConcreteGate) -> None:
-    """Add to ``log_alpha`` the smallest shift (to 0.01) for which the eval mask is all ones."""
-    base = gate.log_alpha.detach().clone()
-
-    def all_open(shift: float) -> bool:
-        gate.log_alpha.copy_(base + shift)
-        return bool((gate.deterministic_mask() == 1).all())
-
-    if all_open(0.0):
-        return
-    lo, hi = 0.0, _open_value(gate) - float(base.min())  # at hi every unit is confidently open
-    while hi - lo > 0.01:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if all_open(mid) else (mid, hi)
-    all_open(hi)
+    for s, q in zip(units, flat.split([s.n_units for s in units])):
+        s.gate.warm_start(q, low=low, high=high, dense_start=dense_start)

@@ -1,12 +1,15 @@
-"""One-shot importance scores for every structure FLOP gates: magnitude, activation-aware, sensitivity.
+"""One-shot importance scores for every unit FLOP gates: magnitude, activation-aware, sensitivity.
 
-A *structure* is one gate and the weights its units own. Each unit ``u`` writes some features
-through *producer rows* and those features are read by *consumer columns*:
+Each gated module describes its gates with the weights their units own (``GatedUnits``, from its
+``scored_units`` verb; head/row groups from ``hf_flop.groups.group_units``). A unit ``u`` writes some
+features through *producer rows* and those features are read by *consumer columns*:
 
 * rank component ``k`` of a ``FlopLinear``: producer row ``Q[k, :]``, feature ``h_k = Q[k, :] x``,
   consumer column ``P[:, k]``;
 * an attention head (KV group) or FFN row of a ``StructureGroup``: the producers' output rows of the
-  unit (Q/K/V, or up/gate), the consumer's input features and input columns (o / down projection).
+  unit (Q/K/V, or up/gate), the consumer's input features and input columns (o / down projection);
+* a weight block (level "block", a ``bs x bs`` piece of a dense weight) and the rank components of
+  embedding clusters (level "embedding") likewise (see ``hf_flop.blocks``, ``hf_flop.embedding``).
 
 Scores, one tensor per gate (higher = more important):
 
@@ -16,208 +19,49 @@ Scores, one tensor per gate (higher = more important):
   with ``E`` the mean over calibration tokens; for a rank component ``||P[:, k]|| * RMS(Q[k, :] x)``.
 * ``sensitivity``: ``|dL/dz_u * z_u|``, the first-order Taylor estimate of the loss change when the
   unit's gate value ``z_u`` goes to 0, per calibration batch, then averaged (or an exponential moving
-  average with ``ema_decay``). Only the gate matters here, so every structure gets it for free.
+  average with ``ema_decay``). Only the gate matters here, so every gate gets it for free.
 
-Blocks (level "block", a ``bs x bs`` piece of a dense weight: magnitude is its Frobenius norm) and
-the rank components of embedding clusters (level "embedding") are structures too. A new kind of gate
-plugs in by appending a finder ``FlopModel -> list[Structure]`` to ``STRUCTURE_FINDERS``; the three
-scores and one-shot pruning then work on it unchanged.
+A new kind of gate is scored once its module answers ``scored_units``; the three scores and one-shot
+pruning then work on it unchanged.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .accounting import find_flop_model
-from .gates import Gate
+from .gated import GatedUnits
+from .groups import group_units
+from .model import find_flop_model
 
 SCORES = ("magnitude", "activation", "sensitivity")
 
 
-@dataclass
-class Structure:
-    """One gate over ``n_units`` units, with what the scores need to know about the units.
+def find_gated_units(model: nn.Module) -> list[GatedUnits]:
+    """Every scoreable gate of a FLOP model (``PeftModel`` or ``FlopModel``) with its units' weights.
 
-    Unit ``u`` reads ``unit`` features; ``column_sq_norms`` holds, feature by feature (unit-major),
-    the squared norm of the consumer weights reading it. The activation score records the mean
-    square of ``features(observed input)`` and gathers it per unit feature with ``feature_index``.
-    """
-
-    key: str  # the gate's name in ``FlopModel.gates()``
-    level: str
-    gate: Gate
-    n_units: int
-    unit: int  # consumer input features per unit
-    unit_params: int  # parameters one unit owns in the uncompressed layers (for score per parameter)
-    observed: nn.Module  # the module whose input carries the units' features (activation score)
-    column_sq_norms: torch.Tensor  # (n_units * unit,) squared norms of the consumer columns
-    row_sq_norms: torch.Tensor  # (n_units,) squared norms of the producer rows (ones if none)
-    features: Callable[[torch.Tensor], torch.Tensor] | None = None  # observed input -> features; None: itself
-    feature_index: torch.Tensor | None = None  # (n_units * unit,) feature of each unit slot; None: identity
-    layer: str | None = None  # report module whose min(factorized, dense) count the gate sets (rank, clusters)
-
-
-def _rank_structures(flop_model) -> list[Structure]:
-    found = []
-    for name, layer in flop_model.flop_layers().items():
-        if not layer.factorized:
-            continue
-        p, q = (t.detach() for t in layer.factors())
-        found.append(
-            Structure(
-                key=f"{name}.rank",
-                level="rank",
-                gate=layer.gate,
-                n_units=layer.rank,
-                unit=1,
-                unit_params=layer.in_features + layer.out_features,
-                observed=layer,
-                column_sq_norms=p.float().pow(2).sum(0),
-                row_sq_norms=q.float().pow(2).sum(1),
-                features=functools.partial(_project, q),
-                layer=name,
-            )
-        )
-    return found
-
-
-def _project(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.to(q.dtype), q)
-
-
-def _group_structures(flop_model) -> list[Structure]:
-    layers = flop_model.flop_layers()
-    found = []
-    for group in flop_model.structure_groups:
-        consumer = layers[group.consumer]
-        # the current effective weights, so head/row scores see what rank pruning left
-        columns = consumer.folded_weight().float()
-        rows = torch.zeros(group.n_units, device=columns.device)
-        unit_params = group.consumer_unit * consumer.out_features
-        for seg in group.producers:
-            producer = layers[seg.module]
-            weight = producer.folded_weight().float()
-            block = weight[seg.offset : seg.offset + group.n_units * seg.unit]
-            rows += block.reshape(group.n_units, -1).pow(2).sum(1)
-            unit_params += seg.unit * producer.in_features
-        found.append(
-            Structure(
-                key=group.key,
-                level=group.level,
-                gate=flop_model.flop_structure_gates[group.key],
-                n_units=group.n_units,
-                unit=group.consumer_unit,
-                unit_params=unit_params,
-                observed=consumer,
-                column_sq_norms=columns.pow(2).sum(0),
-                row_sq_norms=rows,
-            )
-        )
-    return found
-
-
-def _block_structures(flop_model) -> list[Structure]:
-    """Level "block": a unit is a ``bs x bs`` block (i, j) of a dense weight, reading inputs ``j*bs..``."""
-    found = []
-    for name, layer in flop_model.flop_layers().items():
-        if not layer.block_size:
-            continue
-        bs = layer.block_size
-        rows, cols = layer.out_features // bs, layer.in_features // bs
-        weight = layer.folded_weight().float()
-        column_sq = weight.reshape(rows, bs, cols, bs).pow(2).sum(1)  # (rows, cols, bs): unit i*cols + j
-        index = (torch.arange(cols)[:, None] * bs + torch.arange(bs)).repeat(rows, 1).flatten()
-        found.append(
-            Structure(
-                key=f"{name}.block",
-                level="block",
-                gate=layer.block_gate,
-                n_units=rows * cols,
-                unit=bs,
-                unit_params=bs * bs,
-                observed=layer,
-                column_sq_norms=column_sq.flatten(),
-                row_sq_norms=torch.ones(rows * cols, device=weight.device),
-                feature_index=index.to(weight.device),
-            )
-        )
-    return found
-
-
-def _embedding_structures(flop_model) -> list[Structure]:
-    """Level "embedding": rank components of each vocabulary cluster ``E_c = P_c diag(z) Q_c``.
-
-    A token of cluster c reads row ``P_c[t]``, so its features are ``P_c[t, k]`` (0 for other tokens)
-    and ``Q_c[k]`` is the consumer: the activation score weighs clusters by how often their tokens
-    occur in the calibration data. A tied head's use of the same clusters is left out of it.
-    """
-    from .embedding import FlopEmbedding
-
-    found = []
-    for name, embedding in flop_model.model.named_modules():
-        if not isinstance(embedding, FlopEmbedding):
-            continue
-        start = 0
-        for c, (p, q, gate) in enumerate(zip(embedding.flop_P, embedding.flop_Q, embedding.flop_gates)):
-            p, q = p.detach(), q.detach()
-            found.append(
-                Structure(
-                    key=f"{name}.embedding_{c}",
-                    level="embedding",
-                    gate=gate,
-                    n_units=q.shape[0],
-                    unit=1,
-                    unit_params=p.shape[0] + embedding.hidden,
-                    observed=embedding,
-                    column_sq_norms=q.float().pow(2).sum(1),
-                    row_sq_norms=p.float().pow(2).sum(0),
-                    features=functools.partial(_cluster_rows, embedding.position, p, start),
-                    layer=f"{name}.cluster_{c}",
-                )
-            )
-            start += p.shape[0]
-    return found
-
-
-def _cluster_rows(position: torch.Tensor, p: torch.Tensor, start: int, input_ids: torch.Tensor) -> torch.Tensor:
-    pos = position[input_ids]
-    inside = (pos >= start) & (pos < start + p.shape[0])
-    out = p.new_zeros(*input_ids.shape, p.shape[1])
-    out[inside] = p[pos[inside] - start]
-    return out
-
-
-STRUCTURE_FINDERS: list[Callable[..., list[Structure]]] = [
-    _rank_structures,
-    _group_structures,
-    _block_structures,
-    _embedding_structures,
-]
-"""Each finder maps a ``FlopModel`` to the structures it knows; append one for a new kind of gate."""
-
-
-def find_structures(model: nn.Module) -> list[Structure]:
-    """Every scoreable structure of a FLOP model (``PeftModel`` or ``FlopModel``), in a fixed order.
-
-    Raises ``NotImplementedError`` if the model has gates no finder covers, rather than silently
-    leaving them out of the scores.
+    Order: the targeted linears' own gates, the head/row groups, then the embedding clusters. Each
+    gated module describes its own units (its ``scored_units`` verb); raises ``NotImplementedError``
+    if the model has gates none describes, rather than silently leaving them out of the scores.
     """
     flop_model = find_flop_model(model)
     with torch.no_grad():
-        structures = [s for finder in STRUCTURE_FINDERS for s in finder(flop_model)]
-    missing = sorted(set(flop_model.gates()) - {s.key for s in structures})
+        linears = [u for name, layer in flop_model.flop_layers().items() for u in layer.scored_units(name)]
+        groups = group_units(flop_model.structure_groups, flop_model.flop_structure_gates, flop_model.flop_layers())
+        others = [
+            u for name, layer in flop_model.gated_layers().items() if name not in flop_model.flop_layers()
+            for u in layer.scored_units(name)
+        ]
+    found = linears + groups + others
+    missing = sorted(set(flop_model.gates()) - {u.key for u in found})
     if missing:
         raise NotImplementedError(
             f"one-shot scores do not cover the gates {missing[:5]}{' ...' if len(missing) > 5 else ''} yet; "
-            "add a finder for that structure to hf_flop.scores.STRUCTURE_FINDERS."
+            "give the module that holds them a scored_units verb (hf_flop.gated)."
         )
-    return structures
+    return found
 
 
 # --- calibration data --------------------------------------------------------------------------------
@@ -322,7 +166,7 @@ def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     """``||consumer columns|| * ||producer rows||`` per unit (singular values for fresh rank components)."""
     return {
         s.key: (s.column_sq_norms.reshape(s.n_units, s.unit).sum(1) * s.row_sq_norms).sqrt().cpu()
-        for s in find_structures(model)
+        for s in find_gated_units(model)
     }
 
 
@@ -330,11 +174,11 @@ def activation_scores(
     model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Wanda-like ``sqrt(sum_j ||C[:, j]||^2 E[x_j^2])`` per unit, from forward passes over calibration batches."""
-    structures = find_structures(model)
+    units = find_gated_units(model)
     sq_sums: dict[str, torch.Tensor] = {}
-    tokens = {s.key: 0 for s in structures}
+    tokens = {s.key: 0 for s in units}
 
-    def recorder(s: Structure):
+    def recorder(s: GatedUnits):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             features = (x if s.features is None else s.features(x)).float()
@@ -345,7 +189,7 @@ def activation_scores(
         return hook
 
     # registered after FlopModel's input masks, so the statistics see the masked inputs
-    handles = [s.observed.register_forward_pre_hook(recorder(s)) for s in structures]
+    handles = [s.observed.register_forward_pre_hook(recorder(s)) for s in units]
     try:
         with _EvalMode(model), torch.no_grad():
             for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
@@ -354,7 +198,7 @@ def activation_scores(
         for handle in handles:
             handle.remove()
     scores = {}
-    for s in structures:
+    for s in units:
         if s.key not in sq_sums:
             raise RuntimeError(f"the calibration forward never reached {s.key}'s module; is it used by the model?")
         mean_sq = sq_sums[s.key] / max(tokens[s.key], 1)
@@ -378,8 +222,8 @@ def sensitivity_scores(
     """
     if ema_decay is not None and not 0.0 < ema_decay < 1.0:
         raise ValueError(f"ema_decay={ema_decay!r} must be in (0, 1) (e.g. 0.9), or None for a plain mean.")
-    structures = find_structures(model)
-    probes = {s.key: torch.ones(s.n_units, device=_device(model), requires_grad=True) for s in structures}
+    units = find_gated_units(model)
+    probes = {s.key: torch.ones(s.n_units, device=_device(model), requires_grad=True) for s in units}
 
     def prober(probe: torch.Tensor):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -387,7 +231,7 @@ def sensitivity_scores(
 
         return hook
 
-    handles = [s.gate.register_forward_hook(prober(probes[s.key])) for s in structures]
+    handles = [s.gate.register_forward_hook(prober(probes[s.key])) for s in units]
     scores: dict[str, torch.Tensor] = {}
     steps = 0
     try:
@@ -400,7 +244,7 @@ def sensitivity_scores(
                     raise ValueError("the model returned no loss for a calibration batch; check its 'labels'.")
                 grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
                 steps += 1
-                for s, grad in zip(structures, grads):
+                for s, grad in zip(units, grads):
                     taylor = grad.detach().abs().cpu() if grad is not None else torch.zeros(s.n_units)
                     if s.key not in scores:
                         scores[s.key] = taylor

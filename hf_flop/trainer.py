@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .accounting import expected_sparsity, find_flop_model, min_reachable_kept_params, sparsity_report
-from .constraint import LagrangianConstraint, resolve_warmup_steps, warmed_up_target
-from .topk import AdaptiveRegularizer, gate_group_overrides
+from .accounting import expected_sparsity, min_reachable_kept_params, sparsity_report
+from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
+from .hub import save_compacted
+from .model import find_flop_model
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
 
@@ -116,8 +117,7 @@ class PruningTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **kwargs)
         # Top-k gates have no expectation to hold at a target, only a size to push down: they get
         # MLPruning's one-sided adaptive regularizer (same call signature, no multipliers).
-        constraint = AdaptiveRegularizer() if self.flop_config.gate == "topk" else LagrangianConstraint()
-        self.constraint = constraint.to(self.args.device)
+        self.constraint = CONSTRAINTS[self.flop_config.gate]().to(self.args.device)
         self.add_callback(_PruningStepCallback(self.constraint))
         self.teacher_model = _prepared_teacher(teacher_model, model, self.args.device)
         self._task_loss_sum: torch.Tensor | None = None
@@ -263,8 +263,6 @@ class PruningTrainer(Trainer):
     # --- export ------------------------------------------------------------------------------------
     def save_compacted(self, output_dir: str, **kwargs):
         """Compact the pruned model and save it (``hf_flop.save_compacted``), from the main process only."""
-        from . import save_compacted
-
         result = save_compacted(self.model, output_dir, **kwargs) if self.args.should_save else None
         self.accelerator.wait_for_everyone()
         return result

@@ -132,7 +132,7 @@ def test_block_with_every_head_and_row_closed(arch):
     gates["row_1"].close(torch.arange(gates["row_1"].n))
     small = compact(model)
     torch.testing.assert_close(logits(small), logits(model), atol=1e-4, rtol=0)
-    block = small.config.flop_plan["blocks"]
+    block = small.config.flop_plan["layers"]
     first = next(iter(block.values()))
     assert first["kv_heads"] == 1 and first["intermediate"] == 4  # one zeroed group; rows rounded to 4
     report = sparsity_report(model)
@@ -184,7 +184,7 @@ def test_generate_with_and_without_cache(arch):
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, gated)
     if arch == "llama":  # GQA survived: query heads per KV head unchanged in every block
-        for counts in small.config.flop_plan["blocks"].values():
+        for counts in small.config.flop_plan["layers"].values():
             assert counts["heads"] // counts["kv_heads"] == 2 and counts["heads"] % counts["kv_heads"] == 0
 
 

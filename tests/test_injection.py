@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel
 
 import hf_flop
 from hf_flop import FlopConfig, FlopLinear, get_flop_model, sparsity_report
-from hf_flop.structures import arch_spec
+from hf_flop.architectures import arch_spec
 
 LEVEL_SETS = [["rank"], ["rank", "head", "row"], ["head", "row"]]
 

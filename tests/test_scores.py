@@ -15,9 +15,11 @@ from hf_flop.oneshot import open_all_gates, prune_to_target, warm_start_gates
 from hf_flop.scores import (
     activation_scores,
     compute_scores,
-    find_structures,
     magnitude_scores,
     sensitivity_scores,
+)
+from hf_flop.scores import (
+    find_gated_units as find_structures,
 )
 
 LEVEL_SETS = [["rank"], ["head", "row"], ["rank", "head", "row"]]

@@ -14,8 +14,9 @@ from tiny_models import ARCH_BUILDERS, VOCAB
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_flop import FlopConfig, FlopLinear, UnsupportedArchitectureError, compact, get_flop_model
+from hf_flop.architectures import ARCHITECTURES, arch_spec
+from hf_flop.architectures import layer_layouts as block_layouts
 from hf_flop.layers import dense_weight
-from hf_flop.structures import ARCHITECTURES, arch_spec, block_layouts
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -238,7 +239,7 @@ def test_unknown_architecture_gets_a_clear_error(levels):
     with pytest.raises(UnsupportedArchitectureError) as err:
         get_flop_model(_tiny_neox(), FlopConfig(levels=levels, target_modules=["dense_h_to_4h", "dense_4h_to_h"]))
     message = str(err.value)
-    assert "gpt_neox" in message and "structures.py" in message
+    assert "gpt_neox" in message and "architectures.py" in message
     assert all(arch in message for arch in ARCHS)
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_flop import FlopConfig, TopKGate, expected_sparsity, get_flop_model, sparsity_report
-from hf_flop.topk import AdaptiveRegularizer, gate_group_overrides
+from hf_flop.constraint import AdaptiveRegularizer, gate_group_overrides
 
 
 @pytest.mark.parametrize("n", [1, 4, 64, 1536, 100_000])

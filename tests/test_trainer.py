@@ -14,8 +14,7 @@ from transformers import TrainingArguments
 
 import hf_flop
 from hf_flop import FlopConfig, PruningArguments, PruningTrainer, get_flop_model, sparsity_report
-from hf_flop.constraint import LagrangianConstraint, resolve_warmup_steps, warmed_up_target
-from hf_flop.topk import AdaptiveRegularizer
+from hf_flop.constraint import AdaptiveRegularizer, LagrangianConstraint, resolve_warmup_steps, warmed_up_target
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_task import VOCAB, CountingTask, tiny_llama  # noqa: E402

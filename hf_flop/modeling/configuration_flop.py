@@ -9,7 +9,8 @@ This file is copied next to the weights as remote code, so it imports only ``tra
   model rebuilds these modules with these shapes;
 * ``"attributes"``: module path -> ``{attribute: value}`` rewritten after the rebuild (per-layer
   head counts of attention modules);
-* ``"blocks"``: block path -> ``{"heads", "kv_heads", "intermediate"}``, informative only.
+* ``"layers"``: transformer layer path -> ``{"heads", "kv_heads", "intermediate"}`` kept (and their
+  ``*_before`` values), informative only (models compacted by older versions call it ``"blocks"``).
 
 Paths are relative to the base model (``model.base_model``), or to the whole model for modules
 outside it (task heads), so one checkpoint loads into every head class of the architecture.

@@ -1,13 +1,15 @@
 """Model classes of models compacted by hf_flop: the base architecture's classes, with planned shapes.
 
 This file is copied next to the weights as remote code, so it imports only ``torch`` and
-``transformers`` (and its siblings ``configuration_flop`` and ``block_sparse``).
+``transformers`` (and its siblings ``configuration_flop``, ``block_sparse`` and
+``factorized_embedding``; ``CODE_FILES`` lists the four files saved with every compacted model).
 
 ``FlopX`` subclasses the stock class ``X`` (``BertForSequenceClassification``, ``LlamaForCausalLM``,
 ...). Its ``__init__`` runs the stock ``__init__`` and then rebuilds the modules listed in
 ``config.flop_plan`` with their compacted shapes: a smaller ``Linear`` (or GPT-2 ``Conv1D``), or a
-``LowRankLinear`` (two Linear layers, in -> rank -> out) for a factorized layer, or a
-``BlockSparseLinear`` (``block_sparse.py``) for a block-pruned one. Attention modules
+``LowRankLinear`` (two Linear layers, in -> rank -> out) for a factorized layer, a
+``BlockSparseLinear`` (``block_sparse.py``) for a block-pruned one, or a ``FactorizedEmbedding``
+and its ``TiedFactorizedHead`` (``factorized_embedding.py``) for a pruned embedding. Attention modules
 get their per-layer head counts rewritten from the plan. Everything else -- forward, caching,
 ``generate()``, attention masks -- is the stock code, so the model behaves as the stock one does.
 """
@@ -114,7 +116,7 @@ class FlopCompactedMixin:
         apply_flop_plan(self, getattr(config, "flop_plan", None))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Save as the stock class does, plus the two code files and ``auto_map``, for ``trust_remote_code``."""
+        """Save as the stock class does, plus the code files (``CODE_FILES``) and ``auto_map``, for ``trust_remote_code``."""
         stock_config = self.flop_stock_class.config_class
         names = auto_class_names(stock_config.model_type)
         auto_map = {"AutoConfig": f"configuration_flop.{CLASS_PREFIX}{stock_config.__name__}"}

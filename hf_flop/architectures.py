@@ -1,8 +1,11 @@
-"""Where each supported architecture keeps its attention heads and FFN rows: the one structure table.
+"""Where each supported architecture keeps its attention heads and FFN rows: the one architecture table.
 
 Everything architecture-specific in hf_flop reads this table; no other module tests ``model_type``.
 To add an architecture, add one ``ArchSpec`` to ``ARCHITECTURES`` (names are relative to one
-transformer block) and run the test suite's per-architecture checks with a tiny config of it.
+transformer layer) and run the test suite's per-architecture checks with a tiny config of it.
+
+Vocabulary: a *layer* is one transformer layer (an entry of ``model.encoder.layer`` or
+``model.layers``); MLPruning's weight *blocks* (level ``"block"``) are another thing entirely.
 """
 
 from __future__ import annotations
@@ -12,26 +15,20 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``[offset + u * unit, offset + (u + 1) * unit)`` of ``module``'s output belong to unit ``u``."""
-
-    module: str
-    unit: int
-    offset: int = 0
+from .linear import linear_shape
+from .modeling import TYPE_PREFIX
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Layout of one architecture, in names relative to a transformer block.
+    """Layout of one architecture, in names relative to a transformer layer.
 
     ``q``/``k``/``v`` may name the same module with different offsets (GPT-2's fused ``c_attn``).
     ``up`` lists every FFN producer whose output rows are the intermediate neurons (gate and up
     projections for gated MLPs); ``down`` consumes them.
     """
 
-    blocks: str  # regex matched (as a suffix) against the name of the ModuleList of blocks
+    layers: str  # regex matched (as a suffix) against the name of the ModuleList of transformer layers
     attention: str  # the attention module; its head-count attributes are rewritten at compaction
     q: str
     k: str
@@ -53,7 +50,7 @@ class ArchSpec:
 
 
 _BERT = ArchSpec(
-    blocks=r"encoder\.layer",
+    layers=r"encoder\.layer",
     attention="attention.self",
     q="attention.self.query",
     k="attention.self.key",
@@ -69,7 +66,7 @@ _BERT = ArchSpec(
 )
 
 _LLAMA = ArchSpec(
-    blocks=r"layers",
+    layers=r"layers",
     attention="self_attn",
     q="self_attn.q_proj",
     k="self_attn.k_proj",
@@ -89,7 +86,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
     "roberta": _BERT,
     "distilbert": ArchSpec(
-        blocks=r"transformer\.layer",
+        layers=r"transformer\.layer",
         attention="attention",
         q="attention.q_lin",
         k="attention.k_lin",
@@ -104,7 +101,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         intermediate_attr="hidden_dim",
     ),
     "gpt2": ArchSpec(
-        blocks=r"h",
+        layers=r"h",
         attention="attn",
         q="attn.c_attn",
         k="attn.c_attn",
@@ -131,8 +128,6 @@ class UnsupportedArchitectureError(ValueError):
 
 def base_model_type(model_type: str | None) -> str | None:
     """``model_type`` itself, or for a model compacted by hf_flop (``"flop_llama"``) the one it came from."""
-    from .modeling.configuration_flop import TYPE_PREFIX
-
     if model_type and model_type.startswith(TYPE_PREFIX) and model_type[len(TYPE_PREFIX) :] in ARCHITECTURES:
         return model_type[len(TYPE_PREFIX) :]
     return model_type
@@ -146,13 +141,13 @@ def arch_spec(model_type: str | None) -> ArchSpec:
     raise UnsupportedArchitectureError(
         f"hf_flop does not know the layout of model_type={model_type!r}. Supported: "
         f"{sorted(ARCHITECTURES)}. For rank pruning of other models pass explicit `target_modules`; "
-        "for head/row pruning add an ArchSpec for it to hf_flop/structures.py (ARCHITECTURES)."
+        "for head/row pruning add an ArchSpec for it to hf_flop/architectures.py (ARCHITECTURES)."
     )
 
 
 @dataclass(frozen=True)
-class BlockLayout:
-    """One transformer block's concrete numbers and module names (absolute, in the model)."""
+class LayerLayout:
+    """One transformer layer's concrete numbers and module names (absolute, in the model)."""
 
     prefix: str  # e.g. "bert.encoder.layer.3"
     heads: int
@@ -165,17 +160,17 @@ class BlockLayout:
         return self.heads // self.kv_heads
 
 
-def find_blocks(model: nn.Module, spec: ArchSpec) -> list[str]:
-    """Absolute names of the transformer blocks (children of the matched ModuleList)."""
-    pattern = re.compile(rf"(^|.*\.){spec.blocks}$")
+def find_layers(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """Absolute names of the transformer layers (children of the matched ModuleList)."""
+    pattern = re.compile(rf"(^|.*\.){spec.layers}$")
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and pattern.match(name):
             return [f"{name}.{i}" for i in range(len(module))]
-    raise UnsupportedArchitectureError(f"no ModuleList matching {spec.blocks!r} was found in {type(model).__name__}.")
+    raise UnsupportedArchitectureError(f"no ModuleList matching {spec.layers!r} was found in {type(model).__name__}.")
 
 
-def block_layouts(model: nn.Module, spec: ArchSpec) -> list[BlockLayout]:
-    """Per-block head counts and widths, read from the modules themselves (so compacted models work too)."""
+def layer_layouts(model: nn.Module, spec: ArchSpec) -> list[LayerLayout]:
+    """Per-layer head counts and widths, read from the modules themselves (so compacted models work too)."""
     config = model.config
     heads = getattr(config, spec.heads_attr)
     kv_heads = getattr(config, spec.kv_heads_attr) if spec.kv_heads_attr else heads
@@ -185,24 +180,19 @@ def block_layouts(model: nn.Module, spec: ArchSpec) -> list[BlockLayout]:
     head_dim = head_dim or hidden // heads
     layouts = []
     modules = dict(model.named_modules())
-    for prefix in find_blocks(model, spec):
+    for prefix in find_layers(model, spec):
         o = modules[f"{prefix}.{spec.o}"]
         down = modules[f"{prefix}.{spec.down}"]
-        q_width = _in_features(o)
+        q_width = linear_shape(o)[1]
         layer_heads = q_width // head_dim
         layouts.append(
-            BlockLayout(
+            LayerLayout(
                 prefix=prefix,
                 heads=layer_heads,
                 kv_heads=max(1, layer_heads * kv_heads // heads),
                 head_dim=head_dim,
-                intermediate=_in_features(down),
+                intermediate=linear_shape(down)[1],
             )
         )
     return layouts
 
-
-def _in_features(module: nn.Module) -> int:
-    from .layers import linear_shape
-
-    return linear_shape(module)[1]

@@ -1,0 +1,201 @@
+"""Levels ``"head"`` and ``"row"``: one gate over the attention heads, or the FFN rows, of a layer.
+
+A *structure group* (``StructureGroup``) is one such gate with the modules it shrinks, built from
+the architecture table (``hf_flop.architectures``). The gate masks the *consumer*'s input (the
+attention output projection, or the FFN down projection) unit by unit: a head whose attention
+output never reaches the output projection can have its Q/K/V rows removed exactly, and likewise
+an FFN neuron that never reaches the down projection. Under grouped-query attention a unit is a KV
+group (its KV head and the query heads sharing it).
+
+The gates live in the model (``FlopModel.flop_structure_gates``, keys ``head_<i>`` / ``row_<i>``),
+not in one layer: they cut the kept input features of the consumer and the kept output features of
+the *producers* (Q/K/V, or up/gate), which accounting and compaction read through
+``kept_features`` and ``StructureCuts``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec, arch_spec, layer_layouts
+from .counting import compacted_count, expected_kept_count, kept_unit_indices, unit_features
+from .gated import GatedUnits
+from .gates import Gate
+
+GROUP_LEVELS = ("head", "row")
+ROUNDED_LEVELS = ("row",)  # FlopConfig.round_to applies to FFN widths, not to head counts
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[offset + u * unit, offset + (u + 1) * unit)`` of ``module``'s output belong to unit ``u``."""
+
+    module: str
+    unit: int
+    offset: int = 0
+
+
+@dataclass
+class StructureGroup:
+    """One gate over the heads (or FFN rows) of one transformer layer and the modules it shrinks."""
+
+    key: str
+    level: str
+    layer: str  # the transformer layer's module name, e.g. "bert.encoder.layer.3"
+    n_units: int
+    consumer: str
+    consumer_unit: int
+    producers: list[Segment]
+
+    def kept_units(self, gate: Gate, deterministic: bool, round_to: int):
+        """Units compaction keeps (an int tensor), or their differentiable expectation."""
+        if deterministic:
+            rounding = round_to if self.level in ROUNDED_LEVELS else 1
+            return torch.tensor(compacted_count(int(gate.l0(True)), self.n_units, rounding))
+        return expected_kept_count(gate.l0(False))
+
+
+def structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list[StructureGroup]:
+    """The head and/or row groups of every transformer layer, layer by layer (heads first)."""
+    groups = []
+    for i, layout in enumerate(layer_layouts(model, spec)):
+        p = layout.prefix
+        if "head" in levels:
+            hd, gs, kv = layout.head_dim, layout.group_size, layout.kv_heads
+            q_width = layout.heads * hd
+            if spec.fused_qkv:  # GPT-2: q, k, v are consecutive slices of one output
+                producers = [
+                    Segment(f"{p}.{spec.q}", gs * hd, 0),
+                    Segment(f"{p}.{spec.k}", hd, q_width),
+                    Segment(f"{p}.{spec.v}", hd, q_width + kv * hd),
+                ]
+            else:
+                producers = [Segment(f"{p}.{spec.q}", gs * hd), Segment(f"{p}.{spec.k}", hd), Segment(f"{p}.{spec.v}", hd)]
+            groups.append(StructureGroup(f"head_{i}", "head", p, kv, f"{p}.{spec.o}", gs * hd, producers))
+        if "row" in levels:
+            producers = [Segment(f"{p}.{up}", 1) for up in spec.up]
+            groups.append(StructureGroup(f"row_{i}", "row", p, layout.intermediate, f"{p}.{spec.down}", 1, producers))
+    return groups
+
+
+class InputMask:
+    """Forward pre-hook multiplying a consumer's input by its structure gate, unit by unit.
+
+    A callable object rather than a closure so that ``copy.deepcopy`` of the model (e.g. to make a
+    teacher) carries a hook bound to the copied gate.
+    """
+
+    def __init__(self, gate: Gate, unit: int) -> None:
+        self.gate = gate
+        self.unit = unit
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        mask = self.gate().repeat_interleave(self.unit)
+        return (args[0] * mask.to(args[0].dtype), *args[1:])
+
+
+def kept_features(groups: list[StructureGroup], gates, deterministic: bool, round_to: int) -> tuple[dict, dict]:
+    """Per module name: kept input features (consumers) and kept output features (producers).
+
+    Producers map to ``[(kept, covered), ...]``, one pair per segment, from which ``output_features``
+    adds the rows no group covers.
+    """
+    kept_in, kept_out = {}, {}
+    for group in groups:
+        units = group.kept_units(gates[group.key], deterministic, round_to)
+        kept_in[group.consumer] = units * group.consumer_unit
+        for seg in group.producers:
+            kept_out.setdefault(seg.module, []).append((units * seg.unit, seg.unit * group.n_units))
+    return kept_in, kept_out
+
+
+def output_features(segments: list | None, out_features: int):
+    """A producer's kept output features from its segments' ``(kept, covered)`` pairs (float tensor)."""
+    if not segments:
+        return torch.tensor(float(out_features))
+    covered = sum(total for _, total in segments)
+    return sum(kept for kept, _ in segments) + (out_features - covered)
+
+
+class StructureCuts:
+    """Which output rows and input columns of each targeted linear survive the head/row gates (eval masks),
+    and what the compacted model's per-layer head counts and widths become."""
+
+    def __init__(self, groups: list[StructureGroup], gates, model: nn.Module, round_to: int) -> None:
+        self.cols: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # consumer -> (columns, mask values)
+        self.segments: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # producer -> (start, length, rows)
+        self.attributes: dict[str, dict[str, int]] = {}  # attention module -> {attribute: new value}
+        self.layers: dict[str, dict[str, int]] = {}  # transformer layer -> kept heads / kv heads / FFN width
+        if not groups:
+            return
+        spec = arch_spec(model.config.model_type)
+        layouts = {layout.prefix: layout for layout in layer_layouts(model, spec)}
+        for group in groups:
+            mask = gates[group.key].deterministic_mask().detach().float().cpu()
+            count = int(group.kept_units(gates[group.key], True, round_to))
+            units = kept_unit_indices(mask, count)
+            self.cols[group.consumer] = (
+                unit_features(units, group.consumer_unit),
+                mask[units].repeat_interleave(group.consumer_unit),
+            )
+            for seg in group.producers:
+                self.segments.setdefault(seg.module, []).append(
+                    (seg.offset, seg.unit * group.n_units, unit_features(units, seg.unit))
+                )
+            layout = layouts[group.layer]
+            before = {"heads": layout.heads, "kv_heads": layout.kv_heads, "intermediate": layout.intermediate}
+            counts = self.layers.setdefault(group.layer, {**before, **{f"{k}_before": v for k, v in before.items()}})
+            if group.level == "head":
+                heads = {"heads": count * layout.group_size, "kv_heads": count}
+                heads["q_width"] = heads["heads"] * layout.head_dim
+                counts.update(heads=heads["heads"], kv_heads=count)
+                attrs = {attr: heads[what] for attr, what in spec.attention_head_attrs.items()}
+                if attrs:
+                    self.attributes[f"{group.layer}.{spec.attention}"] = attrs
+            else:
+                counts["intermediate"] = count
+
+    def rows(self, name: str, out_features: int) -> torch.Tensor:
+        keep = torch.ones(out_features, dtype=torch.bool)
+        for start, length, rows in self.segments.get(name, []):
+            span = torch.zeros(length, dtype=torch.bool)
+            span[rows] = True
+            keep[start : start + length] = span
+        return keep.nonzero().squeeze(1)
+
+    def columns(self, name: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cols.get(name, (torch.arange(in_features), torch.ones(in_features)))
+
+
+def group_units(groups: list[StructureGroup], gates, layers: dict) -> list[GatedUnits]:
+    """The scoring records of the head/row gates: producer rows and consumer columns of each unit,
+    from the current effective weights (so head/row scores see what rank pruning left)."""
+    found = []
+    for group in groups:
+        consumer = layers[group.consumer]
+        columns = consumer.folded_weight().float()
+        rows = torch.zeros(group.n_units, device=columns.device)
+        unit_params = group.consumer_unit * consumer.out_features
+        for seg in group.producers:
+            producer = layers[seg.module]
+            weight = producer.folded_weight().float()
+            block = weight[seg.offset : seg.offset + group.n_units * seg.unit]
+            rows += block.reshape(group.n_units, -1).pow(2).sum(1)
+            unit_params += seg.unit * producer.in_features
+        found.append(
+            GatedUnits(
+                key=group.key,
+                level=group.level,
+                gate=gates[group.key],
+                n_units=group.n_units,
+                unit=group.consumer_unit,
+                unit_params=unit_params,
+                observed=consumer,
+                column_sq_norms=columns.pow(2).sum(0),
+                row_sq_norms=rows,
+            )
+        )
+    return found

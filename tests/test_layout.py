@@ -1,0 +1,97 @@
+"""The package's shape: no import cycles inside hf_flop, and a self-contained ``hf_flop/modeling``.
+
+Imports are read with ``ast`` (nothing is executed), at every level: a function-level import that
+closes a cycle is still a cycle, only deferred. ``TYPE_CHECKING`` blocks count too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import hf_flop
+
+PACKAGE = Path(hf_flop.__file__).resolve().parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """hf_flop modules that ``name`` imports explicitly (implicit parent-package imports are left out)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            for alias in node.names:  # "from pkg import sub" imports the submodule pkg.sub
+                target = f"{base}.{alias.name}"
+                found.add(target if target in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_reader_sees_the_package():
+    graph = _graph()
+    assert {"hf_flop", "hf_flop.model", "hf_flop.modeling", "hf_flop.modeling.modeling_flop"} <= set(graph)
+    # a few edges it must see, at module and function level, relative and absolute
+    assert "hf_flop.model" in graph["hf_flop.accounting"]
+    assert "hf_flop.modeling.block_sparse" in graph["hf_flop.modeling.modeling_flop"]
+    assert "hf_flop.config" in graph["hf_flop"]
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycles_inside_hf_flop():
+    cycle = _find_cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_modeling_imports_nothing_from_the_rest_of_the_package():
+    """hf_flop/modeling is shipped as remote code next to saved weights: it must run without hf_flop."""
+    graph = _graph()
+    for name, targets in graph.items():
+        if name == "hf_flop.modeling" or name.startswith("hf_flop.modeling."):
+            outside = {t for t in targets if not (t == "hf_flop.modeling" or t.startswith("hf_flop.modeling."))}
+            assert not outside, f"{name} imports {sorted(outside)}"
