@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import re
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from .data import DATASETS, MODELS
+from .files import atomic_folder, check_output_dir, write_json_atomic
 from .hub import PushToHubError
 
 TASKS = ("seq-cls", "causal-lm")
@@ -508,13 +508,6 @@ def _fill_task_defaults(args) -> None:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise CliError(
-            f"output folder {path} exists and is not empty; pass --overwrite or choose another --output-dir."
-        )
-
-
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -531,8 +524,9 @@ def run_prune(args) -> dict:
 
     _fill_task_defaults(args)
     console = Console()
-    output_dir = Path(args.output_dir).expanduser()
-    _check_output_dir(output_dir, args.overwrite)
+    output_dir = check_output_dir(
+        Path(args.output_dir).expanduser(), args.overwrite, name="--output-dir", overwrite_hint="pass --overwrite"
+    )
     from .config import FlopConfig
 
     flop_config = FlopConfig(target_sparsity=args.target, levels=args.levels, gate=args.gate, round_to=args.round_to)
@@ -547,17 +541,11 @@ def run_prune(args) -> dict:
         f"train {len(data['train']):,} | eval ({data['eval_split']}) {len(data['report']):,} | "
         f"target {args.target} | levels {','.join(args.levels)}"
     )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with atomic_folder(output_dir, overwrite=args.overwrite) as staging:
         summary = _prune_job(args, console, model_path, tokenizer, data, flop_config, staging)
         summary["wall_time_s"] = {**summary["wall_time_s"], "total": round(time.perf_counter() - started, 1)}
         summary["machine"]["load_avg_start"] = load_start
-        _write_json(staging / "summary.json", summary)
-        _publish(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json_atomic(staging / "summary.json", summary)
     _print_summary(console, summary, output_dir)
     if args.push_to_hub:
         _push(args, output_dir, console)
@@ -712,33 +700,12 @@ def _plots(log_history, report, folder: Path, args) -> list[str]:
     ]
 
 
-def _publish(staging: Path, output_dir: Path) -> None:
-    """Move the finished results into place (replacing an old folder only now that the new one is complete)."""
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(old)
-        staging.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
-
-
 def _push(args, output_dir: Path, console) -> None:
     from .hub import push_compacted
 
     with console.status(f"pushing to {args.repo_id}"):
         url = push_compacted(output_dir / "model", args.repo_id, private=args.private or None)
     console.print(f"pushed: {url}")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    def plain(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return str(value)
-        return value
-
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, default=plain)
 
 
 def _print_summary(console, summary: dict, output_dir: Path) -> None:

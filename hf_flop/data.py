@@ -28,11 +28,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
+
+from .files import atomic_folder
 
 SETUP_COMMAND = "bash scripts/setup.sh"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -110,19 +110,14 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # overwrite=False: a copy another process finished meanwhile is never replaced under its readers
+        with atomic_folder(target, overwrite=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process finished first: keep its copy
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
