@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import DATASETS, MODELS
+from .data import DATASETS, MODELS, TaskData
 from .files import atomic_folder, check_output_dir, write_json_atomic
 from .hub import PushToHubError
 
@@ -299,111 +299,24 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _resolve_model(name: str | None, task: str) -> str:
-    from .data import resolve_model
+def _prepare_data(args, tokenizer) -> TaskData:
+    """The options' dataset, tokenized for ``args.task`` (``hf_flop.data.prepare_task_data``)."""
+    from .data import prepare_task_data
 
-    name = name or TASK_DEFAULTS[task]["model"]
-    path = resolve_model(name)
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise CliError(f"model folder {path} has no config.json; pass a folder written by save_pretrained.")
-        return str(local)
-    if name.startswith((".", "/", "~")) or len(Path(name).parts) > 2:
-        raise CliError(f"model path {name} does not exist.")
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise CliError(
-            f"cannot load model {name!r}: not a local folder, and not a reachable Hub id ({str(err).splitlines()[0]})."
-        ) from None
-    return path
-
-
-def _load_model(path: str, task: str, num_labels: int | None = None, tokenizer=None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-        if tokenizer is not None and model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _subset(dataset, n: int, seed: int):
-    return dataset if not n or n >= len(dataset) else dataset.shuffle(seed=seed).select(range(n))
-
-
-def _prepare_data(args, tokenizer) -> dict:
-    """Tokenized train / validation / report splits, the collator and label info; checks columns."""
-    from transformers import DataCollatorWithPadding, default_data_collator
-
-    from .data import find_column, load_text_dataset, tokenize_classification, tokenize_lm, with_validation
-
-    raw = with_validation(load_text_dataset(args.dataset, args.dataset_config, data_dir=args.data_dir), seed=args.seed)
-    train = raw["train"]
-    text_col = find_column(train, args.text_column, ("text", "sentence", "content", "review"), "text")
-    eval_split = args.eval_split
-    if eval_split is None:
-        eval_split = "test" if "test" in raw else "validation"
-    if eval_split not in raw:
-        raise CliError(f"the dataset has no split {eval_split!r}; it has {sorted(raw)}.")
-    if args.task == "seq-cls":
-        label_col = find_column(train, args.label_column, ("label", "labels"), "label")
-        feature = train.features[label_col]
-        names = getattr(feature, "names", None)
-        labels = sorted(set(train[label_col]))
-        num_labels = len(names) if names else len(labels)
-        if args.eval_split is None and eval_split == "test" and min(raw["test"][label_col]) < 0:
-            eval_split = "validation"  # GLUE-style unlabelled test split (labels -1)
-        if any(not isinstance(v, int) or v < 0 or v >= num_labels for v in labels):
-            raise CliError(
-                f"label column {label_col!r} must hold class ids 0..n-1 (found {labels[:5]}...); "
-                "map labels to integers first or pick another --label-column."
-            )
-        if num_labels < 2:
-            raise CliError(f"label column {label_col!r} has a single class; classification needs two or more.")
-
-        def prep(split, n):
-            return tokenize_classification(
-                _subset(split, n, args.seed),
-                tokenizer,
-                text_column=text_col,
-                label_column=label_col,
-                max_length=args.max_length,
-            )
-
-        collator = DataCollatorWithPadding(tokenizer)
-        info = {"num_labels": num_labels, "label_names": names, "metric": "accuracy"}
-        train_set = prep(train, args.train_samples)
-        report_set = prep(raw[eval_split], args.eval_samples)
-    else:
-
-        def prep(split, n):
-            return _subset(
-                tokenize_lm(split, tokenizer, text_column=text_col, block_size=args.max_length), n, args.seed
-            )
-
-        collator = default_data_collator
-        info = {"num_labels": None, "label_names": None, "metric": "perplexity"}
-        train_set = prep(train, args.train_samples)
-        report_set = prep(raw[eval_split], args.eval_samples)
-    if len(train_set) == 0 or len(report_set) == 0:
-        raise CliError("the dataset yields no training or evaluation examples with these settings.")
-    return {"train": train_set, "report": report_set, "collator": collator, "eval_split": eval_split, **info}
+    return prepare_task_data(
+        args.dataset,
+        tokenizer,
+        task=args.task,
+        max_length=args.max_length,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        eval_split=args.eval_split,
+        train_samples=args.train_samples,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        dataset_config=args.dataset_config,
+    )
 
 
 # --- progress ------------------------------------------------------------------------------------
@@ -522,6 +435,8 @@ def run_prune(args) -> dict:
     """``hf-flop prune``: the whole job; returns the summary that it also writes to ``summary.json``."""
     from rich.console import Console
 
+    from .data import find_model, load_tokenizer
+
     _fill_task_defaults(args)
     console = Console()
     output_dir = check_output_dir(
@@ -533,8 +448,8 @@ def run_prune(args) -> dict:
     _quiet()
     started, load_start = time.perf_counter(), os.getloadavg()
     with console.status("loading model and data"):
-        model_path = _resolve_model(args.model, args.task)
-        tokenizer = _load_tokenizer(model_path)
+        model_path = find_model(args.model)
+        tokenizer = load_tokenizer(model_path)
         data = _prepare_data(args, tokenizer)
     console.print(
         f"[bold]hf-flop prune[/]: {args.task} | model {args.model} | dataset {args.dataset} | "
@@ -557,12 +472,13 @@ def _prune_job(args, console, model_path, tokenizer, data, flop_config, out: Pat
     from transformers import Trainer, TrainingArguments, set_seed
 
     from . import compact, get_flop_model, sparsity_report
+    from .data import load_task_model
     from .metrics import cpu_latency, evaluate_model
     from .trainer import PruningArguments, PruningTrainer
 
     set_seed(args.seed)
     task, collator = args.task, data["collator"]
-    model = _load_model(model_path, task, data["num_labels"], tokenizer)
+    model = load_task_model(model_path, task, data["num_labels"], tokenizer)
     evaluate = lambda m: evaluate_model(m, data["report"], task=task, collator=collator, batch_size=32)  # noqa: E731
     metric = data["metric"]
     results: dict = {"metric": metric, "eval_split": data["eval_split"]}
@@ -744,10 +660,11 @@ def _print_summary(console, summary: dict, output_dir: Path) -> None:
 def run_report(args) -> None:
     """``hf-flop report``: inject FLOP and print the sparsity report of the untrained gates."""
     from . import FlopConfig, get_flop_model, sparsity_report
+    from .data import find_model, load_task_model
 
     _quiet()
-    path = _resolve_model(args.model, args.task)
-    model = _load_model(path, args.task, num_labels=2)
+    path = find_model(args.model or TASK_DEFAULTS[args.task]["model"])
+    model = load_task_model(path, args.task, num_labels=2)
     config = FlopConfig(target_sparsity=args.target, levels=args.levels, gate=args.gate, round_to=args.round_to)
     model = get_flop_model(model, config)
     print(sparsity_report(model))
