@@ -23,11 +23,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, default_data_collator
+from transformers import HfArgumentParser
 
 import hf_flop
 from hf_flop import FlopConfig, get_flop_model
-from hf_flop.data import find_column, load_text_dataset, resolve_model, tokenize_lm, with_validation
+from hf_flop.data import find_model, load_task_model, load_tokenizer, prepare_task_data
 from hf_flop.trainer import PruningArguments, PruningTrainer
 
 
@@ -36,45 +36,48 @@ class ScriptArguments:
     model_name_or_path: str = field(default="smollm2", metadata={"help": "Hub id, local folder, or 'smollm2'."})
     dataset: str = field(default="ptb", metadata={"help": "Hub id, local path (e.g. a .txt file), or 'ptb'."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    text_column: str | None = field(default=None, metadata={"help": "Text column (default: text)."})
+    text_column: str | None = field(
+        default=None, metadata={"help": "Text column (default: text, sentence, content or review)."}
+    )
     block_size: int = field(default=128, metadata={"help": "Tokens per training/evaluation block."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of the blocks."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N test blocks."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a seeded subset of N test blocks (as the CLI does)."}
+    )
     target_sparsity: float = field(default=0.5, metadata={"help": "Fraction of the prunable parameters to remove."})
     levels: str = field(default="rank", metadata={"help": "Comma-separated FLOP levels: rank, head, row."})
     distill: bool = field(default=False, metadata={"help": "Distil from the dense model (a copy kept in memory)."})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example (``argv``: its command line, default ``sys.argv``); returns both perplexities."""
     parser = HfArgumentParser((ScriptArguments, PruningArguments))
-    script, training_args = parser.parse_args_into_dataclasses()
+    script, training_args = parser.parse_args_into_dataclasses(args=argv)
 
-    path = resolve_model(script.model_name_or_path)  # the first call converts SmolLM2 (~30 s)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    with training_args.main_process_first():
-        raw = with_validation(load_text_dataset(script.dataset, script.dataset_config), seed=training_args.seed)
-        text_col = find_column(raw["train"], script.text_column, ("text",), "text")
-        blocks = {
-            name: tokenize_lm(raw[name], tokenizer, text_column=text_col, block_size=script.block_size)
-            for name in ("train", "test" if "test" in raw else "validation")
-        }
-    train_set = blocks["train"]
-    if script.max_train_samples is not None and script.max_train_samples < len(train_set):
-        train_set = train_set.shuffle(seed=training_args.seed).select(range(script.max_train_samples))
-    eval_set = blocks["test" if "test" in blocks else "validation"]
-    if script.max_eval_samples is not None:
-        eval_set = eval_set.select(range(min(script.max_eval_samples, len(eval_set))))
-
-    model = AutoModelForCausalLM.from_pretrained(path)
+    path = find_model(script.model_name_or_path)  # the first call converts SmolLM2 (~30 s)
+    tokenizer = load_tokenizer(path)
+    with training_args.main_process_first():  # rank 0 tokenizes, the others read its cache
+        data = prepare_task_data(
+            script.dataset,
+            tokenizer,
+            task="causal-lm",
+            dataset_config=script.dataset_config,
+            text_column=script.text_column,
+            max_length=script.block_size,
+            train_samples=script.max_train_samples or 0,
+            eval_samples=script.max_eval_samples or 0,
+            seed=training_args.seed,
+        )
+    model = load_task_model(path, "causal-lm")
     teacher = copy.deepcopy(model) if script.distill else None
     config = FlopConfig(target_sparsity=script.target_sparsity, levels=script.levels.split(","))
     model = get_flop_model(model, config)
     trainer = PruningTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=default_data_collator,
+        train_dataset=data["train"],
+        eval_dataset=data["report"],
+        data_collator=data["collator"],
         processing_class=tokenizer,
         teacher_model=teacher,
     )
@@ -83,10 +86,11 @@ def main() -> None:
     after = math.exp(trainer.evaluate()["eval_loss"])
     if trainer.is_world_process_zero():
         print(hf_flop.sparsity_report(model))
-        print(f"test perplexity: dense {before:.2f} -> pruned {after:.2f}")
+        print(f"{data['eval_split']} perplexity: dense {before:.2f} -> pruned {after:.2f}")
     trainer.save_compacted(
-        os.path.join(training_args.output_dir, "final"), tokenizer=tokenizer, eval_results={"perplexity": after}
+        os.path.join(training_args.output_dir, "final"), tokenizer=tokenizer, eval_results={data["metric"]: after}
     )
+    return {"dense": before, "pruned": after}
 
 
 if __name__ == "__main__":

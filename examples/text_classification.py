@@ -16,7 +16,9 @@ Tomatoes sentiment sentences, both read offline from installed packages (`bash s
 
 Any Hub model id or local folder works for `--model_name_or_path` and any dataset for
 `--dataset` (Hub id, save_to_disk folder, csv/json/parquet file); `--text_column` /
-`--label_column` name the columns. Accuracy comes from the offline metric in `hf_flop.metrics`.
+`--label_column` name the columns. Data preparation and model loading are the CLI's
+(`hf_flop.data.prepare_task_data`, `load_task_model`); accuracy comes from the offline metric in
+`hf_flop.metrics`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, HfArgumentParser
+from transformers import HfArgumentParser
 
 import hf_flop
 from hf_flop import FlopConfig, get_flop_model, metrics
-from hf_flop.data import find_column, load_text_dataset, resolve_model, tokenize_classification, with_validation
+from hf_flop.data import find_model, load_task_model, load_tokenizer, prepare_task_data
 from hf_flop.trainer import PruningArguments, PruningTrainer
 
 
@@ -37,11 +39,14 @@ class ScriptArguments:
     model_name_or_path: str = field(default="minilm", metadata={"help": "Hub id, local folder, or 'minilm'."})
     dataset: str = field(default="rt-sentiment", metadata={"help": "Hub id, local path, or 'rt-sentiment'."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    text_column: str | None = field(default=None, metadata={"help": "Text column (default: text or sentence)."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column (default: label)."})
+    text_column: str | None = field(
+        default=None, metadata={"help": "Text column (default: text, sentence, content or review)."}
+    )
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: label or labels)."})
+    eval_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
     max_length: int = field(default=64, metadata={"help": "Tokens per example (longer ones are truncated)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a subset of the validation set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of the eval split."})
     target_sparsity: float = field(
         default=0.5, metadata={"help": "Fraction of the prunable parameters to remove; 0 = plain fine-tuning."}
     )
@@ -51,37 +56,37 @@ class ScriptArguments:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example (``argv``: its command line, default ``sys.argv``); returns the final evaluation."""
     parser = HfArgumentParser((ScriptArguments, PruningArguments))
-    script, training_args = parser.parse_args_into_dataclasses()
+    script, training_args = parser.parse_args_into_dataclasses(args=argv)
 
-    with training_args.main_process_first():
-        raw = with_validation(load_text_dataset(script.dataset, script.dataset_config), seed=training_args.seed)
-    text_col = find_column(raw["train"], script.text_column, ("text", "sentence"), "text")
-    label_col = find_column(raw["train"], script.label_column, ("label", "labels"), "label")
-    path = resolve_model(script.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def prepare(split, n):
-        if n is not None and n < len(split):
-            split = split.shuffle(seed=training_args.seed).select(range(n))
-        return tokenize_classification(
-            split, tokenizer, text_column=text_col, label_column=label_col, max_length=script.max_length
+    path = find_model(script.model_name_or_path)
+    tokenizer = load_tokenizer(path)
+    with training_args.main_process_first():  # rank 0 tokenizes, the others read its cache
+        data = prepare_task_data(
+            script.dataset,
+            tokenizer,
+            task="seq-cls",
+            dataset_config=script.dataset_config,
+            text_column=script.text_column,
+            label_column=script.label_column,
+            eval_split=script.eval_split,
+            max_length=script.max_length,
+            train_samples=script.max_train_samples or 0,
+            eval_samples=script.max_eval_samples or 0,
+            seed=training_args.seed,
         )
-
-    train_set = prepare(raw["train"], script.max_train_samples)
-    eval_set = prepare(raw["validation"], script.max_eval_samples)
-    num_labels = len(set(raw["train"][label_col]))
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    accuracy = metrics.load("accuracy")
+    model = load_task_model(path, "seq-cls", data["num_labels"], tokenizer)
+    metric = metrics.load(data["metric"])
 
     def compute_metrics(prediction):
-        return accuracy.compute(predictions=prediction.predictions.argmax(-1), references=prediction.label_ids)
+        return metric.compute(predictions=prediction.predictions.argmax(-1), references=prediction.label_ids)
 
     common = dict(
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        train_dataset=data["train"],
+        eval_dataset=data["report"],
+        data_collator=data["collator"],
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
@@ -91,13 +96,14 @@ def main() -> None:
 
         trainer = Trainer(model=model, args=training_args, **common)
         trainer.train()
-        print(trainer.evaluate())
+        results = trainer.evaluate()
+        print(results)
         trainer.save_model(final)
-        return
+        return results
 
     teacher = None
     if script.teacher_name_or_path:  # loaded separately: injection below modifies `model` in place
-        teacher = AutoModelForSequenceClassification.from_pretrained(resolve_model(script.teacher_name_or_path))
+        teacher = load_task_model(find_model(script.teacher_name_or_path), "seq-cls", data["num_labels"], tokenizer)
     config = FlopConfig(target_sparsity=script.target_sparsity, levels=script.levels.split(","))
     model = get_flop_model(model, config)
     trainer = PruningTrainer(model=model, args=training_args, teacher_model=teacher, **common)
@@ -106,7 +112,9 @@ def main() -> None:
     if trainer.is_world_process_zero():
         print(results)
         print(hf_flop.sparsity_report(model))
-    trainer.save_compacted(final, tokenizer=tokenizer, eval_results={"accuracy": results["eval_accuracy"]})
+    metric_name = data["metric"]
+    trainer.save_compacted(final, tokenizer=tokenizer, eval_results={metric_name: results[f"eval_{metric_name}"]})
+    return results
 
 
 if __name__ == "__main__":

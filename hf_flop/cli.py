@@ -8,26 +8,24 @@ or local folder), any dataset, sequence classification or causal language modell
 
 ``hf-flop report`` injects FLOP into a model and prints the sparsity report (a quick look at what
 would be pruned and how the parameters are counted).
+
+This module parses and checks the options; the prune job itself is ``hf_flop.prune_job``, its
+console output ``hf_flop.progress``, and the model and data loading it shares with the examples
+``hf_flop.data``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
-import os
 import re
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+from . import prune_job
 from .data import DATASETS, MODELS
+from .files import check_output_dir
 from .hub import PushToHubError
 
-TASKS = ("seq-cls", "causal-lm")
 # The default job must finish in under ~15 minutes on 2 CPU cores (measured 7.9 min, see the
 # README): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
 TASK_DEFAULTS = {
@@ -54,24 +52,22 @@ TASK_DEFAULTS = {
         "learning_rate": 5e-5,
     },
 }
-LATENCY_BATCHES = (1, 32)
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+# the data the job prepares from the options, under its former name here (tests rebuild the CLI's data with it)
+_prepare_data = prune_job.prepare_data
+
+
 # --- arguments -----------------------------------------------------------------------------------
-def _target(value: str) -> float:
+def _number(value: str) -> float:
     try:
-        target = float(value)
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= target < 1.0:
-        raise argparse.ArgumentTypeError(
-            f"{value} is outside [0, 1): it is the fraction of prunable parameters removed"
-        )
-    return target
 
 
 def _non_negative(kind):
@@ -98,18 +94,39 @@ def _positive(kind):
 
 
 def _levels(value: str) -> list[str]:
-    from .config import LEVELS
+    """The comma-separated list; FlopConfig checks the names."""
+    return [v.strip() for v in value.split(",") if v.strip()]
 
-    levels = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in levels if v not in LEVELS]
-    if not levels or bad:
-        raise argparse.ArgumentTypeError(f"{value!r}: use a comma-separated subset of {','.join(LEVELS)}")
-    return levels
+
+def _pruning_options() -> dict[str, tuple[str, str]]:
+    """FlopConfig field -> (the option that sets it, what it takes): for ``--help`` and for FlopConfig's errors."""
+    from .config import GATES, LEVELS
+
+    return {
+        "target_sparsity": ("--target", "a number in [0, 1)"),
+        "levels": ("--levels", f"a comma-separated subset of {','.join(LEVELS)}"),
+        "gate": ("--gate", f"one of {', '.join(GATES)}"),
+        "round_to": ("--round-to", "a positive integer"),
+    }
+
+
+def _flop_config(args):
+    """The options' FlopConfig. FlopConfig checks the values; its error becomes one line naming the option."""
+    from .config import FlopConfig
+
+    try:
+        return FlopConfig(target_sparsity=args.target, levels=args.levels, gate=args.gate, round_to=args.round_to)
+    except ValueError as err:
+        field = re.match(r"FlopConfig\.(\w+)", str(err))  # FlopConfig's messages start with the field
+        option, takes = _pruning_options().get(field and field.group(1), ("pruning options", "see --help"))
+        raise CliError(f"invalid {option} ({takes}): {err}") from None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from .config import GATES
+    from .metrics import TASKS
 
+    takes = dict(_pruning_options().values())
     names = ", ".join(f"'{k}' ({v})" for k, v in MODELS.items())
     parser.add_argument(
         "--task",
@@ -123,17 +140,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "Default: minilm for seq-cls, smollm2 for causal-lm.",
     )
     parser.add_argument(
-        "--target", type=_target, default=0.5, help="Fraction of the prunable parameters to remove, in [0, 1)."
+        "--target",
+        type=_number,
+        default=0.5,
+        help=f"Fraction of the prunable parameters to remove: {takes['--target']}.",
     )
     parser.add_argument(
         "--levels",
         type=_levels,
         default="rank",
-        help="Comma-separated structures to gate: rank (FLOP low-rank components), head, row (FFN neurons), block.",
+        help=f"Structures to gate, {takes['--levels']}: rank = FLOP low-rank components, head = attention "
+        "heads, row = FFN neurons, block = weight blocks (not with rank), embedding = vocabulary clusters.",
     )
     parser.add_argument("--gate", choices=GATES, default="hard_concrete", help="Gate type.")
     parser.add_argument(
-        "--round-to", type=_positive(int), default=1, help="Round kept ranks/rows up to a multiple of this."
+        "--round-to",
+        type=int,
+        default=1,
+        help=f"Round kept ranks/rows up to a multiple of this, {takes['--round-to']}.",
     )
 
 
@@ -284,222 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --- loading -------------------------------------------------------------------------------------
-def _quiet() -> None:
-    """Silence library chatter (load reports, map progress bars); the CLI prints its own progress."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _resolve_model(name: str | None, task: str) -> str:
-    from .data import resolve_model
-
-    name = name or TASK_DEFAULTS[task]["model"]
-    path = resolve_model(name)
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise CliError(f"model folder {path} has no config.json; pass a folder written by save_pretrained.")
-        return str(local)
-    if name.startswith((".", "/", "~")) or len(Path(name).parts) > 2:
-        raise CliError(f"model path {name} does not exist.")
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise CliError(
-            f"cannot load model {name!r}: not a local folder, and not a reachable Hub id ({str(err).splitlines()[0]})."
-        ) from None
-    return path
-
-
-def _load_model(path: str, task: str, num_labels: int | None = None, tokenizer=None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-        if tokenizer is not None and model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _subset(dataset, n: int, seed: int):
-    return dataset if not n or n >= len(dataset) else dataset.shuffle(seed=seed).select(range(n))
-
-
-def _prepare_data(args, tokenizer) -> dict:
-    """Tokenized train / validation / report splits, the collator and label info; checks columns."""
-    from transformers import DataCollatorWithPadding, default_data_collator
-
-    from .data import find_column, load_text_dataset, tokenize_classification, tokenize_lm, with_validation
-
-    raw = with_validation(load_text_dataset(args.dataset, args.dataset_config, data_dir=args.data_dir), seed=args.seed)
-    train = raw["train"]
-    text_col = find_column(train, args.text_column, ("text", "sentence", "content", "review"), "text")
-    eval_split = args.eval_split
-    if eval_split is None:
-        eval_split = "test" if "test" in raw else "validation"
-    if eval_split not in raw:
-        raise CliError(f"the dataset has no split {eval_split!r}; it has {sorted(raw)}.")
-    if args.task == "seq-cls":
-        label_col = find_column(train, args.label_column, ("label", "labels"), "label")
-        feature = train.features[label_col]
-        names = getattr(feature, "names", None)
-        labels = sorted(set(train[label_col]))
-        num_labels = len(names) if names else len(labels)
-        if args.eval_split is None and eval_split == "test" and min(raw["test"][label_col]) < 0:
-            eval_split = "validation"  # GLUE-style unlabelled test split (labels -1)
-        if any(not isinstance(v, int) or v < 0 or v >= num_labels for v in labels):
-            raise CliError(
-                f"label column {label_col!r} must hold class ids 0..n-1 (found {labels[:5]}...); "
-                "map labels to integers first or pick another --label-column."
-            )
-        if num_labels < 2:
-            raise CliError(f"label column {label_col!r} has a single class; classification needs two or more.")
-
-        def prep(split, n):
-            return tokenize_classification(
-                _subset(split, n, args.seed),
-                tokenizer,
-                text_column=text_col,
-                label_column=label_col,
-                max_length=args.max_length,
-            )
-
-        collator = DataCollatorWithPadding(tokenizer)
-        info = {"num_labels": num_labels, "label_names": names, "metric": "accuracy"}
-        train_set = prep(train, args.train_samples)
-        report_set = prep(raw[eval_split], args.eval_samples)
-    else:
-
-        def prep(split, n):
-            return _subset(
-                tokenize_lm(split, tokenizer, text_column=text_col, block_size=args.max_length), n, args.seed
-            )
-
-        collator = default_data_collator
-        info = {"num_labels": None, "label_names": None, "metric": "perplexity"}
-        train_set = prep(train, args.train_samples)
-        report_set = prep(raw[eval_split], args.eval_samples)
-    if len(train_set) == 0 or len(report_set) == 0:
-        raise CliError("the dataset yields no training or evaluation examples with these settings.")
-    return {"train": train_set, "report": report_set, "collator": collator, "eval_split": eval_split, **info}
-
-
-# --- progress ------------------------------------------------------------------------------------
-def _progress_callback(console, phase: str):
-    """A TrainerCallback drawing a rich progress bar with loss and sparsity (target vs expected)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers import TrainerCallback
-
-    class RichProgress(TrainerCallback):
-        def __init__(self) -> None:
-            self.progress = None
-            self.task = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not console.is_terminal:  # a log file gets one line per log (on_log) instead of a live bar
-                return
-            self.progress = Progress(
-                TextColumn(f"[bold]{phase}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(phase, total=state.max_steps, info="")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            parts = []
-            if "loss" in logs:
-                parts.append(f"loss {logs['loss']:.4f}")
-            if "expected_sparsity" in logs:
-                parts.append(
-                    f"sparsity {logs['expected_sparsity']:.3f} (eval {logs.get('deterministic_sparsity', 0):.3f}) "
-                    f"/ target {logs.get('target_sparsity', 0):.3f}"
-                )
-            if "lambda_1" in logs:
-                parts.append(f"λ1 {logs['lambda_1']:+.3f} λ2 {logs.get('lambda_2', 0):+.3f}")
-            if not parts:
-                return
-            if self.progress is not None:
-                self.progress.update(self.task, info=" | ".join(parts))
-            else:
-                line = f"{phase} step {state.global_step}/{state.max_steps}: " + " | ".join(parts)
-                console.print(line, soft_wrap=True, highlight=False)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.stop()
-
-    return RichProgress()
-
-
-def _train(trainer_cls, console, phase: str, **kwargs):
-    """Build a (Pruning)Trainer with the rich progress bar instead of transformers' printing, and train it."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer = trainer_cls(**kwargs)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_progress_callback(console, phase))
-    start = time.perf_counter()
-    trainer.train()
-    return trainer, time.perf_counter() - start
-
-
-def _training_args(cls, args, workdir: str, n_train: int, *, epochs: float, max_steps: int | None, **extra):
-    import torch
-
-    steps = max_steps or math.ceil(math.ceil(n_train / args.batch_size) * epochs)
-    return cls(
-        output_dir=workdir,
-        num_train_epochs=epochs,
-        max_steps=max_steps if max_steps else -1,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=max(args.batch_size, 32),
-        learning_rate=args.learning_rate,
-        weight_decay=0.01,
-        warmup_steps=0.1,
-        logging_steps=max(1, steps // 50),  # about 50 points for the progress and the plots
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=args.seed,
-        train_sampling_strategy="group_by_length" if args.task == "seq-cls" else "random",
-        **extra,
-    )
-
-
-# --- the main job --------------------------------------------------------------------------------
+# --- subcommands ---------------------------------------------------------------------------------
 def _fill_task_defaults(args) -> None:
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
@@ -508,281 +317,29 @@ def _fill_task_defaults(args) -> None:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise CliError(
-            f"output folder {path} exists and is not empty; pass --overwrite or choose another --output-dir."
-        )
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _latency_inputs(dataset, tokenizer, batch_size: int, max_length: int) -> dict:
-    """A batch of ``batch_size`` evaluation rows padded to ``max_length``: dense and compacted see the same shapes."""
-    rows = [{k: v for k, v in dataset[i % len(dataset)].items() if k != "labels"} for i in range(batch_size)]
-    return dict(tokenizer.pad(rows, padding="max_length", max_length=max_length, return_tensors="pt"))
-
-
 def run_prune(args) -> dict:
-    """``hf-flop prune``: the whole job; returns the summary that it also writes to ``summary.json``."""
-    from rich.console import Console
+    """``hf-flop prune``: complete and check the options, run the job; returns the summary it writes to summary.json.
 
+    The job's phases are in ``hf_flop.prune_job``.
+    """
     _fill_task_defaults(args)
-    console = Console()
-    output_dir = Path(args.output_dir).expanduser()
-    _check_output_dir(output_dir, args.overwrite)
-    from .config import FlopConfig
-
-    flop_config = FlopConfig(target_sparsity=args.target, levels=args.levels, gate=args.gate, round_to=args.round_to)
-    _quiet()
-    started, load_start = time.perf_counter(), os.getloadavg()
-    with console.status("loading model and data"):
-        model_path = _resolve_model(args.model, args.task)
-        tokenizer = _load_tokenizer(model_path)
-        data = _prepare_data(args, tokenizer)
-    console.print(
-        f"[bold]hf-flop prune[/]: {args.task} | model {args.model} | dataset {args.dataset} | "
-        f"train {len(data['train']):,} | eval ({data['eval_split']}) {len(data['report']):,} | "
-        f"target {args.target} | levels {','.join(args.levels)}"
+    flop_config = _flop_config(args)
+    output_dir = check_output_dir(
+        Path(args.output_dir).expanduser(), args.overwrite, name="--output-dir", overwrite_hint="pass --overwrite"
     )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        summary = _prune_job(args, console, model_path, tokenizer, data, flop_config, staging)
-        summary["wall_time_s"] = {**summary["wall_time_s"], "total": round(time.perf_counter() - started, 1)}
-        summary["machine"]["load_avg_start"] = load_start
-        _write_json(staging / "summary.json", summary)
-        _publish(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _print_summary(console, summary, output_dir)
-    if args.push_to_hub:
-        _push(args, output_dir, console)
-    return summary
+    return prune_job.run(args, flop_config, output_dir)
 
 
-def _prune_job(args, console, model_path, tokenizer, data, flop_config, out: Path) -> dict:
-    import torch
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from . import compact, get_flop_model, sparsity_report
-    from .metrics import cpu_latency, evaluate_model
-    from .trainer import PruningArguments, PruningTrainer
-
-    set_seed(args.seed)
-    task, collator = args.task, data["collator"]
-    model = _load_model(model_path, task, data["num_labels"], tokenizer)
-    evaluate = lambda m: evaluate_model(m, data["report"], task=task, collator=collator, batch_size=32)  # noqa: E731
-    metric = data["metric"]
-    results: dict = {"metric": metric, "eval_split": data["eval_split"]}
-    times: dict = {}
-    workdir = tempfile.mkdtemp(prefix="hf-flop-trainer-")
-    try:
-        if task == "causal-lm":
-            with console.status("evaluating the pretrained model"):
-                results["pretrained"] = evaluate(model)[metric]
-        if args.dense_epochs > 0:
-            dense_args = _training_args(
-                TrainingArguments, args, workdir, len(data["train"]), epochs=args.dense_epochs, max_steps=None
-            )
-            _, times["dense_fine_tune"] = _train(
-                Trainer,
-                console,
-                "dense fine-tune",
-                model=model,
-                args=dense_args,
-                train_dataset=data["train"],
-                data_collator=collator,
-            )
-        with console.status("evaluating the dense model"):
-            results["dense"] = evaluate(model)[metric]
-        console.print(f"dense {metric} ({data['eval_split']}): {results['dense']:.4f}")
-        dense = copy.deepcopy(model).eval()
-
-        model = get_flop_model(model, flop_config)
-        prune_args = _training_args(
-            PruningArguments,
-            args,
-            workdir,
-            len(data["train"]),
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            target_warmup_steps=args.target_warmup,
-            **{
-                k: getattr(args, k)
-                for k in ("gate_learning_rate", "lagrangian_learning_rate")
-                if getattr(args, k) is not None
-            },
-        )
-        trainer, times["pruning"] = _train(
-            PruningTrainer,
-            console,
-            "pruning",
-            model=model,
-            args=prune_args,
-            train_dataset=data["train"],
-            data_collator=collator,
-            teacher_model=dense if args.distill else None,
-        )
-        report = sparsity_report(model)
-        with console.status("compacting and evaluating"):
-            small = compact(model).eval()
-            results["pruned"] = evaluate(small)[metric]
-        console.print(f"pruned {metric} ({data['eval_split']}): {results['pruned']:.4f}")
-
-        latency = {}  # CPU latency, whatever device trained
-        dense, small = dense.cpu(), small.cpu()
-        with console.status("measuring CPU latency (dense vs compacted)"), torch.inference_mode():
-            for batch_size in LATENCY_BATCHES:
-                inputs = _latency_inputs(data["report"], tokenizer, batch_size, args.max_length)
-                repeats, warmup = (5, 1) if batch_size > 1 else (10, 2)
-                # a fixed thread count keeps the ratio stable on a shared machine
-                timing = cpu_latency(
-                    {"dense": dense, "pruned": small},
-                    inputs,
-                    repeats=repeats,
-                    warmup=warmup,
-                    threads=args.latency_threads,
-                )
-                latency[str(batch_size)] = {k: round(v * 1000, 3) for k, v in timing.items()}
-
-        with console.status("saving the compacted model and card"):
-            _save_model(model, out / "model", tokenizer, results, latency, args)
-        plots = [] if args.no_plots else _plots(trainer.state.log_history, report, out / "plots", args)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return {
-        "task": task,
-        "model": args.model,
-        "dataset": args.dataset,
-        "levels": args.levels,
-        "target_sparsity": args.target,
-        "results": results,
-        "params": {
-            "dense_total": _params(dense),
-            "pruned_total": _params(small),
-            "prunable": report.prunable_params,
-            "prunable_kept": report.deterministic_kept_params,
-            "sparsity": report.deterministic_sparsity,
-        },
-        "latency_ms": latency,
-        "speedup": {b: round(v["dense"] / v["pruned"], 3) for b, v in latency.items()},
-        "wall_time_s": {k: round(v, 1) for k, v in times.items()},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_end": os.getloadavg()},
-        "train_examples": len(data["train"]),
-        "eval_examples": len(data["report"]),
-        "plots": plots,
-        "log_history": trainer.state.log_history,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
-    }
-
-
-def _save_model(model, folder: Path, tokenizer, results: dict, latency: dict, args) -> None:
-    from . import save_compacted
-    from .data import DATASETS, MODEL_HUB_IDS
-
-    eval_results = {results["metric"]: results["pruned"]}  # the dense baseline is in summary.json
-    setting = f"CPU, {args.latency_threads} thread(s), {args.max_length} tokens"
-    speedup = {f"{setting}, batch {b}": v["dense"] / v["pruned"] for b, v in latency.items()}
-    dataset = DATASETS.get(args.dataset, args.dataset)
-    base = MODEL_HUB_IDS.get(args.model, args.model).rstrip("/").split("/")[-1]
-    name = args.repo_id or re.sub(r"[^\w.-]", "-", f"{base}-flop-{round(100 * args.target)}")
-    save_compacted(
-        model,
-        folder,
-        repo_id=name,  # the card's title; pushing (if asked) happens once the output folder is complete
-        tokenizer=tokenizer,
-        eval_results=eval_results,
-        eval_dataset=f"{dataset} ({results['eval_split']} split)",
-        speedup=speedup,
-        base_model=MODEL_HUB_IDS.get(args.model),
-    )
-
-
-def _plots(log_history, report, folder: Path, args) -> list[str]:
-    from .plots import plot_kept, plot_training
-
-    title = f"{args.model} on {args.dataset}, target {args.target}, levels {','.join(args.levels)}"
-    return [
-        plot_training(log_history, folder / "sparsity.png", title=title).name,
-        plot_kept(report, folder / "kept.png", title=title).name,
-    ]
-
-
-def _publish(staging: Path, output_dir: Path) -> None:
-    """Move the finished results into place (replacing an old folder only now that the new one is complete)."""
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(old)
-        staging.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
-
-
-def _push(args, output_dir: Path, console) -> None:
-    from .hub import push_compacted
-
-    with console.status(f"pushing to {args.repo_id}"):
-        url = push_compacted(output_dir / "model", args.repo_id, private=args.private or None)
-    console.print(f"pushed: {url}")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    def plain(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return str(value)
-        return value
-
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, default=plain)
-
-
-def _print_summary(console, summary: dict, output_dir: Path) -> None:
-    from rich.table import Table
-
-    res, params, lat = summary["results"], summary["params"], summary["latency_ms"]
-    metric = res["metric"]
-    table = Table(title=f"hf-flop prune: {summary['model']} on {summary['dataset']}")
-    table.add_column("")
-    table.add_column("dense", justify="right")
-    table.add_column("pruned (compacted)", justify="right")
-    if "pretrained" in res:
-        table.add_row(f"{metric} before fine-tuning", f"{res['pretrained']:.4f}", "")
-    table.add_row(f"{metric} ({res['eval_split']})", f"{res['dense']:.4f}", f"{res['pruned']:.4f}")
-    table.add_row("parameters (total)", f"{params['dense_total']:,}", f"{params['pruned_total']:,}")
-    table.add_row(
-        "prunable parameters",
-        f"{params['prunable']:,}",
-        f"{params['prunable_kept']:,} (sparsity {params['sparsity']:.3f}, target {summary['target_sparsity']})",
-    )
-    for batch, values in lat.items():
-        table.add_row(
-            f"CPU latency, batch {batch} (ms, {summary['settings']['latency_threads']} thr)",
-            f"{values['dense']:.1f}",
-            f"{values['pruned']:.1f} ({summary['speedup'][batch]:.2f}x)",
-        )
-    times = summary["wall_time_s"]
-    table.add_row(
-        "wall time (s)", f"{times.get('dense_fine_tune', 0):.0f} fine-tune", f"{times['pruning']:.0f} pruning"
-    )
-    console.print(table)
-    console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/")
-
-
-# --- report --------------------------------------------------------------------------------------
 def run_report(args) -> None:
     """``hf-flop report``: inject FLOP and print the sparsity report of the untrained gates."""
-    from . import FlopConfig, get_flop_model, sparsity_report
+    from . import get_flop_model, sparsity_report
+    from .data import find_model, load_task_model
+    from .progress import quiet_libraries
 
-    _quiet()
-    path = _resolve_model(args.model, args.task)
-    model = _load_model(path, args.task, num_labels=2)
-    config = FlopConfig(target_sparsity=args.target, levels=args.levels, gate=args.gate, round_to=args.round_to)
-    model = get_flop_model(model, config)
+    config = _flop_config(args)
+    quiet_libraries()
+    path = find_model(args.model or TASK_DEFAULTS[args.task]["model"])
+    model = get_flop_model(load_task_model(path, args.task, num_labels=2), config)
     print(sparsity_report(model))
 
 

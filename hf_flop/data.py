@@ -21,6 +21,10 @@ Datasets (``datasets.DatasetDict`` with ``train``/``validation``/``test``):
 
 ``resolve_model`` and ``load_text_dataset`` accept the short names of these defaults (``MODELS``,
 ``DATASETS``) or, for real use, any Hub id or local path.
+
+The CLI and the examples share the rest: ``find_model`` / ``load_tokenizer`` / ``load_task_model``
+load a model for a task, and ``prepare_task_data`` turns a dataset into tokenized training and
+evaluation sets with their collator and metric, checking columns, splits and labels.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypedDict
+
+from .files import atomic_folder
 
 SETUP_COMMAND = "bash scripts/setup.sh"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -110,19 +116,14 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # overwrite=False: a copy another process finished meanwhile is never replaced under its readers
+        with atomic_folder(target, overwrite=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process finished first: keep its copy
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
@@ -133,6 +134,75 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == "smollm2":
         return str(smollm2_path())
     return name_or_path
+
+
+def find_model(name_or_path: str) -> str:
+    """``resolve_model``, then make sure there is a model to load: the path for ``from_pretrained``.
+
+    A local folder must hold a ``config.json`` (``ValueError`` otherwise); a path-like name that
+    does not exist raises ``FileNotFoundError``; anything else must be a Hub id whose config loads
+    (``ValueError`` with the loader's reason otherwise).
+    """
+    path = resolve_model(name_or_path)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"model folder {path} has no config.json; pass a folder written by save_pretrained.")
+        return str(local)
+    if name_or_path.startswith((".", "/", "~")) or len(Path(name_or_path).parts) > 2:  # cannot be a Hub id
+        raise FileNotFoundError(f"model path {name_or_path} does not exist.")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load model {name_or_path!r}: not a local folder, and not a reachable Hub id "
+            f"({str(err).splitlines()[0]})."
+        ) from None
+    return path
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained(path)`` with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_classifier(path: str, num_labels: int | None, tokenizer):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    if tokenizer is not None and model.config.pad_token_id is None:
+        # decoder classifiers read each row's last non-pad token, which needs the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load_causal_lm(path: str, num_labels: int | None, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+_TASK_LOADERS = {"seq-cls": _load_classifier, "causal-lm": _load_causal_lm}
+
+
+def load_task_model(path: str, task: str, num_labels: int | None = None, tokenizer=None):
+    """The float32 model for ``task`` (``"seq-cls"`` or ``"causal-lm"``, as in ``hf_flop.metrics.TASKS``).
+
+    For ``"seq-cls"``, ``num_labels`` sizes the classifier head and ``tokenizer`` supplies the pad
+    id when the config has none; ``"causal-lm"`` ignores both.
+    """
+    if task not in _TASK_LOADERS:
+        raise ValueError(f"task={task!r} is not valid; use one of {list(_TASK_LOADERS)}.")
+    return _TASK_LOADERS[task](path, num_labels, tokenizer)
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -348,3 +418,107 @@ def tokenize_lm(dataset, tokenizer, *, text_column: str, block_size: int):
 
     tokens = dataset.map(encode, batched=True, remove_columns=dataset.column_names)
     return tokens.map(group, batched=True, batch_size=1000, remove_columns=tokens.column_names)
+
+
+TEXT_COLUMNS = ("text", "sentence", "content", "review")  # tried in this order when no text column is named
+LABEL_COLUMNS = ("label", "labels")
+
+
+class TaskData(TypedDict):
+    """What ``prepare_task_data`` returns: everything a Trainer and ``evaluate_model`` need.
+
+    ``train`` / ``report``: tokenized training and evaluation examples (``report`` comes from the
+    ``eval_split`` split and is what metrics are reported on); ``collator`` batches their rows;
+    ``metric`` is the task's metric name (``hf_flop.metrics.TASK_METRICS``); ``num_labels`` and
+    ``label_names`` describe the classes (``None`` for ``"causal-lm"``).
+    """
+
+    train: Any
+    report: Any
+    eval_split: str
+    collator: Callable
+    metric: str
+    num_labels: int | None
+    label_names: list[str] | None
+
+
+def _subset(dataset, n: int, seed: int):
+    """A seeded random ``n`` rows of ``dataset``; all of it when ``n`` is 0 or not smaller."""
+    return dataset if not n or n >= len(dataset) else dataset.shuffle(seed=seed).select(range(n))
+
+
+def prepare_task_data(
+    dataset,
+    tokenizer,
+    *,
+    task: str,
+    max_length: int,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    eval_split: str | None = None,
+    train_samples: int = 0,
+    eval_samples: int = 0,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    dataset_config: str | None = None,
+) -> TaskData:
+    """Tokenized training and evaluation sets for ``task``, with their collator and metric; checks the data.
+
+    Args:
+        dataset: a ``DatasetDict``, or a name for ``load_text_dataset`` (with ``dataset_config``,
+            ``data_dir``). A ``validation`` split is carved from ``train`` when there is none.
+        task: ``"seq-cls"`` (rows truncated to ``max_length`` tokens) or ``"causal-lm"`` (the text cut
+            into ``max_length``-token blocks).
+        text_column, label_column: default to the first of ``TEXT_COLUMNS`` / ``LABEL_COLUMNS`` present.
+        eval_split: the split metrics are reported on. Default: ``test``, unless it is missing or (for
+            ``"seq-cls"``) unlabelled (labels -1, as in GLUE), then ``validation``.
+        train_samples, eval_samples: seeded random subsets (of rows, or of blocks); 0 = all.
+
+    Raises ``ValueError`` saying what to change: a missing column or split, labels that are not
+    class ids ``0..n-1`` or a single class, or no examples left.
+    """
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    from .metrics import task_metric
+
+    metric = task_metric(task)
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = load_text_dataset(os.fspath(dataset), dataset_config, data_dir=data_dir)
+    raw = with_validation(dataset, seed=seed)
+    train = raw["train"]
+    text_col = find_column(train, text_column, TEXT_COLUMNS, "text")
+    split = eval_split or ("test" if "test" in raw else "validation")
+    if split not in raw:
+        raise ValueError(f"the dataset has no split {split!r}; it has {sorted(raw)}.")
+    if task == "seq-cls":
+        label_col = find_column(train, label_column, LABEL_COLUMNS, "label")
+        names = getattr(train.features[label_col], "names", None)
+        labels = sorted(set(train[label_col]))
+        num_labels = len(names) if names else len(labels)
+        if eval_split is None and split == "test" and min(raw["test"][label_col]) < 0:
+            split = "validation"  # GLUE-style unlabelled test split (labels -1)
+        if any(not isinstance(v, int) or v < 0 or v >= num_labels for v in labels):
+            raise ValueError(
+                f"label column {label_col!r} must hold class ids 0..n-1 (found {labels[:5]}...); "
+                "map labels to integers first or pick another label column."
+            )
+        if num_labels < 2:
+            raise ValueError(f"label column {label_col!r} has a single class; classification needs two or more.")
+
+        def prepare(part, n):
+            part = _subset(part, n, seed)
+            return tokenize_classification(
+                part, tokenizer, text_column=text_col, label_column=label_col, max_length=max_length
+            )
+
+        collator, classes = DataCollatorWithPadding(tokenizer), {"num_labels": num_labels, "label_names": names}
+    else:
+
+        def prepare(part, n):
+            return _subset(tokenize_lm(part, tokenizer, text_column=text_col, block_size=max_length), n, seed)
+
+        collator, classes = default_data_collator, {"num_labels": None, "label_names": None}
+    train_set, report_set = prepare(train, train_samples), prepare(raw[split], eval_samples)
+    if len(train_set) == 0 or len(report_set) == 0:
+        raise ValueError("the dataset yields no training or evaluation examples with these settings.")
+    return TaskData(train=train_set, report=report_set, eval_split=split, collator=collator, metric=metric, **classes)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from torch import nn
 
 from .accounting import SparsityReport, sparsity_report
 from .compact import compact_with_plan, plan_layers
+from .files import atomic_folder, check_output_dir
 from .model import find_flop_model
 from .modeling import auto_class_names
 
@@ -82,7 +80,7 @@ def save_compacted(
 
     Returns the path of the saved folder. Raises ``PushToHubError`` when only the push failed.
     """
-    out = _check_output_dir(output_dir, overwrite)
+    out = check_output_dir(output_dir, overwrite)
     if push_to_hub and not repo_id:
         raise ValueError("save_compacted(push_to_hub=True) needs repo_id='user/name' (the Hub repository to create).")
     if repo_id is not None and not (isinstance(repo_id, str) and _HUB_ID.match(repo_id)):
@@ -116,17 +114,11 @@ def save_compacted(
         datasets=datasets,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         compacted.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         card.save(tmp / "README.md")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if push_to_hub:
         push_compacted(out, repo_id, private=private, token=token, commit_message=commit_message)
     return out
@@ -180,19 +172,6 @@ def _push_message(folder: Path, repo_id: str, endpoint: str, reason: str) -> str
     )
 
 
-def _check_output_dir(output_dir, overwrite: bool) -> Path:
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(f"output_dir must be a path, got {type(output_dir).__name__}.")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {out} exists and is a file; choose a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output_dir {out} exists and is not empty; pass overwrite=True to replace it, or choose another folder."
-        )
-    return out
-
-
 def _check_numbers(name: str, values) -> dict[str, float]:
     if values is None:
         return {}
@@ -201,22 +180,6 @@ def _check_numbers(name: str, values) -> dict[str, float]:
     ):
         raise ValueError(f"{name} must map names to numbers, e.g. {{'accuracy': 0.91}}; got {values!r}.")
     return {k: float(v) for k, v in values.items()}
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is renamed aside first and deleted only at the end."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- the model card --------------------------------------------------------------------------------

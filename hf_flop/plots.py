@@ -5,10 +5,10 @@ Needs ``matplotlib`` (the ``examples`` extra). Files are written atomically.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from .files import atomic_file
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -27,18 +27,9 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def plot_training(log_history: list[dict], path: str | Path, *, title: str = "") -> Path:

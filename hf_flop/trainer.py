@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -371,13 +370,7 @@ def _logits(outputs) -> torch.Tensor:
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # the package's one atomic writer; imported here to leave the import block (restructured in parallel) alone
+    from .files import write_json_atomic
+
+    write_json_atomic(path, data)

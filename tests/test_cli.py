@@ -221,3 +221,20 @@ def test_default_job_with_tiny_settings(tmp_path):
     assert (out / "model" / "config.json").is_file() and (out / "plots" / "kept.png").is_file()
     helped = subprocess.run([sys.executable, "-m", "hf_flop", "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "prune" in helped.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--round-to", "0"], "invalid --round-to (a positive integer): FlopConfig.round_to=0"),
+        (["--levels", "rank,block"], "invalid --levels (a comma-separated subset of"),
+        (["--levels", ","], "levels is empty"),
+        (["--target", "-0.1"], "invalid --target (a number in [0, 1))"),
+    ],
+)
+def test_flop_config_errors_name_the_option(argv, fragment, capsys, tmp_path):
+    """FlopConfig checks the values (no second copy of its rules in the CLI); the error names the option."""
+    for command in (["prune", "--output-dir", str(tmp_path / "out")], ["report"]):
+        code, _, err = _run([*command, *argv], capsys)
+        _one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()

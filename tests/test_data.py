@@ -169,3 +169,93 @@ def test_tokenize_lm_makes_equal_blocks_with_labels():
     )
     assert cls.column_names == ["input_ids", "token_type_ids", "attention_mask", "labels"]
     assert len(cls[0]["input_ids"]) == 8 and cls["labels"] == [1, 0]
+
+
+# --- shared by the CLI and the examples -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(data.minilm_path())
+
+
+def test_prepare_task_data_for_classification(tmp_path, minilm_tokenizer):
+    import datasets
+    from transformers import DataCollatorWithPadding
+
+    csv = tmp_path / "d.csv"
+    csv.write_text(
+        "sentence,label\n" + "\n".join(f"film {i} was {'good' if i % 2 else 'bad'},{i % 2}" for i in range(40))
+    )
+    prepared = data.prepare_task_data(str(csv), minilm_tokenizer, task="seq-cls", max_length=16)
+    # one split: 10% carved out for validation, which is then the split reported on
+    assert prepared["eval_split"] == "validation" and len(prepared["train"]) == 36 and len(prepared["report"]) == 4
+    assert prepared["metric"] == "accuracy" and prepared["num_labels"] == 2 and prepared["label_names"] is None
+    assert isinstance(prepared["collator"], DataCollatorWithPadding)
+    assert prepared["train"].column_names == ["input_ids", "token_type_ids", "attention_mask", "labels"]
+    subset = data.prepare_task_data(
+        str(csv), minilm_tokenizer, task="seq-cls", max_length=16, train_samples=10, eval_samples=2, seed=3
+    )
+    again = data.prepare_task_data(
+        str(csv), minilm_tokenizer, task="seq-cls", max_length=16, train_samples=10, eval_samples=2, seed=3
+    )
+    assert len(subset["train"]) == 10 and len(subset["report"]) == 2
+    assert subset["train"]["input_ids"] == again["train"]["input_ids"]  # seeded
+
+    rows = {"text": ["a good one", "a bad one"] * 5, "label": [1, 0] * 5}
+    labelled = datasets.Dataset.from_dict(rows)
+    glue = datasets.DatasetDict(
+        {"train": labelled, "validation": labelled, "test": datasets.Dataset.from_dict({**rows, "label": [-1] * 10})}
+    )
+    assert data.prepare_task_data(glue, minilm_tokenizer, task="seq-cls", max_length=8)["eval_split"] == "validation"
+    glue["test"] = labelled
+    assert data.prepare_task_data(glue, minilm_tokenizer, task="seq-cls", max_length=8)["eval_split"] == "test"
+
+
+@pytest.mark.parametrize(
+    "rows, options, message",
+    [
+        ({"text": ["a", "b"] * 5, "label": [0] * 10}, {}, "single class"),
+        ({"text": ["a", "b"] * 5, "label": ["pos", "neg"] * 5}, {}, "must hold class ids 0..n-1"),
+        ({"text": ["a", "b"] * 5, "label": [0, 1] * 5}, {"eval_split": "test"}, "no split 'test'"),
+        ({"body": ["a", "b"] * 5, "label": [0, 1] * 5}, {}, "no text column"),
+        ({"text": ["a", "b"] * 5, "label": [0, 1] * 5}, {"task": "qa"}, "task='qa' is not valid"),
+        ({"text": ["a", "b"] * 5}, {"task": "causal-lm", "max_length": 64}, "no training or evaluation examples"),
+    ],
+)
+def test_prepare_task_data_errors_say_what_to_change(rows, options, message, minilm_tokenizer):
+    import datasets
+
+    dataset = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)})
+    kwargs = {"task": "seq-cls", "max_length": 8, **options}
+    with pytest.raises(ValueError, match=message):
+        data.prepare_task_data(dataset, minilm_tokenizer, **kwargs)
+
+
+def test_prepare_task_data_for_language_modelling(tmp_path, minilm_tokenizer):
+    from transformers import default_data_collator
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"the cat number {i % 7} sat on the mat" for i in range(200)))
+    prepared = data.prepare_task_data(
+        text, minilm_tokenizer, task="causal-lm", max_length=16, train_samples=20, eval_samples=3
+    )
+    assert prepared["metric"] == "perplexity" and prepared["num_labels"] is None
+    assert prepared["eval_split"] == "validation" and prepared["collator"] is default_data_collator
+    assert len(prepared["train"]) == 20 and len(prepared["report"]) == 3
+    assert all(len(ids) == 16 for ids in prepared["report"]["input_ids"])
+
+
+def test_find_and_load_models(tmp_path):
+    assert data.find_model("minilm") == str(data.minilm_path())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        data.find_model(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.find_model(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot load model 'nobody-xyz/no-such-model'"):
+        data.find_model("nobody-xyz/no-such-model")  # offline in the tests: not reachable
+    with pytest.raises(ValueError, match="task='qa' is not valid"):
+        data.load_task_model(data.find_model("minilm"), "qa")
+    model = data.load_task_model(data.find_model("minilm"), "seq-cls", num_labels=3)
+    assert model.config.num_labels == 3 and model.classifier.out_features == 3

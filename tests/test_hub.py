@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,11 @@ def test_existing_folder_is_kept_without_overwrite(tmp_path):
     save_compacted(model, out, overwrite=True)
     assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_saved_folder_has_ordinary_permissions(tmp_path):
+    out = save_compacted(pruned("bert", ["rank"], seed=3), tmp_path / "out")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # readable by others, like any saved model
 
 
 def test_a_failed_save_changes_nothing(tmp_path):

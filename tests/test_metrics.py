@@ -38,6 +38,15 @@ def test_unknown_metric_is_refused():
         metrics.metric_path("bleu")
 
 
+def test_one_metric_per_task_from_one_table():
+    assert metrics.TASKS == ("seq-cls", "causal-lm") and set(metrics.TASK_METRICS.values()) <= set(metrics.METRICS)
+    assert [metrics.task_metric(t) for t in metrics.TASKS] == ["accuracy", "perplexity"]
+    with pytest.raises(ValueError, match="task='qa' is not valid"):
+        metrics.task_metric("qa")
+    with pytest.raises(ValueError, match="task='qa' is not valid"):
+        metrics.evaluate_model(tiny_bert(), [], task="qa", collator=_stack)
+
+
 def _rows(n: int, length: int, with_class: bool):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (n, length), generator=g)

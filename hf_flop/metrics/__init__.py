@@ -9,25 +9,16 @@ and the benchmarks share.
 
 from __future__ import annotations
 
-from pathlib import Path
+from .evaluation import cpu_latency, evaluate_model
+from .loading import METRICS, TASK_METRICS, TASKS, load, metric_path, task_metric
 
-from .evaluation import TASKS, cpu_latency, evaluate_model
-
-METRICS = ("accuracy", "perplexity")
-
-
-def metric_path(name: str) -> str:
-    """Local path of a shipped metric module, usable as ``evaluate.load(metric_path(name))``."""
-    if name not in METRICS:
-        raise ValueError(f"unknown hf_flop metric {name!r}; shipped metrics are {list(METRICS)}.")
-    return str(Path(__file__).with_name(f"{name}.py"))
-
-
-def load(name: str, **kwargs):
-    """``evaluate.load`` of a shipped metric (``"accuracy"`` or ``"perplexity"``), offline."""
-    import evaluate
-
-    return evaluate.load(metric_path(name), **kwargs)
-
-
-__all__ = ["METRICS", "TASKS", "cpu_latency", "evaluate_model", "load", "metric_path"]
+__all__ = [
+    "METRICS",
+    "TASKS",
+    "TASK_METRICS",
+    "cpu_latency",
+    "evaluate_model",
+    "load",
+    "metric_path",
+    "task_metric",
+]

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASKS = ("seq-cls", "causal-lm")
+from .loading import TASKS, load, task_metric
+
+__all__ = ["TASKS", "cpu_latency", "evaluate_model"]
 
 
 @torch.no_grad()
@@ -23,11 +25,7 @@ def evaluate_model(model: nn.Module, dataset, *, task: str, collator, batch_size
     ``tokenize_lm`` make them); ``collator`` batches its rows. The model is put in eval mode, so a
     FLOP model uses its deterministic masks.
     """
-    from . import load
-
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not valid; use one of {list(TASKS)}.")
-    metric = load("accuracy" if task == "seq-cls" else "perplexity")
+    metric = load(task_metric(task))
     model.eval()
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)

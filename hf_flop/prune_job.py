@@ -1,0 +1,319 @@
+"""The ``hf-flop prune`` job, as a sequence of phases: ``run`` reads top to bottom.
+
+load the model and data -> dense fine-tune (optional) and evaluate -> prune with ``PruningTrainer``
+(distilling from the dense model) -> compact and evaluate -> CPU latency, dense vs compacted ->
+save the compacted model with its card, the plots and ``summary.json`` -> push (optional).
+
+Everything is written into a temporary folder that replaces the output folder only once complete.
+The options arrive completed and checked by ``hf_flop.cli``. torch, transformers and rich are
+imported inside the phases so that importing this module (for ``hf-flop --help``) stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import TaskData
+from .files import atomic_folder, write_json_atomic
+
+LATENCY_BATCHES = (1, 32)
+
+
+@dataclass
+class _Job:
+    """What the phases share: the options, the console, the data, and the results they record."""
+
+    args: argparse.Namespace
+    console: Any
+    tokenizer: Any
+    data: TaskData
+    workdir: str  # Trainer's output_dir; nothing is saved there (save_strategy "no")
+    results: dict = field(default_factory=dict)  # metric values: pretrained (causal-lm), dense, pruned
+    times: dict = field(default_factory=dict)  # wall time of the training phases, in seconds
+
+    def evaluate(self, model) -> float:
+        """The task's metric of ``model`` on the report split."""
+        from .metrics import evaluate_model
+
+        data = self.data
+        scores = evaluate_model(model, data["report"], task=self.args.task, collator=data["collator"], batch_size=32)
+        return scores[data["metric"]]
+
+
+def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
+    """Run the job on checked options; returns the summary that it also writes to ``output_dir/summary.json``."""
+    from rich.console import Console
+
+    from .progress import print_summary, quiet_libraries
+
+    started, load_start = time.perf_counter(), os.getloadavg()
+    console = Console()
+    quiet_libraries()
+    tokenizer, data, model = _load(args, console)
+    with (
+        tempfile.TemporaryDirectory(prefix="hf-flop-trainer-") as workdir,
+        atomic_folder(output_dir, overwrite=args.overwrite) as out,
+    ):
+        results = {"metric": data["metric"], "eval_split": data["eval_split"]}
+        job = _Job(args, console, tokenizer, data, workdir, results=results)
+        dense = _fine_tune_dense(job, model)
+        flop_model, log_history = _prune(job, model, dense, flop_config)
+        small, report = _compact_and_evaluate(job, flop_model)
+        latency = _measure_latency(job, dense, small)
+        _save_model(job, flop_model, latency, out / "model")
+        plots = [] if args.no_plots else _plots(job, log_history, report, out / "plots")
+        summary = _summary(job, dense, small, report, latency, plots, log_history)
+        summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
+        summary["machine"]["load_avg_start"] = load_start
+        write_json_atomic(out / "summary.json", summary)
+    print_summary(console, summary, output_dir)
+    if args.push_to_hub:
+        _push(args, output_dir, console)
+    return summary
+
+
+# --- the phases ----------------------------------------------------------------------------------
+def prepare_data(args: argparse.Namespace, tokenizer) -> TaskData:
+    """The options' dataset, tokenized for ``args.task`` (``hf_flop.data.prepare_task_data``)."""
+    from .data import prepare_task_data
+
+    return prepare_task_data(
+        args.dataset,
+        tokenizer,
+        task=args.task,
+        max_length=args.max_length,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        eval_split=args.eval_split,
+        train_samples=args.train_samples,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        dataset_config=args.dataset_config,
+    )
+
+
+def _load(args: argparse.Namespace, console) -> tuple[Any, TaskData, Any]:
+    """The tokenizer, the prepared data and the model (seeded: a new classifier head is initialised here)."""
+    from transformers import set_seed
+
+    from .data import find_model, load_task_model, load_tokenizer
+
+    with console.status("loading model and data"):
+        path = find_model(args.model)
+        tokenizer = load_tokenizer(path)
+        data = prepare_data(args, tokenizer)
+    console.print(
+        f"[bold]hf-flop prune[/]: {args.task} | model {args.model} | dataset {args.dataset} | "
+        f"train {len(data['train']):,} | eval ({data['eval_split']}) {len(data['report']):,} | "
+        f"target {args.target} | levels {','.join(args.levels)}"
+    )
+    set_seed(args.seed)
+    return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer)
+
+
+def _fine_tune_dense(job: _Job, model):
+    """Fine-tune ``model`` in place (``--dense-epochs``) and evaluate it; returns a frozen copy: baseline and teacher."""
+    from transformers import Trainer, TrainingArguments
+
+    from .progress import train_with_progress
+
+    args, console, metric = job.args, job.console, job.data["metric"]
+    if args.task == "causal-lm":  # a pretrained LM is a baseline as it is; a new classifier head is random
+        with console.status("evaluating the pretrained model"):
+            job.results["pretrained"] = job.evaluate(model)
+    if args.dense_epochs > 0:
+        training_args = _training_args(TrainingArguments, job, epochs=args.dense_epochs, max_steps=None)
+        trainer = Trainer(
+            model=model, args=training_args, train_dataset=job.data["train"], data_collator=job.data["collator"]
+        )
+        job.times["dense_fine_tune"] = train_with_progress(trainer, console, "dense fine-tune")
+    with console.status("evaluating the dense model"):
+        job.results["dense"] = job.evaluate(model)
+    console.print(f"dense {metric} ({job.data['eval_split']}): {job.results['dense']:.4f}")
+    return copy.deepcopy(model).eval()
+
+
+def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
+    """Inject FLOP and train to the target with PruningTrainer; returns the FLOP model and the training logs."""
+    from . import get_flop_model
+    from .progress import train_with_progress
+    from .trainer import PruningArguments, PruningTrainer
+
+    args = job.args
+    model = get_flop_model(model, flop_config)
+    rates = {
+        k: getattr(args, k) for k in ("gate_learning_rate", "lagrangian_learning_rate") if getattr(args, k) is not None
+    }
+    training_args = _training_args(
+        PruningArguments,
+        job,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        target_warmup_steps=args.target_warmup,
+        **rates,
+    )
+    trainer = PruningTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=job.data["train"],
+        data_collator=job.data["collator"],
+        teacher_model=dense if args.distill else None,
+    )
+    job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
+    return model, trainer.state.log_history
+
+
+def _compact_and_evaluate(job: _Job, flop_model):
+    """The compacted model (eval mode) and the sparsity report of the gates it was cut by."""
+    from . import compact, sparsity_report
+
+    report = sparsity_report(flop_model)
+    with job.console.status("compacting and evaluating"):
+        small = compact(flop_model).eval()
+        job.results["pruned"] = job.evaluate(small)
+    job.console.print(f"pruned {job.data['metric']} ({job.data['eval_split']}): {job.results['pruned']:.4f}")
+    return small, report
+
+
+def _measure_latency(job: _Job, dense, small) -> dict[str, dict[str, float]]:
+    """Milliseconds per forward of each model on CPU (whatever device trained), per batch size."""
+    import torch
+
+    from .metrics import cpu_latency
+
+    args = job.args
+    latency = {}
+    dense, small = dense.cpu(), small.cpu()
+    with job.console.status("measuring CPU latency (dense vs compacted)"), torch.inference_mode():
+        for batch_size in LATENCY_BATCHES:
+            inputs = _latency_inputs(job.data["report"], job.tokenizer, batch_size, args.max_length)
+            repeats, warmup = (5, 1) if batch_size > 1 else (10, 2)
+            # a fixed thread count keeps the ratio stable on a shared machine
+            timing = cpu_latency(
+                {"dense": dense, "pruned": small}, inputs, repeats=repeats, warmup=warmup, threads=args.latency_threads
+            )
+            latency[str(batch_size)] = {k: round(v * 1000, 3) for k, v in timing.items()}
+    return latency
+
+
+def _save_model(job: _Job, flop_model, latency: dict, folder: Path) -> None:
+    """The compacted model, tokenizer and model card (``save_compacted``) in ``folder``."""
+    from . import save_compacted
+    from .data import DATASETS, MODEL_HUB_IDS
+
+    args, results = job.args, job.results
+    eval_results = {results["metric"]: results["pruned"]}  # the dense baseline is in summary.json
+    setting = f"CPU, {args.latency_threads} thread(s), {args.max_length} tokens"
+    speedup = {f"{setting}, batch {b}": v["dense"] / v["pruned"] for b, v in latency.items()}
+    dataset = DATASETS.get(args.dataset, args.dataset)
+    base = MODEL_HUB_IDS.get(args.model, args.model).rstrip("/").split("/")[-1]
+    name = args.repo_id or re.sub(r"[^\w.-]", "-", f"{base}-flop-{round(100 * args.target)}")
+    with job.console.status("saving the compacted model and card"):
+        save_compacted(
+            flop_model,
+            folder,
+            repo_id=name,  # the card's title; pushing (if asked) happens once the output folder is complete
+            tokenizer=job.tokenizer,
+            eval_results=eval_results,
+            eval_dataset=f"{dataset} ({results['eval_split']} split)",
+            speedup=speedup,
+            base_model=MODEL_HUB_IDS.get(args.model),
+        )
+
+
+def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str]:
+    """The sparsity-over-steps and kept-per-layer PNGs in ``folder``; returns their file names."""
+    from .plots import plot_kept, plot_training
+
+    args = job.args
+    title = f"{args.model} on {args.dataset}, target {args.target}, levels {','.join(args.levels)}"
+    return [
+        plot_training(log_history, folder / "sparsity.png", title=title).name,
+        plot_kept(report, folder / "kept.png", title=title).name,
+    ]
+
+
+def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], log_history: list[dict]) -> dict:
+    """Everything ``summary.json`` records: results, sizes, latency, timing, machine, settings, logs."""
+    import torch
+
+    args = job.args
+    return {
+        "task": args.task,
+        "model": args.model,
+        "dataset": args.dataset,
+        "levels": args.levels,
+        "target_sparsity": args.target,
+        "results": job.results,
+        "params": {
+            "dense_total": _params(dense),
+            "pruned_total": _params(small),
+            "prunable": report.prunable_params,
+            "prunable_kept": report.deterministic_kept_params,
+            "sparsity": report.deterministic_sparsity,
+        },
+        "latency_ms": latency,
+        "speedup": {b: round(v["dense"] / v["pruned"], 3) for b, v in latency.items()},
+        "wall_time_s": {k: round(v, 1) for k, v in job.times.items()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_end": os.getloadavg()},
+        "train_examples": len(job.data["train"]),
+        "eval_examples": len(job.data["report"]),
+        "plots": plots,
+        "log_history": log_history,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
+    }
+
+
+def _push(args: argparse.Namespace, output_dir: Path, console) -> None:
+    from .hub import push_compacted
+
+    with console.status(f"pushing to {args.repo_id}"):
+        url = push_compacted(output_dir / "model", args.repo_id, private=args.private or None)
+    console.print(f"pushed: {url}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _training_args(cls, job: _Job, *, epochs: float, max_steps: int | None, **extra):
+    """(Pruning)TrainingArguments from the options: no checkpoints, ~50 log points, no tqdm."""
+    import torch
+
+    args = job.args
+    steps = max_steps or math.ceil(math.ceil(len(job.data["train"]) / args.batch_size) * epochs)
+    return cls(
+        output_dir=job.workdir,
+        num_train_epochs=epochs,
+        max_steps=max_steps if max_steps else -1,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=max(args.batch_size, 32),
+        learning_rate=args.learning_rate,
+        weight_decay=0.01,
+        warmup_steps=0.1,
+        logging_steps=max(1, steps // 50),  # about 50 points for the progress and the plots
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+        train_sampling_strategy="group_by_length" if args.task == "seq-cls" else "random",
+        **extra,
+    )
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _latency_inputs(dataset, tokenizer, batch_size: int, max_length: int) -> dict:
+    """A batch of ``batch_size`` evaluation rows padded to ``max_length``: dense and compacted see the same shapes."""
+    rows = [{k: v for k, v in dataset[i % len(dataset)].items() if k != "labels"} for i in range(batch_size)]
+    return dict(tokenizer.pad(rows, padding="max_length", max_length=max_length, return_tensors="pt"))
