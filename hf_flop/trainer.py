@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .accounting import expected_sparsity, min_reachable_kept_params, sparsity_report
 from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
+from .files import write_json_atomic
 from .hub import save_compacted
 from .model import find_flop_model
 
@@ -243,7 +244,7 @@ class PruningTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             state = {**self.constraint.values(), "global_step": self.state.global_step, "target": self.current_target()}
-            _write_json_atomic(os.path.join(output_dir, CONSTRAINT_STATE_NAME), state)
+            write_json_atomic(os.path.join(output_dir, CONSTRAINT_STATE_NAME), state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -368,9 +369,3 @@ def _logits(outputs) -> torch.Tensor:
         return outputs["logits"]
     return outputs[1] if len(outputs) > 1 and outputs[0].dim() == 0 else outputs[0]
 
-
-def _write_json_atomic(path: str, data: dict) -> None:
-    # the package's one atomic writer; imported here to leave the import block (restructured in parallel) alone
-    from .files import write_json_atomic
-
-    write_json_atomic(path, data)
