@@ -11,7 +11,7 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   ``rank``, ``blocks``, ``groups`` (head, row), ``embedding``; ``architectures`` the one table of
   supported layouts; ``linear`` GPT-2's Conv1D orientation;
 * ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
-  ``scores`` / ``oneshot`` one-shot pruning; ``constraint`` / ``trainer`` learned pruning;
+  ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning; ``constraint`` / ``trainer`` learned pruning;
   ``hub`` saving, cards, publishing; ``modeling`` the compacted models (self-contained remote code);
   ``registration`` what ``import hf_flop`` registers.
 """
@@ -27,6 +27,7 @@ from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
 from .model import FlopModel, get_flop_model
 from .oneshot import prune_oneshot, prune_to_target, warm_start_gates
+from .reconstruction import reconstruct
 from .registration import register, register_auto_classes
 from .scores import compute_scores
 from .trainer import PruningArguments, PruningTrainer
@@ -57,6 +58,7 @@ __all__ = [
     "prune_oneshot",
     "prune_to_target",
     "push_compacted",
+    "reconstruct",
     "save_compacted",
     "sparsity_report",
     "warm_start_gates",

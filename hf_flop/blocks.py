@@ -131,8 +131,17 @@ class BlockVariant:
                 column_sq_norms=column_sq.flatten(),
                 row_sq_norms=torch.ones(rows * cols, device=weight.device),
                 feature_index=index.to(weight.device),
+                module=name,
             )
         ]
+
+    @staticmethod
+    def reference(layer: nn.Module) -> torch.Tensor:
+        return dense_weight(layer.base_layer).detach()
+
+    @staticmethod
+    def refit(layer: nn.Module, moments: torch.Tensor, scale: torch.Tensor, fit_bias: bool, ridge: float) -> None:
+        return None  # a free least-squares refit would fill the closed blocks again: left as pruned
 
     @staticmethod
     def describe(layer: nn.Module) -> str:

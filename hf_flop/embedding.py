@@ -201,7 +201,8 @@ class FlopEmbedding(nn.Module, GatedLayer):
                     column_sq_norms=q.float().pow(2).sum(1),
                     row_sq_norms=p.float().pow(2).sum(0),
                     features=functools.partial(_cluster_rows, self.position, p, start),
-                    layer=f"{name}.cluster_{c}",
+                    entry=f"{name}.cluster_{c}",
+                    module=name,
                 )
             )
             start += p.shape[0]

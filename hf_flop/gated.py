@@ -9,6 +9,7 @@ them through these verbs, so a new level is one class plus one table entry:
 * ``count(...)``       -- what it keeps, as ``ModuleSparsity`` entries (one per report row);
 * ``compact(cut)``     -- its compacted form: a ``flop_plan`` entry and the tensors to load into it;
 * ``scored_units(name)`` -- its gates with the weights their units own, for one-shot scores;
+* ``refit(...)`` / ``apply_fit(...)`` -- a least-squares refit of what it keeps (``hf_flop.reconstruction``);
 * ``supersedes_base_weight`` -- whether trained factors replace the frozen base weight.
 """
 
@@ -61,7 +62,8 @@ class GatedUnits:
     row_sq_norms: torch.Tensor  # (n_units,) squared norms of the producer rows (ones if none)
     features: Callable[[torch.Tensor], torch.Tensor] | None = None  # observed input -> features; None: itself
     feature_index: torch.Tensor | None = None  # (n_units * unit,) feature of each unit slot; None: identity
-    layer: str | None = None  # report entry whose factorized-or-dense form the gate decides (rank, clusters)
+    entry: str | None = None  # report entry whose factorized-or-dense form the gate decides (rank, clusters)
+    module: str = ""  # the module the units belong to (a linear, a transformer layer, the embedding)
 
 
 @dataclass
@@ -109,6 +111,16 @@ class GatedLayer:
 
     def scored_units(self, name: str) -> list[GatedUnits]:
         return []
+
+    def refit(self, moments: torch.Tensor, scale: torch.Tensor, *, fit_bias: bool, ridge: float):
+        """A ``hf_flop.refit.Fit`` of what the gates keep to what the unpruned module computes, or None
+        when this module cannot be refit. ``moments``: the second moments of its (unmasked) input;
+        ``scale``: the head/row mask value of each input feature (0 = removed)."""
+        return None
+
+    def apply_fit(self, fit, scale: torch.Tensor) -> None:
+        """Write a ``refit`` result into the module (the eval masks keep exactly the same units)."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def unload(self, model: nn.Module, merge: bool) -> None:
         """Put the original module back into ``model`` (folding the eval masks in when ``merge``).

@@ -196,6 +196,7 @@ def group_units(groups: list[StructureGroup], gates, layers: dict) -> list[Gated
                 observed=consumer,
                 column_sq_norms=columns.pow(2).sum(0),
                 row_sq_norms=rows,
+                module=group.layer,
             )
         )
     return found

@@ -24,8 +24,9 @@ from torch import nn
 from .blocks import BlockVariant
 from .gated import Compacted, Cut, GatedLayer, GatedUnits, ModuleSparsity
 from .gates import Gate
-from .linear import cut_linear, dense_weight, is_linear, linear_shape, set_dense_weight
+from .linear import cut_linear, dense_weight, is_linear, linear_shape, set_bias, set_dense_weight
 from .rank import RankVariant
+from .refit import Fit, fit_columns
 
 
 class LinearVariant:
@@ -54,6 +55,10 @@ class LinearVariant:
         return dense_weight(layer.base_layer).detach().clone()
 
     @staticmethod
+    def reference(layer: FlopLinear) -> torch.Tensor:
+        return dense_weight(layer.base_layer).detach()
+
+    @staticmethod
     def count(layer: FlopLinear, kept_in, kept_out, deterministic: bool, round_to: int) -> ModuleSparsity:
         params = kept_in * kept_out
         return ModuleSparsity(layer.shape, (int(kept_out), int(kept_in)), None, None, params, False)
@@ -66,6 +71,17 @@ class LinearVariant:
     @staticmethod
     def scored_units(layer: FlopLinear, name: str) -> list[GatedUnits]:
         return []
+
+    @staticmethod
+    def refit(layer: FlopLinear, moments: torch.Tensor, scale: torch.Tensor, fit_bias: bool, ridge: float) -> Fit:
+        return fit_columns(layer.reference()[0], layer.bias, moments, scale != 0, fit_bias=fit_bias, ridge=ridge)
+
+    @staticmethod
+    def apply_fit(layer: FlopLinear, fit: Fit, scale: torch.Tensor) -> None:
+        # the layer reads x * scale: dividing the kept columns by their scale makes it compute fit.weight @ x
+        divisor = torch.where(scale != 0, scale, torch.ones_like(scale)).to(fit.weight)
+        set_dense_weight(layer.base_layer, (fit.weight / divisor).to(layer.base_layer.weight.dtype))
+        set_bias(layer.base_layer, fit.bias)
 
     @staticmethod
     def describe(layer: FlopLinear) -> str:
@@ -169,6 +185,18 @@ class FlopLinear(nn.Module, BaseTunerLayer, GatedLayer):
 
     def scored_units(self, name: str) -> list[GatedUnits]:
         return self.variant.scored_units(self, name)
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` of the unpruned layer: what it computes with every gate open."""
+        return self.variant.reference(self), self.bias
+
+    @torch.no_grad()
+    def refit(self, moments: torch.Tensor, scale: torch.Tensor, *, fit_bias: bool, ridge: float) -> Fit | None:
+        return self.variant.refit(self, moments, scale, fit_bias, ridge)
+
+    @torch.no_grad()
+    def apply_fit(self, fit: Fit, scale: torch.Tensor) -> None:
+        self.variant.apply_fit(self, fit, scale)
 
     # --- what the variants and tests read -------------------------------------------------------------
     @property

@@ -59,6 +59,18 @@ def cut_linear(module: nn.Module, weight: torch.Tensor, rows: torch.Tensor) -> t
 
 
 @torch.no_grad()
+def set_bias(module: nn.Module, bias: torch.Tensor | None) -> None:
+    """Write ``bias`` into a linear layer, giving it a bias parameter if it had none (``None``: leave it)."""
+    if bias is None:
+        return
+    bias = bias.to(device=module.weight.device, dtype=module.weight.dtype)
+    if module.bias is None:
+        module.bias = nn.Parameter(bias.clone(), requires_grad=module.weight.requires_grad)
+    else:
+        module.bias.data.copy_(bias)
+
+
+@torch.no_grad()
 def scale_inputs_(module: nn.Module, scale: torch.Tensor) -> None:
     """Multiply each input feature's weights (a column of the ``(out, in)`` weight) by ``scale``, in place."""
     module.weight.mul_(scale[:, None] if isinstance(module, Conv1D) else scale[None, :])

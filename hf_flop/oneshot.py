@@ -11,7 +11,8 @@ remove along the score order is found by bisection on the true count.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +20,11 @@ from peft import PeftModel
 from torch import nn
 
 from .accounting import sparsity_report
+from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
 from .config import FlopConfig
 from .gated import GatedUnits
 from .model import find_flop_model, get_flop_model
+from .reconstruction import reconstruct as reconstruct_layers
 from .scores import SCORES, compute_scores, find_gated_units
 
 
@@ -73,36 +76,64 @@ def _check_scores(units: list[GatedUnits], scores: dict[str, torch.Tensor]) -> d
     return checked
 
 
-RANKINGS = ("per_gate", "per_parameter")
+RANKINGS = ("per_gate", "per_parameter", "standardized")
 
 
 def _removal_order(
-    units: list[GatedUnits], scores: dict[str, torch.Tensor], ranking: str, protect: int = 0
+    units: list[GatedUnits],
+    scores: dict[str, torch.Tensor],
+    ranking: str,
+    protect: int = 0,
+    frozen: frozenset[str] = frozenset(),
 ) -> torch.Tensor:
     """Flat unit ids (gates in order, units within), least important first.
 
     ``per_gate`` ranks by score / the mean score of the unit's gate: scale-free, so layers whose
-    weights or activations are larger are not spared for that alone. ``per_parameter`` ranks by
-    score / the unit's parameters, the knapsack rule for scores comparable across layers; it favours
-    removing big units (heads), which a first-order Taylor score underrates (SmolLM2-135M on PTB,
-    heads and rows at 30%: perplexity 685 per gate against 1,793 per parameter with sensitivity,
-    396 against 43,468 with activation; dense 158).
-    The ``protect`` highest-scored units of each gate are left out (never removed). Ties keep the
-    flat order, so the result is deterministic.
+    weights or activations are larger are not spared for that alone. ``standardized`` ranks by the
+    score standardised within its gate, ``(score - mean) / std`` (FLAP's global allocation): shift-
+    and scale-free. ``per_parameter`` ranks by score / the unit's parameters, the knapsack rule for
+    scores comparable across layers; it favours removing big units (heads), which a first-order
+    Taylor score underrates (SmolLM2-135M on PTB, heads and rows at 30%: perplexity 685 per gate
+    against 1,793 per parameter with sensitivity, 396 against 43,468 with activation; dense 158).
+    The ``protect`` highest-scored units of each gate, and every unit of the gates in ``frozen``, are
+    left out (never removed). Ties keep the flat order, so the result is deterministic.
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking={ranking!r} is not known; use one of {list(RANKINGS)}.")
     priority, candidate = [], []
     for s in units:
         value = scores[s.key]
-        scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
-        priority.append(value / scale)
+        if ranking == "standardized":
+            spread = value.std() if len(value) > 1 else torch.tensor(1.0)
+            priority.append((value - value.mean()) / spread.clamp_min(1e-30))
+        else:
+            scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
+            priority.append(value / scale)
         free = torch.ones(s.n_units, dtype=torch.bool)
         free[torch.argsort(value, descending=True, stable=True)[:protect]] = False
+        if s.key in frozen:
+            free[:] = False
         candidate.append(free)
     priority, candidate = torch.cat(priority), torch.cat(candidate)
     ids = candidate.nonzero().squeeze(1)
     return ids[torch.argsort(priority[ids], stable=True)]
+
+
+def _frozen_gates(flop_model, units: list[GatedUnits], protect_layers: Sequence[int]) -> frozenset[str]:
+    """Gates whose units lie in the transformer layers ``protect_layers`` (indices; negative from the end)."""
+    if not protect_layers:
+        return frozenset()
+    try:
+        names = find_layers(flop_model.model, arch_spec(base_model_type(flop_model.model.config.model_type)))
+    except UnsupportedArchitectureError as err:
+        raise ValueError(f"protect_layers needs a known architecture to find the transformer layers: {err}") from None
+    bad = [i for i in protect_layers if not isinstance(i, int) or not -len(names) <= i < len(names)]
+    if bad:
+        raise ValueError(f"protect_layers={list(protect_layers)} holds {bad}: the model has {len(names)} layers.")
+    prefixes = [names[i] for i in protect_layers]
+    return frozenset(
+        s.key for s in units if any(s.module == p or s.module.startswith(p + ".") for p in prefixes)
+    )
 
 
 def _keep_masks(units: list[GatedUnits], removed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -122,6 +153,7 @@ def prune_to_target(
     ranking: str = "per_gate",
     min_units_per_gate: int = 1,
     refinements: int = 3,
+    protect_layers: Sequence[int] = (),
 ) -> OneShotResult:
     """Close the least important units to hit ``target_sparsity`` (default: the model's config).
 
@@ -133,7 +165,9 @@ def prune_to_target(
     ``refinements`` times it is kept instead and the next, finer units fill the gap; the closest result
     wins. Rank components closed in a layer that still compacts to a dense matrix save nothing, so
     they are opened again (the count does not change). ``min_units_per_gate`` units with the highest
-    scores stay open in every gate. The gates are left set; the result says what was done.
+    scores stay open in every gate, and every unit in the transformer layers ``protect_layers``
+    (indices, e.g. ``(0, -1)`` for the first and the last). The gates are left set; the result says
+    what was done.
     """
     flop_model = find_flop_model(model)
     target = flop_model.flop_config.target_sparsity if target_sparsity is None else target_sparsity
@@ -144,7 +178,8 @@ def prune_to_target(
     if not isinstance(refinements, int) or refinements < 0:
         raise ValueError(f"refinements={refinements!r} must be a non-negative integer.")
     units = find_gated_units(flop_model)
-    order = _removal_order(units, _check_scores(units, scores), ranking, protect=min_units_per_gate)
+    frozen = _frozen_gates(flop_model, units, protect_layers)
+    order = _removal_order(units, _check_scores(units, scores), ranking, protect=min_units_per_gate, frozen=frozen)
 
     def kept_with(removed: torch.Tensor) -> int:  # deterministic kept parameters with these units removed
         _set_all(units, _keep_masks(units, removed))
@@ -157,7 +192,8 @@ def prune_to_target(
         raise ValueError(
             f"target_sparsity={target} cannot be reached: removing every candidate unit leaves sparsity "
             f"{1.0 - floor / prunable:.4f} (levels {flop_model.flop_config.levels}, min_units_per_gate="
-            f"{min_units_per_gate}). Lower the target, add levels, or lower min_units_per_gate."
+            f"{min_units_per_gate}, protect_layers={list(protect_layers)}). Lower the target, add levels, or lower "
+            "min_units_per_gate or protect fewer layers."
         )
     best = None  # (distance to the budget, removed units, step)
     for _ in range(1 + refinements):
@@ -181,7 +217,7 @@ def prune_to_target(
     kept_params = kept_with(removed)
     modules = sparsity_report(flop_model).modules
     for s in units:
-        if s.layer is not None and not modules[s.layer].factorized_after_compaction:
+        if s.entry is not None and not modules[s.entry].factorized_after_compaction:
             keep[s.key] = torch.ones_like(keep[s.key])
     _set_all(units, keep)
     report = sparsity_report(flop_model)
@@ -235,8 +271,11 @@ def prune_oneshot(
     ema_decay: float | None = None,
     ranking: str = "per_gate",
     min_units_per_gate: int = 1,
+    protect_layers: Sequence[int] = (),
+    reconstruct: bool = True,
+    reconstruct_options: dict | None = None,
 ) -> nn.Module:
-    """Prune with no training: score every gated unit, close the least important to hit the target.
+    """Prune with no training: score every gated unit, close the least important to hit the target, refit.
 
     ``model`` is a plain transformers model (FLOP is injected in place with ``config``; the result is
     a ``PeftModel``) or a model that already has FLOP layers (``config=None``). Any previous gate state
@@ -245,17 +284,37 @@ def prune_oneshot(
     iterable of dicts of tensors with ``input_ids``, plus ``labels`` for sensitivity; at most
     ``max_batches`` of them), then ``prune_to_target`` closes units until
     ``sparsity_report(model).deterministic_sparsity`` is ``target_sparsity`` (default: the config's)
-    to within half a unit's parameters (``ranking`` is explained there). ``hf_flop.compact(model)``
-    then writes the smaller model.
+    to within half a unit's parameters (``ranking`` and ``protect_layers`` are explained there).
+    With ``reconstruct`` (the default) the kept weights are then refit layer by layer on the same
+    calibration data (``hf_flop.reconstruct``; ``reconstruct_options`` are its keyword arguments);
+    without calibration data there is nothing to refit on, and a warning says so.
+    ``hf_flop.compact(model)`` then writes the smaller model.
     """
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
     if score != "magnitude" and calibration_data is None:
         raise ValueError(f"score={score!r} needs calibration_data (batches of tensors); 'magnitude' needs none.")
+    if calibration_data is not None and iter(calibration_data) is calibration_data:
+        calibration_data = list(calibration_data)  # a one-off iterator: kept for the scores and the refit
     model = _injected(model, config)
     open_all_gates(model)
     scores = compute_scores(model, calibration_data, score, max_batches=max_batches, ema_decay=ema_decay)
-    prune_to_target(model, scores, target_sparsity, ranking=ranking, min_units_per_gate=min_units_per_gate)
+    prune_to_target(
+        model,
+        scores,
+        target_sparsity,
+        ranking=ranking,
+        min_units_per_gate=min_units_per_gate,
+        protect_layers=protect_layers,
+    )
+    if reconstruct and calibration_data is None:
+        warnings.warn(
+            "prune_oneshot: no calibration_data, so the kept weights are not refit (reconstruct=True needs "
+            "data); pass calibration batches for a better model, or reconstruct=False to silence this.",
+            stacklevel=2,
+        )
+    elif reconstruct:
+        reconstruct_layers(model, calibration_data, max_batches=max_batches, **(reconstruct_options or {}))
     return model
 
 

@@ -31,7 +31,8 @@ from .counting import (
 )
 from .gated import Compacted, Cut, GatedUnits, ModuleSparsity
 from .gates import Gate
-from .linear import cut_linear, dense_weight
+from .linear import cut_linear, dense_weight, set_bias
+from .refit import Fit, fit_rank
 
 
 class RankVariant:
@@ -117,9 +118,39 @@ class RankVariant:
                 column_sq_norms=p.float().pow(2).sum(0),
                 row_sq_norms=q.float().pow(2).sum(1),
                 features=functools.partial(_project, q),
-                layer=name,
+                entry=name,
+                module=name,
             )
         ]
+
+    @staticmethod
+    def reference(layer: nn.Module) -> torch.Tensor:
+        p, q = layer.factors()
+        return (p @ q).detach()  # every component open
+
+    @staticmethod
+    def refit(layer: nn.Module, moments: torch.Tensor, scale: torch.Tensor, fit_bias: bool, ridge: float) -> Fit | None:
+        rank = int(layer.gate.l0(True))
+        if rank == 0:  # compaction keeps one zeroed component: nothing to fit
+            return None
+        reference, bias = layer.reference()
+        return fit_rank(reference, bias, moments, scale != 0, rank, fit_bias=fit_bias, ridge=ridge)
+
+    @staticmethod
+    def apply_fit(layer: nn.Module, fit: Fit, scale: torch.Tensor) -> None:
+        """The fit's ``r`` components become the first ``r`` of ``P``, ``Q`` (the rest zero) and the gate keeps
+        exactly those: the same count as before, so accounting and compaction see the same size."""
+        p, q = layer.factors()
+        divisor = torch.where(scale != 0, scale, torch.ones_like(scale)).to(fit.q)
+        r = fit.rank
+        p.data.zero_()
+        q.data.zero_()
+        p.data[:, :r] = fit.p.to(p.dtype)
+        q.data[:r] = (fit.q / divisor).to(q.dtype)
+        keep = torch.zeros(layer.rank, dtype=torch.bool)
+        keep[:r] = True
+        layer.gate.set_mask(keep)
+        set_bias(layer.base_layer, fit.bias)
 
     @staticmethod
     def describe(layer: nn.Module) -> str:

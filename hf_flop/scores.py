@@ -20,6 +20,9 @@ Scores, one tensor per gate (higher = more important):
 * ``sensitivity``: ``|dL/dz_u * z_u|``, the first-order Taylor estimate of the loss change when the
   unit's gate value ``z_u`` goes to 0, per calibration batch, then averaged (or an exponential moving
   average with ``ema_decay``). Only the gate matters here, so every gate gets it for free.
+* ``fisher``: ``sum_batches (dL/dm_u)^2`` for a multiplicative mask ``m_u = 1`` on the unit's gate
+  value (the diagonal of the empirical Fisher information of the mask, as in Kwon et al. 2022): the
+  curvature of the loss along the unit's removal, to second order where ``sensitivity`` is first order.
 
 A new kind of gate is scored once its module answers ``scored_units``; the three scores and one-shot
 pruning then work on it unchanged.
@@ -36,7 +39,7 @@ from .gated import GatedUnits
 from .groups import group_units
 from .model import find_flop_model
 
-SCORES = ("magnitude", "activation", "sensitivity")
+SCORES = ("magnitude", "activation", "sensitivity", "fisher")
 
 
 def find_gated_units(model: nn.Module) -> list[GatedUnits]:
@@ -94,7 +97,7 @@ def _check_batch(index: int, batch: object, need_labels: bool) -> Mapping:
         )
     if need_labels and "labels" not in batch:
         raise ValueError(
-            f"sensitivity scores need a loss, but calibration batch {index} has no 'labels'. Add them: for "
+            f"sensitivity and fisher scores need a loss, but calibration batch {index} has no 'labels'. Add them: for "
             "causal LMs labels=input_ids (the model shifts them), for classifiers the class ids."
         )
     return batch
@@ -215,13 +218,37 @@ def sensitivity_scores(
     max_batches: int | None = None,
     ema_decay: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """First-order Taylor ``|dL/dz * z|`` per unit, averaged over batches (or an EMA with ``ema_decay``).
-
-    Each gate's output is multiplied by a probe of ones; the gradient of the loss w.r.t. the probe is
-    exactly ``dL/dz * z``. Only the probes get gradients: model ``.grad`` fields are left untouched.
-    """
+    """First-order Taylor ``|dL/dz * z|`` per unit, averaged over batches (or an EMA with ``ema_decay``)."""
     if ema_decay is not None and not 0.0 < ema_decay < 1.0:
         raise ValueError(f"ema_decay={ema_decay!r} must be in (0, 1) (e.g. 0.9), or None for a plain mean.")
+    scores: dict[str, torch.Tensor] = {}
+    for step, grads in enumerate(_mask_gradients(model, calibration_data, max_batches), start=1):
+        for key, grad in grads.items():
+            taylor = grad.abs()
+            if key not in scores:
+                scores[key] = taylor
+            elif ema_decay is None:
+                scores[key] = scores[key] + (taylor - scores[key]) / step  # running mean
+            else:
+                scores[key] = ema_decay * scores[key] + (1.0 - ema_decay) * taylor
+    return scores
+
+
+def fisher_scores(model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """Empirical Fisher ``sum_batches (dL/dm)^2`` of a multiplicative mask on each unit's gate value."""
+    scores: dict[str, torch.Tensor] = {}
+    for grads in _mask_gradients(model, calibration_data, max_batches):
+        for key, grad in grads.items():
+            scores[key] = scores[key] + grad.pow(2) if key in scores else grad.pow(2)
+    return scores
+
+
+def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: int | None):
+    """Per calibration batch: ``{gate name: dL/dm}`` for a mask ``m`` of ones multiplying each gate's output.
+
+    ``dL/dm = dL/dz * z``: the derivative along the unit's removal. Only the masks get gradients:
+    model ``.grad`` fields are left untouched.
+    """
     units = find_gated_units(model)
     probes = {s.key: torch.ones(s.n_units, device=_device(model), requires_grad=True) for s in units}
 
@@ -232,8 +259,6 @@ def sensitivity_scores(
         return hook
 
     handles = [s.gate.register_forward_hook(prober(probes[s.key])) for s in units]
-    scores: dict[str, torch.Tensor] = {}
-    steps = 0
     try:
         with _EvalMode(model), torch.enable_grad():
             for batch in iter_calibration(
@@ -243,19 +268,13 @@ def sensitivity_scores(
                 if loss is None:
                     raise ValueError("the model returned no loss for a calibration batch; check its 'labels'.")
                 grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
-                steps += 1
-                for s, grad in zip(units, grads):
-                    taylor = grad.detach().abs().cpu() if grad is not None else torch.zeros(s.n_units)
-                    if s.key not in scores:
-                        scores[s.key] = taylor
-                    elif ema_decay is None:
-                        scores[s.key] = scores[s.key] + (taylor - scores[s.key]) / steps  # running mean
-                    else:
-                        scores[s.key] = ema_decay * scores[s.key] + (1.0 - ema_decay) * taylor
+                yield {
+                    s.key: grad.detach().cpu() if grad is not None else torch.zeros(s.n_units)
+                    for s, grad in zip(units, grads)
+                }
     finally:
         for handle in handles:
             handle.remove()
-    return scores
 
 
 def compute_scores(
@@ -268,8 +287,9 @@ def compute_scores(
 ) -> dict[str, torch.Tensor]:
     """Scores of every gated unit, by gate name (``FlopModel.gates()`` keys): one tensor of ``n`` per gate.
 
-    ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` or ``"sensitivity"`` (batches with
-    ``labels``). The scores reflect the gates as they are: open all gates first to score the dense model.
+    ``score`` is ``"magnitude"`` (no data needed), ``"activation"``, or ``"sensitivity"`` / ``"fisher"``
+    (batches with ``labels``). The scores reflect the gates as they are: open all gates first to score
+    the dense model.
     """
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
@@ -279,4 +299,6 @@ def compute_scores(
         return magnitude_scores(model)
     if score == "activation":
         return activation_scores(model, calibration_data, max_batches=max_batches)
+    if score == "fisher":
+        return fisher_scores(model, calibration_data, max_batches=max_batches)
     return sensitivity_scores(model, calibration_data, max_batches=max_batches, ema_decay=ema_decay)

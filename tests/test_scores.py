@@ -26,12 +26,15 @@ LEVEL_SETS = [["rank"], ["head", "row"], ["rank", "head", "row"]]
 SCORES = ["magnitude", "activation", "sensitivity"]
 
 
-def calibration(arch: str, n: int = 2, seed: int = 3) -> list[dict[str, torch.Tensor]]:
-    """Batches with labels: next-token labels for LMs, class ids for the BERT classifier."""
+def calibration(arch: str, n: int = 8, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Batches with labels: next-token labels for LMs, class ids for the BERT classifier.
+
+    Enough tokens (7 fit batches of 32) for prune_oneshot's default reconstruction of the widest tiny layer (128).
+    """
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n):
-        ids = torch.randint(1, VOCAB, (2, 9), generator=g)
+        ids = torch.randint(1, VOCAB, (2, 16), generator=g)
         labels = torch.randint(0, 2, (2,), generator=g) if arch == "bert" else ids.clone()
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return batches
