@@ -14,6 +14,12 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                  parameter count, then the shared budget of fine-tuning with the same distillation
   flop_50_<lv>   issue 5's levels sweep at 50%: rank only, head+row, head+row+block (MLPruning's
                  three levels; rank and block do not combine in one step)
+  os_<m>_<T>     one-shot from the dense model with NO fine-tuning at all (issue 12), heads + FFN rows,
+                 every row calibrated on the same 512 training sentences: hf_flop.prune_oneshot with
+                 score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
+                 ranking),
+                 accuracy after plain removal and after hf_flop.reconstruct; `flap`: the FLAP-style
+                 baseline (flap_baseline.py); `tptaylor`: Torch-Pruning Taylor (heads + FFN) alone
 
     .venv/bin/python benchmarks/bench_minilm.py            # full run (about 1 h on 2 idle cores)
     .venv/bin/python benchmarks/bench_minilm.py --quick    # minutes: small subsets, smoke test
@@ -45,6 +51,11 @@ SETTINGS = {  # shared by every phase: same data, same batch, same learning rate
     | {"eval_samples": 200, "batch_size": 16, "max_length": 48},
 }
 LEARNING_RATE = 5e-5
+ONESHOT_METHODS = (
+    *("magnitude", "activation", "fluctuation", "sensitivity", "fisher"),
+    *("activation_std", "fluctuation_std", "flap", "tptaylor"),
+)
+ONESHOT_CALIBRATION = {"full": (32, 16), "quick": (8, 16)}  # (batches, sentences per batch)
 
 
 def _data(settings: dict, tokenizer):
@@ -231,6 +242,54 @@ def phase_tp(out: Path, settings: dict, importance: str, target: float, dense_mo
     }
 
 
+def phase_oneshot_only(out: Path, settings: dict, method: str, target: float, dense_model: Path, mode: str) -> dict:
+    """One-shot heads + FFN rows from the dense model, no training: accuracy plain and reconstructed."""
+    from torch_pruning_baseline import encoder_linear_params, prune_with_torch_pruning
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, reconstruct, sparsity_report
+    from hf_flop.metrics import evaluate_model
+
+    tokenizer = AutoTokenizer.from_pretrained(dense_model)
+    train, test = _data(settings, tokenizer)
+    collator = DataCollatorWithPadding(tokenizer)
+    batches, size = ONESHOT_CALIBRATION[mode]
+    calibration = [collator([train[i] for i in range(j, j + size)]) for j in range(0, batches * size, size)]
+    model = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
+
+    def accuracy(m) -> float:
+        return evaluate_model(m, test, task="seq-cls", collator=collator)["accuracy"]
+
+    result = {"method": method, "target": target, "calibration_sentences": batches * size}
+    start = time.perf_counter()
+    if method == "tptaylor":
+        before = encoder_linear_params(model)
+        example = {k: v for k, v in calibration[0].items() if k != "labels"}
+        prune_with_torch_pruning(model, example, target, "taylor", calibration)
+        result.update(sparsity=1 - encoder_linear_params(model) / before, prune_time_s=time.perf_counter() - start)
+        return {**result, "accuracy": accuracy(model)}
+    gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
+    if method == "flap":
+        from flap_baseline import prune_flap
+
+        prune_flap(gated, calibration, target)
+        result["prune_time_s"] = time.perf_counter() - start
+    else:
+        score, *options = method.split("_")  # <score>[_std][_bias]
+        ranking = "standardized" if "std" in options else "per_gate"
+        prune_oneshot(gated, None, calibration, score, ranking=ranking, reconstruct=False)
+        result["prune_time_s"] = time.perf_counter() - start
+        result["accuracy_plain"] = accuracy(gated)
+        start = time.perf_counter()
+        report = reconstruct(gated, calibration, add_bias="bias" in options, progress=False)
+        result["reconstruct_time_s"] = time.perf_counter() - start
+        result["refit_modules"] = [sum(r.applied for r in report.layers), len(report.layers)]
+    result["accuracy"] = accuracy(gated)
+    result["sparsity"] = sparsity_report(gated).deterministic_sparsity
+    result["accuracy_compacted"] = accuracy(compact(gated))  # the same model, smaller: a sanity check
+    return result
+
+
 def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
     dense_model = root / "dense_model"
     if name == "dense":
@@ -241,6 +300,9 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
     if name == "dense_more":
         return phase_dense(out, settings, str(dense_model), save_to=None)
     kind, *rest = name.split("_")
+    if kind == "os":  # os_<method>_<T>
+        mode = "quick" if root.name.endswith("_quick") else "full"
+        return phase_oneshot_only(out, settings, "_".join(rest[:-1]), int(rest[-1]) / 100, dense_model, mode)
     if kind == "flop":
         return phase_flop(out, settings, int(rest[0]) / 100, dense_model, LEVELS[rest[1] if len(rest) > 1 else ""])
     target = int(rest[-1]) / 100
@@ -250,6 +312,7 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
 PHASES = ["dense", "dense_more"] + [f"flop_{int(t * 100)}" for t in TARGETS]
 PHASES += [f"tp_{imp}_{int(t * 100)}" for t in TARGETS for imp in IMPORTANCES]
 PHASES += [f"flop_50_{levels}" for levels in LEVELS if levels]
+PHASES += [f"os_{m}_{int(t * 100)}" for t in TARGETS for m in ONESHOT_METHODS]
 
 
 def main() -> None:
@@ -262,8 +325,21 @@ def summarize(root: Path, mode: str) -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
     dense = results.get("dense", {})
     dense_more = results.get("dense_more", {})
-    rows = []
+    rows, oneshot = [], []
     for name, r in results.items():
+        if name.startswith("os_"):
+            oneshot.append(
+                {
+                    "run": name,
+                    "target": r["target"],
+                    "sparsity": r.get("sparsity"),
+                    "accuracy_plain": r.get("accuracy_plain"),
+                    "accuracy": r["accuracy"],
+                    "drop_vs_dense_points": 100 * (dense.get("accuracy", 0) - r["accuracy"]),
+                    "prune_time_s": r.get("prune_time_s"),
+                    "reconstruct_time_s": r.get("reconstruct_time_s"),
+                }
+            )
         if not name.startswith(("flop_", "tp_")):
             continue
         lat = r.get("latency", {})
@@ -299,6 +375,7 @@ def summarize(root: Path, mode: str) -> None:
         "dense": dense,
         "dense_more": dense_more,
         "rows": rows,
+        "oneshot_rows": oneshot,
     }
     from phase_runner import write_summary
 
@@ -311,8 +388,8 @@ def _plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows, oneshot = summary["rows"], summary.get("oneshot_rows", [])
+    fig, axes = plt.subplots(1, 3 if oneshot else 2, figsize=(17 if oneshot else 11, 4))
     for method, marker in (("flop", "o"), ("tp_magnitude", "s"), ("tp_taylor", "^")):
         pts = [r for r in rows if r["run"].startswith(method + "_") and r["run"].count("_") == method.count("_") + 1]
         if pts:
@@ -330,8 +407,19 @@ def _plot(summary: dict, path: Path) -> None:
         axes[0].axhline(100 * summary["dense"]["accuracy"], color="gray", ls="--", label="dense")
     axes[0].set(xlabel="removed fraction of encoder linear weights", ylabel="test accuracy (%)", title="accuracy")
     axes[1].set(xlabel="removed fraction of encoder linear weights", ylabel="CPU speed-up, batch 32", title="latency")
+    if oneshot:
+        ax = axes[2]
+        xs = range(len(oneshot))
+        ax.bar([x - 0.2 for x in xs], [100 * (r["accuracy_plain"] or float("nan")) for r in oneshot], width=0.4,
+               color="lightgray", label="plain removal")
+        ax.bar([x + 0.2 for x in xs], [100 * r["accuracy"] for r in oneshot], width=0.4, color="C2",
+               label="hf_flop: reconstructed; flap / tptaylor: their result")
+        if summary["dense"]:
+            ax.axhline(100 * summary["dense"]["accuracy"], color="gray", ls="--", label="dense")
+        ax.set_xticks(list(xs), [r["run"].removeprefix("os_") for r in oneshot], rotation=60, ha="right", fontsize=7)
+        ax.set(ylabel="test accuracy (%)", title="one-shot, no fine-tuning (heads + FFN rows)", ylim=(45, 90))
     for ax in axes:
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(f"MiniLM-L6 on Rotten Tomatoes sentences ({summary['mode']})")
     fig.tight_layout()

@@ -23,6 +23,19 @@ Phases (each in its own process; a phase whose JSON exists is skipped, so a run 
   tp_<imp>         Torch-Pruning (magnitude / Taylor) FFN channels to the same kept count (GQA
                    heads are left alone, see torch_pruning_baseline), then the same budget
 
+One-shot with no recovery at all (issue 12), heads+rows at T = 30 or 50 % of the linears, every row
+calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the same test blocks:
+
+  os<T>_<score>    hf_flop.prune_oneshot(..., reconstruct=False) with `score` (magnitude, activation,
+                   fluctuation, sensitivity, fisher; `_std`: ranking="standardized"), perplexity; then
+                   hf_flop.reconstruct on the same data (`_bias`: add_bias=True), perplexity again,
+                   then compaction
+  os<T>_flap       the FLAP-style baseline (flap_baseline.py): fluctuation score, standardised global
+                   allocation, bias compensation
+  os<T>_tptaylor   Torch-Pruning Taylor, FFN channels to the same kept count, no recovery
+  os50_cost        the cost of prune_oneshot (activation + reconstruction) with 128 sequences of 512
+                   tokens: wall time and peak memory (run it with --threads 2)
+
     .venv/bin/python benchmarks/bench_smollm2.py            # full run (about 1 h on 2 idle cores)
     .venv/bin/python benchmarks/bench_smollm2.py --quick    # smoke test: a few steps, tiny subsets
 
@@ -53,9 +66,13 @@ LEARNING_RATE = 5e-5
 GATE_LEARNING_RATES = {"": 0.5, "fast": 1.5}
 LONG_BUDGET = 4  # the `_long` phases: does FLOP reach the target with 4x the steps, and how does it compare?
 SETTINGS = {
-    "full": {"block": 128, "batch": 4, "steps": 40, "eval_blocks": 48, "calibration_batches": 8},
-    "quick": {"block": 32, "batch": 2, "steps": 3, "eval_blocks": 4, "calibration_batches": 2},
+    "full": {"block": 128, "batch": 4, "steps": 40, "eval_blocks": 48, "calibration_batches": 8}
+    | {"oneshot_sequences": 32, "oneshot_block": 512, "cost_sequences": 128},
+    "quick": {"block": 32, "batch": 2, "steps": 3, "eval_blocks": 4, "calibration_batches": 2}
+    | {"oneshot_sequences": 24, "oneshot_block": 128, "cost_sequences": 24},
 }
+ONESHOT_TARGETS = (0.3, 0.5)
+ONESHOT_SCORES = ("magnitude", "activation", "fluctuation", "sensitivity", "fisher")
 
 
 def _data(settings: dict, tokenizer):
@@ -75,6 +92,59 @@ def _data(settings: dict, tokenizer):
         for j in range(0, b * settings["calibration_batches"], b)
     ]
     return train, test, calibration
+
+
+def _oneshot_calibration(tokenizer, sequences: int, block: int) -> list[dict]:
+    """``sequences`` seeded training blocks of ``block`` tokens, in batches of 4, with LM labels."""
+    from transformers import default_data_collator
+
+    from hf_flop.data import load_ptb, tokenize_lm
+
+    train = tokenize_lm(load_ptb()["train"], tokenizer, text_column="text", block_size=block).shuffle(seed=1)
+    rows = [{**train[i], "labels": train[i]["input_ids"]} for i in range(sequences)]
+    return [default_data_collator(rows[j : j + 4]) for j in range(0, sequences, 4)]
+
+
+def phase_oneshot_only(out: Path, settings: dict, root: Path, target: float, method: str, cost: bool = False) -> dict:
+    """One-shot pruning with no recovery: perplexity after plain removal, and after reconstruction."""
+    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, reconstruct, sparsity_report
+
+    pretrained_stats = json.loads((root / "pretrained.json").read_text())
+    model, tokenizer = _pretrained()
+    _, test, _ = _data(settings, tokenizer)
+    sequences = settings["cost_sequences" if cost else "oneshot_sequences"]
+    calibration = _oneshot_calibration(tokenizer, sequences, settings["oneshot_block"])
+    result = {"target_sparsity": target, "method": method, "calibration_tokens": sequences * settings["oneshot_block"]}
+    start = time.perf_counter()
+    if method == "tptaylor":
+        small, details = _prune_with_torch_pruning(model, calibration, "taylor", None, pretrained_stats, target)
+        result.update(details, prune_time_s=time.perf_counter() - start, perplexity=_perplexity(small, test))
+        return {**result, **_sizes(small, pretrained_stats["linear_params"])}
+    gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=target))
+    if method == "flap":
+        from flap_baseline import prune_flap
+
+        result.update(prune_flap(gated, calibration, target), prune_time_s=time.perf_counter() - start)
+        result["perplexity"] = _perplexity(gated, test)
+    elif cost:  # the user's call: scores, pruning and reconstruction in one
+        prune_oneshot(gated, None, calibration, method, reconstruct_options={"progress": False})
+        result["prune_time_s"] = time.perf_counter() - start
+        result["perplexity"] = _perplexity(gated, test)
+    else:
+        score, *options = method.split("_")  # <score>[_std][_bias]
+        ranking = "standardized" if "std" in options else "per_gate"
+        prune_oneshot(gated, None, calibration, score, ranking=ranking, reconstruct=False)
+        result["prune_time_s"] = time.perf_counter() - start
+        result["perplexity_plain"] = _perplexity(gated, test)
+        start = time.perf_counter()
+        report = reconstruct(gated, calibration, add_bias="bias" in options, progress=False)
+        result["reconstruct_time_s"] = time.perf_counter() - start
+        result["refit_modules"] = [sum(r.applied for r in report.layers), len(report.layers)]
+        result["perplexity"] = _perplexity(gated, test)
+    result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
+    small = compact(gated)
+    result["perplexity_compacted"] = _perplexity(small, test)  # the same model, smaller: a sanity check
+    return {**result, **_sizes(small, pretrained_stats["linear_params"])}
 
 
 def _pretrained():
@@ -274,8 +344,8 @@ def _prune_with_hf_flop(model, calibration, score: str, train, pretrained_stats:
     return compact(gated), {"deterministic_sparsity": report.deterministic_sparsity, "target_sparsity": target}
 
 
-def _prune_with_torch_pruning(model, calibration, importance: str, train, pretrained_stats: dict):
-    """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose TARGET of their weights."""
+def _prune_with_torch_pruning(model, calibration, importance: str, train, pretrained_stats: dict, target=TARGET):
+    """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose ``target`` of their weights."""
     from torch_pruning_baseline import prune_ffn_with_torch_pruning
 
     from hf_flop.architectures import arch_spec, layer_layouts
@@ -284,7 +354,7 @@ def _prune_with_torch_pruning(model, calibration, importance: str, train, pretra
     modules = dict(model.named_modules())
     layouts = layer_layouts(model, spec)
     ffn = sum(modules[f"{lay.prefix}.{n}"].weight.numel() for lay in layouts for n in (*spec.up, spec.down))
-    ffn_ratio = TARGET * _linear_params(model) / ffn
+    ffn_ratio = target * _linear_params(model) / ffn
     example = {"input_ids": calibration[0]["input_ids"][:1]}
     return prune_ffn_with_torch_pruning(model, example, ffn_ratio, importance, calibration), {"ffn_ratio": ffn_ratio}
 
@@ -318,6 +388,10 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
         return phase_pretrained(out, settings)
     if name == "dense":
         return phase_dense(out, settings)
+    if name.startswith("os"):  # os<T>_<method>: one-shot, no recovery
+        target, method = name[2:].split("_", 1)
+        cost = method == "cost"  # the cost phase times the default recipe: activation scores + reconstruction
+        return phase_oneshot_only(out, settings, root, int(target) / 100, "activation" if cost else method, cost)
     if name.startswith("flop"):
         speed = "fast" if name.endswith("_fast") else ""
         return phase_flop(out, settings, root, "_emb" in name, GATE_LEARNING_RATES[speed])
@@ -329,6 +403,12 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
 PHASES = ["pretrained", "dense", "flop", "flop_emb"] + [f"oneshot_{s}" for s in SCORES]
 PHASES += [f"tp_{i}" for i in IMPORTANCES] + ["flop_fast", "oneshot_activation_emb", "flop_emb_fast"]
 PHASES += ["flop_long", "oneshot_activation_long", "flop_emb_long"]
+ONESHOT_PHASES = [
+    f"os{int(100 * t)}_{m}"
+    for t in ONESHOT_TARGETS
+    for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor")
+]
+PHASES += ONESHOT_PHASES + ["os50_cost"]
 
 
 def main() -> None:
@@ -343,7 +423,7 @@ def summarize(root: Path, mode: str) -> None:
     rows = []
     for name in PHASES[1:]:
         r = results.get(name)
-        if r is None:
+        if r is None or name in ONESHOT_PHASES or name == "os50_cost":
             continue
         rows.append(
             {
@@ -360,6 +440,26 @@ def summarize(root: Path, mode: str) -> None:
                 "peak_rss_mb": r.get("peak_rss_mb"),
             }
         )
+    oneshot = []
+    for name in [*ONESHOT_PHASES, "os50_cost"]:
+        r = results.get(name)
+        if r is None:
+            continue
+        oneshot.append(
+            {
+                "run": name,
+                "target": r["target_sparsity"],
+                "linear_sparsity": r.get("linear_sparsity"),
+                "perplexity_plain": r.get("perplexity_plain"),
+                "perplexity": r["perplexity"],
+                "vs_pretrained": r["perplexity"] / pre["perplexity"] if pre else None,
+                "prune_time_s": r.get("prune_time_s"),
+                "reconstruct_time_s": r.get("reconstruct_time_s"),
+                "calibration_tokens": r.get("calibration_tokens"),
+                "peak_rss_mb": r.get("peak_rss_mb"),
+                "torch_threads": r.get("torch_threads"),
+            }
+        )
     summary = {
         "mode": mode,
         "settings": SETTINGS[mode],
@@ -367,6 +467,7 @@ def summarize(root: Path, mode: str) -> None:
         "levels": LEVELS,
         "pretrained": pre,
         "rows": rows,
+        "oneshot_rows": oneshot,
     }
     from phase_runner import write_summary
 
@@ -379,8 +480,9 @@ def _plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    rows, oneshot = summary["rows"], summary.get("oneshot_rows", [])
+    fig, axes = plt.subplots(2 if oneshot else 1, 1, figsize=(10, 8 if oneshot else 4), squeeze=False)
+    ax = axes[0][0]
     names = [f"{r['run']} ({r['linear_sparsity']:.2f})" for r in rows]  # what was really removed
     after = [r["perplexity"] for r in rows]
     before = [r["perplexity_before_recovery"] or float("nan") for r in rows]
@@ -401,6 +503,19 @@ def _plot(summary: dict, path: Path) -> None:
         title=f"SmolLM2-135M on PTB, target: 50% of the linears removed (removed in brackets; {summary['mode']})",
     )
     ax.legend()
+    if oneshot:
+        ax = axes[1][0]
+        xs = range(len(oneshot))
+        plain = [r["perplexity_plain"] or float("nan") for r in oneshot]
+        ax.bar([x - 0.2 for x in xs], plain, width=0.4, color="lightgray", label="plain removal")
+        ax.bar([x + 0.2 for x in xs], [r["perplexity"] for r in oneshot], width=0.4, color="C2",
+               label="hf_flop rows: after reconstruction; baselines (flap, tptaylor): their result")
+        if summary["pretrained"]:
+            ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), [r["run"] for r in oneshot], rotation=30, ha="right")
+        ax.set(ylabel="PTB test perplexity (log)", title="one-shot, no training: heads + FFN rows at 30% / 50%")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -17,6 +17,8 @@ Scores, one tensor per gate (higher = more important):
   component at injection this is the singular value ``s_k`` (``P = U sqrt(S)``, ``Q = sqrt(S) V^T``).
 * ``activation``:  ``sqrt(sum_{j in u} ||C[:, j]||^2 * E[x_j^2])``, weight times input norm as in Wanda,
   with ``E`` the mean over calibration tokens; for a rank component ``||P[:, k]|| * RMS(Q[k, :] x)``.
+* ``fluctuation``: ``sum_{j in u} ||C[:, j]||^2 * Var(x_j)`` (FLAP's metric): like ``activation`` but with the
+  variance instead of the mean square, since a constant input can be folded into a bias.
 * ``sensitivity``: ``|dL/dz_u * z_u|``, the first-order Taylor estimate of the loss change when the
   unit's gate value ``z_u`` goes to 0, per calibration batch, then averaged (or an exponential moving
   average with ``ema_decay``). Only the gate matters here, so every gate gets it for free.
@@ -39,7 +41,7 @@ from .gated import GatedUnits
 from .groups import group_units
 from .model import find_flop_model
 
-SCORES = ("magnitude", "activation", "sensitivity", "fisher")
+SCORES = ("magnitude", "activation", "fluctuation", "sensitivity", "fisher")
 
 
 def find_gated_units(model: nn.Module) -> list[GatedUnits]:
@@ -178,16 +180,37 @@ def activation_scores(
 ) -> dict[str, torch.Tensor]:
     """Wanda-like ``sqrt(sum_j ||C[:, j]||^2 E[x_j^2])`` per unit, from forward passes over calibration batches."""
     units = find_gated_units(model)
+    mean_sq, _ = _feature_moments(model, units, calibration_data, max_batches)
+    return {s.key: (s.column_sq_norms * mean_sq[s.key]).reshape(s.n_units, s.unit).sum(1).sqrt().cpu() for s in units}
+
+
+def fluctuation_scores(
+    model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
+) -> dict[str, torch.Tensor]:
+    """FLAP's ``sum_j ||C[:, j]||^2 Var(x_j)`` per unit: what the unit's output varies, not its mean (which a bias
+    can stand in for, see ``hf_flop.reconstruct``)."""
+    units = find_gated_units(model)
+    mean_sq, mean = _feature_moments(model, units, calibration_data, max_batches)
+    return {
+        s.key: (s.column_sq_norms * (mean_sq[s.key] - mean[s.key] ** 2).clamp_min(0.0)).reshape(s.n_units, s.unit).sum(1).cpu()
+        for s in units
+    }
+
+
+def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
+    """Per gate: ``E[x_j^2]`` and ``E[x_j]`` of each unit slot's feature over the calibration tokens."""
     sq_sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
     tokens = {s.key: 0 for s in units}
 
     def recorder(s: GatedUnits):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             features = (x if s.features is None else s.features(x)).float()
-            total = features.pow(2).reshape(-1, features.shape[-1]).sum(0)
-            sq_sums[s.key] = sq_sums[s.key] + total if s.key in sq_sums else total
-            tokens[s.key] += features.numel() // features.shape[-1]
+            features = features.reshape(-1, features.shape[-1])
+            for store, value in ((sq_sums, features.pow(2).sum(0)), (sums, features.sum(0))):
+                store[s.key] = store[s.key] + value if s.key in store else value
+            tokens[s.key] += features.shape[0]
 
         return hook
 
@@ -200,15 +223,15 @@ def activation_scores(
     finally:
         for handle in handles:
             handle.remove()
-    scores = {}
+    mean_sq, mean = {}, {}
     for s in units:
         if s.key not in sq_sums:
             raise RuntimeError(f"the calibration forward never reached {s.key}'s module; is it used by the model?")
-        mean_sq = sq_sums[s.key] / max(tokens[s.key], 1)
+        n = max(tokens[s.key], 1)
+        mean_sq[s.key], mean[s.key] = sq_sums[s.key] / n, sums[s.key] / n
         if s.feature_index is not None:
-            mean_sq = mean_sq[s.feature_index]
-        scores[s.key] = (s.column_sq_norms * mean_sq).reshape(s.n_units, s.unit).sum(1).sqrt().cpu()
-    return scores
+            mean_sq[s.key], mean[s.key] = mean_sq[s.key][s.feature_index], mean[s.key][s.feature_index]
+    return mean_sq, mean
 
 
 def sensitivity_scores(
@@ -287,7 +310,7 @@ def compute_scores(
 ) -> dict[str, torch.Tensor]:
     """Scores of every gated unit, by gate name (``FlopModel.gates()`` keys): one tensor of ``n`` per gate.
 
-    ``score`` is ``"magnitude"`` (no data needed), ``"activation"``, or ``"sensitivity"`` / ``"fisher"``
+    ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` / ``"fluctuation"``, or ``"sensitivity"`` / ``"fisher"``
     (batches with ``labels``). The scores reflect the gates as they are: open all gates first to score
     the dense model.
     """
@@ -301,4 +324,6 @@ def compute_scores(
         return activation_scores(model, calibration_data, max_batches=max_batches)
     if score == "fisher":
         return fisher_scores(model, calibration_data, max_batches=max_batches)
+    if score == "fluctuation":
+        return fluctuation_scores(model, calibration_data, max_batches=max_batches)
     return sensitivity_scores(model, calibration_data, max_batches=max_batches, ema_decay=ema_decay)

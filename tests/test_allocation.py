@@ -79,3 +79,24 @@ def test_protect_layers_errors():
     with pytest.raises(ValueError, match="cannot be reached"):
         prune_oneshot(tiny_gpt2(), FlopConfig(levels=["head", "row"], target_sparsity=0.6), calibration("gpt2"),
                       "activation", protect_layers=(0, -1), reconstruct=False)
+
+
+def test_fluctuation_is_column_energy_times_input_variance():
+    model = injected("llama", ["head", "row"])
+    flop = find_flop_model(model)
+    group = next(g for g in flop.structure_groups if g.level == "row")
+    consumer = flop.flop_layers()[group.consumer]
+    seen = []
+    handle = consumer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    data = calibration("llama", n=3)
+    scores = compute_scores(model, data, "fluctuation")
+    with torch.no_grad():
+        for batch in data:
+            model(**batch)
+    handle.remove()
+    x = torch.cat(seen).double()
+    variance = x.var(0, unbiased=False)
+    energy = consumer.folded_weight().double().pow(2).sum(0)
+    assert torch.allclose(scores[group.key].double(), energy * variance, rtol=1e-4, atol=1e-10)
+    activation = compute_scores(model, data, "activation")[group.key]
+    assert not torch.allclose(activation, scores[group.key])
