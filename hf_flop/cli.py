@@ -17,6 +17,7 @@ console output ``hf_flop.progress``, and the model and data loading it shares wi
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -63,6 +64,22 @@ _prepare_data = prune_job.prepare_data
 
 
 # --- arguments -----------------------------------------------------------------------------------
+def default_threads() -> int:
+    """The ``--threads`` default: ``$OMP_NUM_THREADS`` when it is a positive integer, else the usable CPUs.
+
+    A user who set ``OMP_NUM_THREADS`` (e.g. to share the machine) keeps that setting; otherwise the
+    job uses every CPU this process may run on (``os.sched_getaffinity``: a ``taskset`` or container
+    cpuset counts, not the machine's total), which is what torch picks on an idle machine.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2" = nested OpenMP levels
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _number(value: str) -> float:
     try:
         return float(value)
@@ -260,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Distil the pruned model from the dense one (logit KL).",
     )
     train.add_argument("--seed", type=int, default=0, help="Seed of data subsets, initialisation and training.")
+    train.add_argument(
+        "--threads",
+        type=_positive(int),
+        help="CPU threads (torch.set_num_threads) for training and evaluation. Default: $OMP_NUM_THREADS if set, "
+        f"else every CPU this process may use ({default_threads()} here). On a machine other jobs share, fewer "
+        "threads than cores are faster (see the README).",
+    )
 
     out = prune.add_argument_group("output")
     out.add_argument("--output-dir", default="hf_flop_output", help="Folder for the compacted model, plots, summary.")
@@ -313,6 +337,8 @@ def _fill_task_defaults(args) -> None:
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.threads is None:
+        args.threads = default_threads()
     if args.push_to_hub and not args.repo_id:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
 

@@ -120,7 +120,9 @@ def print_summary(console: Console, summary: dict, output_dir: Path) -> None:
         )
     times = summary["wall_time_s"]
     table.add_row(
-        "wall time (s)", f"{times.get('dense_fine_tune', 0):.0f} fine-tune", f"{times['pruning']:.0f} pruning"
+        f"wall time (s, {summary['machine']['torch_threads']} thr)",
+        f"{times.get('dense_fine_tune', 0):.0f} fine-tune",
+        f"{times['pruning']:.0f} pruning",
     )
     console.print(table)
     console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/")

@@ -51,6 +51,7 @@ class _Job:
 
 def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
     """Run the job on checked options; returns the summary that it also writes to ``output_dir/summary.json``."""
+    import torch
     from rich.console import Console
 
     from .progress import print_summary, quiet_libraries
@@ -58,6 +59,20 @@ def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
     started, load_start = time.perf_counter(), os.getloadavg()
     console = Console()
     quiet_libraries()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # training and evaluation; the latency phase sets its own
+    try:
+        summary = _run(args, flop_config, output_dir, console, started, load_start)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (tests, a notebook) gets its setting back
+    print_summary(console, summary, output_dir)
+    if args.push_to_hub:
+        _push(args, output_dir, console)
+    return summary
+
+
+def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, started: float, load_start) -> dict:
+    """The phases, written into a temporary folder that becomes ``output_dir`` once complete."""
     tokenizer, data, model = _load(args, console)
     with (
         tempfile.TemporaryDirectory(prefix="hf-flop-trainer-") as workdir,
@@ -75,9 +90,6 @@ def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
         summary["machine"]["load_avg_start"] = load_start
         write_json_atomic(out / "summary.json", summary)
-    print_summary(console, summary, output_dir)
-    if args.push_to_hub:
-        _push(args, output_dir, console)
     return summary
 
 
@@ -115,7 +127,7 @@ def _load(args: argparse.Namespace, console) -> tuple[Any, TaskData, Any]:
     console.print(
         f"[bold]hf-flop prune[/]: {args.task} | model {args.model} | dataset {args.dataset} | "
         f"train {len(data['train']):,} | eval ({data['eval_split']}) {len(data['report']):,} | "
-        f"target {args.target} | levels {','.join(args.levels)}"
+        f"target {args.target} | levels {','.join(args.levels)} | {args.threads} thread(s)"
     )
     set_seed(args.seed)
     return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer)
@@ -245,8 +257,6 @@ def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str
 
 def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], log_history: list[dict]) -> dict:
     """Everything ``summary.json`` records: results, sizes, latency, timing, machine, settings, logs."""
-    import torch
-
     args = job.args
     return {
         "task": args.task,
@@ -265,7 +275,7 @@ def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], l
         "latency_ms": latency,
         "speedup": {b: round(v["dense"] / v["pruned"], 3) for b, v in latency.items()},
         "wall_time_s": {k: round(v, 1) for k, v in job.times.items()},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_end": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "load_avg_end": os.getloadavg()},
         "train_examples": len(job.data["train"]),
         "eval_examples": len(job.data["report"]),
         "plots": plots,

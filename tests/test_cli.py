@@ -238,3 +238,43 @@ def test_flop_config_errors_name_the_option(argv, fragment, capsys, tmp_path):
         code, _, err = _run([*command, *argv], capsys)
         _one_line_error(code, err, fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_threads_are_honoured_in_training_and_evaluation(capsys, tmp_path, tiny_cls_dir, sentiment_csv, monkeypatch):
+    """--threads is the torch thread count inside every training step and evaluation, restored afterwards."""
+    from hf_flop import metrics
+    from hf_flop.trainer import PruningTrainer
+
+    seen = {"step": set(), "eval": set()}
+    compute_loss, evaluate_model = PruningTrainer.compute_loss, metrics.evaluate_model
+
+    def recording_loss(self, *args, **kwargs):
+        seen["step"].add(torch.get_num_threads())
+        return compute_loss(self, *args, **kwargs)
+
+    def recording_eval(*args, **kwargs):
+        seen["eval"].add(torch.get_num_threads())
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(PruningTrainer, "compute_loss", recording_loss)
+    monkeypatch.setattr(metrics, "evaluate_model", recording_eval)
+    before = torch.get_num_threads()
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(tmp_path)]
+    argv += ["--max-steps", "2", "--dense-epochs", "0", "--max-length", "16", "--eval-samples", "8", "--no-plots"]
+    code, _, err = _run([*argv, "--threads", "3"], capsys)
+    assert code == 0, err
+    assert seen == {"step": {3}, "eval": {3}}
+    assert torch.get_num_threads() == before  # the caller's setting is back
+    assert json.loads((tmp_path / "summary.json").read_text())["machine"]["torch_threads"] == 3
+
+
+def test_threads_default_honours_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cli.default_threads() == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert cli.default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli.default_threads() == len(os.sched_getaffinity(0))
+    args = cli.build_parser().parse_args(["prune", "--threads", "2"])
+    cli._fill_task_defaults(args)
+    assert args.threads == 2
