@@ -127,3 +127,21 @@ def min_reachable_kept_params(model: nn.Module) -> int:
             continue  # a closed gate can take this layer to (almost) nothing
         floor += layer.in_features * layer.out_features
     return floor
+
+
+def check_reachable(model: nn.Module) -> None:
+    """Raise ``ValueError`` when the model's ``FlopConfig.target_sparsity`` is above what closing every gate gives."""
+    flop_model = find_flop_model(model)
+    config = flop_model.flop_config
+    floor = min_reachable_kept_params(model)
+    if floor == 0:
+        return  # every prunable parameter can go: any target below 1 is reachable
+    prunable = sparsity_report(model).prunable_params
+    reachable = 1.0 - floor / prunable
+    if config.target_sparsity > reachable + 1e-9:
+        raise ValueError(
+            f"FlopConfig.target_sparsity={config.target_sparsity} cannot be reached: with levels {config.levels}, "
+            f"{floor:,} of the {prunable:,} prunable parameters sit in layers no gate can shrink, so the sparsity "
+            f"is at most {reachable:.4f}. Lower the target, or add 'rank' to levels (or narrow target_modules to "
+            "layers that head/row gates reach)."
+        )

@@ -1,7 +1,7 @@
 """Saving a compacted model with its model card, and publishing it on the Hugging Face Hub.
 
 ``save_compacted`` compacts a FLOP model, writes it (safetensors, config, remote code when needed,
-tokenizer) with a model card rendered from ``model_cards/compacted_model_card.md`` into a temporary
+tokenizer) with a model card rendered from ``hf_flop/model_cards/compacted_model_card.md`` into a temporary
 folder next to ``output_dir`` and renames it into place, so ``output_dir`` is either complete or
 untouched. Pushing is a separate step on the finished folder (``push_compacted``): when it fails,
 the folder stays complete and the push can simply be repeated.
@@ -24,7 +24,8 @@ from .files import atomic_folder, check_output_dir
 from .model import find_flop_model
 from .modeling import auto_class_names
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "compacted_model_card.md"
+# inside the package, so that a wheel install has it too (package data, see pyproject.toml)
+CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "compacted_model_card.md"
 
 # auto class -> Hub pipeline tag, most specific first (the first match names the task)
 PIPELINE_TAGS = {
@@ -76,7 +77,7 @@ def save_compacted(
         speedup: measured speed-up over the dense model, one number or ``{setting: number}``.
         base_model: Hub id of the model that was pruned (default: the model's ``name_or_path`` when
             it looks like a Hub id).
-        card_template: a Jinja template to use instead of ``model_cards/compacted_model_card.md``.
+        card_template: a Jinja template to use instead of ``hf_flop/model_cards/compacted_model_card.md``.
 
     Returns the path of the saved folder. Raises ``PushToHubError`` when only the push failed.
     """

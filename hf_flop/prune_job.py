@@ -74,6 +74,7 @@ def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
 def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, started: float, load_start) -> dict:
     """The phases, written into a temporary folder that becomes ``output_dir`` once complete."""
     tokenizer, data, model = _load(args, console)
+    _check_before_training(model, flop_config, console)
     with (
         tempfile.TemporaryDirectory(prefix="hf-flop-trainer-") as workdir,
         atomic_folder(output_dir, overwrite=args.overwrite) as out,
@@ -131,6 +132,14 @@ def _load(args: argparse.Namespace, console) -> tuple[Any, TaskData, Any]:
     )
     set_seed(args.seed)
     return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer)
+
+
+def _check_before_training(model, flop_config, console) -> None:
+    """What injection and PruningTrainer would refuse after the dense fine-tune, refused now (model untouched)."""
+    from .preflight import check_before_training
+
+    with console.status("checking the pruning configuration against the model"):
+        check_before_training(model, flop_config, option="--target-modules")
 
 
 def _fine_tune_dense(job: _Job, model):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .accounting import expected_sparsity, min_reachable_kept_params, sparsity_report
+from .accounting import check_reachable, expected_sparsity, sparsity_report
 from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
 from .files import write_json_atomic
 from .hub import save_compacted
@@ -331,17 +331,7 @@ def _checked_flop_model(model: nn.Module):
         raise ValueError(
             "the model's FLOP gates are frozen (requires_grad=False); PruningTrainer has nothing to prune."
         )
-    config = flop_model.flop_config
-    prunable = sparsity_report(model).prunable_params
-    floor = min_reachable_kept_params(model)
-    reachable = 1.0 - floor / prunable
-    if config.target_sparsity > reachable + 1e-9:
-        raise ValueError(
-            f"FlopConfig.target_sparsity={config.target_sparsity} cannot be reached: with levels {config.levels}, "
-            f"{floor:,} of the {prunable:,} prunable parameters sit in layers no gate can shrink, so the sparsity "
-            f"is at most {reachable:.4f}. Lower the target, or add 'rank' to levels (or narrow target_modules to "
-            "layers that head/row gates reach)."
-        )
+    check_reachable(model)
     return flop_model
 
 
