@@ -18,7 +18,8 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ from .data import TaskData
 from .files import atomic_folder, write_json_atomic
 
 LATENCY_BATCHES = (1, 32)
+# PruningArguments fields -> the options that set them, for messages addressed to a CLI user
+CLI_NAMES = {
+    "max_steps / num_train_epochs": "--max-steps / --epochs",
+    "gate_learning_rate": "--gate-learning-rate",
+    "lagrangian_learning_rate": "--lagrangian-learning-rate",
+    "target_warmup_steps": "--target-warmup",
+}
 
 
 @dataclass
@@ -39,6 +47,7 @@ class _Job:
     workdir: str  # Trainer's output_dir; nothing is saved there (save_strategy "no")
     results: dict = field(default_factory=dict)  # metric values: pretrained (causal-lm), dense, pruned
     times: dict = field(default_factory=dict)  # wall time of the training phases, in seconds
+    target: dict = field(default_factory=dict)  # where the size ended against the target (TargetCheck, met, message)
 
     def evaluate(self, model) -> float:
         """The task's metric of ``model`` on the report split."""
@@ -190,7 +199,15 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         data_collator=job.data["collator"],
         teacher_model=dense if args.distill else None,
     )
-    job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
+    with warnings.catch_warnings():
+        # the job reports a missed target itself, in its own option names (below and in the summary)
+        warnings.filterwarnings("ignore", message="PruningTrainer: the model ended", category=UserWarning)
+        job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
+    check = trainer.target_check
+    job.target = {**asdict(check), "met": check.met}
+    if not check.met:
+        job.target["message"] = trainer.missed_target_message(CLI_NAMES).replace("PruningTrainer: the model", "the model")
+        job.console.print(f"[bold yellow]warning:[/] {job.target['message']}", highlight=False)
     return model, trainer.state.log_history
 
 
@@ -273,6 +290,7 @@ def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], l
         "dataset": args.dataset,
         "levels": args.levels,
         "target_sparsity": args.target,
+        "target_check": job.target,
         "results": job.results,
         "params": {
             "dense_total": _params(dense),

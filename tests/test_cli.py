@@ -385,3 +385,18 @@ def test_output_checks_come_before_training(capsys, tmp_path, tiny_cls_dir, sent
     code, _, err = _run([*argv, "--push-to-hub", "--repo-id", "me/tiny"], capsys)
     _one_line_error(code, err, "needs a Hub token")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missed_target_is_reported_in_the_summary(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
+    """Two pruning steps cannot reach 0.5: the console and summary.json say so, in the CLI's option names."""
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(tmp_path)]
+    argv += ["--max-steps", "2", "--dense-epochs", "0", "--max-length", "16", "--eval-samples", "8", "--no-plots"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "MISSED)" in text and "missed target: the model ended at sparsity" in text
+    assert "Train longer (--max-steps / --epochs), or raise --gate-learning-rate (now 0.2)" in text
+    assert "PruningTrainer" not in err  # reported once, by the CLI, not also as a raw warning
+    check = json.loads((tmp_path / "summary.json").read_text())["target_check"]
+    assert check["met"] is False and check["target"] == 0.5 and check["sparsity"] < 0.1
+    assert check["message"].startswith("the model ended at sparsity")
