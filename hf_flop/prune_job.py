@@ -48,6 +48,7 @@ class _Job:
     results: dict = field(default_factory=dict)  # metric values: pretrained (causal-lm), dense, pruned
     times: dict = field(default_factory=dict)  # wall time of the training phases, in seconds
     target: dict = field(default_factory=dict)  # where the size ended against the target (TargetCheck, met, message)
+    training: dict = field(default_factory=dict)  # PruningTrainer.training_facts(), for the card
 
     def evaluate(self, model) -> float:
         """The task's metric of ``model`` on the report split."""
@@ -94,7 +95,7 @@ def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, start
         flop_model, log_history = _prune(job, model, dense, flop_config)
         small, report = _compact_and_evaluate(job, flop_model)
         latency = _measure_latency(job, dense, small)
-        _save_model(job, flop_model, latency, out / "model")
+        _save_model(job, flop_model, latency, out / "model", output_dir / "model")
         plots = [] if args.no_plots else _plots(job, log_history, report, out / "plots")
         summary = _summary(job, dense, small, report, latency, plots, log_history)
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
@@ -140,7 +141,7 @@ def _load(args: argparse.Namespace, console) -> tuple[Any, TaskData, Any]:
         f"target {args.target} | levels {','.join(args.levels)} | {args.threads} thread(s)"
     )
     set_seed(args.seed)
-    return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer)
+    return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer, data["label_names"])
 
 
 def _check_before_training(model, flop_config, console) -> None:
@@ -203,6 +204,7 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         # the job reports a missed target itself, in its own option names (below and in the summary)
         warnings.filterwarnings("ignore", message="PruningTrainer: the model ended", category=UserWarning)
         job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
+    job.training = trainer.training_facts()
     check = trainer.target_check
     job.target = {**asdict(check), "met": check.met}
     if not check.met:
@@ -244,16 +246,24 @@ def _measure_latency(job: _Job, dense, small) -> dict[str, dict[str, float]]:
     return latency
 
 
-def _save_model(job: _Job, flop_model, latency: dict, folder: Path) -> None:
-    """The compacted model, tokenizer and model card (``save_compacted``) in ``folder``."""
+def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder: Path) -> None:
+    """The compacted model, tokenizer and model card (``save_compacted``) in ``folder``.
+
+    ``final_folder`` is where ``folder`` ends up (the job writes into a staging folder): the card's load
+    snippet names it, or the Hub repository when pushing.
+    """
     from . import save_compacted
-    from .data import DATASETS, MODEL_HUB_IDS
+    from .data import DATASET_SOURCES, MODEL_HUB_IDS
 
     args, results = job.args, job.results
-    eval_results = {results["metric"]: results["pruned"]}  # the dense baseline is in summary.json
+    metric = results["metric"]
     setting = f"CPU, {args.latency_threads} thread(s), {args.max_length} tokens"
     speedup = {f"{setting}, batch {b}": v["dense"] / v["pruned"] for b, v in latency.items()}
-    dataset = DATASETS.get(args.dataset, args.dataset)
+    dataset_id = _hub_dataset_id(args.dataset)
+    if args.dataset in DATASET_SOURCES:
+        dataset = DATASET_SOURCES[args.dataset]
+    else:  # a local file or folder is named, not located: the card travels, the user's paths should not
+        dataset = dataset_id or Path(args.dataset).name
     base = MODEL_HUB_IDS.get(args.model, args.model).rstrip("/").split("/")[-1]
     name = args.repo_id or re.sub(r"[^\w.-]", "-", f"{base}-flop-{round(100 * args.target)}")
     with job.console.status("saving the compacted model and card"):
@@ -262,11 +272,41 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path) -> None:
             folder,
             repo_id=name,  # the card's title; pushing (if asked) happens once the output folder is complete
             tokenizer=job.tokenizer,
-            eval_results=eval_results,
-            eval_dataset=f"{dataset} ({results['eval_split']} split)",
+            eval_results={metric: results["pruned"]},
+            baseline_results={metric: results["dense"]},
+            eval_dataset=dataset,
+            eval_dataset_id=dataset_id,
+            eval_split=results["eval_split"],
+            datasets=[dataset_id] if dataset_id else None,
             speedup=speedup,
             base_model=MODEL_HUB_IDS.get(args.model),
+            license=args.license,
+            training=_training_facts(job, dataset),
+            load_from=args.repo_id if args.push_to_hub else str(final_folder.absolute()),
         )
+
+
+def _hub_dataset_id(dataset: str) -> str | None:
+    """``--dataset`` when it names a Hub dataset (not an embedded default, not a local path), else None."""
+    from .data import DATASETS
+
+    if dataset in DATASETS or Path(dataset).expanduser().exists():
+        return None
+    return dataset if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) else None
+
+
+def _training_facts(job: _Job, dataset: str) -> dict[str, str]:
+    """How the model was made, for the card's "Training procedure": the data, the dense fine-tune, then the
+    pruning as ``PruningTrainer.training_facts`` tells it."""
+    args, data = job.args, job.data
+    return {
+        "data": f"{dataset}; {len(data['train']):,} training examples, evaluated on {len(data['report']):,} "
+        f"{data['eval_split']} examples ({args.max_length} tokens at most)",
+        "dense fine-tune": f"{args.dense_epochs:g} epoch(s) before pruning (the baseline and the teacher)"
+        if args.dense_epochs
+        else "none (the pretrained model is the baseline)",
+        **job.training,
+    }
 
 
 def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str]:

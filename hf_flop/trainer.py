@@ -193,6 +193,30 @@ class PruningTrainer(Trainer):
             )
         return text + " Compaction keeps the size it ended at, not the target."
 
+    def training_facts(self) -> dict[str, str]:
+        """How this trainer pruned the model, for a model card's "Training procedure"."""
+        args, config = self.args, self.flop_config
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        facts = {
+            "pruning": f"{self.state.global_step:,} steps of PruningTrainer, batch {batch}, learning rate "
+            f"{args.learning_rate:g}, target {config.target_sparsity} (warm-up {args.target_warmup_steps:g}"
+            f"{' of the run' if args.target_warmup_steps < 1 else ' steps'}), levels {', '.join(config.levels)}, "
+            f"gate {config.gate}",
+            "gate and multiplier learning rates": f"{args.gate_learning_rate:g}, {args.lagrangian_learning_rate:g} "
+            f"(lambda_1), {args.quadratic_learning_rate:g} (lambda_2)",
+            "distillation": f"from a teacher model (logit KL, alpha {args.distillation_alpha:g}, temperature "
+            f"{args.distillation_temperature:g})"
+            if self.teacher_model is not None
+            else "none",
+            "seed": str(args.seed),
+        }
+        if self.target_check is not None:
+            check = self.target_check
+            facts["size reached"] = f"sparsity {check.sparsity:.3f} for target {check.target}" + (
+                "" if check.met else " (missed)"
+            )
+        return facts
+
     # --- optimizer ---------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with the gates and the multipliers moved to groups of their own."""
@@ -322,7 +346,11 @@ class PruningTrainer(Trainer):
 
     # --- export ------------------------------------------------------------------------------------
     def save_compacted(self, output_dir: str, **kwargs):
-        """Compact the pruned model and save it (``hf_flop.save_compacted``), from the main process only."""
+        """Compact the pruned model and save it (``hf_flop.save_compacted``), from the main process only.
+
+        The card's "Training procedure" defaults to ``training_facts()``.
+        """
+        kwargs.setdefault("training", self.training_facts())
         result = save_compacted(self.model, output_dir, **kwargs) if self.args.should_save else None
         self.accelerator.wait_for_everyone()
         return result

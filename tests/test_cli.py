@@ -400,3 +400,7 @@ def test_a_missed_target_is_reported_in_the_summary(capsys, tmp_path, tiny_cls_d
     check = json.loads((tmp_path / "summary.json").read_text())["target_check"]
     assert check["met"] is False and check["target"] == 0.5 and check["sparsity"] < 0.1
     assert check["message"].startswith("the model ended at sparsity")
+    card = (tmp_path / "model" / "README.md").read_text()  # the card repeats it, beside the dense baseline
+    assert "Target sparsity 0.500: **missed**" in card and "| metric | dense model (before pruning) |" in card
+    assert f"from_pretrained({str((tmp_path / 'model').absolute())!r}" in card  # where the model really is
+    assert "- distillation: from a teacher model" in card and "- data: sentiment.csv; 72 training examples" in card
