@@ -314,7 +314,8 @@ def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str
     from .plots import plot_kept, plot_training
 
     args = job.args
-    title = f"{args.model} on {args.dataset}, target {args.target}, levels {','.join(args.levels)}"
+    model, dataset = Path(args.model).name or args.model, Path(args.dataset).name or args.dataset  # no long paths
+    title = f"{model} on {dataset}, target {args.target}, levels {','.join(args.levels)}"
     return [
         plot_training(log_history, folder / "sparsity.png", title=title).name,
         plot_kept(report, folder / "kept.png", title=title).name,
