@@ -253,17 +253,16 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder
     snippet names it, or the Hub repository when pushing.
     """
     from . import save_compacted
-    from .data import DATASET_SOURCES, MODEL_HUB_IDS
+    from .data import DATASET_SOURCES, DATASETS, MODEL_HUB_IDS
 
     args, results = job.args, job.results
     metric = results["metric"]
     setting = f"CPU, {args.latency_threads} thread(s), {args.max_length} tokens"
     speedup = {f"{setting}, batch {b}": v["dense"] / v["pruned"] for b, v in latency.items()}
     dataset_id = _hub_dataset_id(args.dataset)
-    if args.dataset in DATASET_SOURCES:
-        dataset = DATASET_SOURCES[args.dataset]
-    else:  # a local file or folder is named, not located: the card travels, the user's paths should not
-        dataset = dataset_id or Path(args.dataset).name
+    # a local file or folder is named, not located: the card travels, the user's paths should not
+    dataset = DATASETS.get(args.dataset) or dataset_id or Path(args.dataset).name
+    source = DATASET_SOURCES.get(args.dataset, dataset)  # what the embedded data really is, in full
     base = MODEL_HUB_IDS.get(args.model, args.model).rstrip("/").split("/")[-1]
     name = args.repo_id or re.sub(r"[^\w.-]", "-", f"{base}-flop-{round(100 * args.target)}")
     with job.console.status("saving the compacted model and card"):
@@ -281,7 +280,7 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder
             speedup=speedup,
             base_model=MODEL_HUB_IDS.get(args.model),
             license=args.license,
-            training=_training_facts(job, dataset),
+            training=_training_facts(job, source),
             load_from=args.repo_id if args.push_to_hub else str(final_folder.absolute()),
         )
 
