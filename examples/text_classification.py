@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             eval_samples=script.max_eval_samples or 0,
             seed=training_args.seed,
         )
-    model = load_task_model(path, "seq-cls", data["num_labels"], tokenizer)
+    model = load_task_model(path, "seq-cls", data["num_labels"], tokenizer, data["label_names"])
     metric = metrics.load(data["metric"])
 
     def compute_metrics(prediction):
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     teacher = None
     if script.teacher_name_or_path:  # loaded separately: injection below modifies `model` in place
-        teacher = load_task_model(find_model(script.teacher_name_or_path), "seq-cls", data["num_labels"], tokenizer)
+        teacher = load_task_model(find_model(script.teacher_name_or_path), "seq-cls", data["num_labels"], tokenizer, data["label_names"])
     config = FlopConfig(target_sparsity=script.target_sparsity, levels=script.levels.split(","))
     model = get_flop_model(model, config)
     trainer = PruningTrainer(model=model, args=training_args, teacher_model=teacher, **common)

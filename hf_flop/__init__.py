@@ -12,6 +12,7 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   supported layouts; ``linear`` GPT-2's Conv1D orientation;
 * ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
   ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning; ``constraint`` / ``trainer`` learned pruning;
+  ``preflight`` the checks before training (injection and target on a weightless copy);
   ``hub`` saving, cards, publishing; ``modeling`` the compacted models (self-contained remote code);
   ``registration`` what ``import hf_flop`` registers.
 """

@@ -18,7 +18,18 @@ from .gated import ModuleSparsity
 from .groups import kept_features, output_features
 from .model import find_flop_model
 
-__all__ = ["ModuleSparsity", "SparsityReport", "expected_sparsity", "find_flop_model", "sparsity_report"]
+__all__ = [
+    "ModuleSparsity",
+    "SparsityReport",
+    "TargetCheck",
+    "check_target",
+    "expected_sparsity",
+    "find_flop_model",
+    "sparsity_report",
+]
+
+# the target counts as met within this many points of the prunable parameters (see check_target)
+TARGET_TOLERANCE = 0.01
 
 
 @dataclass
@@ -127,3 +138,84 @@ def min_reachable_kept_params(model: nn.Module) -> int:
             continue  # a closed gate can take this layer to (almost) nothing
         floor += layer.in_features * layer.out_features
     return floor
+
+
+def check_reachable(model: nn.Module) -> None:
+    """Raise ``ValueError`` when the model's ``FlopConfig.target_sparsity`` is above what closing every gate gives."""
+    flop_model = find_flop_model(model)
+    config = flop_model.flop_config
+    floor = min_reachable_kept_params(model)
+    if floor == 0:
+        return  # every prunable parameter can go: any target below 1 is reachable
+    prunable = sparsity_report(model).prunable_params
+    reachable = 1.0 - floor / prunable
+    if config.target_sparsity > reachable + 1e-9:
+        raise ValueError(
+            f"FlopConfig.target_sparsity={config.target_sparsity} cannot be reached: with levels {config.levels}, "
+            f"{floor:,} of the {prunable:,} prunable parameters sit in layers no gate can shrink, so the sparsity "
+            f"is at most {reachable:.4f}. Lower the target, or add 'rank' to levels (or narrow target_modules to "
+            "layers that head/row gates reach)."
+        )
+
+
+def largest_unit_params(model: nn.Module) -> float:
+    """About how many prunable parameters the largest gate unit stands for (a rank component, a block, a
+    head or KV group, an FFN row): the weights of the modules a gate shrinks, divided by its units."""
+    flop_model = find_flop_model(model)
+    largest = 0.0
+    for layer in flop_model.gated_layers().values():
+        out_f, in_f = layer.shape
+        for gate in layer.gates().values():
+            largest = max(largest, out_f * in_f / max(gate.n, 1))
+    layers = flop_model.flop_layers()
+    for group in flop_model.structure_groups:
+        modules = {group.consumer, *(s.module for s in group.producers)}  # GPT-2: q, k, v share one module
+        params = sum(layers[m].shape[0] * layers[m].shape[1] for m in modules)
+        largest = max(largest, params / max(group.n_units, 1))
+    return largest
+
+
+@dataclass
+class TargetCheck:
+    """Where a pruned model's size ended against its target (``check_target``)."""
+
+    sparsity: float  # from the eval masks: what compaction keeps
+    expected: float  # what the trainer's constraint held
+    target: float
+    tolerance: float
+
+    @property
+    def gap(self) -> float:
+        """``sparsity - target``: negative when the model kept more than the target allows."""
+        return self.sparsity - self.target
+
+    @property
+    def met(self) -> bool:
+        return abs(self.gap) <= self.tolerance
+
+    def describe(self) -> str:
+        """One sentence: the final sparsity, the target and the miss (if any)."""
+        side = "short of" if self.gap < 0 else "past"
+        miss = f": {abs(self.gap):.3f} {side} it" if not self.met else ", within"
+        return (
+            f"sparsity {self.sparsity:.3f} (eval masks, what compaction keeps) for a target of {self.target:.3f}"
+            f"{miss} (tolerance {self.tolerance:.3f})"
+        )
+
+
+def check_target(model: nn.Module) -> TargetCheck:
+    """The model's eval-mask sparsity against ``FlopConfig.target_sparsity``, with the tolerance that counts as met.
+
+    The tolerance is the larger of ``TARGET_TOLERANCE`` (one point of the prunable parameters, the
+    precision the trainer reaches on the test task) and half the largest gate unit: the eval-mask
+    size moves in whole units (a head can be several points of a small model), so a target between
+    two unit counts is met within half a unit.
+    """
+    report = sparsity_report(model)
+    unit = largest_unit_params(model) / max(report.prunable_params, 1)
+    return TargetCheck(
+        sparsity=report.deterministic_sparsity,
+        expected=float(report.expected_sparsity),
+        target=report.target_sparsity,
+        tolerance=max(TARGET_TOLERANCE, unit / 2),
+    )

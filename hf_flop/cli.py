@@ -17,6 +17,7 @@ console output ``hf_flop.progress``, and the model and data loading it shares wi
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,7 +25,6 @@ from pathlib import Path
 from . import prune_job
 from .data import DATASETS, MODELS
 from .files import check_output_dir
-from .hub import PushToHubError
 
 # The default job must finish in under ~15 minutes on 2 CPU cores (measured 7.9 min, see the
 # README): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
@@ -63,6 +63,22 @@ _prepare_data = prune_job.prepare_data
 
 
 # --- arguments -----------------------------------------------------------------------------------
+def default_threads() -> int:
+    """The ``--threads`` default: ``$OMP_NUM_THREADS`` when it is a positive integer, else the usable CPUs.
+
+    A user who set ``OMP_NUM_THREADS`` (e.g. to share the machine) keeps that setting; otherwise the
+    job uses every CPU this process may run on (``os.sched_getaffinity``: a ``taskset`` or container
+    cpuset counts, not the machine's total), which is what torch picks on an idle machine.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2" = nested OpenMP levels
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _number(value: str) -> float:
     try:
         return float(value)
@@ -98,6 +114,14 @@ def _levels(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _names(value: str) -> list[str]:
+    """A comma-separated list of module names; at least one."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one module name, e.g. q_proj,v_proj")
+    return names
+
+
 def _pruning_options() -> dict[str, tuple[str, str]]:
     """FlopConfig field -> (the option that sets it, what it takes): for ``--help`` and for FlopConfig's errors."""
     from .config import GATES, LEVELS
@@ -107,6 +131,7 @@ def _pruning_options() -> dict[str, tuple[str, str]]:
         "levels": ("--levels", f"a comma-separated subset of {','.join(LEVELS)}"),
         "gate": ("--gate", f"one of {', '.join(GATES)}"),
         "round_to": ("--round-to", "a positive integer"),
+        "target_modules": ("--target-modules", "a comma-separated list of linear layer names"),
     }
 
 
@@ -115,7 +140,13 @@ def _flop_config(args):
     from .config import FlopConfig
 
     try:
-        return FlopConfig(target_sparsity=args.target, levels=args.levels, gate=args.gate, round_to=args.round_to)
+        return FlopConfig(
+            target_sparsity=args.target,
+            levels=args.levels,
+            gate=args.gate,
+            round_to=args.round_to,
+            target_modules=args.target_modules,
+        )
     except ValueError as err:
         field = re.match(r"FlopConfig\.(\w+)", str(err))  # FlopConfig's messages start with the field
         option, takes = _pruning_options().get(field and field.group(1), ("pruning options", "see --help"))
@@ -158,6 +189,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help=f"Round kept ranks/rows up to a multiple of this, {takes['--round-to']}.",
+    )
+    parser.add_argument(
+        "--target-modules",
+        type=_names,
+        help="Linear layers to prune, a comma-separated list of module names matched as suffixes (e.g. "
+        "q_proj,k_proj,v_proj,out_proj,fc1,fc2). Default: the attention and MLP projections of a supported "
+        "architecture; other architectures need it (and support levels rank and block only).",
     )
 
 
@@ -260,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Distil the pruned model from the dense one (logit KL).",
     )
     train.add_argument("--seed", type=int, default=0, help="Seed of data subsets, initialisation and training.")
+    train.add_argument(
+        "--threads",
+        type=_positive(int),
+        help="CPU threads (torch.set_num_threads) for training and evaluation. Default: $OMP_NUM_THREADS if set, "
+        f"else every CPU this process may use ({default_threads()} here). On a machine other jobs share, fewer "
+        "threads than cores are faster (see the README).",
+    )
 
     out = prune.add_argument_group("output")
     out.add_argument("--output-dir", default="hf_flop_output", help="Folder for the compacted model, plots, summary.")
@@ -274,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--push-to-hub", action="store_true", help="Also push the compacted model and card to the Hub.")
     out.add_argument("--repo-id", help="Hub repository (owner/name) for --push-to-hub.")
     out.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+    out.add_argument(
+        "--license",
+        help="License of the pruned model for its card (e.g. apache-2.0). Default: the base model's, read from its "
+        "README.md metadata when it is there (the embedded MiniLM: apache-2.0), else none.",
+    )
     prune.set_defaults(func=run_prune)
 
     report = sub.add_parser(
@@ -299,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-flop: interrupted", file=sys.stderr)
         return 130
-    except (CliError, PushToHubError, ValueError, TypeError, OSError, ImportError) as err:
-        if args.debug:
+    except Exception as err:
+        from .hub import PushToHubError  # here, not at the top: parsing stays free of heavy imports
+
+        if args.debug or not isinstance(err, (CliError, PushToHubError, ValueError, TypeError, OSError, ImportError)):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"hf-flop {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
@@ -313,6 +365,8 @@ def _fill_task_defaults(args) -> None:
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.threads is None:
+        args.threads = default_threads()
     if args.push_to_hub and not args.repo_id:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
 
@@ -327,7 +381,37 @@ def run_prune(args) -> dict:
     output_dir = check_output_dir(
         Path(args.output_dir).expanduser(), args.overwrite, name="--output-dir", overwrite_hint="pass --overwrite"
     )
+    _check_outputs(args, output_dir)
     return prune_job.run(args, flop_config, output_dir)
+
+
+def _check_outputs(args, output_dir: Path) -> None:
+    """What the job needs at its end, checked before it trains: a writable place, the card template, matplotlib
+    for the plots, and for --push-to-hub a repository id, a token and the network allowed."""
+    import importlib.util
+
+    from .hub import CARD_TEMPLATE
+
+    parent = output_dir.absolute().parent  # the output is staged next to the folder, then renamed into place
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--output-dir {output_dir} cannot be written: {existing} is not a writable folder.")
+    if not CARD_TEMPLATE.is_file():
+        raise CliError(
+            f"the model card template {CARD_TEMPLATE} is missing from this installation of hf_flop; reinstall it "
+            "(pip install --force-reinstall hf-flop)."
+        )
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("the plots need matplotlib: pip install matplotlib (or hf-flop[examples]), or pass --no-plots.")
+    if args.push_to_hub:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo_id):
+            raise CliError(f"--repo-id {args.repo_id!r} is not a Hub repository id; use owner/name.")
+        from huggingface_hub import constants, get_token
+
+        if constants.HF_HUB_OFFLINE:
+            raise CliError("--push-to-hub cannot push with HF_HUB_OFFLINE set; unset it, or drop --push-to-hub.")
+        if not get_token():
+            raise CliError("--push-to-hub needs a Hub token with write access: run `hf auth login` or set HF_TOKEN.")
 
 
 def run_report(args) -> None:

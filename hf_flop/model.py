@@ -8,6 +8,7 @@ gates (head/row groups, the embedding). ``LEVEL_CHECKS`` holds each level's chec
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
@@ -47,6 +48,66 @@ LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
 }
 
 
+def _linear_suffixes(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+
+
+def unknown_layout_message(
+    model: nn.Module, model_type: str | None, levels: list[str], *, option: str = "target_modules"
+) -> str:
+    """Why a model whose architecture is missing from ``ARCHITECTURES`` cannot be pruned as configured, with
+    every condition to meet at once (``option`` names the target-modules setting in the caller's interface)."""
+    grouped = [lvl for lvl in levels if lvl in GROUP_LEVELS]
+    linears = ", ".join(_linear_suffixes(model)) or "none found"
+    known = f"hf_flop does not know the layout of model_type={model_type!r} (supported: {sorted(ARCHITECTURES)})"
+    if grouped:
+        # naming the target modules alone does not help head/row: say both conditions in one message
+        return (
+            f"{known}. Level(s) {', '.join(grouped)} need that layout: add an ArchSpec for {model_type!r} to "
+            f"ARCHITECTURES in hf_flop/architectures.py (naming target modules with {option} alone does not make "
+            f"{'/'.join(grouped)} pruning work). Without an ArchSpec, use levels rank and/or block with {option} "
+            f"naming its linear layers (by suffix: {linears})."
+        )
+    return (
+        f"model_type={model_type!r} is not one of {sorted(ARCHITECTURES)} (the layouts hf_flop knows), so {option} "
+        f"has no default (the attention and MLP projections). Name the linear layers to prune with {option} (by "
+        f"suffix: {linears}), or add an ArchSpec for {model_type!r} to ARCHITECTURES in hf_flop/architectures.py."
+    )
+
+
+def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "target_modules") -> list[str]:
+    """Every check injection makes before it replaces anything, on ``model`` left untouched.
+
+    Returns the names of the modules FLOP would replace. Raises what ``get_flop_model`` would raise:
+    ``UnsupportedArchitectureError`` (architecture missing from the table while ``target_modules`` is
+    None or the levels include head/row; the message lists every condition at once, ``option``
+    naming the target-modules setting in the caller's interface), ``ValueError`` (no module
+    matched, or a level's own check), ``TypeError`` (a matched module is not a linear).
+    """
+    model_type = _model_type(model)
+    if model_type not in ARCHITECTURES and (config.target_modules is None or set(config.levels) & set(GROUP_LEVELS)):
+        raise UnsupportedArchitectureError(unknown_layout_message(model, model_type, config.levels, option=option))
+    if config.target_modules is None:  # a copy: the caller's config is not filled in
+        config = copy.copy(config)
+        config.target_modules = ARCHITECTURES[model_type].default_targets()
+    matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
+    if not matched:
+        raise ValueError(
+            f"FlopConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
+            f"Linear layers it has (by suffix): {_linear_suffixes(model)}."
+        )
+    bad = {n: type(m).__name__ for n, m in model.named_modules() if n in matched and not is_linear(m)}
+    if bad:
+        raise TypeError(
+            f"FLOP replaces only nn.Linear / Conv1D layers, but target_modules also matches {bad}; "
+            "narrow target_modules or list those in exclude_modules."
+        )
+    for level in config.levels:
+        if level in LEVEL_CHECKS:
+            LEVEL_CHECKS[level](model, config, matched)
+    return matched
+
+
 class FlopModel(BaseTuner):
     """PEFT tuner for FLOP. Create it with ``get_flop_model`` or ``peft.get_peft_model``."""
 
@@ -68,32 +129,13 @@ class FlopModel(BaseTuner):
         if peft_config.target_modules is None:
             model_type = base_model_type(model_config.get("model_type"))
             if model_type not in ARCHITECTURES:
-                raise UnsupportedArchitectureError(
-                    f"FlopConfig.target_modules=None needs a known architecture, but model_type={model_type!r} "
-                    f"is not one of {sorted(ARCHITECTURES)}. Pass target_modules=[...] (names of its linear "
-                    "layers) or add an ArchSpec to hf_flop/architectures.py."
-                )
+                raise UnsupportedArchitectureError(unknown_layout_message(self.model, model_type, peft_config.levels))
             peft_config.target_modules = ARCHITECTURES[model_type].default_targets()
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: FlopConfig, adapter_name: str) -> None:
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
-        if not matched:
-            candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
-            raise ValueError(
-                f"FlopConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
-                f"Linear layers it has (by suffix): {candidates}."
-            )
-        bad = {n: type(m).__name__ for n, m in model.named_modules() if n in matched and not is_linear(m)}
-        if bad:
-            raise TypeError(
-                f"FLOP replaces only nn.Linear / Conv1D layers, but target_modules also matches {bad}; "
-                "narrow target_modules or list those in exclude_modules."
-            )
-        for level in config.levels:
-            if level in LEVEL_CHECKS:
-                LEVEL_CHECKS[level](model, config, matched)
+        check_flop_config(model, config)  # everything, before anything is replaced
+        self._prepare_adapter_config(config, self.get_model_config(model))
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         new = FlopLinear(

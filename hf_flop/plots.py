@@ -33,35 +33,83 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_training(log_history: list[dict], path: str | Path, *, title: str = "") -> Path:
-    """Sparsity (expected, eval-mask, target), Lagrange multipliers and loss against the step.
+    """The run against the step, one readable panel per quantity.
 
-    ``log_history`` is ``trainer.state.log_history`` of a ``PruningTrainer`` run.
+    Panels: the task loss (the headline; the total that is optimised, which adds the constraint term
+    and any distillation and may climb while the task loss falls, thin on its own axis); sparsity (target dashed, expected and eval-mask
+    with distinct styles and markers, so neither hides the other); ``lambda_1`` and ``lambda_2`` each
+    on its own axis (their scales differ by orders of magnitude), or for Top-k gates the
+    regularizer's strength and gap. ``log_history`` is ``trainer.state.log_history`` of a
+    ``PruningTrainer`` run.
     """
     plt = _pyplot()
     logs = [e for e in log_history if "expected_sparsity" in e and "step" in e]
     if not logs:
         raise ValueError("log_history has no pruning logs (no 'expected_sparsity'); was it a PruningTrainer run?")
     steps = [e["step"] for e in logs]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    for key, style in (("target_sparsity", "k--"), ("expected_sparsity", "C0-"), ("deterministic_sparsity", "C1-")):
-        if key in logs[0]:
-            axes[0].plot(steps, [e[key] for e in logs], style, label=key.replace("_", " "))
-    axes[0].set_ylabel("sparsity")
-    axes[0].legend(loc="lower right")
-    for key, style in (("lambda_1", "C2-"), ("lambda_2", "C3-")):
-        if key in logs[0]:
-            axes[1].plot(steps, [e[key] for e in logs], style, label=key.replace("_", " "))
-    axes[1].set_ylabel("multiplier")
-    axes[1].axhline(0.0, color="0.8", lw=0.8)
-    axes[1].legend(loc="best")
-    for key, style in (("loss", "C4-"), ("task_loss", "C5-")):
-        if key in logs[0]:
-            axes[2].plot(steps, [e[key] for e in logs], style, label=key.replace("_", " "))
-    axes[2].set_ylabel("loss")
-    axes[2].set_xlabel("step")
-    axes[2].legend(loc="best")
+
+    def series(key: str) -> list[float] | None:
+        return [e[key] for e in logs] if all(key in e for e in logs) else None
+
+    multipliers = [k for k in ("lambda_1", "lambda_2", "topk_strength", "topk_gap") if series(k) is not None]
+    fig, axes = plt.subplots(2 + len(multipliers), 1, figsize=(7, 3.0 + 1.9 * (1 + len(multipliers))), sharex=True)
+    # 1. loss: the task loss leads; the total gets a thin line on a twin axis
+    ax = axes[0]
+    task, total = series("task_loss"), series("loss")
+    if task is not None:
+        ax.plot(steps, task, "C0-", lw=2, marker="o", ms=3, label="task loss")
+        ax.set_ylabel("task loss")
+        if total is not None:
+            twin = ax.twinx()
+            twin.plot(steps, total, color="0.55", lw=1, ls=":", label="total loss (optimised: with distillation and constraint)")
+            twin.set_ylabel("total loss", color="0.45")
+            twin.tick_params(axis="y", colors="0.45")
+            lines = ax.get_lines() + twin.get_lines()
+            # above the panel: inside it would cover the curves, which fill the panel by construction
+            ax.legend(
+                lines,
+                [line.get_label() for line in lines],
+                loc="lower center",
+                bbox_to_anchor=(0.5, 1.0),
+                ncol=2,
+                fontsize=8,
+                frameon=False,
+            )
+        else:
+            ax.legend(loc="upper right", fontsize=8)
+    elif total is not None:
+        ax.plot(steps, total, "C0-", lw=2, label="loss")
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right", fontsize=8)
     if title:
-        axes[0].set_title(title)
+        fig.suptitle(title, fontsize=10)
+    # 2. sparsity: three curves that often coincide, told apart by style and marker
+    ax = axes[1]
+    styles = {
+        "target_sparsity": dict(color="k", ls="--", lw=1.2, label="target (warmed up)"),
+        "expected_sparsity": dict(color="C1", ls="-", lw=2.2, marker="o", ms=4, label="expected (constrained)"),
+        "deterministic_sparsity": dict(
+            color="C2", ls="-.", lw=1.4, marker="x", ms=6, mew=1.5, label="eval masks (what compaction keeps)"
+        ),
+    }
+    for key, style in styles.items():
+        if series(key) is not None:
+            ax.plot(steps, series(key), **style)
+    ax.set_ylabel("sparsity")
+    ax.legend(loc="lower right", fontsize=8)
+    # 3+. each multiplier on its own axis: lambda_2 is often 10-100x lambda_1
+    labels = {
+        "lambda_1": "lambda_1\n(linear multiplier)",
+        "lambda_2": "lambda_2\n(quadratic multiplier)",
+        "topk_strength": "Top-k penalty\nstrength",
+        "topk_gap": "Top-k gap\n(kept - target)",
+    }
+    for ax, key, color in zip(axes[2:], multipliers, ("C3", "C4", "C3", "C4")):
+        ax.plot(steps, series(key), color=color, marker=".", lw=1.5)
+        ax.axhline(0.0, color="0.8", lw=0.8)
+        ax.set_ylabel(labels[key], fontsize=9)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:

@@ -18,11 +18,13 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 def quiet_libraries() -> None:
     """Silence library chatter (load reports, map progress bars); the CLI prints its own progress."""
+    import logging
     import warnings
 
     import datasets
     import transformers
 
+    logging.getLogger("hf_flop").setLevel(logging.ERROR)  # the CLI prints hf_flop's warnings its own way
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -63,7 +65,9 @@ class RichProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         parts = []
-        if "loss" in logs:
+        if "task_loss" in logs:  # the headline: the total adds the constraint term, which may climb meanwhile
+            parts.append(f"task loss {logs['task_loss']:.4f} (total {logs['loss']:.4f})")
+        elif "loss" in logs:
             parts.append(f"loss {logs['loss']:.4f}")
         if "expected_sparsity" in logs:
             parts.append(
@@ -110,7 +114,8 @@ def print_summary(console: Console, summary: dict, output_dir: Path) -> None:
     table.add_row(
         "prunable parameters",
         f"{params['prunable']:,}",
-        f"{params['prunable_kept']:,} (sparsity {params['sparsity']:.3f}, target {summary['target_sparsity']})",
+        f"{params['prunable_kept']:,} (sparsity {params['sparsity']:.3f}, target {summary['target_sparsity']}"
+        + (")" if summary.get("target_check", {}).get("met", True) else ": MISSED)"),
     )
     for batch, values in lat.items():
         table.add_row(
@@ -120,7 +125,12 @@ def print_summary(console: Console, summary: dict, output_dir: Path) -> None:
         )
     times = summary["wall_time_s"]
     table.add_row(
-        "wall time (s)", f"{times.get('dense_fine_tune', 0):.0f} fine-tune", f"{times['pruning']:.0f} pruning"
+        f"wall time (s, {summary['machine']['torch_threads']} thr)",
+        f"{times.get('dense_fine_tune', 0):.0f} fine-tune",
+        f"{times['pruning']:.0f} pruning",
     )
     console.print(table)
+    target = summary.get("target_check") or {}
+    if target and not target.get("met", True):
+        console.print(f"[bold yellow]missed target:[/] {target['message']}", highlight=False)
     console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/")

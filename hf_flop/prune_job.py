@@ -18,7 +18,8 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ from .data import TaskData
 from .files import atomic_folder, write_json_atomic
 
 LATENCY_BATCHES = (1, 32)
+# PruningArguments fields -> the options that set them, for messages addressed to a CLI user
+CLI_NAMES = {
+    "max_steps / num_train_epochs": "--max-steps / --epochs",
+    "gate_learning_rate": "--gate-learning-rate",
+    "lagrangian_learning_rate": "--lagrangian-learning-rate",
+    "target_warmup_steps": "--target-warmup",
+}
 
 
 @dataclass
@@ -39,6 +47,8 @@ class _Job:
     workdir: str  # Trainer's output_dir; nothing is saved there (save_strategy "no")
     results: dict = field(default_factory=dict)  # metric values: pretrained (causal-lm), dense, pruned
     times: dict = field(default_factory=dict)  # wall time of the training phases, in seconds
+    target: dict = field(default_factory=dict)  # where the size ended against the target (TargetCheck, met, message)
+    training: dict = field(default_factory=dict)  # PruningTrainer.training_facts(), for the card
 
     def evaluate(self, model) -> float:
         """The task's metric of ``model`` on the report split."""
@@ -51,6 +61,7 @@ class _Job:
 
 def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
     """Run the job on checked options; returns the summary that it also writes to ``output_dir/summary.json``."""
+    import torch
     from rich.console import Console
 
     from .progress import print_summary, quiet_libraries
@@ -58,7 +69,22 @@ def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
     started, load_start = time.perf_counter(), os.getloadavg()
     console = Console()
     quiet_libraries()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # training and evaluation; the latency phase sets its own
+    try:
+        summary = _run(args, flop_config, output_dir, console, started, load_start)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (tests, a notebook) gets its setting back
+    print_summary(console, summary, output_dir)
+    if args.push_to_hub:
+        _push(args, output_dir, console)
+    return summary
+
+
+def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, started: float, load_start) -> dict:
+    """The phases, written into a temporary folder that becomes ``output_dir`` once complete."""
     tokenizer, data, model = _load(args, console)
+    _check_before_training(model, flop_config, console)
     with (
         tempfile.TemporaryDirectory(prefix="hf-flop-trainer-") as workdir,
         atomic_folder(output_dir, overwrite=args.overwrite) as out,
@@ -69,15 +95,12 @@ def run(args: argparse.Namespace, flop_config, output_dir: Path) -> dict:
         flop_model, log_history = _prune(job, model, dense, flop_config)
         small, report = _compact_and_evaluate(job, flop_model)
         latency = _measure_latency(job, dense, small)
-        _save_model(job, flop_model, latency, out / "model")
+        _save_model(job, flop_model, latency, out / "model", output_dir / "model")
         plots = [] if args.no_plots else _plots(job, log_history, report, out / "plots")
         summary = _summary(job, dense, small, report, latency, plots, log_history)
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
         summary["machine"]["load_avg_start"] = load_start
         write_json_atomic(out / "summary.json", summary)
-    print_summary(console, summary, output_dir)
-    if args.push_to_hub:
-        _push(args, output_dir, console)
     return summary
 
 
@@ -115,10 +138,18 @@ def _load(args: argparse.Namespace, console) -> tuple[Any, TaskData, Any]:
     console.print(
         f"[bold]hf-flop prune[/]: {args.task} | model {args.model} | dataset {args.dataset} | "
         f"train {len(data['train']):,} | eval ({data['eval_split']}) {len(data['report']):,} | "
-        f"target {args.target} | levels {','.join(args.levels)}"
+        f"target {args.target} | levels {','.join(args.levels)} | {args.threads} thread(s)"
     )
     set_seed(args.seed)
-    return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer)
+    return tokenizer, data, load_task_model(path, args.task, data["num_labels"], tokenizer, data["label_names"])
+
+
+def _check_before_training(model, flop_config, console) -> None:
+    """What injection and PruningTrainer would refuse after the dense fine-tune, refused now (model untouched)."""
+    from .preflight import check_before_training
+
+    with console.status("checking the pruning configuration against the model"):
+        check_before_training(model, flop_config, option="--target-modules")
 
 
 def _fine_tune_dense(job: _Job, model):
@@ -169,7 +200,16 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         data_collator=job.data["collator"],
         teacher_model=dense if args.distill else None,
     )
-    job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
+    with warnings.catch_warnings():
+        # the job reports a missed target itself, in its own option names (below and in the summary)
+        warnings.filterwarnings("ignore", message="PruningTrainer: the model ended", category=UserWarning)
+        job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
+    job.training = trainer.training_facts()
+    check = trainer.target_check
+    job.target = {**asdict(check), "met": check.met}
+    if not check.met:
+        job.target["message"] = trainer.missed_target_message(CLI_NAMES).replace("PruningTrainer: the model", "the model")
+        job.console.print(f"[bold yellow]warning:[/] {job.target['message']}", highlight=False)
     return model, trainer.state.log_history
 
 
@@ -206,16 +246,23 @@ def _measure_latency(job: _Job, dense, small) -> dict[str, dict[str, float]]:
     return latency
 
 
-def _save_model(job: _Job, flop_model, latency: dict, folder: Path) -> None:
-    """The compacted model, tokenizer and model card (``save_compacted``) in ``folder``."""
+def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder: Path) -> None:
+    """The compacted model, tokenizer and model card (``save_compacted``) in ``folder``.
+
+    ``final_folder`` is where ``folder`` ends up (the job writes into a staging folder): the card's load
+    snippet names it, or the Hub repository when pushing.
+    """
     from . import save_compacted
-    from .data import DATASETS, MODEL_HUB_IDS
+    from .data import DATASET_SOURCES, DATASETS, MODEL_HUB_IDS
 
     args, results = job.args, job.results
-    eval_results = {results["metric"]: results["pruned"]}  # the dense baseline is in summary.json
+    metric = results["metric"]
     setting = f"CPU, {args.latency_threads} thread(s), {args.max_length} tokens"
     speedup = {f"{setting}, batch {b}": v["dense"] / v["pruned"] for b, v in latency.items()}
-    dataset = DATASETS.get(args.dataset, args.dataset)
+    dataset_id = _hub_dataset_id(args.dataset)
+    # a local file or folder is named, not located: the card travels, the user's paths should not
+    dataset = DATASETS.get(args.dataset) or dataset_id or Path(args.dataset).name
+    source = DATASET_SOURCES.get(args.dataset, dataset)  # what the embedded data really is, in full
     base = MODEL_HUB_IDS.get(args.model, args.model).rstrip("/").split("/")[-1]
     name = args.repo_id or re.sub(r"[^\w.-]", "-", f"{base}-flop-{round(100 * args.target)}")
     with job.console.status("saving the compacted model and card"):
@@ -224,11 +271,41 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path) -> None:
             folder,
             repo_id=name,  # the card's title; pushing (if asked) happens once the output folder is complete
             tokenizer=job.tokenizer,
-            eval_results=eval_results,
-            eval_dataset=f"{dataset} ({results['eval_split']} split)",
+            eval_results={metric: results["pruned"]},
+            baseline_results={metric: results["dense"]},
+            eval_dataset=dataset,
+            eval_dataset_id=dataset_id,
+            eval_split=results["eval_split"],
+            datasets=[dataset_id] if dataset_id else None,
             speedup=speedup,
             base_model=MODEL_HUB_IDS.get(args.model),
+            license=args.license,
+            training=_training_facts(job, source),
+            load_from=args.repo_id if args.push_to_hub else str(final_folder.absolute()),
         )
+
+
+def _hub_dataset_id(dataset: str) -> str | None:
+    """``--dataset`` when it names a Hub dataset (not an embedded default, not a local path), else None."""
+    from .data import DATASETS
+
+    if dataset in DATASETS or Path(dataset).expanduser().exists():
+        return None
+    return dataset if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) else None
+
+
+def _training_facts(job: _Job, dataset: str) -> dict[str, str]:
+    """How the model was made, for the card's "Training procedure": the data, the dense fine-tune, then the
+    pruning as ``PruningTrainer.training_facts`` tells it."""
+    args, data = job.args, job.data
+    return {
+        "data": f"{dataset}; {len(data['train']):,} training examples, evaluated on {len(data['report']):,} "
+        f"{data['eval_split']} examples ({args.max_length} tokens at most)",
+        "dense fine-tune": f"{args.dense_epochs:g} epoch(s) before pruning (the baseline and the teacher)"
+        if args.dense_epochs
+        else "none (the pretrained model is the baseline)",
+        **job.training,
+    }
 
 
 def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str]:
@@ -236,7 +313,8 @@ def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str
     from .plots import plot_kept, plot_training
 
     args = job.args
-    title = f"{args.model} on {args.dataset}, target {args.target}, levels {','.join(args.levels)}"
+    model, dataset = Path(args.model).name or args.model, Path(args.dataset).name or args.dataset  # no long paths
+    title = f"{model} on {dataset}, target {args.target}, levels {','.join(args.levels)}"
     return [
         plot_training(log_history, folder / "sparsity.png", title=title).name,
         plot_kept(report, folder / "kept.png", title=title).name,
@@ -245,8 +323,6 @@ def _plots(job: _Job, log_history: list[dict], report, folder: Path) -> list[str
 
 def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], log_history: list[dict]) -> dict:
     """Everything ``summary.json`` records: results, sizes, latency, timing, machine, settings, logs."""
-    import torch
-
     args = job.args
     return {
         "task": args.task,
@@ -254,6 +330,7 @@ def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], l
         "dataset": args.dataset,
         "levels": args.levels,
         "target_sparsity": args.target,
+        "target_check": job.target,
         "results": job.results,
         "params": {
             "dense_total": _params(dense),
@@ -265,7 +342,7 @@ def _summary(job: _Job, dense, small, report, latency: dict, plots: list[str], l
         "latency_ms": latency,
         "speedup": {b: round(v["dense"] / v["pruned"], 3) for b, v in latency.items()},
         "wall_time_s": {k: round(v, 1) for k, v in job.times.items()},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_end": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "load_avg_end": os.getloadavg()},
         "train_examples": len(job.data["train"]),
         "eval_examples": len(job.data["report"]),
         "plots": plots,

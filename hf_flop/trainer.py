@@ -8,13 +8,17 @@ What it adds to `Trainer`:
   no momentum) and the multipliers (gradient ascent, no weight decay, constant learning rate, outside gradient
   clipping since they are not model parameters);
 * optional logit distillation from a ``teacher_model``;
-* pruning metrics in every training log and the multipliers in every checkpoint.
+* pruning metrics in every training log and the multipliers in every checkpoint;
+* after ``train()``: a ``UserWarning`` (and a log line) when the final size missed the target, and
+  ``trainer.target_check`` saying where it ended.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .accounting import expected_sparsity, min_reachable_kept_params, sparsity_report
+from .accounting import TargetCheck, check_reachable, check_target, expected_sparsity, sparsity_report
 from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
 from .files import write_json_atomic
 from .hub import save_compacted
 from .model import find_flop_model
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,6 +127,7 @@ class PruningTrainer(Trainer):
         self.teacher_model = _prepared_teacher(teacher_model, model, self.args.device)
         self._task_loss_sum: torch.Tensor | None = None
         self._task_loss_first_step = 0
+        self.target_check: TargetCheck | None = None  # set by train(): where the size ended against the target
 
     # --- the schedule ------------------------------------------------------------------------------
     @property
@@ -132,6 +138,84 @@ class PruningTrainer(Trainer):
         """The target sparsity of the current step (after warm-up: ``FlopConfig.target_sparsity``)."""
         warmup = resolve_warmup_steps(self.args.target_warmup_steps, self.state.max_steps or 0)
         return warmed_up_target(self.flop_config.target_sparsity, self.state.global_step, warmup)
+
+    # --- training ----------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, then the final size against the target (``self.target_check``).
+
+        A miss larger than the tolerance (``hf_flop.accounting.check_target``) is reported with a
+        ``UserWarning`` and a warning on the ``hf_flop.trainer`` logger, saying what to change.
+        """
+        output = super().train(*args, **kwargs)
+        self.target_check = check_target(self.model)
+        if not self.target_check.met and self.is_world_process_zero():
+            message = self.missed_target_message()
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return output
+
+    def missed_target_message(self, names: dict[str, str] | None = None) -> str:
+        """What ``train()`` warns when the size missed the target: by how much, and what to change.
+
+        ``names`` maps ``PruningArguments`` fields (and ``"max_steps / num_train_epochs"``) to what the
+        caller's interface calls them, e.g. command-line options.
+        """
+        names = names or {}
+
+        def name(field: str) -> str:
+            return names.get(field, field)
+
+        check = self.target_check or check_target(self.model)
+        steps = self.state.max_steps or 0
+        warmup = resolve_warmup_steps(self.args.target_warmup_steps, steps)
+        at_target = max(steps - warmup, 0)
+        longer = name("max_steps / num_train_epochs")
+        text = f"PruningTrainer: the model ended at {check.describe()}; "
+        if check.gap < 0:
+            text += (
+                f"the gates did not close enough in {steps} steps ({at_target} at the full target after the "
+                f"warm-up of {warmup}). Train longer ({longer}), or raise {name('gate_learning_rate')} (now "
+                f"{self.args.gate_learning_rate}) or {name('lagrangian_learning_rate')} (now "
+                f"{self.args.lagrangian_learning_rate}); a shorter {name('target_warmup_steps')} (now "
+                f"{self.args.target_warmup_steps}) leaves more steps at the target."
+            )
+        elif check.expected - check.target > check.tolerance:
+            text += (
+                f"the gates closed too far (expected sparsity {check.expected:.3f} too). Lower "
+                f"{name('gate_learning_rate')} (now {self.args.gate_learning_rate}), or train longer at the target "
+                f"({longer}) so the constraint can reopen them."
+            )
+        else:
+            text += (
+                f"the expected sparsity is {check.expected:.3f}: gates left undecided (neither open nor closed) count "
+                f"in expectation but the eval masks drop them. Train longer at the target ({longer}; {at_target} of "
+                f"{steps} steps were at the full target) so the gates settle."
+            )
+        return text + " Compaction keeps the size it ended at, not the target."
+
+    def training_facts(self) -> dict[str, str]:
+        """How this trainer pruned the model, for a model card's "Training procedure"."""
+        args, config = self.args, self.flop_config
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        facts = {
+            "pruning": f"{self.state.global_step:,} steps of PruningTrainer, batch {batch}, learning rate "
+            f"{args.learning_rate:g}, target {config.target_sparsity} (warm-up {args.target_warmup_steps:g}"
+            f"{' of the run' if args.target_warmup_steps < 1 else ' steps'}), levels {', '.join(config.levels)}, "
+            f"gate {config.gate}",
+            "gate and multiplier learning rates": f"{args.gate_learning_rate:g}, {args.lagrangian_learning_rate:g} "
+            f"(lambda_1), {args.quadratic_learning_rate:g} (lambda_2)",
+            "distillation": f"from a teacher model (logit KL, alpha {args.distillation_alpha:g}, temperature "
+            f"{args.distillation_temperature:g})"
+            if self.teacher_model is not None
+            else "none",
+            "seed": str(args.seed),
+        }
+        if self.target_check is not None:
+            check = self.target_check
+            facts["size reached"] = f"sparsity {check.sparsity:.3f} for target {check.target}" + (
+                "" if check.met else " (missed)"
+            )
+        return facts
 
     # --- optimizer ---------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -262,7 +346,11 @@ class PruningTrainer(Trainer):
 
     # --- export ------------------------------------------------------------------------------------
     def save_compacted(self, output_dir: str, **kwargs):
-        """Compact the pruned model and save it (``hf_flop.save_compacted``), from the main process only."""
+        """Compact the pruned model and save it (``hf_flop.save_compacted``), from the main process only.
+
+        The card's "Training procedure" defaults to ``training_facts()``.
+        """
+        kwargs.setdefault("training", self.training_facts())
         result = save_compacted(self.model, output_dir, **kwargs) if self.args.should_save else None
         self.accelerator.wait_for_everyone()
         return result
@@ -331,17 +419,7 @@ def _checked_flop_model(model: nn.Module):
         raise ValueError(
             "the model's FLOP gates are frozen (requires_grad=False); PruningTrainer has nothing to prune."
         )
-    config = flop_model.flop_config
-    prunable = sparsity_report(model).prunable_params
-    floor = min_reachable_kept_params(model)
-    reachable = 1.0 - floor / prunable
-    if config.target_sparsity > reachable + 1e-9:
-        raise ValueError(
-            f"FlopConfig.target_sparsity={config.target_sparsity} cannot be reached: with levels {config.levels}, "
-            f"{floor:,} of the {prunable:,} prunable parameters sit in layers no gate can shrink, so the sparsity "
-            f"is at most {reachable:.4f}. Lower the target, or add 'rank' to levels (or narrow target_modules to "
-            "layers that head/row gates reach)."
-        )
+    check_reachable(model)
     return flop_model
 
 

@@ -9,7 +9,15 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForSequenceClassification,
+)
 
 from hf_flop import cli, data
 
@@ -52,6 +60,23 @@ def tiny_lm_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama with grouped-query attention and the MiniLM tokenizer."""
     config = LlamaConfig(**_tiny_sizes(tokenizer), num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
     return _save_tiny(tmp_path_factory.mktemp("tiny_lm"), LlamaForCausalLM, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_opt_dir(tmp_path_factory, tokenizer):
+    """A tiny random OPT classifier: an architecture hf_flop has no layout (ArchSpec) for."""
+    sizes = _tiny_sizes(tokenizer)
+    config = OPTConfig(
+        vocab_size=sizes["vocab_size"],
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_opt"), OPTForSequenceClassification, config, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +263,144 @@ def test_flop_config_errors_name_the_option(argv, fragment, capsys, tmp_path):
         code, _, err = _run([*command, *argv], capsys)
         _one_line_error(code, err, fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_threads_are_honoured_in_training_and_evaluation(capsys, tmp_path, tiny_cls_dir, sentiment_csv, monkeypatch):
+    """--threads is the torch thread count inside every training step and evaluation, restored afterwards."""
+    from hf_flop import metrics
+    from hf_flop.trainer import PruningTrainer
+
+    seen = {"step": set(), "eval": set()}
+    compute_loss, evaluate_model = PruningTrainer.compute_loss, metrics.evaluate_model
+
+    def recording_loss(self, *args, **kwargs):
+        seen["step"].add(torch.get_num_threads())
+        return compute_loss(self, *args, **kwargs)
+
+    def recording_eval(*args, **kwargs):
+        seen["eval"].add(torch.get_num_threads())
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(PruningTrainer, "compute_loss", recording_loss)
+    monkeypatch.setattr(metrics, "evaluate_model", recording_eval)
+    before = torch.get_num_threads()
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(tmp_path)]
+    argv += ["--max-steps", "2", "--dense-epochs", "0", "--max-length", "16", "--eval-samples", "8", "--no-plots"]
+    code, _, err = _run([*argv, "--threads", "3"], capsys)
+    assert code == 0, err
+    assert seen == {"step": {3}, "eval": {3}}
+    assert torch.get_num_threads() == before  # the caller's setting is back
+    assert json.loads((tmp_path / "summary.json").read_text())["machine"]["torch_threads"] == 3
+
+
+def test_threads_default_honours_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cli.default_threads() == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert cli.default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli.default_threads() == len(os.sched_getaffinity(0))
+    args = cli.build_parser().parse_args(["prune", "--threads", "2"])
+    cli._fill_task_defaults(args)
+    assert args.threads == 2
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any Trainer step fails the test: what is refused must be refused before training starts."""
+    from transformers import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(Trainer, "training_step", refuse)
+
+
+def test_unsupported_architecture_is_refused_before_training(capsys, tmp_path, tiny_opt_dir, sentiment_csv, no_training):
+    import time
+
+    out = tmp_path / "out"
+    base = ["prune", "--model", str(tiny_opt_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    start = time.perf_counter()
+    code, _, err = _run([*base, "--levels", "head", "--dense-epochs", "1"], capsys)
+    assert time.perf_counter() - start < 30  # loading a tiny model and a csv; no dense fine-tune
+    _one_line_error(code, err, "hf_flop does not know the layout of model_type='opt'")
+    # both conditions at once: a layout for head pruning, and --target-modules (which alone is not enough)
+    assert "add an ArchSpec for 'opt'" in err and "with --target-modules alone does not make head pruning work" in err
+    assert "(by suffix: fc1, fc2, k_proj, out_proj, q_proj, score, v_proj)" in err and "target_modules" not in err
+    code, _, err = _run([*base, "--levels", "head", "--target-modules", "q_proj,v_proj"], capsys)
+    _one_line_error(code, err, "Level(s) head need that layout")
+    code, _, err = _run([*base, "--levels", "rank"], capsys)  # rank needs the names, which the CLI now takes
+    _one_line_error(code, err, "Name the linear layers to prune with --target-modules")
+    assert "target_modules=" not in err
+    assert not out.exists()
+
+
+def test_target_modules_option_prunes_an_unknown_architecture(capsys, tmp_path, tiny_opt_dir, sentiment_csv):
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(tiny_opt_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    argv += ["--levels", "rank", "--target-modules", "fc1,fc2", "--max-steps", "2", "--dense-epochs", "0"]
+    argv += ["--max-length", "16", "--eval-samples", "8", "--no-plots"]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"]["prunable"] == 2 * 2 * 32 * 64  # fc1 and fc2 of both layers, nothing else
+
+
+def test_unreachable_target_is_refused_before_training(capsys, tmp_path, tiny_cls_dir, sentiment_csv, no_training):
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(tmp_path)]
+    code, _, err = _run([*argv, "--levels", "row", "--target", "0.9"], capsys)
+    _one_line_error(code, err, "FlopConfig.target_sparsity=0.9 cannot be reached")
+
+
+def test_output_checks_come_before_training(capsys, tmp_path, tiny_cls_dir, sentiment_csv, no_training, monkeypatch):
+    """The card template, matplotlib for the plots and the push settings are checked before anything loads."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    from hf_flop import hub
+
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0])]
+    argv += ["--output-dir", str(tmp_path / "out")]
+    monkeypatch.setattr(hub, "CARD_TEMPLATE", tmp_path / "missing.md")
+    code, _, err = _run(argv, capsys)
+    _one_line_error(code, err, "the model card template")
+    monkeypatch.undo()
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    code, _, err = _run(argv, capsys)
+    _one_line_error(code, err, "pass --no-plots")
+    monkeypatch.undo()
+
+    code, _, err = _run([*argv, "--push-to-hub", "--repo-id", "not a repo"], capsys)
+    _one_line_error(code, err, "is not a Hub repository id")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = _run([*argv, "--push-to-hub", "--repo-id", "me/tiny"], capsys)
+    _one_line_error(code, err, "HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    code, _, err = _run([*argv, "--push-to-hub", "--repo-id", "me/tiny"], capsys)
+    _one_line_error(code, err, "needs a Hub token")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missed_target_is_reported_in_the_summary(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
+    """Two pruning steps cannot reach 0.5: the console and summary.json say so, in the CLI's option names."""
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(tmp_path)]
+    argv += ["--max-steps", "2", "--dense-epochs", "0", "--max-length", "16", "--eval-samples", "8", "--no-plots"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "MISSED)" in text and "missed target: the model ended at sparsity" in text
+    assert "Train longer (--max-steps / --epochs), or raise --gate-learning-rate (now 0.2)" in text
+    assert "PruningTrainer" not in err  # reported once, by the CLI, not also as a raw warning
+    check = json.loads((tmp_path / "summary.json").read_text())["target_check"]
+    assert check["met"] is False and check["target"] == 0.5 and check["sparsity"] < 0.1
+    assert check["message"].startswith("the model ended at sparsity")
+    card = (tmp_path / "model" / "README.md").read_text()  # the card repeats it, beside the dense baseline
+    assert "Target sparsity 0.500: **missed**" in card and "| metric | dense model (before pruning) |" in card
+    assert f"from_pretrained({str((tmp_path / 'model').absolute())!r}" in card  # where the model really is
+    assert "- distillation: from a teacher model" in card and "- data: sentiment.csv; 72 training examples" in card

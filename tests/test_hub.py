@@ -263,3 +263,130 @@ def test_card_validator_rejects_broken_metadata():
 def test_push_needs_a_saved_folder(tmp_path):
     with pytest.raises(ValueError, match="not a saved model folder"):
         hf_flop.push_compacted(tmp_path, "tester/x")
+
+
+# --- what the card says (issue 15) ----------------------------------------------------------------------
+def _card_code(text: str) -> str:
+    return text.split("## How to load it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+_RUN_SNIPPET = r"""
+import json, sys
+if sys.argv[2] == "hidden":  # as on a machine without hf_flop
+    class Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "hf_flop":
+                raise ModuleNotFoundError(name)
+    sys.meta_path.insert(0, Hide())
+else:
+    import hf_flop
+import io, contextlib
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    exec(sys.argv[1])
+    if sys.argv[2] != "hidden":
+        from transformers import AutoTokenizer, pipeline
+        AutoTokenizer.from_pretrained(sys.argv[3])  # no trust_remote_code: hf_flop's classes are registered
+        print(pipeline("text-classification", model=sys.argv[3])("w3 w4")[0]["label"])
+print("RESULT" + json.dumps({"printed": printed.getvalue(), "model": type(model).__name__}))
+"""
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    """A tiny BERT classifier loaded with the dataset's label names, pruned and saved with a tokenizer."""
+    from hf_flop.data import load_task_model
+
+    root = tmp_path_factory.mktemp("labelled")
+    TINY_BUILDERS["bert"]().save_pretrained(root / "base")
+    (root / "base" / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# a base model\n")
+    model = load_task_model(str(root / "base"), "seq-cls", 2, label_names=["negative", "positive"])
+    assert model.config.id2label == {0: "negative", 1: "positive"} and model.config.label2id["positive"] == 1
+    flop = hf_flop.get_flop_model(model, hf_flop.FlopConfig(levels=["head", "row"]))
+    from test_compact import prune_randomly
+
+    prune_randomly(flop, seed=3)
+    out = save_compacted(
+        flop,
+        root / "saved",
+        tokenizer=tiny_tokenizer(),
+        eval_results={"accuracy": 0.8125},
+        baseline_results={"accuracy": 0.8438},
+        eval_dataset="my sentences",
+        eval_split="test",
+        training={"pruning": "30 steps"},
+    )
+    return out
+
+
+def test_card_shows_the_baseline_the_procedure_and_the_license(labelled_folder):
+    text = (labelled_folder / "README.md").read_text()
+    assert validate_card(text) == []
+    assert "| accuracy | 0.8438 | 0.8125 | -0.0313 |" in text  # dense, pruned, change
+    assert "## Training procedure" in text and "- pruning: 30 steps" in text
+    assert "Measured on my sentences (test split)." in text
+    data = ModelCard.load(labelled_folder / "README.md").data.to_dict()
+    assert data["license"] == "mit"  # from the base model's README metadata
+    result = data["model-index"][0]["results"][0]
+    assert result["metrics"] == [{"type": "accuracy", "value": 0.8125}]  # the model-index holds this model's result
+    assert result["dataset"] == {"name": "my sentences", "type": "custom", "split": "test"}  # no id claimed
+    assert "Classes: 0 = negative, 1 = positive" in text
+
+
+def test_card_text_matches_the_model(labelled_folder, tmp_path):
+    """No "low-rank" for a head/row model; the code files listed are the ones saved; the target line."""
+    text = (labelled_folder / "README.md").read_text()
+    data = ModelCard.load(labelled_folder / "README.md").data.to_dict()
+    assert "low-rank" not in data["tags"] and "low-rank" not in text.lower()
+    shipped = sorted(p.name for p in labelled_folder.glob("*.py"))
+    listed = text.split("small code files (", 1)[1].split(";", 1)[0]
+    assert sorted(name.strip(" `") for name in listed.split(",")) == shipped and len(shipped) == 4
+    assert "4 small code files" in text
+    assert "Target sparsity 0.500: met (within 0.031)." in text  # these random gates happen to be on target
+    model = pruned("bert", ["rank"], seed=4)
+    check = hf_flop.accounting.check_target(model)
+    low_rank = save_compacted(model, tmp_path / "rank")
+    text = (low_rank / "README.md").read_text()
+    assert "low-rank" in ModelCard.load(low_rank / "README.md").data.to_dict()["tags"]
+    assert "pruned matrices are stored low-rank" in text
+    assert not check.met and f"Target sparsity 0.500: **missed**: {check.describe()}." in text
+
+
+def test_card_snippet_loads_the_saved_folder_and_names_the_classes(labelled_folder, tmp_path):
+    code = _card_code((labelled_folder / "README.md").read_text())
+    assert repr(str(labelled_folder.absolute())) in code  # the folder, not a repository that does not exist
+    assert "AutoTokenizer.from_pretrained" in code
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=str(TESTS.parent))
+    for mode in ("hidden", "imported"):
+        done = subprocess.run(
+            [sys.executable, "-c", _RUN_SNIPPET, code, mode, str(labelled_folder)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+        assert "Do you wish to run the custom code" not in done.stdout + done.stderr, mode
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+        assert lines, done.stderr[-3000:]
+        out = json.loads(lines[0][len("RESULT") :])
+        assert out["model"] == "FlopBertForSequenceClassification"
+        answers = out["printed"].split()
+        assert answers and all(a in ("negative", "positive") for a in answers), out  # names, not LABEL_1
+
+
+def test_card_snippet_names_the_repository_when_pushing(tmp_path):
+    out = save_compacted(pruned("llama", ["head", "row"], seed=1), tmp_path / "m", load_from="me/tiny-llama")
+    code = _card_code((out / "README.md").read_text())
+    assert "from_pretrained('me/tiny-llama'" in code and str(tmp_path) not in code
+
+
+def test_minilm_default_card_license_and_base_model():
+    from transformers import AutoModel
+
+    from hf_flop.data import minilm_path
+    from hf_flop.hub import base_model_license
+
+    assert base_model_license(AutoModel.from_pretrained(minilm_path())) == "apache-2.0"

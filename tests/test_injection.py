@@ -168,3 +168,28 @@ def test_unknown_architecture_needs_explicit_targets():
     # rank pruning with explicit targets works on any architecture
     peft_model = get_flop_model(model, FlopConfig(target_modules=["query", "value"]))
     assert sum(isinstance(m, FlopLinear) for m in peft_model.modules()) == 2
+
+
+def test_check_before_training_raises_what_injection_would_and_leaves_the_model_alone():
+    from tiny_models import tiny_bert
+
+    from hf_flop.preflight import check_before_training
+
+    model = tiny_bert()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    check_before_training(model, FlopConfig(levels=["rank", "head", "row"], target_sparsity=0.9))
+    with pytest.raises(ValueError, match="target_sparsity=0.6 cannot be reached") as early:
+        check_before_training(model, FlopConfig(levels=["row"], target_sparsity=0.6))
+    with pytest.raises(ValueError, match="block_size=5 does not divide"):
+        check_before_training(model, FlopConfig(levels=["block"], block_size=5))
+    assert not any(isinstance(m, FlopLinear) for m in model.modules()) and not hasattr(model, "peft_config")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # the same refusal, later, from the trainer
+    from hf_flop import PruningArguments, PruningTrainer
+
+    with pytest.raises(ValueError) as late:
+        PruningTrainer(
+            model=get_flop_model(model, FlopConfig(levels=["row"], target_sparsity=0.6)),
+            args=PruningArguments(output_dir="unused", report_to=[], use_cpu=True),
+        )
+    assert str(late.value) == str(early.value)

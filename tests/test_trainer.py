@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,47 @@ def test_training_reaches_the_target_sparsity(tmp_path, target):
     assert abs(report.expected_sparsity - target) <= 0.01
     task_losses = [h["task_loss"] for h in trainer.state.log_history if "task_loss" in h]
     assert task_losses[-1] < 0.6 * task_losses[0]  # the task is learned while pruning (log 64 = 4.16 at start)
+
+
+def _target_warnings(trainer) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "PruningTrainer" in str(w.message)]
+
+
+def test_a_missed_target_is_not_silent(tmp_path, caplog):
+    """10 steps cannot take the model to 0.5: train() warns (and logs) by how much and what to change."""
+    trainer = make_trainer(tmp_path, flop_llama(0.5), steps=10)
+    with caplog.at_level("WARNING", logger="hf_flop.trainer"):
+        messages = _target_warnings(trainer)
+    assert len(messages) == 1, messages
+    check = trainer.target_check
+    assert not check.met and check.target == 0.5 and check.gap < -0.4 and check.tolerance == 0.01
+    text = messages[0]
+    assert f"ended at sparsity {check.sparsity:.3f}" in text and "for a target of 0.500" in text
+    assert f"{abs(check.gap):.3f} short of it" in text
+    assert "Train longer (max_steps / num_train_epochs)" in text and "gate_learning_rate (now 0.2)" in text
+    assert "(5 at the full target after the warm-up of 5)" in text
+    assert [r.getMessage() for r in caplog.records if r.name == "hf_flop.trainer"] == [text]
+
+
+def test_a_met_target_gives_no_warning(tmp_path):
+    trainer = make_trainer(tmp_path, flop_llama(0.3), steps=60)
+    assert _target_warnings(trainer) == []
+    assert trainer.target_check.met and abs(trainer.target_check.gap) <= 0.01
+
+
+def test_target_tolerance_is_half_the_largest_unit_when_that_is_larger():
+    """A head of the tiny Llama is a large share of its prunable weights: on target within half of it."""
+    from hf_flop.accounting import TARGET_TOLERANCE, check_target, largest_unit_params
+
+    rank_only = flop_llama(0.3)
+    assert check_target(rank_only).tolerance == TARGET_TOLERANCE
+    grouped = flop_llama(0.3, levels=("rank", "head", "row"))
+    prunable = sparsity_report(grouped).prunable_params
+    assert check_target(grouped).tolerance == pytest.approx(largest_unit_params(grouped) / prunable / 2)
+    assert check_target(grouped).tolerance > TARGET_TOLERANCE
 
 
 # --- logs, optimizer groups, gradient accumulation ----------------------------------------------------
