@@ -1,7 +1,7 @@
 """Saving a compacted model with its model card, and publishing it on the Hugging Face Hub.
 
 ``save_compacted`` compacts a FLOP model, writes it (safetensors, config, remote code when needed,
-tokenizer) with a model card rendered from ``hf_flop/model_cards/compacted_model_card.md`` into a temporary
+tokenizer) with a model card rendered from ``model_cards/compacted_model_card.md`` into a temporary
 folder next to ``output_dir`` and renames it into place, so ``output_dir`` is either complete or
 untouched. Pushing is a separate step on the finished folder (``push_compacted``): when it fails,
 the folder stays complete and the push can simply be repeated.
@@ -25,6 +25,8 @@ from .model import find_flop_model
 from .modeling import CODE_FILES, auto_class_names
 
 # inside the package, so that a wheel install has it too (package data, see pyproject.toml)
+# the template people edit is the top-level model_cards/compacted_model_card.md; the package holds a symlink
+# to it, which a wheel build resolves into a copy, so an installed hf_flop carries the same text
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "compacted_model_card.md"
 
 # auto class -> Hub pipeline tag, most specific first (the first match names the task)
@@ -85,7 +87,7 @@ def save_compacted(
         license: the card's license (default: the base model's, read from the ``license`` field of the
             README.md metadata in its local folder when there is one).
         datasets: Hub ids of the training data, for the card's metadata.
-        card_template: a Jinja template to use instead of ``hf_flop/model_cards/compacted_model_card.md``.
+        card_template: a Jinja template to use instead of ``model_cards/compacted_model_card.md``.
         baseline_results: the same metrics for the dense model before pruning; the card shows each
             beside the pruned value, with the change.
         eval_dataset_id, eval_split: the Hub id (only when the data really is that Hub dataset) and the
