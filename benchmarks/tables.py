@@ -68,6 +68,42 @@ def smollm2_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _method(run: str) -> str:
+    """What a one-shot row did, from its phase name (os<T>_<method> / os_<method>_<T>)."""
+    if run.startswith("os_"):  # MiniLM: os_<method>_<T>[_s<seed>]
+        parts = run[3:].split("_")
+        method = "_".join(parts[:-2] if parts[-1].startswith("s") else parts[:-1])
+    else:  # SmolLM2: os<T>_<method>
+        method = run.split("_", 1)[1]
+    if method in ("flap", "tptaylor"):
+        return {"flap": "FLAP-style (fluctuation, standardised, bias compensation)", "tptaylor": "Torch-Pruning Taylor"}[
+            method
+        ]
+    score, *options = method.split("_")
+    extra = [{"std": "standardised", "bias": "+ bias"}[o] for o in options]
+    return f"hf_flop {score}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def oneshot_table(summary: dict, metric: str) -> str:
+    """One-shot rows without training: the plain-removal value beside the reconstructed one."""
+    rows = summary.get("oneshot_rows", [])
+    if not rows:
+        return "(no one-shot rows yet)"
+    scale, spec = (100, ".1f") if metric == "accuracy" else (1, ",.1f")
+    lines = [
+        f"| run | method | target | removed | {metric}, plain removal | {metric}, reconstructed (baselines: result) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        plain = r.get(f"{metric}_plain")
+        removed = r.get("linear_sparsity", r.get("sparsity"))
+        lines.append(
+            f"| {r['run']} | {_method(r['run'])} | {r['target']} | {_fmt(removed, '.3f')} | "
+            f"{_fmt(plain * scale if plain is not None else None, spec)} | {_fmt(r[metric] * scale, spec)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Tables of the --quick smoke runs.")
@@ -75,7 +111,10 @@ def main() -> None:
     for name, render in (("bench_minilm", minilm_tables), ("bench_smollm2", smollm2_table)):
         path = RESULTS / f"{name}{suffix}.json"
         if path.exists():
-            print(f"### {path.name}\n\n{render(json.loads(path.read_text()))}\n")
+            summary = json.loads(path.read_text())
+            print(f"### {path.name}\n\n{render(summary)}\n")
+            metric = "accuracy" if name == "bench_minilm" else "perplexity"
+            print(f"#### {path.name}: one-shot, no training\n\n{oneshot_table(summary, metric)}\n")
         else:
             print(f"### {path.name}: not run yet\n")
 
