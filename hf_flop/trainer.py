@@ -9,6 +9,9 @@ What it adds to `Trainer`:
   clipping since they are not model parameters);
 * optional logit distillation from a ``teacher_model``;
 * pruning metrics in every training log and the multipliers in every checkpoint;
+* optionally two phases in one run (``pruning_phase`` < 1): prune, then fix the masks at exactly the
+  target (optionally refitting the kept weights, ``reconstruction_data``), freeze the gates and
+  fine-tune (see ``PruningTrainer.enter_recovery``);
 * after ``train()``: a ``UserWarning`` (and a log line) when the final size missed the target, and
   ``trainer.target_check`` saying where it ended.
 """
@@ -17,22 +20,28 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import ParallelMode
 
 from .accounting import TargetCheck, check_reachable, check_target, expected_sparsity, sparsity_report
 from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
 from .files import write_json_atomic
 from .hub import save_compacted
 from .model import find_flop_model
+from .oneshot import fix_masks_at_target
+from .reconstruction import reconstruct
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
+PRUNING, RECOVERY = "pruning", "recovery"  # the phases of a two-phase run (PruningArguments.pruning_phase)
 logger = logging.getLogger(__name__)
 
 
@@ -80,6 +89,15 @@ class PruningArguments(TrainingArguments):
     distillation_temperature: float = field(
         default=2.0, metadata={"help": "Softmax temperature of the logit distillation (KL, scaled by T^2)."}
     )
+    pruning_phase: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the run's steps that prune, in (0, 1]. 1.0: the whole run prunes (one phase). "
+            "Below 1: after ceil(pruning_phase * max_steps) steps the eval masks are fixed at exactly the target, "
+            "the gates frozen and the constraint dropped; the remaining steps fine-tune the pruned model. "
+            "target_warmup_steps (as a fraction) is then a fraction of the pruning phase."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +113,16 @@ class PruningArguments(TrainingArguments):
                 raise ValueError(f"PruningArguments.{name}={getattr(self, name)} must be > 0.")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"PruningArguments.distillation_alpha={self.distillation_alpha} must be in [0, 1].")
+        if not 0.0 < self.pruning_phase <= 1.0:
+            raise ValueError(
+                f"PruningArguments.pruning_phase={self.pruning_phase} must be in (0, 1]: the fraction of the run's "
+                "steps that prune (1.0 = the whole run, no recovery phase)."
+            )
+
+    @property
+    def two_phase(self) -> bool:
+        """Whether the run ends with a recovery phase (``pruning_phase`` < 1)."""
+        return self.pruning_phase < 1.0
 
 
 class PruningTrainer(Trainer):
@@ -103,10 +131,16 @@ class PruningTrainer(Trainer):
     Use it exactly like `Trainer`, with `PruningArguments`. ``teacher_model`` (optional) is a model
     whose logits the pruned model learns to match, typically the dense model before injection (a
     copy: injection modifies a model in place). It only needs to return logits.
+
+    ``reconstruction_data`` (optional, with ``pruning_phase`` < 1) is an iterable of calibration
+    batches (dicts of tensors with ``input_ids``, at least two, e.g. a DataLoader over training text):
+    at the phase boundary ``hf_flop.reconstruct`` refits the kept weights on it. Without it the
+    boundary only fixes the masks.
     """
 
     def __init__(self, model: nn.Module | None = None, args: PruningArguments | None = None, *trainer_args, **kwargs):
         teacher_model = kwargs.pop("teacher_model", None)
+        reconstruction_data = kwargs.pop("reconstruction_data", None)
         if model is None:
             raise ValueError(
                 "PruningTrainer needs a model wrapped by hf_flop.get_flop_model (model_init is not supported)."
@@ -119,25 +153,127 @@ class PruningTrainer(Trainer):
                 "replace TrainingArguments(...) by hf_flop.PruningArguments(...) with the same arguments."
             )
         self._flop = _checked_flop_model(model)
+        self.reconstruction_data = _checked_reconstruction_data(reconstruction_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
         # Top-k gates have no expectation to hold at a target, only a size to push down: they get
         # MLPruning's one-sided adaptive regularizer (same call signature, no multipliers).
         self.constraint = CONSTRAINTS[self.flop_config.gate]().to(self.args.device)
-        self.add_callback(_PruningStepCallback(self.constraint))
+        self.add_callback(_PruningStepCallback(self))
         self.teacher_model = _prepared_teacher(teacher_model, model, self.args.device)
         self._task_loss_sum: torch.Tensor | None = None
         self._task_loss_first_step = 0
         self.target_check: TargetCheck | None = None  # set by train(): where the size ended against the target
+        self.phase = PRUNING
+        self.boundary: dict | None = None  # what happened at the phase boundary, once crossed
+        self._frozen_gates: list[nn.Module] = []
 
     # --- the schedule ------------------------------------------------------------------------------
     @property
     def flop_config(self):
         return self._flop.flop_config
 
+    def pruning_steps(self) -> int:
+        """Steps of the pruning phase: the whole run, or ``ceil(pruning_phase * max_steps)`` in a two-phase run."""
+        steps = self.state.max_steps or 0
+        if not self.args.two_phase:
+            return steps
+        # the small offset keeps float products such as 0.7 * 10 = 7.000000000000001 from rounding up
+        return max(1, math.ceil(self.args.pruning_phase * steps - 1e-9)) if steps else 0
+
     def current_target(self) -> float:
-        """The target sparsity of the current step (after warm-up: ``FlopConfig.target_sparsity``)."""
-        warmup = resolve_warmup_steps(self.args.target_warmup_steps, self.state.max_steps or 0)
+        """The target sparsity of the current step (after warm-up: ``FlopConfig.target_sparsity``).
+
+        The warm-up, as a fraction, is one of the pruning phase.
+        """
+        warmup = resolve_warmup_steps(self.args.target_warmup_steps, self.pruning_steps())
         return warmed_up_target(self.flop_config.target_sparsity, self.state.global_step, warmup)
+
+    @property
+    def recovering(self) -> bool:
+        """Whether the masks are fixed and the gates frozen (the recovery phase of a two-phase run)."""
+        return self.phase == RECOVERY
+
+    # --- the phase boundary ------------------------------------------------------------------------
+    def enter_recovery(self) -> dict:
+        """End the pruning phase: fix the masks at the target, refit (with data), freeze the gates.
+
+        Called once, at the end of the optimizer step that completes the pruning phase (before that
+        step's log and checkpoint, which therefore show the fixed masks):
+
+        1. every gated unit of the model is ranked by its gate (units the eval mask keeps above the
+           ones it drops, then by ``Gate.keep_strength``) and ``prune_to_target`` closes units in that
+           order until the eval-mask size is the target to within half a unit
+           (``hf_flop.oneshot.fix_masks_at_target``); every gate is set with ``set_mask``, so the
+           eval masks are exactly 0 or 1;
+        2. with ``reconstruction_data``, ``hf_flop.reconstruct`` refits the kept weights (under DDP
+           process 0's refit is broadcast, so the processes cannot drift apart);
+        3. the gates are frozen (``requires_grad=False``, learning rate 0 in their optimizer group) and
+           compute their eval masks from then on, also in training mode; the constraint term leaves
+           the loss. The multipliers keep their values.
+
+        The model is not compacted in place: compaction replaces parameters by smaller ones, while
+        the optimizer (its parameter groups and Adam state), DDP (its gradient buckets) and the
+        checkpoints all refer to the original parameters. The recovery phase runs at the original
+        shapes with exactly-zero gates instead (the rank level then skips its closed components).
+
+        Returns the boundary facts (also ``self.boundary`` and one log entry).
+        """
+        if not self.args.two_phase:
+            raise ValueError(
+                "enter_recovery belongs to a two-phase run (PruningArguments.pruning_phase < 1), whose checkpoints "
+                "record the phase; to fix the masks of a one-phase run at the target, use "
+                "hf_flop.oneshot.fix_masks_at_target(model)."
+            )
+        if self.recovering:
+            raise RuntimeError("the recovery phase has already begun: the masks are fixed.")
+        before = sparsity_report(self.model)
+        result = fix_masks_at_target(self.model)
+        report = None
+        if self.reconstruction_data is not None:
+            report = reconstruct(self.model, self.reconstruction_data, progress=not self.args.disable_tqdm)
+            self._broadcast_weights()
+        after = sparsity_report(self.model)
+        self._freeze_gates()
+        self.boundary = {
+            "boundary_step": self.state.global_step,
+            "boundary_deterministic_sparsity_before": before.deterministic_sparsity,
+            "boundary_expected_sparsity_before": float(before.expected_sparsity),
+            "boundary_deterministic_sparsity_after": after.deterministic_sparsity,
+            "boundary_kept_params": after.deterministic_kept_params,
+            "boundary_budget_params": result.budget,
+            "boundary_reconstructed_modules": sum(r.applied for r in report.layers) if report is not None else 0,
+        }
+        logger.info("PruningTrainer: phase boundary at step %d: %s", self.state.global_step, self.boundary)
+        # Trainer's on_log clears should_log, which would drop this step's training log: keep it
+        should_log = self.control.should_log
+        self.log(dict(self.boundary))
+        self.control.should_log = should_log
+        return self.boundary
+
+    def _freeze_gates(self) -> None:
+        """Gates fixed for the rest of the run: no gradient, no optimizer step, eval masks in training too."""
+        self.phase = RECOVERY
+        for param in self._flop.gate_parameters():
+            param.requires_grad_(False)
+            param.grad = None
+        if self.optimizer is not None:
+            _hold_learning_rates(self.optimizer, self.args, gates_frozen=True)
+        self._frozen_gates = list(self._flop.gates().values())
+        self._set_gates_to_masks()
+
+    def _set_gates_to_masks(self) -> None:
+        # Trainer calls model.train() before every step, which would make the gates sample again
+        # (hard-concrete samples of an open gate fall below 1 now and then): back to the eval masks.
+        for gate in self._frozen_gates:
+            gate.eval()
+
+    def _broadcast_weights(self) -> None:
+        """Under DDP, make every process hold process 0's weights (each ran the refit on its own)."""
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.world_size > 1
+        if not distributed or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return  # one process; sharded engines (not supported by the refit anyway) hold no whole weights
+        for param in self.model.parameters():
+            torch.distributed.broadcast(param.data, src=0)
 
     # --- training ----------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
@@ -166,7 +302,7 @@ class PruningTrainer(Trainer):
             return names.get(field, field)
 
         check = self.target_check or check_target(self.model)
-        steps = self.state.max_steps or 0
+        steps = self.pruning_steps()  # the whole run in one phase
         warmup = resolve_warmup_steps(self.args.target_warmup_steps, steps)
         at_target = max(steps - warmup, 0)
         longer = name("max_steps / num_train_epochs")
@@ -200,7 +336,8 @@ class PruningTrainer(Trainer):
         facts = {
             "pruning": f"{self.state.global_step:,} steps of PruningTrainer, batch {batch}, learning rate "
             f"{args.learning_rate:g}, target {config.target_sparsity} (warm-up {args.target_warmup_steps:g}"
-            f"{' of the run' if args.target_warmup_steps < 1 else ' steps'}), levels {', '.join(config.levels)}, "
+            f"{(' of the pruning phase' if args.two_phase else ' of the run') if args.target_warmup_steps < 1 else ' steps'}"
+            f"), levels {', '.join(config.levels)}, "
             f"gate {config.gate}",
             "gate and multiplier learning rates": f"{args.gate_learning_rate:g}, {args.lagrangian_learning_rate:g} "
             f"(lambda_1), {args.quadratic_learning_rate:g} (lambda_2)",
@@ -210,6 +347,13 @@ class PruningTrainer(Trainer):
             else "none",
             "seed": str(args.seed),
         }
+        if args.two_phase:
+            pruning = self.pruning_steps()
+            facts["schedule"] = (
+                f"two phases: {pruning:,} pruning steps, then the masks fixed at the target"
+                + (" and the kept weights refit on calibration data" if self.reconstruction_data is not None else "")
+                + f", gates frozen, {max((self.state.max_steps or 0) - pruning, 0):,} recovery steps"
+            )
         if self.target_check is not None:
             check = self.target_check
             facts["size reached"] = f"sparsity {check.sparsity:.3f} for target {check.target}" + (
@@ -239,22 +383,26 @@ class PruningTrainer(Trainer):
             optimizer.add_param_group({"params": gates, **settings})
         for name, param in multipliers.items():
             optimizer.add_param_group({"params": [param], "weight_decay": 0.0, "maximize": True, "flop_role": name})
-        _hold_learning_rates(optimizer, self.args)
+        _hold_learning_rates(optimizer, self.args, gates_frozen=self.recovering)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        _hold_learning_rates(optimizer or self.optimizer, self.args)  # the scheduler's first step rescaled them
+        # the scheduler's first step rescaled them
+        _hold_learning_rates(optimizer or self.optimizer, self.args, gates_frozen=self.recovering)
         return scheduler
 
     # --- loss --------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """Task loss (mixed with distillation when there is a teacher) plus the Lagrangian term.
 
+        In the recovery phase of a two-phase run without the Lagrangian term (the gates are frozen).
         In evaluation only the task loss is returned.
         """
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.recovering:
+            self._set_gates_to_masks()  # after this step's model.train()
         teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
         task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         # Terms that are one value per optimizer step must add up to that value over the micro-batches
@@ -270,8 +418,9 @@ class PruningTrainer(Trainer):
             alpha = self.args.distillation_alpha
             distill = self._distillation_loss(_logits(outputs), teacher_inputs)
             loss = (1.0 - alpha) * task + alpha * window * distill
-        s = expected_sparsity(self.model)
-        loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
+        if not self.recovering:  # frozen gates: the size is fixed, and the term must not move them
+            s = expected_sparsity(self.model)
+            loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -309,7 +458,10 @@ class PruningTrainer(Trainer):
         self._task_loss_sum += value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Trainer's log, plus sparsity, target, multipliers and the task loss alone in training logs."""
+        """Trainer's log, plus sparsity, target, multipliers and the task loss alone in training logs.
+
+        In a two-phase run also ``phase``: that of the log's last step.
+        """
         if "loss" in logs:  # a training log (evaluation logs use eval_ keys)
             report = sparsity_report(self.model)
             logs["expected_sparsity"] = report.expected_sparsity
@@ -321,6 +473,8 @@ class PruningTrainer(Trainer):
                 steps = max(self.state.global_step - self._task_loss_first_step, 1)
                 logs["task_loss"] = total / steps
                 self._task_loss_sum = None
+            if self.args.two_phase:
+                logs["phase"] = PRUNING if self.state.global_step <= self.pruning_steps() else RECOVERY
         super().log(logs, start_time)
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -328,6 +482,8 @@ class PruningTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             state = {**self.constraint.values(), "global_step": self.state.global_step, "target": self.current_target()}
+            if self.args.two_phase:  # which side of the boundary; the fixed gates are in the model's weights
+                state.update(phase=self.phase, boundary=self.boundary)
             write_json_atomic(os.path.join(output_dir, CONSTRAINT_STATE_NAME), state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -341,8 +497,22 @@ class PruningTrainer(Trainer):
                 "Lagrange multipliers cannot be restored. Resume from a PruningTrainer checkpoint."
             )
         with open(path) as f:
-            self.constraint.load_values(json.load(f))
-        _hold_learning_rates(self.optimizer, self.args)  # e.g. resumed with other learning rates
+            state = json.load(f)
+        self.constraint.load_values(state)
+        if state.get("phase", PRUNING) == RECOVERY:
+            if not self.args.two_phase:
+                raise ValueError(
+                    f"{checkpoint} was saved in the recovery phase of a two-phase run (masks fixed, gates frozen); "
+                    f"resume it with the same PruningArguments.pruning_phase (< 1), not {self.args.pruning_phase}."
+                )
+            # the checkpointed gates already hold the fixed masks: freeze them, do not fix them again
+            self.boundary = state.get("boundary")
+            self._freeze_gates()
+        elif self.recovering:  # this trainer went past the boundary before; the checkpoint is from before it
+            self.phase, self.boundary = PRUNING, None
+            for param in self._flop.gate_parameters():
+                param.requires_grad_(True)
+        _hold_learning_rates(self.optimizer, self.args, gates_frozen=self.recovering)  # e.g. other learning rates
 
     # --- export ------------------------------------------------------------------------------------
     def save_compacted(self, output_dir: str, **kwargs):
@@ -372,15 +542,17 @@ def _gate_settings(optimizer: torch.optim.Optimizer) -> dict:
     return settings
 
 
-def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArguments) -> None:
+def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArguments, gates_frozen: bool = False) -> None:
     """Put the constant learning rates of the gate and multiplier groups back.
 
     Gates and multipliers are not on Trainer's schedule (CoFi does the same): a decayed gate or
     multiplier step would freeze the constraint before it is met. Trainer's scheduler rescales every
     group, so this runs after each scheduler step. The ``flop_role`` tag survives optimizer checkpoints.
+    With ``gates_frozen`` (the recovery phase) the gate group's rate is 0: the gates carry Adam state
+    from the pruning phase, which must not move them.
     """
     rates = {
-        "gates": args.gate_learning_rate,
+        "gates": 0.0 if gates_frozen else args.gate_learning_rate,
         "lambda_1": args.lagrangian_learning_rate,
         "lambda_2": args.quadratic_learning_rate,
     }
@@ -390,20 +562,27 @@ def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArgument
 
 
 class _PruningStepCallback(TrainerCallback):
-    """After each optimizer step: clear the multipliers' gradients, restore the constant learning rates.
+    """After each optimizer step: clear the multipliers' gradients, cross the phase boundary when it is
+    due, restore the constant learning rates.
 
     Trainer zeroes gradients with ``model.zero_grad()``, and the multipliers are not model parameters.
+    The boundary is crossed in ``on_step_end``, after the step whose ``global_step`` completes the
+    pruning phase and before that step's log and checkpoint.
     """
 
-    def __init__(self, constraint: nn.Module) -> None:
-        self.constraint = constraint
+    def __init__(self, trainer: PruningTrainer) -> None:
+        self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.constraint.zero_grad(set_to_none=True)
+        self.trainer.constraint.zero_grad(set_to_none=True)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        trainer = self.trainer
+        # ">=": a run resumed with a shorter pruning phase than it was saved with crosses at once
+        if args.two_phase and not trainer.recovering and state.global_step >= trainer.pruning_steps():
+            trainer.enter_recovery()
         if optimizer is not None:
-            _hold_learning_rates(optimizer, args)
+            _hold_learning_rates(optimizer, args, gates_frozen=trainer.recovering)
 
 
 def _checked_flop_model(model: nn.Module):
@@ -447,3 +626,32 @@ def _logits(outputs) -> torch.Tensor:
         return outputs["logits"]
     return outputs[1] if len(outputs) > 1 and outputs[0].dim() == 0 else outputs[0]
 
+
+def _checked_reconstruction_data(data: Iterable | None, args: PruningArguments, flop_model) -> Iterable | None:
+    """The calibration batches for the refit at the phase boundary, checked before training starts."""
+    if data is None:
+        return None
+    if not args.two_phase:
+        raise ValueError(
+            "reconstruction_data is used at the end of the pruning phase, and with pruning_phase=1.0 there is none: "
+            "set PruningArguments.pruning_phase below 1 (e.g. 0.5), or leave reconstruction_data out."
+        )
+    if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"reconstruction_data must be an iterable of batches (dicts of tensors with input_ids, e.g. a DataLoader), "
+            f"got {type(data).__name__}."
+        )
+    if iter(data) is data:
+        data = list(data)  # a one-off iterator: kept, so the refit (once, later) still has it
+    if hasattr(data, "__len__") and len(data) < 2:
+        raise ValueError(
+            f"reconstruction_data has {len(data)} batch(es); the refit needs at least 2 (most to fit, one held out)."
+        )
+    if not flop_model.flop_config.train_base and args.save_strategy != "no":
+        warnings.warn(
+            "reconstruction_data with FlopConfig(train_base=False): the refit changes base-layer weights that the "
+            "adapter checkpoints do not hold, so resuming after the phase boundary would lose it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return data
