@@ -7,7 +7,7 @@ What it adds to `Trainer`:
 * three optimizer groups on top of Trainer's two: the gates (own learning rate, no weight decay,
   no momentum) and the multipliers (gradient ascent, no weight decay, constant learning rate, outside gradient
   clipping since they are not model parameters);
-* optional logit distillation from a ``teacher_model``;
+* optional logit distillation from a ``teacher_model``, and hidden-state (layer) distillation;
 * pruning metrics in every training log and the multipliers in every checkpoint;
 * optionally two phases in one run (``pruning_phase`` < 1): prune, then fix the masks at exactly the
   target (optionally refitting the kept weights, ``reconstruction_data``), freeze the gates and
@@ -89,6 +89,14 @@ class PruningArguments(TrainingArguments):
     distillation_temperature: float = field(
         default=2.0, metadata={"help": "Softmax temperature of the logit distillation (KL, scaled by T^2)."}
     )
+    hidden_distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "With a teacher_model: add this weight times the mean over transformer layers of the MSE between "
+            "the model's and the teacher's hidden states (padding left out with the attention mask). 0 = off. "
+            "Both models must return hidden_states and have the same number of layers and hidden size."
+        },
+    )
     pruning_phase: float = field(
         default=1.0,
         metadata={
@@ -113,6 +121,10 @@ class PruningArguments(TrainingArguments):
                 raise ValueError(f"PruningArguments.{name}={getattr(self, name)} must be > 0.")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"PruningArguments.distillation_alpha={self.distillation_alpha} must be in [0, 1].")
+        if not self.hidden_distillation_weight >= 0.0:
+            raise ValueError(
+                f"PruningArguments.hidden_distillation_weight={self.hidden_distillation_weight} must be >= 0 (0 = off)."
+            )
         if not 0.0 < self.pruning_phase <= 1.0:
             raise ValueError(
                 f"PruningArguments.pruning_phase={self.pruning_phase} must be in (0, 1]: the fraction of the run's "
@@ -130,7 +142,8 @@ class PruningTrainer(Trainer):
 
     Use it exactly like `Trainer`, with `PruningArguments`. ``teacher_model`` (optional) is a model
     whose logits the pruned model learns to match, typically the dense model before injection (a
-    copy: injection modifies a model in place). It only needs to return logits.
+    copy: injection modifies a model in place). It only needs to return logits, and hidden states
+    with ``hidden_distillation_weight`` > 0.
 
     ``reconstruction_data`` (optional, with ``pruning_phase`` < 1) is an iterable of calibration
     batches (dicts of tensors with ``input_ids``, at least two, e.g. a DataLoader over training text):
@@ -152,6 +165,12 @@ class PruningTrainer(Trainer):
                 f"PruningTrainer needs PruningArguments (a TrainingArguments subclass), got {type(args).__name__}; "
                 "replace TrainingArguments(...) by hf_flop.PruningArguments(...) with the same arguments."
             )
+        if args.hidden_distillation_weight > 0 and teacher_model is None:
+            raise ValueError(
+                f"PruningArguments.hidden_distillation_weight={args.hidden_distillation_weight} needs a teacher_model "
+                "to distil hidden states from; pass teacher_model=... (the dense model, copied before injection) or "
+                "set it to 0."
+            )
         self._flop = _checked_flop_model(model)
         self.reconstruction_data = _checked_reconstruction_data(reconstruction_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
@@ -160,8 +179,8 @@ class PruningTrainer(Trainer):
         self.constraint = CONSTRAINTS[self.flop_config.gate]().to(self.args.device)
         self.add_callback(_PruningStepCallback(self))
         self.teacher_model = _prepared_teacher(teacher_model, model, self.args.device)
-        self._task_loss_sum: torch.Tensor | None = None
-        self._task_loss_first_step = 0
+        self._tracked: dict[str, torch.Tensor] = {}  # per-step values summed between logs (task_loss, ...)
+        self._tracked_first_step = 0
         self.target_check: TargetCheck | None = None  # set by train(): where the size ended against the target
         self.phase = PRUNING
         self.boundary: dict | None = None  # what happened at the phase boundary, once crossed
@@ -342,7 +361,9 @@ class PruningTrainer(Trainer):
             "gate and multiplier learning rates": f"{args.gate_learning_rate:g}, {args.lagrangian_learning_rate:g} "
             f"(lambda_1), {args.quadratic_learning_rate:g} (lambda_2)",
             "distillation": f"from a teacher model (logit KL, alpha {args.distillation_alpha:g}, temperature "
-            f"{args.distillation_temperature:g})"
+            f"{args.distillation_temperature:g}"
+            + (f"; hidden-state MSE, weight {args.hidden_distillation_weight:g}" if self._hidden_distillation else "")
+            + ")"
             if self.teacher_model is not None
             else "none",
             "seed": str(args.seed),
@@ -393,17 +414,24 @@ class PruningTrainer(Trainer):
         return scheduler
 
     # --- loss --------------------------------------------------------------------------------------
+    @property
+    def _hidden_distillation(self) -> bool:
+        return self.teacher_model is not None and self.args.hidden_distillation_weight > 0
+
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """Task loss (mixed with distillation when there is a teacher) plus the Lagrangian term.
 
-        In the recovery phase of a two-phase run without the Lagrangian term (the gates are frozen).
-        In evaluation only the task loss is returned.
+        ``(1 - alpha) task + alpha KL + hidden_distillation_weight * hidden MSE + constraint``; in the
+        recovery phase of a two-phase run without the constraint term (the gates are frozen). In
+        evaluation only the task loss is returned.
         """
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.recovering:
             self._set_gates_to_masks()  # after this step's model.train()
         teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        if self._hidden_distillation:
+            inputs = {**inputs, "output_hidden_states": True}
         task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         # Terms that are one value per optimizer step must add up to that value over the micro-batches
         # of a gradient-accumulation window. If Trainer divides the loss by the window length itself
@@ -412,12 +440,18 @@ class PruningTrainer(Trainer):
         steps_in_window = getattr(self, "current_gradient_accumulation_steps", 1)
         window = 1.0 / steps_in_window if scaled else 1.0
         # logged in the units of Trainer's "loss": what training_step accumulates for the task alone
-        self._track_task_loss(task.detach() if scaled else task.detach() / steps_in_window)
+        self._track("task_loss", task.detach() if scaled else task.detach() / steps_in_window)
         loss = task
         if self.teacher_model is not None:
             alpha = self.args.distillation_alpha
-            distill = self._distillation_loss(_logits(outputs), teacher_inputs)
+            teacher = self._teacher_outputs(teacher_inputs)  # one teacher forward for both distillations
+            mask = teacher_inputs.get("attention_mask")
+            distill = self._distillation_loss(_logits(outputs), _logits(teacher), mask)
             loss = (1.0 - alpha) * task + alpha * window * distill
+            if self._hidden_distillation:
+                hidden = self._hidden_distillation_loss(outputs, teacher, mask)
+                self._track("hidden_distillation_loss", hidden.detach() / steps_in_window)
+                loss = loss + self.args.hidden_distillation_weight * window * hidden
         if not self.recovering:  # frozen gates: the size is fixed, and the term must not move them
             s = expected_sparsity(self.model)
             loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
@@ -429,9 +463,16 @@ class PruningTrainer(Trainer):
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
-    def _distillation_loss(self, student_logits: torch.Tensor, teacher_inputs: dict) -> torch.Tensor:
+    def _teacher_outputs(self, teacher_inputs: dict):
+        """The teacher's forward on this batch, without gradients: logits and, if asked, hidden states."""
+        if self._hidden_distillation:
+            teacher_inputs = {**teacher_inputs, "output_hidden_states": True}
         with torch.no_grad():
-            teacher_logits = _logits(self.teacher_model(**teacher_inputs))
+            return self.teacher_model(**teacher_inputs)
+
+    def _distillation_loss(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(
                 f"teacher_model logits have shape {tuple(teacher_logits.shape)} but the model's have "
@@ -444,23 +485,47 @@ class PruningTrainer(Trainer):
             log_target=True,
             reduction="none",
         ).sum(-1) * (temp * temp)
-        mask = teacher_inputs.get("attention_mask")
-        if mask is not None and mask.shape == per_position.shape:
-            mask = mask.to(per_position.dtype)
-            return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
-        return per_position.mean()
+        return _masked_mean(per_position, mask)
+
+    def _hidden_distillation_loss(self, outputs, teacher_outputs, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over transformer layers of the MSE between the model's and the teacher's hidden states.
+
+        ``hidden_states[0]`` (the embedding output) is left out, as in CoFi's layer distillation: the
+        layers' outputs are what pruning changes. Per position the squared error is averaged over the
+        hidden size, then over the positions the attention mask keeps.
+        """
+        student = _hidden_states(outputs, "the model")
+        teacher = _hidden_states(teacher_outputs, "teacher_model")
+        if len(student) != len(teacher):
+            raise ValueError(
+                f"the model returns {len(student)} hidden states but teacher_model {len(teacher)}: hidden-state "
+                "distillation matches layers one to one, so both need the same number of layers."
+            )
+        if len(student) < 2:
+            raise ValueError("the model returns no transformer-layer hidden states to distil (only the embeddings).")
+        terms = []
+        for i, (s, t) in enumerate(zip(student[1:], teacher[1:]), start=1):
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"hidden state {i}: the model's has shape {tuple(s.shape)} but teacher_model's "
+                    f"{tuple(t.shape)}; hidden-state distillation needs the same hidden size."
+                )
+            terms.append(_masked_mean((s.float() - t.float()).pow(2).mean(-1), mask))
+        return torch.stack(terms).mean()
 
     # --- logging -----------------------------------------------------------------------------------
-    def _track_task_loss(self, value: torch.Tensor) -> None:
-        if self._task_loss_sum is None:
-            self._task_loss_sum = torch.zeros((), device=value.device)
-            self._task_loss_first_step = self.state.global_step
-        self._task_loss_sum += value
+    def _track(self, name: str, value: torch.Tensor) -> None:
+        """Add a micro-batch's value (in the units of Trainer's loss) to what the next log averages per step."""
+        if not self._tracked:
+            self._tracked_first_step = self.state.global_step
+        total = self._tracked.get(name)
+        self._tracked[name] = value.clone() if total is None else total + value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's log, plus sparsity, target, multipliers and the task loss alone in training logs.
 
-        In a two-phase run also ``phase``: that of the log's last step.
+        In a two-phase run also ``phase`` (that of the log's last step) and, with hidden-state
+        distillation, ``hidden_distillation_loss``.
         """
         if "loss" in logs:  # a training log (evaluation logs use eval_ keys)
             report = sparsity_report(self.model)
@@ -468,11 +533,10 @@ class PruningTrainer(Trainer):
             logs["deterministic_sparsity"] = report.deterministic_sparsity
             logs["target_sparsity"] = self.current_target()
             logs.update(self.constraint.values())
-            if self._task_loss_sum is not None:
-                total = self.accelerator.gather(self._task_loss_sum.reshape(1)).mean().item()
-                steps = max(self.state.global_step - self._task_loss_first_step, 1)
-                logs["task_loss"] = total / steps
-                self._task_loss_sum = None
+            steps = max(self.state.global_step - self._tracked_first_step, 1)
+            for name, total in self._tracked.items():
+                logs[name] = self.accelerator.gather(total.reshape(1)).mean().item() / steps
+            self._tracked = {}
             if self.args.two_phase:
                 logs["phase"] = PRUNING if self.state.global_step <= self.pruning_steps() else RECOVERY
         super().log(logs, start_time)
@@ -625,6 +689,26 @@ def _logits(outputs) -> torch.Tensor:
             raise ValueError(f"model outputs have no 'logits' (keys: {list(outputs)}); distillation needs logits.")
         return outputs["logits"]
     return outputs[1] if len(outputs) > 1 and outputs[0].dim() == 0 else outputs[0]
+
+
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over positions, leaving out padding when an attention mask of the same shape is given."""
+    if mask is not None and mask.shape == per_position.shape:
+        mask = mask.to(per_position.dtype)
+        return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
+    return per_position.mean()
+
+
+def _hidden_states(outputs, who: str) -> tuple[torch.Tensor, ...]:
+    """The ``hidden_states`` of a model output called with ``output_hidden_states=True``, or a clear error."""
+    states = outputs.get("hidden_states") if isinstance(outputs, dict) else getattr(outputs, "hidden_states", None)
+    if not states:
+        raise ValueError(
+            f"{who} returned no hidden_states when called with output_hidden_states=True (got a "
+            f"{type(outputs).__name__}); hidden_distillation_weight > 0 needs two models that return them, as "
+            "transformers models do. Set hidden_distillation_weight=0 to distil the logits only."
+        )
+    return tuple(states)
 
 
 def _checked_reconstruction_data(data: Iterable | None, args: PruningArguments, flop_model) -> Iterable | None:

@@ -1,16 +1,17 @@
-"""Issue 13: fixing the masks at the target, and the two-phase schedule (prune, fix, recover)."""
+"""Issue 13: fixing the masks at the target, the two-phase schedule (prune, fix, recover), hidden-state distillation."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from test_trainer import flop_llama, make_trainer
-from tiny_task import CountingTask
+from test_trainer import _FixedTeacher, flop_llama, make_trainer
+from tiny_task import CountingTask, tiny_llama
 from transformers import TrainerCallback
 
-from hf_flop import PruningArguments, PruningTrainer, sparsity_report
+from hf_flop import FlopConfig, PruningArguments, PruningTrainer, get_flop_model, sparsity_report
 from hf_flop.accounting import largest_unit_params
 from hf_flop.oneshot import fix_masks_at_target, gate_order_scores, prune_to_target
 
@@ -286,6 +287,82 @@ def test_a_recovery_checkpoint_needs_a_two_phase_run(tmp_path):
         again.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
 
 
+# --- hidden-state distillation -----------------------------------------------------------------------
+
+
+def _batch(n: int = 4):
+    ids = CountingTask(n=n, seed=3).ids
+    return {"input_ids": ids, "labels": ids}
+
+
+def _seeded_loss(trainer, model, inputs) -> torch.Tensor:
+    model.train()
+    torch.manual_seed(5)  # the same gate samples in every call
+    return trainer.compute_loss(model, inputs)
+
+
+def test_hidden_distillation_adds_the_mean_layer_mse(tmp_path):
+    teacher = tiny_llama(1)  # another random model: the hidden states differ
+    model = flop_llama(0.5)
+    weighted = make_trainer(tmp_path, model, teacher_model=teacher, hidden_distillation_weight=0.5)
+    plain = make_trainer(tmp_path, model, teacher_model=teacher)
+    inputs = _batch()
+    difference = _seeded_loss(weighted, model, inputs) - _seeded_loss(plain, model, inputs)
+
+    torch.manual_seed(5)
+    student = model(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        reference = teacher(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
+    expected = torch.stack([((s - t) ** 2).mean() for s, t in zip(student[1:], reference[1:])]).mean()
+    assert expected > 0
+    assert difference.item() == pytest.approx(0.5 * expected.item(), rel=1e-4)
+
+
+def test_hidden_distillation_leaves_out_padding(tmp_path):
+    teacher = tiny_llama(1)
+    model = flop_llama(0.5)
+    trainer = make_trainer(tmp_path, model, teacher_model=teacher, hidden_distillation_weight=1.0)
+    inputs = _batch()
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[:, 8:] = 0
+    torch.manual_seed(5)
+    student = model(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        reference = teacher(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=True)
+    value = trainer._hidden_distillation_loss(student, reference, mask)
+    kept = torch.stack(
+        [((s - t) ** 2)[:, :8].mean() for s, t in zip(student.hidden_states[1:], reference.hidden_states[1:])]
+    ).mean()
+    assert value.item() == pytest.approx(kept.item(), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:PruningTrainer. the model ended")  # 10 steps do not reach the target
+def test_hidden_distillation_is_logged_and_zero_weight_is_off(tmp_path):
+    dense = tiny_llama(0)
+    teacher = copy.deepcopy(dense)
+    model = get_flop_model(dense, FlopConfig(target_sparsity=0.5))
+    trainer = make_trainer(
+        tmp_path, model, steps=10, logging_steps=5, teacher_model=teacher, hidden_distillation_weight=1.0
+    )
+    trainer.train()
+    logged = [h["hidden_distillation_loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(v > 0 for v in logged)  # the gates' samples move the student off the teacher
+    assert "hidden-state MSE, weight 1" in trainer.training_facts()["distillation"]
+
+    off = make_trainer(tmp_path, flop_llama(0.5), steps=5, logging_steps=5, teacher_model=_FixedTeacher(3))
+    off.train()  # a teacher without hidden states is fine when the weight is 0
+    assert all("hidden_distillation_loss" not in h for h in off.state.log_history)
+
+
+def test_hidden_distillation_errors(tmp_path):
+    with pytest.raises(ValueError, match="returned no hidden_states"):
+        make_trainer(tmp_path, steps=2, teacher_model=_FixedTeacher(3), hidden_distillation_weight=1.0).train()
+    with pytest.raises(ValueError, match="same hidden size"):
+        make_trainer(tmp_path, steps=2, teacher_model=tiny_llama(1, hidden=32), hidden_distillation_weight=1.0).train()
+    with pytest.raises(ValueError, match="same number of layers"):
+        make_trainer(tmp_path, steps=2, teacher_model=tiny_llama(1, layers=3), hidden_distillation_weight=1.0).train()
+
+
 # --- bad arguments -----------------------------------------------------------------------------------
 
 
@@ -293,6 +370,11 @@ def test_bad_arguments(tmp_path):
     for value in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="pruning_phase"):
             PruningArguments(output_dir=str(tmp_path), pruning_phase=value)
+    for value in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="hidden_distillation_weight"):
+            PruningArguments(output_dir=str(tmp_path), hidden_distillation_weight=value)
+    with pytest.raises(ValueError, match="needs a teacher_model"):
+        make_trainer(tmp_path, hidden_distillation_weight=1.0)
     with pytest.raises(ValueError, match="pruning_phase below 1"):
         _trainer(tmp_path, flop_llama(), reconstruction_data=_calibration())
     with pytest.raises(ValueError, match="at least 2"):
