@@ -11,7 +11,9 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   ``rank``, ``blocks``, ``groups`` (head, row), ``embedding``; ``architectures`` the one table of
   supported layouts; ``linear`` GPT-2's Conv1D orientation;
 * ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
-  ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning; ``constraint`` / ``trainer`` learned pruning;
+  ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning, and fixing trained masks at
+  the target (``oneshot.fix_masks_at_target``); ``constraint`` / ``trainer`` learned pruning (its two-phase
+  schedule, prune then recover, and hidden-state distillation in ``trainer``);
   ``preflight`` the checks before training (injection and target on a weightless copy);
   ``hub`` saving, cards, publishing; ``modeling`` the compacted models (self-contained remote code);
   ``registration`` what ``import hf_flop`` registers.

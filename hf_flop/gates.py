@@ -10,6 +10,7 @@ ask which kind they hold:
 * ``expected_l0()``          -- ``keep_probability().sum()``, the expected number of surviving units;
 * ``l0(deterministic)``      -- units kept: the eval mask's non-zeros, or the expected L0;
 * ``set_mask(keep)``         -- make the eval mask exactly ``keep`` (one-shot pruning);
+* ``keep_strength()``        -- per unit, how firmly the trained gate keeps it (fixing the masks at a target);
 * ``warm_start(q, ...)``     -- order the units by importance quantiles ``q`` before training.
 
 A new gate type is one class here plus one entry in ``GATE_TYPES``.
@@ -63,6 +64,14 @@ class Gate(nn.Module):
     def set_mask(self, keep: torch.Tensor) -> None:  # pragma: no cover - interface
         """Make the eval mask exactly ``keep`` (bool per unit): kept units fully open (1), the rest closed."""
         raise NotImplementedError
+
+    def keep_strength(self) -> torch.Tensor:
+        """Per unit, how firmly the gate keeps it (higher: more firmly), without gradient.
+
+        Within a gate it orders the units as the eval mask keeps them; across gates of one type it is
+        on one scale, so units of the whole model can be ranked by it (``hf_flop.oneshot.fix_masks_at_target``).
+        """
+        return self.keep_probability().detach()
 
     def warm_start_ceiling(self) -> float | None:
         """The value ``warm_start`` gives the most important unit by default; None if the gate has no such scale."""
@@ -143,6 +152,11 @@ class HardConcreteGate(Gate):
             soft = soft.clone()
             soft[torch.topk(soft, expected_zeros, largest=False).indices] = 0.0
         return soft
+
+    def keep_strength(self) -> torch.Tensor:
+        # log_alpha itself: the eval mask is monotone in it and every gate shares beta and the stretch,
+        # and unlike P(z != 0) it does not saturate to a float tie among confidently open units
+        return self.log_alpha.detach().clone()
 
     @torch.no_grad()
     def close(self, units: torch.Tensor) -> None:
@@ -253,6 +267,10 @@ class TopKGate(Gate):
 
     def deterministic_mask(self) -> torch.Tensor:
         return self._hard_mask()
+
+    def keep_strength(self) -> torch.Tensor:
+        # the scores: the mask keeps the highest; keep_probability is one value for the whole gate
+        return self.scores.detach().clone()
 
     def keep_probability(self) -> torch.Tensor:
         soft = torch.sigmoid(self.threshold)

@@ -76,7 +76,7 @@ def _check_scores(units: list[GatedUnits], scores: dict[str, torch.Tensor]) -> d
     return checked
 
 
-RANKINGS = ("per_gate", "per_parameter", "standardized")
+RANKINGS = ("per_gate", "per_parameter", "standardized", "absolute")
 
 
 def _removal_order(
@@ -95,6 +95,8 @@ def _removal_order(
     scores comparable across layers; it favours removing big units (heads), which a first-order
     Taylor score underrates (SmolLM2-135M on PTB, heads and rows at 30%: perplexity 685 per gate
     against 1,793 per parameter with sensitivity, 396 against 43,468 with activation; dense 158).
+    ``absolute`` ranks by the score itself, for scores already on one scale across gates (the trained
+    gates' own order, ``fix_masks_at_target``).
     The ``protect`` highest-scored units of each gate, and every unit of the gates in ``frozen``, are
     left out (never removed). Ties keep the flat order, so the result is deterministic.
     """
@@ -106,6 +108,8 @@ def _removal_order(
         if ranking == "standardized":
             spread = value.std() if len(value) > 1 else torch.tensor(1.0)
             priority.append((value - value.mean()) / spread.clamp_min(1e-30))
+        elif ranking == "absolute":
+            priority.append(value)
         else:
             scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
             priority.append(value / scale)
@@ -158,7 +162,7 @@ def prune_to_target(
     """Close the least important units to hit ``target_sparsity`` (default: the model's config).
 
     Units are removed in ``ranking`` order (``"per_gate"``: score relative to its gate's mean;
-    ``"per_parameter"``: score per parameter; see ``_removal_order``) until the deterministic kept count is as close
+    ``"per_parameter"``: score per parameter; ``"absolute"``: the score itself; see ``_removal_order``) until the deterministic kept count is as close
     to the budget as one unit allows: ``|kept - budget| <= step / 2``, ``step`` being what the unit at
     the boundary is worth (at most one unit's parameters, times ``round_to`` where that rounding
     applies). When that unit is coarse (a head among rank components and rows), up to
@@ -234,6 +238,38 @@ def prune_to_target(
         deterministic_sparsity=report.deterministic_sparsity,
         target_sparsity=target,
     )
+
+
+def gate_order_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Scores (for ``ranking="absolute"``) that order every unit of the model as its trained gates do.
+
+    Units the eval mask keeps rank above the ones it drops; within each side, by the gates'
+    ``keep_strength`` (hard-concrete ``log_alpha``, top-k scores). The score is the unit's position
+    in that order (0 = the first to remove), so pruning to the eval mask's own size reproduces the
+    eval mask, and a different size only moves the units at the edge: the least firmly kept close
+    first, the least firmly dropped reopen first.
+    """
+    units = find_gated_units(model)
+    with torch.no_grad():
+        kept = torch.cat([(s.gate.deterministic_mask().detach() != 0).cpu() for s in units])
+        strength = torch.cat([s.gate.keep_strength().detach().double().cpu() for s in units])
+    order = torch.argsort(strength, stable=True)
+    order = order[torch.argsort(kept[order].to(torch.int8), stable=True)]  # then kept above dropped
+    position = torch.empty(len(order), dtype=torch.float64)
+    position[order] = torch.arange(len(order), dtype=torch.float64)
+    return {s.key: p for s, p in zip(units, position.split([s.n_units for s in units]))}
+
+
+def fix_masks_at_target(model: nn.Module, target_sparsity: float | None = None) -> OneShotResult:
+    """Set every eval mask so the model is exactly at ``target_sparsity`` (default: the config's), as trained.
+
+    After training, the eval masks end near the target but rarely on it (undecided gates, whole units).
+    This ranks every unit by its gate (``gate_order_scores``) and closes units in that order with
+    ``prune_to_target``: within half a unit of the target, the trained masks changed only at the edge.
+    No unit is protected (a gate the training closed entirely stays closed). The gates are left set
+    with ``set_mask``: kept units fully open (their soft eval values become 1), the rest closed.
+    """
+    return prune_to_target(model, gate_order_scores(model), target_sparsity, ranking="absolute", min_units_per_gate=0)
 
 
 def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:

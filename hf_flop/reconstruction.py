@@ -138,10 +138,16 @@ class _Calibration:
 class _Recorder:
     """Forward pre-hooks accumulating the input moments of some modules (fit and held-out apart)."""
 
-    def __init__(self, modules: dict[str, nn.Module], calib: _Calibration, stop_at: str | None = None) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], calib: _Calibration, stop_at: str | None = None, keep_inputs: bool = False
+    ) -> None:
+        self.keep_inputs = keep_inputs
         self.fit = {n: Moments(self._width(m)) for n, m in modules.items()}
         self.held = {n: Moments(self._width(m)) for n, m in modules.items()}
-        self.inputs: dict[str, int] = {}  # data_ptr of each module's input in the last batch
+        # which tensor each module read in the last batch: address, layout and version (in-place writes
+        # bump it); with keep_inputs the tensors are also held, so no freed address can be handed on
+        self.inputs: dict[str, tuple] = {}
+        self.kept: list[torch.Tensor] = []
         self.calls: list[str] = []
         self.calib = calib
         # prepend: run before FLOP's input masks, so the moments are those of the unmasked input
@@ -158,7 +164,9 @@ class _Recorder:
             mask = self.calib.token_mask(index)
             mask = mask if mask is not None and mask.shape == x.shape[:-1] else None
             (self.held if self.calib.heldout(index) else self.fit)[name].add(x, mask)
-            self.inputs[name] = x.data_ptr()
+            self.inputs[name] = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
+            if self.keep_inputs:
+                self.kept.append(x)
             self.calls.append(name)
             if stop:
                 raise _Stop
@@ -260,7 +268,7 @@ def _run_layer(layer: nn.Module, hidden: list, calls: list, calib: _Calibration,
 
 def _stages(layer: nn.Module, names: list[str], modules: dict, hidden: list, calls: list, calib: _Calibration):
     """The layer's targets grouped by the tensor they read, in forward order (e.g. [q, k, v], [o], [down])."""
-    probe = _Recorder({n: modules[n] for n in names}, calib)
+    probe = _Recorder({n: modules[n] for n in names}, calib, keep_inputs=True)
     try:
         _run_layer(layer, hidden[:1], calls[:1], calib, keep_outputs=False)
     finally:
@@ -271,6 +279,8 @@ def _stages(layer: nn.Module, names: list[str], modules: dict, hidden: list, cal
         raise RuntimeError(f"the calibration forward never reached {missing}; are these modules used by the model?")
     stages: list[list[str]] = []
     for name in order:
+        # the probe held every input until here: an equal address is the same tensor, not a freed
+        # one's address handed on by the allocator (which grouped o_proj with gate/up now and then)
         if stages and probe.inputs[stages[-1][0]] == probe.inputs[name]:
             stages[-1].append(name)
         else:

@@ -7,8 +7,11 @@ What it adds to `Trainer`:
 * three optimizer groups on top of Trainer's two: the gates (own learning rate, no weight decay,
   no momentum) and the multipliers (gradient ascent, no weight decay, constant learning rate, outside gradient
   clipping since they are not model parameters);
-* optional logit distillation from a ``teacher_model``;
+* optional logit distillation from a ``teacher_model``, and hidden-state (layer) distillation;
 * pruning metrics in every training log and the multipliers in every checkpoint;
+* optionally two phases in one run (``pruning_phase`` < 1): prune, then fix the masks at exactly the
+  target (optionally refitting the kept weights, ``reconstruction_data``), freeze the gates and
+  fine-tune (see ``PruningTrainer.enter_recovery``);
 * after ``train()``: a ``UserWarning`` (and a log line) when the final size missed the target, and
   ``trainer.target_check`` saying where it ended.
 """
@@ -17,22 +20,28 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import ParallelMode
 
 from .accounting import TargetCheck, check_reachable, check_target, expected_sparsity, sparsity_report
 from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
 from .files import write_json_atomic
 from .hub import save_compacted
 from .model import find_flop_model
+from .oneshot import fix_masks_at_target
+from .reconstruction import reconstruct
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
+PRUNING, RECOVERY = "pruning", "recovery"  # the phases of a two-phase run (PruningArguments.pruning_phase)
 logger = logging.getLogger(__name__)
 
 
@@ -80,6 +89,23 @@ class PruningArguments(TrainingArguments):
     distillation_temperature: float = field(
         default=2.0, metadata={"help": "Softmax temperature of the logit distillation (KL, scaled by T^2)."}
     )
+    hidden_distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "With a teacher_model: add this weight times the mean over transformer layers of the MSE between "
+            "the model's and the teacher's hidden states (padding left out with the attention mask). 0 = off. "
+            "Both models must return hidden_states and have the same number of layers and hidden size."
+        },
+    )
+    pruning_phase: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the run's steps that prune, in (0, 1]. 1.0: the whole run prunes (one phase). "
+            "Below 1: after ceil(pruning_phase * max_steps) steps the eval masks are fixed at exactly the target, "
+            "the gates frozen and the constraint dropped; the remaining steps fine-tune the pruned model. "
+            "target_warmup_steps (as a fraction) is then a fraction of the pruning phase."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +121,20 @@ class PruningArguments(TrainingArguments):
                 raise ValueError(f"PruningArguments.{name}={getattr(self, name)} must be > 0.")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"PruningArguments.distillation_alpha={self.distillation_alpha} must be in [0, 1].")
+        if not self.hidden_distillation_weight >= 0.0:
+            raise ValueError(
+                f"PruningArguments.hidden_distillation_weight={self.hidden_distillation_weight} must be >= 0 (0 = off)."
+            )
+        if not 0.0 < self.pruning_phase <= 1.0:
+            raise ValueError(
+                f"PruningArguments.pruning_phase={self.pruning_phase} must be in (0, 1]: the fraction of the run's "
+                "steps that prune (1.0 = the whole run, no recovery phase)."
+            )
+
+    @property
+    def two_phase(self) -> bool:
+        """Whether the run ends with a recovery phase (``pruning_phase`` < 1)."""
+        return self.pruning_phase < 1.0
 
 
 class PruningTrainer(Trainer):
@@ -102,11 +142,18 @@ class PruningTrainer(Trainer):
 
     Use it exactly like `Trainer`, with `PruningArguments`. ``teacher_model`` (optional) is a model
     whose logits the pruned model learns to match, typically the dense model before injection (a
-    copy: injection modifies a model in place). It only needs to return logits.
+    copy: injection modifies a model in place). It only needs to return logits, and hidden states
+    with ``hidden_distillation_weight`` > 0.
+
+    ``reconstruction_data`` (optional, with ``pruning_phase`` < 1) is an iterable of calibration
+    batches (dicts of tensors with ``input_ids``, at least two, e.g. a DataLoader over training text):
+    at the phase boundary ``hf_flop.reconstruct`` refits the kept weights on it. Without it the
+    boundary only fixes the masks.
     """
 
     def __init__(self, model: nn.Module | None = None, args: PruningArguments | None = None, *trainer_args, **kwargs):
         teacher_model = kwargs.pop("teacher_model", None)
+        reconstruction_data = kwargs.pop("reconstruction_data", None)
         if model is None:
             raise ValueError(
                 "PruningTrainer needs a model wrapped by hf_flop.get_flop_model (model_init is not supported)."
@@ -118,26 +165,134 @@ class PruningTrainer(Trainer):
                 f"PruningTrainer needs PruningArguments (a TrainingArguments subclass), got {type(args).__name__}; "
                 "replace TrainingArguments(...) by hf_flop.PruningArguments(...) with the same arguments."
             )
+        if args.hidden_distillation_weight > 0 and teacher_model is None:
+            raise ValueError(
+                f"PruningArguments.hidden_distillation_weight={args.hidden_distillation_weight} needs a teacher_model "
+                "to distil hidden states from; pass teacher_model=... (the dense model, copied before injection) or "
+                "set it to 0."
+            )
         self._flop = _checked_flop_model(model)
+        self.reconstruction_data = _checked_reconstruction_data(reconstruction_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
         # Top-k gates have no expectation to hold at a target, only a size to push down: they get
         # MLPruning's one-sided adaptive regularizer (same call signature, no multipliers).
         self.constraint = CONSTRAINTS[self.flop_config.gate]().to(self.args.device)
-        self.add_callback(_PruningStepCallback(self.constraint))
+        self.add_callback(_PruningStepCallback(self))
         self.teacher_model = _prepared_teacher(teacher_model, model, self.args.device)
-        self._task_loss_sum: torch.Tensor | None = None
-        self._task_loss_first_step = 0
+        self._tracked: dict[str, torch.Tensor] = {}  # per-step values summed between logs (task_loss, ...)
+        self._tracked_first_step = 0
         self.target_check: TargetCheck | None = None  # set by train(): where the size ended against the target
+        self.phase = PRUNING
+        self.boundary: dict | None = None  # what happened at the phase boundary, once crossed
+        self._frozen_gates: list[nn.Module] = []
 
     # --- the schedule ------------------------------------------------------------------------------
     @property
     def flop_config(self):
         return self._flop.flop_config
 
+    def pruning_steps(self) -> int:
+        """Steps of the pruning phase: the whole run, or ``ceil(pruning_phase * max_steps)`` in a two-phase run."""
+        steps = self.state.max_steps or 0
+        if not self.args.two_phase:
+            return steps
+        # the small offset keeps float products such as 0.7 * 10 = 7.000000000000001 from rounding up
+        return max(1, math.ceil(self.args.pruning_phase * steps - 1e-9)) if steps else 0
+
     def current_target(self) -> float:
-        """The target sparsity of the current step (after warm-up: ``FlopConfig.target_sparsity``)."""
-        warmup = resolve_warmup_steps(self.args.target_warmup_steps, self.state.max_steps or 0)
+        """The target sparsity of the current step (after warm-up: ``FlopConfig.target_sparsity``).
+
+        The warm-up, as a fraction, is one of the pruning phase.
+        """
+        warmup = resolve_warmup_steps(self.args.target_warmup_steps, self.pruning_steps())
         return warmed_up_target(self.flop_config.target_sparsity, self.state.global_step, warmup)
+
+    @property
+    def recovering(self) -> bool:
+        """Whether the masks are fixed and the gates frozen (the recovery phase of a two-phase run)."""
+        return self.phase == RECOVERY
+
+    # --- the phase boundary ------------------------------------------------------------------------
+    def enter_recovery(self) -> dict:
+        """End the pruning phase: fix the masks at the target, refit (with data), freeze the gates.
+
+        Called once, at the end of the optimizer step that completes the pruning phase (before that
+        step's log and checkpoint, which therefore show the fixed masks):
+
+        1. every gated unit of the model is ranked by its gate (units the eval mask keeps above the
+           ones it drops, then by ``Gate.keep_strength``) and ``prune_to_target`` closes units in that
+           order until the eval-mask size is the target to within half a unit
+           (``hf_flop.oneshot.fix_masks_at_target``); every gate is set with ``set_mask``, so the
+           eval masks are exactly 0 or 1;
+        2. with ``reconstruction_data``, ``hf_flop.reconstruct`` refits the kept weights (under DDP
+           process 0's refit is broadcast, so the processes cannot drift apart);
+        3. the gates are frozen (``requires_grad=False``, learning rate 0 in their optimizer group) and
+           compute their eval masks from then on, also in training mode; the constraint term leaves
+           the loss. The multipliers keep their values.
+
+        The model is not compacted in place: compaction replaces parameters by smaller ones, while
+        the optimizer (its parameter groups and Adam state), DDP (its gradient buckets) and the
+        checkpoints all refer to the original parameters. The recovery phase runs at the original
+        shapes with exactly-zero gates instead (the rank level then skips its closed components).
+
+        Returns the boundary facts (also ``self.boundary`` and one log entry).
+        """
+        if not self.args.two_phase:
+            raise ValueError(
+                "enter_recovery belongs to a two-phase run (PruningArguments.pruning_phase < 1), whose checkpoints "
+                "record the phase; to fix the masks of a one-phase run at the target, use "
+                "hf_flop.oneshot.fix_masks_at_target(model)."
+            )
+        if self.recovering:
+            raise RuntimeError("the recovery phase has already begun: the masks are fixed.")
+        before = sparsity_report(self.model)
+        result = fix_masks_at_target(self.model)
+        report = None
+        if self.reconstruction_data is not None:
+            report = reconstruct(self.model, self.reconstruction_data, progress=not self.args.disable_tqdm)
+            self._broadcast_weights()
+        after = sparsity_report(self.model)
+        self._freeze_gates()
+        self.boundary = {
+            "boundary_step": self.state.global_step,
+            "boundary_deterministic_sparsity_before": before.deterministic_sparsity,
+            "boundary_expected_sparsity_before": float(before.expected_sparsity),
+            "boundary_deterministic_sparsity_after": after.deterministic_sparsity,
+            "boundary_kept_params": after.deterministic_kept_params,
+            "boundary_budget_params": result.budget,
+            "boundary_reconstructed_modules": sum(r.applied for r in report.layers) if report is not None else 0,
+        }
+        logger.info("PruningTrainer: phase boundary at step %d: %s", self.state.global_step, self.boundary)
+        # Trainer's on_log clears should_log, which would drop this step's training log: keep it
+        should_log = self.control.should_log
+        self.log(dict(self.boundary))
+        self.control.should_log = should_log
+        return self.boundary
+
+    def _freeze_gates(self) -> None:
+        """Gates fixed for the rest of the run: no gradient, no optimizer step, eval masks in training too."""
+        self.phase = RECOVERY
+        for param in self._flop.gate_parameters():
+            param.requires_grad_(False)
+            param.grad = None
+        if self.optimizer is not None:
+            _hold_learning_rates(self.optimizer, self.args, gates_frozen=True)
+        self._frozen_gates = list(self._flop.gates().values())
+        self._set_gates_to_masks()
+
+    def _set_gates_to_masks(self) -> None:
+        # Trainer calls model.train() before every step, which would make the gates sample again
+        # (hard-concrete samples of an open gate fall below 1 now and then): back to the eval masks.
+        for gate in self._frozen_gates:
+            gate.eval()
+
+    def _broadcast_weights(self) -> None:
+        """Under DDP, make every process hold process 0's weights (each ran the refit on its own)."""
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.world_size > 1
+        if not distributed or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return  # one process; sharded engines (not supported by the refit anyway) hold no whole weights
+        for param in self.model.parameters():
+            torch.distributed.broadcast(param.data, src=0)
 
     # --- training ----------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
@@ -166,7 +321,7 @@ class PruningTrainer(Trainer):
             return names.get(field, field)
 
         check = self.target_check or check_target(self.model)
-        steps = self.state.max_steps or 0
+        steps = self.pruning_steps()  # the whole run in one phase
         warmup = resolve_warmup_steps(self.args.target_warmup_steps, steps)
         at_target = max(steps - warmup, 0)
         longer = name("max_steps / num_train_epochs")
@@ -200,16 +355,26 @@ class PruningTrainer(Trainer):
         facts = {
             "pruning": f"{self.state.global_step:,} steps of PruningTrainer, batch {batch}, learning rate "
             f"{args.learning_rate:g}, target {config.target_sparsity} (warm-up {args.target_warmup_steps:g}"
-            f"{' of the run' if args.target_warmup_steps < 1 else ' steps'}), levels {', '.join(config.levels)}, "
+            f"{(' of the pruning phase' if args.two_phase else ' of the run') if args.target_warmup_steps < 1 else ' steps'}"
+            f"), levels {', '.join(config.levels)}, "
             f"gate {config.gate}",
             "gate and multiplier learning rates": f"{args.gate_learning_rate:g}, {args.lagrangian_learning_rate:g} "
             f"(lambda_1), {args.quadratic_learning_rate:g} (lambda_2)",
             "distillation": f"from a teacher model (logit KL, alpha {args.distillation_alpha:g}, temperature "
-            f"{args.distillation_temperature:g})"
+            f"{args.distillation_temperature:g}"
+            + (f"; hidden-state MSE, weight {args.hidden_distillation_weight:g}" if self._hidden_distillation else "")
+            + ")"
             if self.teacher_model is not None
             else "none",
             "seed": str(args.seed),
         }
+        if args.two_phase:
+            pruning = self.pruning_steps()
+            facts["schedule"] = (
+                f"two phases: {pruning:,} pruning steps, then the masks fixed at the target"
+                + (" and the kept weights refit on calibration data" if self.reconstruction_data is not None else "")
+                + f", gates frozen, {max((self.state.max_steps or 0) - pruning, 0):,} recovery steps"
+            )
         if self.target_check is not None:
             check = self.target_check
             facts["size reached"] = f"sparsity {check.sparsity:.3f} for target {check.target}" + (
@@ -239,23 +404,34 @@ class PruningTrainer(Trainer):
             optimizer.add_param_group({"params": gates, **settings})
         for name, param in multipliers.items():
             optimizer.add_param_group({"params": [param], "weight_decay": 0.0, "maximize": True, "flop_role": name})
-        _hold_learning_rates(optimizer, self.args)
+        _hold_learning_rates(optimizer, self.args, gates_frozen=self.recovering)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        _hold_learning_rates(optimizer or self.optimizer, self.args)  # the scheduler's first step rescaled them
+        # the scheduler's first step rescaled them
+        _hold_learning_rates(optimizer or self.optimizer, self.args, gates_frozen=self.recovering)
         return scheduler
 
     # --- loss --------------------------------------------------------------------------------------
+    @property
+    def _hidden_distillation(self) -> bool:
+        return self.teacher_model is not None and self.args.hidden_distillation_weight > 0
+
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """Task loss (mixed with distillation when there is a teacher) plus the Lagrangian term.
 
-        In evaluation only the task loss is returned.
+        ``(1 - alpha) task + alpha KL + hidden_distillation_weight * hidden MSE + constraint``; in the
+        recovery phase of a two-phase run without the constraint term (the gates are frozen). In
+        evaluation only the task loss is returned.
         """
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.recovering:
+            self._set_gates_to_masks()  # after this step's model.train()
         teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        if self._hidden_distillation:
+            inputs = {**inputs, "output_hidden_states": True}
         task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         # Terms that are one value per optimizer step must add up to that value over the micro-batches
         # of a gradient-accumulation window. If Trainer divides the loss by the window length itself
@@ -264,14 +440,21 @@ class PruningTrainer(Trainer):
         steps_in_window = getattr(self, "current_gradient_accumulation_steps", 1)
         window = 1.0 / steps_in_window if scaled else 1.0
         # logged in the units of Trainer's "loss": what training_step accumulates for the task alone
-        self._track_task_loss(task.detach() if scaled else task.detach() / steps_in_window)
+        self._track("task_loss", task.detach() if scaled else task.detach() / steps_in_window)
         loss = task
         if self.teacher_model is not None:
             alpha = self.args.distillation_alpha
-            distill = self._distillation_loss(_logits(outputs), teacher_inputs)
+            teacher = self._teacher_outputs(teacher_inputs)  # one teacher forward for both distillations
+            mask = teacher_inputs.get("attention_mask")
+            distill = self._distillation_loss(_logits(outputs), _logits(teacher), mask)
             loss = (1.0 - alpha) * task + alpha * window * distill
-        s = expected_sparsity(self.model)
-        loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
+            if self._hidden_distillation:
+                hidden = self._hidden_distillation_loss(outputs, teacher, mask)
+                self._track("hidden_distillation_loss", hidden.detach() / steps_in_window)
+                loss = loss + self.args.hidden_distillation_weight * window * hidden
+        if not self.recovering:  # frozen gates: the size is fixed, and the term must not move them
+            s = expected_sparsity(self.model)
+            loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -280,9 +463,16 @@ class PruningTrainer(Trainer):
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
-    def _distillation_loss(self, student_logits: torch.Tensor, teacher_inputs: dict) -> torch.Tensor:
+    def _teacher_outputs(self, teacher_inputs: dict):
+        """The teacher's forward on this batch, without gradients: logits and, if asked, hidden states."""
+        if self._hidden_distillation:
+            teacher_inputs = {**teacher_inputs, "output_hidden_states": True}
         with torch.no_grad():
-            teacher_logits = _logits(self.teacher_model(**teacher_inputs))
+            return self.teacher_model(**teacher_inputs)
+
+    def _distillation_loss(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(
                 f"teacher_model logits have shape {tuple(teacher_logits.shape)} but the model's have "
@@ -295,32 +485,60 @@ class PruningTrainer(Trainer):
             log_target=True,
             reduction="none",
         ).sum(-1) * (temp * temp)
-        mask = teacher_inputs.get("attention_mask")
-        if mask is not None and mask.shape == per_position.shape:
-            mask = mask.to(per_position.dtype)
-            return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
-        return per_position.mean()
+        return _masked_mean(per_position, mask)
+
+    def _hidden_distillation_loss(self, outputs, teacher_outputs, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over transformer layers of the MSE between the model's and the teacher's hidden states.
+
+        ``hidden_states[0]`` (the embedding output) is left out, as in CoFi's layer distillation: the
+        layers' outputs are what pruning changes. Per position the squared error is averaged over the
+        hidden size, then over the positions the attention mask keeps.
+        """
+        student = _hidden_states(outputs, "the model")
+        teacher = _hidden_states(teacher_outputs, "teacher_model")
+        if len(student) != len(teacher):
+            raise ValueError(
+                f"the model returns {len(student)} hidden states but teacher_model {len(teacher)}: hidden-state "
+                "distillation matches layers one to one, so both need the same number of layers."
+            )
+        if len(student) < 2:
+            raise ValueError("the model returns no transformer-layer hidden states to distil (only the embeddings).")
+        terms = []
+        for i, (s, t) in enumerate(zip(student[1:], teacher[1:]), start=1):
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"hidden state {i}: the model's has shape {tuple(s.shape)} but teacher_model's "
+                    f"{tuple(t.shape)}; hidden-state distillation needs the same hidden size."
+                )
+            terms.append(_masked_mean((s.float() - t.float()).pow(2).mean(-1), mask))
+        return torch.stack(terms).mean()
 
     # --- logging -----------------------------------------------------------------------------------
-    def _track_task_loss(self, value: torch.Tensor) -> None:
-        if self._task_loss_sum is None:
-            self._task_loss_sum = torch.zeros((), device=value.device)
-            self._task_loss_first_step = self.state.global_step
-        self._task_loss_sum += value
+    def _track(self, name: str, value: torch.Tensor) -> None:
+        """Add a micro-batch's value (in the units of Trainer's loss) to what the next log averages per step."""
+        if not self._tracked:
+            self._tracked_first_step = self.state.global_step
+        total = self._tracked.get(name)
+        self._tracked[name] = value.clone() if total is None else total + value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Trainer's log, plus sparsity, target, multipliers and the task loss alone in training logs."""
+        """Trainer's log, plus sparsity, target, multipliers and the task loss alone in training logs.
+
+        In a two-phase run also ``phase`` (that of the log's last step) and, with hidden-state
+        distillation, ``hidden_distillation_loss``.
+        """
         if "loss" in logs:  # a training log (evaluation logs use eval_ keys)
             report = sparsity_report(self.model)
             logs["expected_sparsity"] = report.expected_sparsity
             logs["deterministic_sparsity"] = report.deterministic_sparsity
             logs["target_sparsity"] = self.current_target()
             logs.update(self.constraint.values())
-            if self._task_loss_sum is not None:
-                total = self.accelerator.gather(self._task_loss_sum.reshape(1)).mean().item()
-                steps = max(self.state.global_step - self._task_loss_first_step, 1)
-                logs["task_loss"] = total / steps
-                self._task_loss_sum = None
+            steps = max(self.state.global_step - self._tracked_first_step, 1)
+            for name, total in self._tracked.items():
+                logs[name] = self.accelerator.gather(total.reshape(1)).mean().item() / steps
+            self._tracked = {}
+            if self.args.two_phase:
+                logs["phase"] = PRUNING if self.state.global_step <= self.pruning_steps() else RECOVERY
         super().log(logs, start_time)
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -328,6 +546,8 @@ class PruningTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             state = {**self.constraint.values(), "global_step": self.state.global_step, "target": self.current_target()}
+            if self.args.two_phase:  # which side of the boundary; the fixed gates are in the model's weights
+                state.update(phase=self.phase, boundary=self.boundary)
             write_json_atomic(os.path.join(output_dir, CONSTRAINT_STATE_NAME), state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -341,8 +561,22 @@ class PruningTrainer(Trainer):
                 "Lagrange multipliers cannot be restored. Resume from a PruningTrainer checkpoint."
             )
         with open(path) as f:
-            self.constraint.load_values(json.load(f))
-        _hold_learning_rates(self.optimizer, self.args)  # e.g. resumed with other learning rates
+            state = json.load(f)
+        self.constraint.load_values(state)
+        if state.get("phase", PRUNING) == RECOVERY:
+            if not self.args.two_phase:
+                raise ValueError(
+                    f"{checkpoint} was saved in the recovery phase of a two-phase run (masks fixed, gates frozen); "
+                    f"resume it with the same PruningArguments.pruning_phase (< 1), not {self.args.pruning_phase}."
+                )
+            # the checkpointed gates already hold the fixed masks: freeze them, do not fix them again
+            self.boundary = state.get("boundary")
+            self._freeze_gates()
+        elif self.recovering:  # this trainer went past the boundary before; the checkpoint is from before it
+            self.phase, self.boundary = PRUNING, None
+            for param in self._flop.gate_parameters():
+                param.requires_grad_(True)
+        _hold_learning_rates(self.optimizer, self.args, gates_frozen=self.recovering)  # e.g. other learning rates
 
     # --- export ------------------------------------------------------------------------------------
     def save_compacted(self, output_dir: str, **kwargs):
@@ -372,15 +606,17 @@ def _gate_settings(optimizer: torch.optim.Optimizer) -> dict:
     return settings
 
 
-def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArguments) -> None:
+def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArguments, gates_frozen: bool = False) -> None:
     """Put the constant learning rates of the gate and multiplier groups back.
 
     Gates and multipliers are not on Trainer's schedule (CoFi does the same): a decayed gate or
     multiplier step would freeze the constraint before it is met. Trainer's scheduler rescales every
     group, so this runs after each scheduler step. The ``flop_role`` tag survives optimizer checkpoints.
+    With ``gates_frozen`` (the recovery phase) the gate group's rate is 0: the gates carry Adam state
+    from the pruning phase, which must not move them.
     """
     rates = {
-        "gates": args.gate_learning_rate,
+        "gates": 0.0 if gates_frozen else args.gate_learning_rate,
         "lambda_1": args.lagrangian_learning_rate,
         "lambda_2": args.quadratic_learning_rate,
     }
@@ -390,20 +626,27 @@ def _hold_learning_rates(optimizer: torch.optim.Optimizer, args: PruningArgument
 
 
 class _PruningStepCallback(TrainerCallback):
-    """After each optimizer step: clear the multipliers' gradients, restore the constant learning rates.
+    """After each optimizer step: clear the multipliers' gradients, cross the phase boundary when it is
+    due, restore the constant learning rates.
 
     Trainer zeroes gradients with ``model.zero_grad()``, and the multipliers are not model parameters.
+    The boundary is crossed in ``on_step_end``, after the step whose ``global_step`` completes the
+    pruning phase and before that step's log and checkpoint.
     """
 
-    def __init__(self, constraint: nn.Module) -> None:
-        self.constraint = constraint
+    def __init__(self, trainer: PruningTrainer) -> None:
+        self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.constraint.zero_grad(set_to_none=True)
+        self.trainer.constraint.zero_grad(set_to_none=True)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        trainer = self.trainer
+        # ">=": a run resumed with a shorter pruning phase than it was saved with crosses at once
+        if args.two_phase and not trainer.recovering and state.global_step >= trainer.pruning_steps():
+            trainer.enter_recovery()
         if optimizer is not None:
-            _hold_learning_rates(optimizer, args)
+            _hold_learning_rates(optimizer, args, gates_frozen=trainer.recovering)
 
 
 def _checked_flop_model(model: nn.Module):
@@ -447,3 +690,52 @@ def _logits(outputs) -> torch.Tensor:
         return outputs["logits"]
     return outputs[1] if len(outputs) > 1 and outputs[0].dim() == 0 else outputs[0]
 
+
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over positions, leaving out padding when an attention mask of the same shape is given."""
+    if mask is not None and mask.shape == per_position.shape:
+        mask = mask.to(per_position.dtype)
+        return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
+    return per_position.mean()
+
+
+def _hidden_states(outputs, who: str) -> tuple[torch.Tensor, ...]:
+    """The ``hidden_states`` of a model output called with ``output_hidden_states=True``, or a clear error."""
+    states = outputs.get("hidden_states") if isinstance(outputs, dict) else getattr(outputs, "hidden_states", None)
+    if not states:
+        raise ValueError(
+            f"{who} returned no hidden_states when called with output_hidden_states=True (got a "
+            f"{type(outputs).__name__}); hidden_distillation_weight > 0 needs two models that return them, as "
+            "transformers models do. Set hidden_distillation_weight=0 to distil the logits only."
+        )
+    return tuple(states)
+
+
+def _checked_reconstruction_data(data: Iterable | None, args: PruningArguments, flop_model) -> Iterable | None:
+    """The calibration batches for the refit at the phase boundary, checked before training starts."""
+    if data is None:
+        return None
+    if not args.two_phase:
+        raise ValueError(
+            "reconstruction_data is used at the end of the pruning phase, and with pruning_phase=1.0 there is none: "
+            "set PruningArguments.pruning_phase below 1 (e.g. 0.5), or leave reconstruction_data out."
+        )
+    if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"reconstruction_data must be an iterable of batches (dicts of tensors with input_ids, e.g. a DataLoader), "
+            f"got {type(data).__name__}."
+        )
+    if iter(data) is data:
+        data = list(data)  # a one-off iterator: kept, so the refit (once, later) still has it
+    if hasattr(data, "__len__") and len(data) < 2:
+        raise ValueError(
+            f"reconstruction_data has {len(data)} batch(es); the refit needs at least 2 (most to fit, one held out)."
+        )
+    if not flop_model.flop_config.train_base and args.save_strategy != "no":
+        warnings.warn(
+            "reconstruction_data with FlopConfig(train_base=False): the refit changes base-layer weights that the "
+            "adapter checkpoints do not hold, so resuming after the phase boundary would lose it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return data
