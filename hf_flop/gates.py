@@ -227,7 +227,7 @@ class TopKGate(Gate):
     gradients of the kept entries (so the task loss can ask for more units). The size pressure
     reaches ``threshold`` through ``keep_probability``: its value is exactly ``k / n`` (what the
     mask keeps), its gradient that of ``sigmoid(threshold)``. Pair it with the adaptive
-    regularizer of ``hf_flop.topk``.
+    regularizer of ``hf_flop.constraint``.
 
     Ties keep the lower-indexed units (a stable sort), so with the equal initial scores the first
     units survive: for rank gates those are the largest singular components.
