@@ -34,7 +34,9 @@ def flop_llama(target: float = 0.5, levels=("rank",), seed: int = 0, **config):
     return get_flop_model(tiny_llama(seed), FlopConfig(target_sparsity=target, levels=list(levels), **config))
 
 
-def make_trainer(out, model=None, *, steps: int = 20, seed: int = 0, teacher_model=None, **overrides):
+def make_trainer(
+    out, model=None, *, steps: int = 20, seed: int = 0, teacher_model=None, reconstruction_data=None, **overrides
+):
     settings = dict(
         output_dir=str(out),
         max_steps=steps,
@@ -50,7 +52,11 @@ def make_trainer(out, model=None, *, steps: int = 20, seed: int = 0, teacher_mod
     settings.update(overrides)
     model = flop_llama(seed=seed) if model is None else model
     return PruningTrainer(
-        model=model, args=PruningArguments(**settings), train_dataset=CountingTask(), teacher_model=teacher_model
+        model=model,
+        args=PruningArguments(**settings),
+        train_dataset=CountingTask(),
+        teacher_model=teacher_model,
+        reconstruction_data=reconstruction_data,
     )
 
 

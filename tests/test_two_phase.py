@@ -11,7 +11,7 @@ from test_trainer import _FixedTeacher, flop_llama, make_trainer
 from tiny_task import CountingTask, tiny_llama
 from transformers import TrainerCallback
 
-from hf_flop import FlopConfig, PruningArguments, PruningTrainer, get_flop_model, sparsity_report
+from hf_flop import FlopConfig, PruningArguments, get_flop_model, sparsity_report
 from hf_flop.accounting import largest_unit_params
 from hf_flop.oneshot import fix_masks_at_target, gate_order_scores, prune_to_target
 
@@ -45,29 +45,6 @@ def _randomised_gates(levels, seed: int = 1):
 def _calibration() -> list[dict[str, torch.Tensor]]:
     """Four batches of 8 sequences of the tiny task: 384 tokens to fit (the widest refit layer reads 96)."""
     return [{"input_ids": CountingTask(n=8, seed=20 + i).ids} for i in range(4)]
-
-
-def _trainer(out, model, *, steps: int = 20, reconstruction_data=None, **overrides):
-    """test_trainer.make_trainer's settings, with reconstruction_data."""
-    settings = dict(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    settings.update(overrides)
-    return PruningTrainer(
-        model=model,
-        args=PruningArguments(**settings),
-        train_dataset=CountingTask(),
-        reconstruction_data=reconstruction_data,
-    )
 
 
 # --- fixing the masks at the target ------------------------------------------------------------------
@@ -184,7 +161,7 @@ def test_two_phase_run_ends_exactly_at_the_target_with_the_masks_held(tmp_path, 
 
 
 def test_the_boundary_refits_the_kept_weights_with_reconstruction_data(tmp_path):
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path,
         flop_llama(0.5, levels=("rank", "head", "row")),
         steps=20,
@@ -227,7 +204,7 @@ def test_pruning_steps_round_up_without_float_noise(tmp_path):
 
 
 def _two_phase_run(out, resume=None):
-    trainer = _trainer(
+    trainer = make_trainer(
         out,
         flop_llama(0.5, levels=("rank", "head", "row")),
         steps=40,
@@ -376,10 +353,10 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="needs a teacher_model"):
         make_trainer(tmp_path, hidden_distillation_weight=1.0)
     with pytest.raises(ValueError, match="pruning_phase below 1"):
-        _trainer(tmp_path, flop_llama(), reconstruction_data=_calibration())
+        make_trainer(tmp_path, flop_llama(), reconstruction_data=_calibration())
     with pytest.raises(ValueError, match="at least 2"):
-        _trainer(tmp_path, flop_llama(), reconstruction_data=_calibration()[:1], pruning_phase=0.5)
+        make_trainer(tmp_path, flop_llama(), reconstruction_data=_calibration()[:1], pruning_phase=0.5)
     with pytest.raises(TypeError, match="iterable of batches"):
-        _trainer(tmp_path, flop_llama(), reconstruction_data={"input_ids": CountingTask(n=4).ids}, pruning_phase=0.5)
-    kept = _trainer(tmp_path, flop_llama(), reconstruction_data=iter(_calibration()), pruning_phase=0.5)
+        make_trainer(tmp_path, flop_llama(), reconstruction_data={"input_ids": CountingTask(n=4).ids}, pruning_phase=0.5)
+    kept = make_trainer(tmp_path, flop_llama(), reconstruction_data=iter(_calibration()), pruning_phase=0.5)
     assert isinstance(kept.reconstruction_data, list) and len(kept.reconstruction_data) == 4  # a one-off iterator
