@@ -52,12 +52,12 @@ def find_gated_units(model: nn.Module) -> list[GatedUnits]:
     if the model has gates none describes, rather than silently leaving them out of the scores.
     """
     flop_model = find_flop_model(model)
+    layers = flop_model.flop_layers()  # one walk over the modules, not one per gated module
     with torch.no_grad():
-        linears = [u for name, layer in flop_model.flop_layers().items() for u in layer.scored_units(name)]
-        groups = group_units(flop_model.structure_groups, flop_model.flop_structure_gates, flop_model.flop_layers())
+        linears = [u for name, layer in layers.items() for u in layer.scored_units(name)]
+        groups = group_units(flop_model.structure_groups, flop_model.flop_structure_gates, layers)
         others = [
-            u for name, layer in flop_model.gated_layers().items() if name not in flop_model.flop_layers()
-            for u in layer.scored_units(name)
+            u for name, layer in flop_model.gated_layers().items() if name not in layers for u in layer.scored_units(name)
         ]
     found = linears + groups + others
     missing = sorted(set(flop_model.gates()) - {u.key for u in found})
