@@ -25,7 +25,7 @@ from .config import FlopConfig
 from .gated import GatedUnits
 from .model import find_flop_model, get_flop_model
 from .reconstruction import reconstruct as reconstruct_layers
-from .scores import SCORES, compute_scores, find_gated_units
+from .scores import SCORES, compute_scores, find_gated_units, reusable_batches
 
 
 @dataclass
@@ -330,8 +330,7 @@ def prune_oneshot(
         raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
     if score != "magnitude" and calibration_data is None:
         raise ValueError(f"score={score!r} needs calibration_data (batches of tensors); 'magnitude' needs none.")
-    if calibration_data is not None and iter(calibration_data) is calibration_data:
-        calibration_data = list(calibration_data)  # a one-off iterator: kept for the scores and the refit
+    calibration_data = reusable_batches(calibration_data)  # read twice: by the scores and by the refit
     model = _injected(model, config)
     open_all_gates(model)
     scores = compute_scores(model, calibration_data, score, max_batches=max_batches, ema_decay=ema_decay)

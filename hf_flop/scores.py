@@ -105,6 +105,14 @@ def _check_batch(index: int, batch: object, need_labels: bool) -> Mapping:
     return batch
 
 
+def reusable_batches(calibration_data: Iterable | None) -> Iterable | None:
+    """``calibration_data`` as something that can be iterated more than once: a one-off iterator
+    (a generator, ``iter(loader)``) becomes a list, anything else (a list, a DataLoader) is kept."""
+    if calibration_data is not None and iter(calibration_data) is calibration_data:
+        return list(calibration_data)
+    return calibration_data
+
+
 def iter_calibration(
     calibration_data: Iterable[Mapping[str, torch.Tensor]] | None,
     *,

@@ -39,6 +39,7 @@ from .hub import save_compacted
 from .model import find_flop_model
 from .oneshot import fix_masks_at_target
 from .reconstruction import reconstruct
+from .scores import reusable_batches
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
 PRUNING, RECOVERY = "pruning", "recovery"  # the phases of a two-phase run (PruningArguments.pruning_phase)
@@ -725,8 +726,7 @@ def _checked_reconstruction_data(data: Iterable | None, args: PruningArguments, 
             f"reconstruction_data must be an iterable of batches (dicts of tensors with input_ids, e.g. a DataLoader), "
             f"got {type(data).__name__}."
         )
-    if iter(data) is data:
-        data = list(data)  # a one-off iterator: kept, so the refit (once, later) still has it
+    data = reusable_batches(data)  # a one-off iterator is kept, so the refit (once, later) still has it
     if hasattr(data, "__len__") and len(data) < 2:
         raise ValueError(
             f"reconstruction_data has {len(data)} batch(es); the refit needs at least 2 (most to fit, one held out)."
