@@ -14,6 +14,17 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                  parameter count, then the shared budget of fine-tuning with the same distillation
   flop_50_<lv>   issue 5's levels sweep at 50%: rank only, head+row, head+row+block (MLPruning's
                  three levels; rank and block do not combine in one step)
+  eq_<row>_<T>_s<k>  issue 13, every row at the same total budget from the same dense start (the
+                 retrained dense_model, dense_rerun.json) with the same logit distillation, training
+                 seed k (and calibration draw k: 512 training sentences, shared by every row):
+                   old        the one-phase FLOP schedule, levels rank+head+row (what flop_<T> runs)
+                   twophase   gates warm-started from activation scores, PruningTrainer with
+                              pruning_phase=PRUNING_PHASE: prune, fix the masks at exactly the target,
+                              reconstruct on the calibration data, freeze, recover; rank+head+row
+                   twophasehr the same with levels head+row
+                   oneshot    hf_flop.prune_oneshot (activation, heads + rows, reconstruction), compact,
+                              then every step recovers at the compacted size
+                   tptaylor   Torch-Pruning Taylor heads + FFN channels, then every step recovers
   os_<m>_<T>     one-shot from the dense model with NO fine-tuning at all (issue 12), heads + FFN rows,
                  every row calibrated on the same 512 training sentences: hf_flop.prune_oneshot with
                  score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
@@ -87,8 +98,7 @@ def _args(out: str, settings: dict, cls=None, **extra):
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        seed=0,
-        **extra,
+        **{"seed": 0, **extra},
     )
 
 
@@ -296,8 +306,98 @@ def phase_oneshot_only(
     return result
 
 
+PRUNING_PHASE = 0.4  # the twophase rows: 40 % of the steps choose the structure, 60 % recover from it
+EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor")
+
+
+def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed: int, dense_model: Path, mode: str):
+    """Issue 13: one row of the equal-budget comparison (see the module docstring)."""
+    from torch_pruning_baseline import DistillationTrainer, encoder_linear_params, prune_with_torch_pruning
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from hf_flop import (
+        FlopConfig,
+        compact,
+        compute_scores,
+        get_flop_model,
+        prune_oneshot,
+        sparsity_report,
+        warm_start_gates,
+    )
+    from hf_flop.metrics import evaluate_model
+    from hf_flop.trainer import PruningArguments, PruningTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(dense_model)
+    train, test = _data(settings, tokenizer)
+    collator = DataCollatorWithPadding(tokenizer)
+    batches, size = ONESHOT_CALIBRATION[mode]
+    pool = train.shuffle(seed=seed) if seed else train
+    calibration = [collator([pool[i] for i in range(j, j + size)]) for j in range(0, batches * size, size)]
+    dense = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
+    model = copy.deepcopy(dense)
+    dense_linear = encoder_linear_params(dense)
+
+    def accuracy(m) -> float:
+        return evaluate_model(m, test, task="seq-cls", collator=collator)["accuracy"]
+
+    result = {"row": row, "target": target, "seed": seed, "calibration_sentences": batches * size}
+    work = str(out / "work")
+    start = time.perf_counter()
+    if row in ("oneshot", "tptaylor"):  # prune once, compact, then every step recovers at the small size
+        if row == "oneshot":
+            gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
+            prune_oneshot(gated, None, calibration, "activation")
+            result["sparsity"] = sparsity_report(gated).deterministic_sparsity
+            model = compact(gated)
+        else:
+            example = {k: v for k, v in calibration[0].items() if k != "labels"}
+            prune_with_torch_pruning(model, example, target, "taylor", calibration)
+            result["sparsity"] = 1 - encoder_linear_params(model) / dense_linear
+        result["prune_time_s"] = time.perf_counter() - start
+        result["accuracy_before_recovery"] = accuracy(model.eval())
+        model.train()
+        trainer = DistillationTrainer(
+            model=model,
+            args=_args(work, settings, PruningArguments, seed=seed),
+            teacher_model=dense,
+            train_dataset=train,
+            data_collator=collator,
+        )
+        trainer.train()
+        small = model.eval()
+    else:
+        levels = ["head", "row"] if row == "twophasehr" else ["rank", "head", "row"]
+        model = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=target))
+        extra = {"target_warmup_steps": 0.5}
+        if row != "old":
+            warm_start_gates(model, compute_scores(model, calibration, "activation"))
+            extra["pruning_phase"] = PRUNING_PHASE
+        trainer = PruningTrainer(
+            model=model,
+            args=_args(work, settings, PruningArguments, seed=seed, **extra),
+            teacher_model=dense,
+            train_dataset=train,
+            data_collator=collator,
+            reconstruction_data=calibration if row != "old" else None,
+        )
+        trainer.train()
+        result["sparsity"] = sparsity_report(model).deterministic_sparsity
+        result["boundary"] = trainer.boundary
+        small = compact(model).eval()
+    result["wall_time_s"] = time.perf_counter() - start
+    result["accuracy"] = accuracy(small)
+    result["accuracy_dense"] = accuracy(dense)
+    result["flops_ratio"] = _linear_flops_ratio(dense, small)
+    result["log"] = [e for e in trainer.state.log_history if "loss" in e]
+    return result
+
+
 def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
     dense_model = root / "dense_model"
+    if name.startswith("eq_"):  # eq_<row>_<T>_s<seed>
+        _, row, target, seed = name.split("_")
+        mode = "quick" if root.name.endswith("_quick") else "full"
+        return phase_equal_budget(out, settings, row, int(target) / 100, int(seed[1:]), dense_model, mode)
     if name == "dense":
         from hf_flop.data import minilm_path
 
@@ -322,6 +422,9 @@ PHASES += [f"flop_50_{levels}" for levels in LEVELS if levels]
 PHASES += [f"os_{m}_{int(t * 100)}" for t in TARGETS for m in ONESHOT_METHODS]
 # calibration draws 1 and 2 for the rows whose gaps are within a few points (three draws with seed 0)
 PHASES += [f"os_{m}_{t}_s{k}" for t in (50, 75) for m in ("activation", "flap", "tptaylor") for k in (1, 2)]
+
+# issue 13: seed 0 of every row first, then the other seeds (a partial run still compares all rows)
+PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]
 
 
 def main() -> None:
@@ -425,10 +528,20 @@ def _plot(summary: dict, path: Path) -> None:
     if oneshot:
         ax = axes[2]
         xs = range(len(oneshot))
-        ax.bar([x - 0.2 for x in xs], [100 * (r["accuracy_plain"] or float("nan")) for r in oneshot], width=0.4,
-               color="lightgray", label="plain removal")
-        ax.bar([x + 0.2 for x in xs], [100 * r["accuracy"] for r in oneshot], width=0.4, color="C2",
-               label="hf_flop: reconstructed; flap / tptaylor: their result")
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [100 * (r["accuracy_plain"] or float("nan")) for r in oneshot],
+            width=0.4,
+            color="lightgray",
+            label="plain removal",
+        )
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [100 * r["accuracy"] for r in oneshot],
+            width=0.4,
+            color="C2",
+            label="hf_flop: reconstructed; flap / tptaylor: their result",
+        )
         if summary["dense"]:
             start = summary.get("dense_oneshot_start") or summary["dense"]
             ax.axhline(100 * start["accuracy"], color="gray", ls="--", label="dense start of these rows")

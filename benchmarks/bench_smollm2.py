@@ -33,6 +33,13 @@ calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the
   os<T>_flap       the FLAP-style baseline (flap_baseline.py): fluctuation score, standardised global
                    allocation, bias compensation
   os<T>_tptaylor   Torch-Pruning Taylor, FFN channels to the same kept count, no recovery
+  eq_<row>         issue 13, at the long budget (160 steps), every row from the pretrained model with
+                   the same logit distillation and the same 32 x 512-token calibration blocks:
+                   dense (plain fine-tune, the reference), twophase (gates warm-started from activation
+                   scores, PruningTrainer with pruning_phase=PRUNING_PHASE, masks fixed at the target,
+                   reconstruction, recovery), oneshot (prune_oneshot activation + reconstruction,
+                   compact, recovery at the small size), tptaylor (Torch-Pruning Taylor FFN channels,
+                   recovery); flop_long above is the old one-phase schedule at this budget
   os50_cost        the cost of prune_oneshot (activation + reconstruction) with 128 sequences of 512
                    tokens: wall time and peak memory (run it with --threads 2)
 
@@ -381,7 +388,83 @@ def phase_prune_then_recover(out: Path, settings: dict, root: Path, prune, crite
     }
 
 
+PRUNING_PHASE = 0.4  # the twophase row: 40 % of the steps choose the structure, 60 % recover from it
+
+
+def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
+    """Issue 13: one row of the equal-budget comparison at the long budget (see the module docstring)."""
+    from transformers import default_data_collator
+
+    from hf_flop import (
+        FlopConfig,
+        compact,
+        compute_scores,
+        get_flop_model,
+        prune_oneshot,
+        sparsity_report,
+        warm_start_gates,
+    )
+    from hf_flop.trainer import PruningTrainer
+
+    settings = {**settings, "steps": LONG_BUDGET * settings["steps"]}
+    pretrained_stats = json.loads((root / "pretrained.json").read_text())
+    model, tokenizer = _pretrained()
+    train, test, _ = _data(settings, tokenizer)
+    calibration = _oneshot_calibration(tokenizer, settings["oneshot_sequences"], settings["oneshot_block"])
+    teacher = copy.deepcopy(model).eval()
+    result = {
+        "row": row,
+        "steps": settings["steps"],
+        "calibration_tokens": sum(b["input_ids"].numel() for b in calibration),
+    }
+    start = time.perf_counter()
+    if row == "dense":
+        from transformers import Trainer
+
+        trainer = Trainer(
+            model=model, args=_args(out, settings), train_dataset=train, data_collator=default_data_collator
+        )
+        trainer.train()
+        small = model
+    elif row in ("oneshot", "tptaylor"):
+        if row == "oneshot":
+            gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
+            prune_oneshot(gated, None, calibration, "activation", reconstruct_options={"progress": False})
+            result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
+            model = compact(gated)
+        else:
+            model, details = _prune_with_torch_pruning(model, calibration, "taylor", None, pretrained_stats)
+            result.update(details)
+        result["prune_time_s"] = time.perf_counter() - start
+        result["perplexity_before_recovery"] = _perplexity(model.eval(), test)
+        _recover(out, settings, model, teacher, train)
+        small = model.eval()
+    else:  # twophase
+        model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
+        warm_start_gates(model, compute_scores(model, calibration, "activation"))
+        trainer = PruningTrainer(
+            model=model,
+            args=_args(out, settings, target_warmup_steps=0.5, pruning_phase=PRUNING_PHASE, gate_learning_rate=0.5),
+            teacher_model=teacher,
+            train_dataset=train,
+            data_collator=default_data_collator,
+            reconstruction_data=calibration,
+        )
+        trainer.train()
+        result["deterministic_sparsity"] = sparsity_report(model).deterministic_sparsity
+        result["boundary"] = trainer.boundary
+        result["log"] = [e for e in trainer.state.log_history if "loss" in e]
+        small = compact(model).eval()
+    result["wall_time_s"] = time.perf_counter() - start
+    result["perplexity"] = _perplexity(small, test)
+    if row != "dense":
+        result["latency_b1"] = _latency(teacher, small, test)
+    return {**result, **_sizes(small, pretrained_stats["linear_params"])}
+
+
 def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
+    if name.startswith("eq_"):
+        return phase_equal_budget(out, settings, root, name.removeprefix("eq_"))
     if name.endswith("_long"):  # the same run with LONG_BUDGET times the steps (and training blocks)
         name, settings = name.removesuffix("_long"), {**settings, "steps": LONG_BUDGET * settings["steps"]}
     if name == "pretrained":
@@ -409,6 +492,7 @@ ONESHOT_PHASES = [
     for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor")
 ]
 PHASES += ONESHOT_PHASES + ["os50_cost"]
+PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor"]
 
 
 def main() -> None:
@@ -508,8 +592,13 @@ def _plot(summary: dict, path: Path) -> None:
         xs = range(len(oneshot))
         plain = [r["perplexity_plain"] or float("nan") for r in oneshot]
         ax.bar([x - 0.2 for x in xs], plain, width=0.4, color="lightgray", label="plain removal")
-        ax.bar([x + 0.2 for x in xs], [r["perplexity"] for r in oneshot], width=0.4, color="C2",
-               label="hf_flop rows: after reconstruction; baselines (flap, tptaylor): their result")
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [r["perplexity"] for r in oneshot],
+            width=0.4,
+            color="C2",
+            label="hf_flop rows: after reconstruction; baselines (flap, tptaylor): their result",
+        )
         if summary["pretrained"]:
             ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
         ax.set_yscale("log")

@@ -76,9 +76,10 @@ def _method(run: str) -> str:
     else:  # SmolLM2: os<T>_<method>
         method = run.split("_", 1)[1]
     if method in ("flap", "tptaylor"):
-        return {"flap": "FLAP-style (fluctuation, standardised, bias compensation)", "tptaylor": "Torch-Pruning Taylor"}[
-            method
-        ]
+        return {
+            "flap": "FLAP-style (fluctuation, standardised, bias compensation)",
+            "tptaylor": "Torch-Pruning Taylor",
+        }[method]
     score, *options = method.split("_")
     extra = [{"std": "standardised", "bias": "+ bias"}[o] for o in options]
     return f"hf_flop {score}" + (f" ({', '.join(extra)})" if extra else "")

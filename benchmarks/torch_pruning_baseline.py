@@ -8,6 +8,7 @@ linears are ignored, as in Torch-Pruning's own BERT example.
 
 from __future__ import annotations
 
+import torch
 import torch_pruning as tp
 from torch import nn
 from transformers import Trainer
@@ -92,7 +93,10 @@ class DistillationTrainer(Trainer):
         teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
         task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         alpha = self.args.distillation_alpha
-        loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher_inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(**teacher_inputs).logits
+        mask = teacher_inputs.get("attention_mask")
+        loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher_logits, mask)
         return (loss, outputs) if return_outputs else loss
 
 
