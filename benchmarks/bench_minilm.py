@@ -318,11 +318,9 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
     from hf_flop import (
         FlopConfig,
         compact,
-        compute_scores,
         get_flop_model,
         prune_oneshot,
         sparsity_report,
-        warm_start_gates,
     )
     from hf_flop.metrics import evaluate_model
     from hf_flop.trainer import PruningArguments, PruningTrainer
@@ -369,8 +367,7 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
         levels = ["head", "row"] if row == "twophasehr" else ["rank", "head", "row"]
         model = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=target))
         extra = {"target_warmup_steps": 0.5}
-        if row != "old":
-            warm_start_gates(model, compute_scores(model, calibration, "activation"))
+        if row != "old":  # PruningTrainer warm-starts the gates from activation scores of the calibration data
             extra["pruning_phase"] = PRUNING_PHASE
         trainer = PruningTrainer(
             model=model,
@@ -481,6 +478,7 @@ def summarize(root: Path, mode: str) -> None:
                 else None,
             }
         )
+    _summarize_equal_budget(results, start, mode)
     summary = {
         "mode": mode,
         "settings": SETTINGS[mode],
@@ -494,6 +492,84 @@ def summarize(root: Path, mode: str) -> None:
     from phase_runner import write_summary
 
     write_summary(root, "bench_minilm", summary, _plot)
+
+
+def _summarize_equal_budget(results: dict, start: dict, mode: str) -> None:
+    """Issue 13's table (bench_minilm_equal_budget.json/.png): per row and target, the seeds, mean and spread."""
+    import statistics
+
+    from phase_runner import write_summary
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for name, r in results.items():
+        if name.startswith("eq_"):
+            groups.setdefault((r["row"], round(100 * r["target"])), []).append(r)
+    rows = []
+    for (row, target), runs in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        accuracy = [100 * r["accuracy"] for r in runs]
+        rows.append(
+            {
+                "row": row,
+                "target": target / 100,
+                "seeds": [r["seed"] for r in runs],
+                "accuracy": accuracy,
+                "mean": statistics.mean(accuracy),
+                "spread": statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+                "drop_vs_dense_points": 100 * start.get("accuracy", 0) - statistics.mean(accuracy),
+                "sparsity": [r["sparsity"] for r in runs],
+                "accuracy_before_recovery": [
+                    100 * r["accuracy_before_recovery"] for r in runs if "accuracy_before_recovery" in r
+                ],
+                "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
+                "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in runs),
+            }
+        )
+    summary = {
+        "mode": mode,
+        "settings": SETTINGS[mode],
+        "dense_start": start,
+        "pruning_phase": PRUNING_PHASE,
+        "note": "spread: standard deviation over seeds (training seed and calibration draw); drop against the "
+        "dense start every row was pruned from",
+        "rows": rows,
+    }
+    write_summary(HERE / "results", "bench_minilm_equal_budget", summary, _plot_equal_budget)
+
+
+def _plot_equal_budget(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({r["target"] for r in summary["rows"]})
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        rows = [r for r in summary["rows"] if r["target"] == target]
+        xs = range(len(rows))
+        ax.bar(xs, [r["mean"] for r in rows], color=[f"C{i}" for i in xs], alpha=0.8)
+        for x, r in zip(xs, rows):
+            ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", ms=5)  # every seed
+            ax.annotate(
+                f"{r['mean']:.1f}",
+                (x, r["mean"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 4),
+                textcoords="offset points",
+            )
+        dense = 100 * summary["dense_start"].get("accuracy", 0)
+        ax.axhline(dense, color="gray", ls="--", label=f"dense start {dense:.1f}")
+        low = min(min(r["accuracy"]) for r in rows)
+        ax.set_ylim(max(0, low - 4), dense + 2)
+        ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=20)
+        ax.set(ylabel="test accuracy (%)", title=f"{int(100 * target)} % of the encoder linears removed")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("MiniLM-L6, equal budget (250 steps, logit distillation); bars: mean, dots: seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _plot(summary: dict, path: Path) -> None:

@@ -398,11 +398,9 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
     from hf_flop import (
         FlopConfig,
         compact,
-        compute_scores,
         get_flop_model,
         prune_oneshot,
         sparsity_report,
-        warm_start_gates,
     )
     from hf_flop.trainer import PruningTrainer
 
@@ -441,8 +439,7 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         small = model.eval()
     else:  # twophase
         model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
-        warm_start_gates(model, compute_scores(model, calibration, "activation"))
-        trainer = PruningTrainer(
+        trainer = PruningTrainer(  # it warm-starts the gates from activation scores of the calibration data
             model=model,
             args=_args(out, settings, target_warmup_steps=0.5, pruning_phase=PRUNING_PHASE, gate_learning_rate=0.5),
             teacher_model=teacher,

@@ -109,6 +109,20 @@ def _positive(kind):
     return parse
 
 
+def _fraction(value: str) -> float:
+    """A number in [0, 1]."""
+    number = _number(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
+    return number
+
+
+def _scores() -> tuple[str, ...]:
+    from .scores import SCORES
+
+    return SCORES
+
+
 def _levels(value: str) -> list[str]:
     """The comma-separated list; FlopConfig checks the names."""
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -297,6 +311,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="Distil the pruned model from the dense one (logit KL).",
     )
+    train.add_argument(
+        "--pruning-phase",
+        type=_fraction,
+        default=1.0,
+        help="Fraction of the pruning steps that learn the masks, in [0, 1]. 1: FLOP's single phase (the gates "
+        "learn to the end). Below 1: the gates start from --oneshot-score scores, and after that fraction the masks "
+        "are fixed at exactly the target, the kept weights refit on --calibration-batches training batches, and "
+        "the remaining steps fine-tune with the masks held. 0: the masks are set one-shot before the first step "
+        "and every step fine-tunes.",
+    )
+    train.add_argument(
+        "--oneshot-score",
+        choices=_scores(),
+        default="activation",
+        help="Score that sets the one-shot masks (--pruning-phase 0) or starts the gates (below 1).",
+    )
+    train.add_argument(
+        "--calibration-batches",
+        type=_positive(int),
+        default=32,
+        help="Training batches (of --batch-size) the scores and the refit read, with --pruning-phase below 1.",
+    )
+    train.add_argument(
+        "--hidden-distillation",
+        type=_non_negative(float),
+        default=0.0,
+        help="Weight of the hidden-state (layer-by-layer MSE) distillation from the dense model, beside the logit "
+        "KL; 0 = off. Needs --distill.",
+    )
     train.add_argument("--seed", type=int, default=0, help="Seed of data subsets, initialisation and training.")
     train.add_argument(
         "--threads",
@@ -369,6 +412,8 @@ def _fill_task_defaults(args) -> None:
         args.threads = default_threads()
     if args.push_to_hub and not args.repo_id:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
+    if args.hidden_distillation > 0 and not args.distill:
+        raise CliError("--hidden-distillation distils from the dense model: drop --no-distill, or set it to 0.")
 
 
 def run_prune(args) -> dict:

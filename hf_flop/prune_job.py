@@ -33,6 +33,7 @@ CLI_NAMES = {
     "gate_learning_rate": "--gate-learning-rate",
     "lagrangian_learning_rate": "--lagrangian-learning-rate",
     "target_warmup_steps": "--target-warmup",
+    "pruning_phase": "--pruning-phase",
 }
 
 
@@ -191,6 +192,9 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         epochs=args.epochs,
         max_steps=args.max_steps,
         target_warmup_steps=args.target_warmup,
+        pruning_phase=args.pruning_phase,
+        oneshot_score=args.oneshot_score,
+        hidden_distillation_weight=args.hidden_distillation,
         **rates,
     )
     trainer = PruningTrainer(
@@ -199,6 +203,7 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         train_dataset=job.data["train"],
         data_collator=job.data["collator"],
         teacher_model=dense if args.distill else None,
+        reconstruction_data=_calibration_batches(job) if args.pruning_phase < 1 else None,
     )
     with warnings.catch_warnings():
         # the job reports a missed target itself, in its own option names (below and in the summary)
@@ -208,7 +213,9 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
     check = trainer.target_check
     job.target = {**asdict(check), "met": check.met}
     if not check.met:
-        job.target["message"] = trainer.missed_target_message(CLI_NAMES).replace("PruningTrainer: the model", "the model")
+        job.target["message"] = trainer.missed_target_message(CLI_NAMES).replace(
+            "PruningTrainer: the model", "the model"
+        )
         job.console.print(f"[bold yellow]warning:[/] {job.target['message']}", highlight=False)
     return model, trainer.state.log_history
 
@@ -384,6 +391,17 @@ def _training_args(cls, job: _Job, *, epochs: float, max_steps: int | None, **ex
         train_sampling_strategy="group_by_length" if args.task == "seq-cls" else "random",
         **extra,
     )
+
+
+def _calibration_batches(job: _Job) -> list[dict]:
+    """``--calibration-batches`` batches of seeded training examples, collated: what the scores and the refit read."""
+    args, train = job.args, job.data["train"]
+    rows = train.shuffle(seed=args.seed).select(range(min(len(train), args.calibration_batches * args.batch_size)))
+    collate = job.data["collator"]
+    return [
+        collate([rows[i] for i in range(j, min(j + args.batch_size, len(rows)))])
+        for j in range(0, len(rows), args.batch_size)
+    ]
 
 
 def _params(model) -> int:

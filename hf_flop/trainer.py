@@ -37,9 +37,9 @@ from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps,
 from .files import write_json_atomic
 from .hub import save_compacted
 from .model import find_flop_model
-from .oneshot import fix_masks_at_target
+from .oneshot import fix_masks_at_target, prune_oneshot, warm_start_gates
 from .reconstruction import reconstruct
-from .scores import reusable_batches
+from .scores import SCORES, compute_scores, reusable_batches
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
 PRUNING, RECOVERY = "pruning", "recovery"  # the phases of a two-phase run (PruningArguments.pruning_phase)
@@ -101,10 +101,21 @@ class PruningArguments(TrainingArguments):
     pruning_phase: float = field(
         default=1.0,
         metadata={
-            "help": "Fraction of the run's steps that prune, in (0, 1]. 1.0: the whole run prunes (one phase). "
+            "help": "Fraction of the run's steps that prune, in [0, 1]. 1.0: the whole run prunes (one phase). "
             "Below 1: after ceil(pruning_phase * max_steps) steps the eval masks are fixed at exactly the target, "
             "the gates frozen and the constraint dropped; the remaining steps fine-tune the pruned model. "
-            "target_warmup_steps (as a fraction) is then a fraction of the pruning phase."
+            "target_warmup_steps (as a fraction) is then a fraction of the pruning phase. 0: no pruning steps; "
+            "before the first step the masks are set one-shot by oneshot_score on the reconstruction_data "
+            "(hf_flop.prune_oneshot, with the refit), and every step recovers."
+        },
+    )
+    oneshot_score: str | None = field(
+        default="activation",
+        metadata={
+            "help": "Score of every gated unit on PruningTrainer's reconstruction_data (see hf_flop.scores: "
+            f"{', '.join(SCORES)}). With pruning_phase=0 it chooses the masks; with 0 < pruning_phase < 1 it "
+            "warm-starts the gates (hf_flop.warm_start_gates: important units start more open). None: gates start "
+            "fully open. Unused without reconstruction_data or with pruning_phase=1."
         },
     )
 
@@ -126,10 +137,19 @@ class PruningArguments(TrainingArguments):
             raise ValueError(
                 f"PruningArguments.hidden_distillation_weight={self.hidden_distillation_weight} must be >= 0 (0 = off)."
             )
-        if not 0.0 < self.pruning_phase <= 1.0:
+        if not 0.0 <= self.pruning_phase <= 1.0:
             raise ValueError(
-                f"PruningArguments.pruning_phase={self.pruning_phase} must be in (0, 1]: the fraction of the run's "
-                "steps that prune (1.0 = the whole run, no recovery phase)."
+                f"PruningArguments.pruning_phase={self.pruning_phase} must be in [0, 1]: the fraction of the run's "
+                "steps that prune (1.0 = the whole run, no recovery phase; 0 = one-shot masks, then only recovery)."
+            )
+        if self.oneshot_score is not None and self.oneshot_score not in SCORES:
+            raise ValueError(
+                f"PruningArguments.oneshot_score={self.oneshot_score!r} is not a score; use one of {list(SCORES)} or None."
+            )
+        if self.pruning_phase == 0.0 and self.oneshot_score is None:
+            raise ValueError(
+                "PruningArguments(pruning_phase=0) sets the masks one-shot before the first step and needs "
+                "oneshot_score (e.g. 'activation'); or set pruning_phase above 0 to learn them."
             )
 
     @property
@@ -173,6 +193,12 @@ class PruningTrainer(Trainer):
                 "set it to 0."
             )
         self._flop = _checked_flop_model(model)
+        if args.pruning_phase == 0.0 and reconstruction_data is None:
+            raise ValueError(
+                "PruningArguments(pruning_phase=0) chooses the masks one-shot from calibration data: pass "
+                "reconstruction_data=... (batches of training inputs, e.g. 32 batches from a DataLoader), or set "
+                "pruning_phase above 0 to learn the masks."
+            )
         self.reconstruction_data = _checked_reconstruction_data(reconstruction_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
         # Top-k gates have no expectation to hold at a target, only a size to push down: they get
@@ -197,6 +223,8 @@ class PruningTrainer(Trainer):
         steps = self.state.max_steps or 0
         if not self.args.two_phase:
             return steps
+        if self.args.pruning_phase == 0.0:
+            return 0
         # the small offset keeps float products such as 0.7 * 10 = 7.000000000000001 from rounding up
         return max(1, math.ceil(self.args.pruning_phase * steps - 1e-9)) if steps else 0
 
@@ -252,6 +280,15 @@ class PruningTrainer(Trainer):
         if self.reconstruction_data is not None:
             report = reconstruct(self.model, self.reconstruction_data, progress=not self.args.disable_tqdm)
             self._broadcast_weights()
+        self._record_boundary(before, result.budget, sum(r.applied for r in report.layers) if report else 0)
+        # Trainer's on_log clears should_log, which would drop this step's training log: keep it
+        should_log = self.control.should_log
+        self.log(dict(self.boundary))
+        self.control.should_log = should_log
+        return self.boundary
+
+    def _record_boundary(self, before, budget: float, reconstructed: int) -> None:
+        """Freeze the gates and keep what the boundary did (``self.boundary``, logged by the caller)."""
         after = sparsity_report(self.model)
         self._freeze_gates()
         self.boundary = {
@@ -260,15 +297,32 @@ class PruningTrainer(Trainer):
             "boundary_expected_sparsity_before": float(before.expected_sparsity),
             "boundary_deterministic_sparsity_after": after.deterministic_sparsity,
             "boundary_kept_params": after.deterministic_kept_params,
-            "boundary_budget_params": result.budget,
-            "boundary_reconstructed_modules": sum(r.applied for r in report.layers) if report is not None else 0,
+            "boundary_budget_params": budget,
+            "boundary_reconstructed_modules": reconstructed,
         }
         logger.info("PruningTrainer: phase boundary at step %d: %s", self.state.global_step, self.boundary)
-        # Trainer's on_log clears should_log, which would drop this step's training log: keep it
-        should_log = self.control.should_log
-        self.log(dict(self.boundary))
-        self.control.should_log = should_log
-        return self.boundary
+
+    def _prepare_gates(self) -> None:
+        """Before the first step of a fresh run: one-shot masks (``pruning_phase=0``) or warm-started gates.
+
+        With ``pruning_phase=0`` the boundary is crossed here: ``prune_oneshot`` scores the dense model
+        with ``oneshot_score`` on ``reconstruction_data``, sets the masks at the target and refits the
+        kept weights, and the gates are frozen before the optimizer exists. In a two-phase run the
+        gates start from the same scores (``warm_start_gates``) so the pruning phase begins where a
+        one-shot prune would, and learns from there.
+        """
+        args, data = self.args, self.reconstruction_data
+        if data is None or args.oneshot_score is None or not args.two_phase:
+            return
+        if args.pruning_phase == 0.0:
+            before = sparsity_report(self.model)
+            prune_oneshot(self.model, None, data, args.oneshot_score, reconstruct=False)
+            report = reconstruct(self.model, data, progress=not args.disable_tqdm)
+            self._broadcast_weights()
+            budget = before.prunable_params * (1 - self.flop_config.target_sparsity)
+            self._record_boundary(before, budget, sum(r.applied for r in report.layers))
+        else:
+            warm_start_gates(self.model, compute_scores(self.model, data, args.oneshot_score))
 
     def _freeze_gates(self) -> None:
         """Gates fixed for the rest of the run: no gradient, no optimizer step, eval masks in training too."""
@@ -302,6 +356,9 @@ class PruningTrainer(Trainer):
         A miss larger than the tolerance (``hf_flop.accounting.check_target``) is reported with a
         ``UserWarning`` and a warning on the ``hf_flop.trainer`` logger, saying what to change.
         """
+        resuming = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if not resuming and self.state.global_step == 0 and not self.recovering:
+            self._prepare_gates()
         output = super().train(*args, **kwargs)
         self.target_check = check_target(self.model)
         if not self.target_check.met and self.is_world_process_zero():
@@ -369,7 +426,12 @@ class PruningTrainer(Trainer):
             else "none",
             "seed": str(args.seed),
         }
-        if args.two_phase:
+        if args.pruning_phase == 0.0:
+            facts["schedule"] = (
+                f"one-shot: masks set at the target by {args.oneshot_score} scores on calibration data and the "
+                f"kept weights refit before training, gates frozen, {self.state.max_steps or 0:,} recovery steps"
+            )
+        elif args.two_phase:
             pruning = self.pruning_steps()
             facts["schedule"] = (
                 f"two phases: {pruning:,} pruning steps, then the masks fixed at the target"
@@ -397,7 +459,9 @@ class PruningTrainer(Trainer):
                 "ascent). Use a torch optimizer, e.g. PruningArguments(optim='adamw_torch')."
             )
         if created_here:
-            gates = [p for p in self._flop.gate_parameters() if p.requires_grad]
+            # every gate, frozen or not: a checkpoint of a run whose gates froze before the optimizer existed
+            # (pruning_phase=0) must load into one created before they freeze (resume), and vice versa
+            gates = list(self._flop.gate_parameters())
             gate_ids = {id(p) for p in gates}
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
@@ -637,6 +701,11 @@ class _PruningStepCallback(TrainerCallback):
 
     def __init__(self, trainer: PruningTrainer) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        boundary = self.trainer.boundary
+        if boundary is not None and boundary["boundary_step"] == 0 and state.global_step == 0:
+            self.trainer.log(dict(boundary))  # one-shot masks (pruning_phase=0), set before train() began
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.constraint.zero_grad(set_to_none=True)

@@ -136,6 +136,9 @@ def _one_line_error(code: int, err: str, fragment: str) -> None:
         (["--max-steps", "0"], "must be > 0"),
         (["--task", "qa"], "invalid choice"),
         (["--push-to-hub"], "--repo-id"),
+        (["--pruning-phase", "1.5"], "must be in [0, 1]"),
+        (["--oneshot-score", "gradient"], "invalid choice"),
+        (["--hidden-distillation", "1", "--no-distill"], "--hidden-distillation distils from the dense model"),
         (["--model", "/no/such/model/dir"], "model path /no/such/model/dir does not exist"),
         (["--model", "nobody-xyz/no-such-model"], "cannot load model 'nobody-xyz/no-such-model'"),
     ],
@@ -223,6 +226,27 @@ def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir):
         assert 1.0 < results[key] < 2 * 30522
     assert results["pretrained"] == results["dense"]  # no dense fine-tune by default for causal-lm
     assert not (out / "plots").exists()
+
+
+def test_prune_with_one_shot_masks_and_recovery(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
+    """--pruning-phase 0: the masks are set one-shot on calibration batches before the first step, exactly at
+    the target; every step recovers (with hidden-state distillation here); the card says so."""
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    argv += ["--max-steps", "3", "--dense-epochs", "0", "--max-length", "16", "--eval-samples", "16", "--no-plots"]
+    argv += ["--levels", "head,row", "--target", "0.4", "--pruning-phase", "0", "--calibration-batches", "3"]
+    argv += ["--hidden-distillation", "0.5"]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target_check"]["met"]
+    logs = [e for e in summary["log_history"] if "loss" in e]
+    assert logs and all(e["phase"] == "recovery" for e in logs)
+    assert all("hidden_distillation_loss" in e for e in logs)
+    boundary = next(e for e in summary["log_history"] if "boundary_step" in e)
+    assert boundary["boundary_step"] == 0 and boundary["boundary_reconstructed_modules"] > 0
+    card = (out / "model" / "README.md").read_text()
+    assert "one-shot: masks set at the target by activation scores" in card and "hidden-state MSE" in card
 
 
 def test_report_prints_the_sparsity_table(capsys, tiny_cls_dir):

@@ -11,7 +11,15 @@ from test_trainer import _FixedTeacher, flop_llama, make_trainer
 from tiny_task import CountingTask, tiny_llama
 from transformers import TrainerCallback
 
-from hf_flop import FlopConfig, PruningArguments, get_flop_model, sparsity_report
+from hf_flop import (
+    FlopConfig,
+    PruningArguments,
+    compute_scores,
+    get_flop_model,
+    prune_oneshot,
+    sparsity_report,
+    warm_start_gates,
+)
 from hf_flop.accounting import largest_unit_params
 from hf_flop.oneshot import fix_masks_at_target, gate_order_scores, prune_to_target
 
@@ -200,6 +208,79 @@ def test_pruning_steps_round_up_without_float_noise(tmp_path):
     assert trainer.pruning_steps() == 1
 
 
+# --- one-shot masks (pruning_phase=0) and warm-started gates ------------------------------------------
+
+
+def test_pruning_phase_zero_sets_the_masks_one_shot_before_the_first_step(tmp_path):
+    """The masks are prune_oneshot's (same score, same data) from step 0 on, exactly at the target; the
+    refit ran; every step recovers with the masks held."""
+    model = flop_llama(0.5, levels=("head", "row"))
+    reference = prune_oneshot(copy.deepcopy(model), None, _calibration(), "activation", reconstruct=False)
+    trainer = make_trainer(
+        tmp_path, model, steps=20, pruning_phase=0.0, logging_steps=5, reconstruction_data=_calibration()
+    )
+    capture = _Capture(trainer, 1)
+    trainer.add_callback(capture)
+    trainer.train()
+    assert trainer.pruning_steps() == 0 and trainer.recovering and trainer.target_check.met
+    assert trainer.boundary["boundary_step"] == 0 and trainer.boundary["boundary_reconstructed_modules"] > 0
+    expected = _masks(reference)
+    for key, mask in _masks(trainer.model).items():
+        assert torch.equal(mask, expected[key]) and torch.equal(mask, capture.masks[key]), key
+    assert abs(sparsity_report(trainer.model).deterministic_sparsity - 0.5) <= _half_unit(trainer.model)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["phase"] for h in logs] == ["recovery"] * 4
+    assert all(h["loss"] == pytest.approx(h["task_loss"], rel=1e-5) for h in logs)  # no constraint term
+    assert trainer.training_facts()["schedule"].startswith("one-shot: masks set at the target by activation")
+
+
+def test_pruning_phase_zero_resumes_without_choosing_the_masks_again(tmp_path):
+    def run(out, resume=None):
+        trainer = make_trainer(
+            out,
+            flop_llama(0.5, levels=("head", "row")),
+            steps=20,
+            pruning_phase=0.0,
+            save_strategy="steps",
+            save_steps=10,
+            reconstruction_data=_calibration(),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-10"))
+    assert resumed.boundary == pytest.approx(full.boundary)
+    for (name, x), y in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+
+
+class _GatesAtStart(TrainerCallback):
+    def __init__(self, trainer) -> None:
+        self.trainer, self.log_alpha = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.log_alpha = {k: g.log_alpha.detach().clone() for k, g in self.trainer._flop.gates().items()}
+
+
+@pytest.mark.parametrize("score", ["activation", None])
+def test_a_two_phase_run_starts_its_gates_from_the_one_shot_scores(tmp_path, score):
+    model = flop_llama(0.5, levels=("head", "row"))
+    expected = copy.deepcopy(model)
+    if score is not None:
+        warm_start_gates(expected, compute_scores(expected, _calibration(), score))
+    trainer = make_trainer(
+        tmp_path, model, steps=4, pruning_phase=0.5, reconstruction_data=_calibration(), oneshot_score=score
+    )
+    start = _GatesAtStart(trainer)
+    trainer.add_callback(start)
+    trainer.train()
+    for key, gate in expected.base_model.gates().items():
+        torch.testing.assert_close(start.log_alpha[key], gate.log_alpha.detach(), msg=key)
+    if score is not None:  # the scores order the units: not all gates start equal
+        assert any(g.log_alpha.std() > 0.1 for g in expected.base_model.gates().values())
+
+
 # --- checkpoints on both sides of the boundary ---------------------------------------------------------
 
 
@@ -344,9 +425,15 @@ def test_hidden_distillation_errors(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    for value in (0.0, -0.5, 1.5, float("nan")):
+    for value in (-0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="pruning_phase"):
             PruningArguments(output_dir=str(tmp_path), pruning_phase=value)
+    with pytest.raises(ValueError, match="oneshot_score='gradient' is not a score"):
+        PruningArguments(output_dir=str(tmp_path), oneshot_score="gradient")
+    with pytest.raises(ValueError, match="needs oneshot_score"):
+        PruningArguments(output_dir=str(tmp_path), pruning_phase=0.0, oneshot_score=None)
+    with pytest.raises(ValueError, match="pass reconstruction_data"):
+        make_trainer(tmp_path, flop_llama(), pruning_phase=0.0)
     for value in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="hidden_distillation_weight"):
             PruningArguments(output_dir=str(tmp_path), hidden_distillation_weight=value)
@@ -357,6 +444,8 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="at least 2"):
         make_trainer(tmp_path, flop_llama(), reconstruction_data=_calibration()[:1], pruning_phase=0.5)
     with pytest.raises(TypeError, match="iterable of batches"):
-        make_trainer(tmp_path, flop_llama(), reconstruction_data={"input_ids": CountingTask(n=4).ids}, pruning_phase=0.5)
+        make_trainer(
+            tmp_path, flop_llama(), reconstruction_data={"input_ids": CountingTask(n=4).ids}, pruning_phase=0.5
+        )
     kept = make_trainer(tmp_path, flop_llama(), reconstruction_data=iter(_calibration()), pruning_phase=0.5)
     assert isinstance(kept.reconstruction_data, list) and len(kept.reconstruction_data) == 4  # a one-off iterator
