@@ -19,7 +19,8 @@ from transformers import (
     OPTForSequenceClassification,
 )
 
-from hf_flop import cli, data
+import hf_flop_cli as cli
+from hf_flop import data, prune_job
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]
@@ -200,7 +201,7 @@ def test_prune_seq_cls_end_to_end(capsys, tmp_path, tiny_cls_dir, sentiment_csv)
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     args = cli.build_parser().parse_args(argv)
     cli._fill_task_defaults(args)
-    report = cli._prepare_data(args, tokenizer)["report"]
+    report = prune_job.prepare_data(args, tokenizer)["report"]
     again = evaluate_model(saved, report, task="seq-cls", collator=DataCollatorWithPadding(tokenizer))
     assert again["accuracy"] == pytest.approx(summary["results"]["pruned"])
 
