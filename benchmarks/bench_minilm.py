@@ -159,7 +159,7 @@ def phase_dense(out: Path, settings: dict, source: str, save_to: Path | None) ->
 
 
 def phase_flop(out: Path, settings: dict, target: float, dense_model: Path, levels: str) -> dict:
-    from hf_flop.cli import main
+    from hf_flop_cli import main
 
     argv = [
         "prune",

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from .peft_type import flop_peft_type
+from hf_flop_cli.choices import GATES, LEVELS
 
-LEVELS = ("rank", "head", "row", "block", "embedding")
-GATES = ("hard_concrete", "topk")
+from .peft_type import flop_peft_type
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:

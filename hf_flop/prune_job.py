@@ -5,8 +5,8 @@ load the model and data -> dense fine-tune (optional) and evaluate -> prune with
 save the compacted model with its card, the plots and ``summary.json`` -> push (optional).
 
 Everything is written into a temporary folder that replaces the output folder only once complete.
-The options arrive completed and checked by ``hf_flop.cli``. torch, transformers and rich are
-imported inside the phases so that importing this module (for ``hf-flop --help``) stays light.
+The options arrive completed and checked by ``hf_flop_cli`` (the command line). torch, transformers
+and rich are imported inside the phases.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hf_flop_cli.choices import DATASETS
 
 from .data import TaskData
 from .files import atomic_folder, write_json_atomic
@@ -260,7 +262,7 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder
     snippet names it, or the Hub repository when pushing.
     """
     from . import save_compacted
-    from .data import DATASET_SOURCES, DATASETS, MODEL_HUB_IDS
+    from .data import DATASET_SOURCES, MODEL_HUB_IDS
 
     args, results = job.args, job.results
     metric = results["metric"]
@@ -294,8 +296,6 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder
 
 def _hub_dataset_id(dataset: str) -> str | None:
     """``--dataset`` when it names a Hub dataset (not an embedded default, not a local path), else None."""
-    from .data import DATASETS
-
     if dataset in DATASETS or Path(dataset).expanduser().exists():
         return None
     return dataset if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) else None

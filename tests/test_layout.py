@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles inside hf_flop, and a self-contained ``hf_flop/modeling``.
+"""The package's shape: no import cycles inside hf_flop and its command line ``hf_flop_cli``, a
+self-contained ``hf_flop/modeling``, and a command line that imports only the standard library until it runs.
 
 Imports are read with ``ast`` (nothing is executed), at every level: a function-level import that
 closes a cycle is still a cycle, only deferred. ``TYPE_CHECKING`` blocks count too.
@@ -7,11 +8,16 @@ closes a cycle is still a cycle, only deferred. ``TYPE_CHECKING`` blocks count t
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import hf_flop
+import hf_flop_cli
 
 PACKAGE = Path(hf_flop.__file__).resolve().parent
+# beside hf_flop, not in it, so that it parses without importing hf_flop; its imports are read with hf_flop's
+CLI_PACKAGE = Path(hf_flop_cli.__file__).resolve().parent
+assert CLI_PACKAGE.parent == PACKAGE.parent, "hf_flop and hf_flop_cli are installed from different places"
 
 
 def _module_name(path: Path) -> str:
@@ -20,7 +26,7 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    return {_module_name(p): p for package in (PACKAGE, CLI_PACKAGE) for p in sorted(package.rglob("*.py"))}
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -76,6 +82,7 @@ def test_the_import_reader_sees_the_package():
     assert "hf_flop.model" in graph["hf_flop.accounting"]
     assert "hf_flop.modeling.block_sparse" in graph["hf_flop.modeling.modeling_flop"]
     assert "hf_flop.config" in graph["hf_flop"]
+    assert {"hf_flop.config", "hf_flop_cli.choices"} <= graph["hf_flop_cli"]
 
 
 def test_the_cycle_finder_finds_cycles():
@@ -95,3 +102,17 @@ def test_modeling_imports_nothing_from_the_rest_of_the_package():
         if name == "hf_flop.modeling" or name.startswith("hf_flop.modeling."):
             outside = {t for t in targets if not (t == "hf_flop.modeling" or t.startswith("hf_flop.modeling."))}
             assert not outside, f"{name} imports {sorted(outside)}"
+
+
+def test_the_command_line_imports_only_the_standard_library_at_module_level():
+    """``hf-flop --help`` must not wait for torch: hf_flop_cli imports hf_flop, torch & co. inside functions."""
+    for path in sorted(CLI_PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text(), filename=str(path)).body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:  # relative imports stay in hf_flop_cli
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in sys.stdlib_module_names, f"{path.name} imports {name} at module level"

@@ -1,4 +1,4 @@
-"""``hf-flop``: the command line (also ``python -m hf_flop``).
+"""``hf-flop``: the command line (also ``python -m hf_flop_cli``, or ``python -m hf_flop``).
 
 ``hf-flop prune`` with no arguments runs the main job on the embedded defaults (offline): fine-tune
 all-MiniLM-L6-v2 on the Rotten Tomatoes sentiment sentences, prune it with FLOP to the default
@@ -12,6 +12,15 @@ would be pruned and how the parameters are counted).
 This module parses and checks the options; the prune job itself is ``hf_flop.prune_job``, its
 console output ``hf_flop.progress``, and the model and data loading it shares with the examples
 ``hf_flop.data``.
+
+Why a package of its own, beside ``hf_flop``: ``import hf_flop`` registers FLOP with PEFT and the
+compacted models with transformers' Auto classes (users rely on that: ``PeftModel.from_pretrained``
+and ``AutoModel.from_pretrained`` work right after it), so it imports peft, transformers and torch,
+which took 9 to 20 s on 2 CPU cores; any ``hf_flop.*`` module runs that first. This package imports
+only the standard library at module level, so ``hf-flop --help`` and an option error answer at once;
+hf_flop is imported once the options have parsed and passed the checks that need nothing from it.
+Keep every ``hf_flop`` (and torch, transformers...) import inside the functions that run a command.
+``python -m hf_flop`` works too, but starts as slowly as ``import hf_flop``.
 """
 
 from __future__ import annotations
@@ -22,9 +31,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import prune_job
-from .data import DATASETS, MODELS
-from .files import check_output_dir
+from .choices import DATASETS, GATES, LEVELS, MODELS
 
 # The default job must finish in under ~15 minutes on 2 CPU cores (measured 7.9 min, see the
 # README): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
@@ -58,10 +65,6 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-# the data the job prepares from the options, under its former name here (tests rebuild the CLI's data with it)
-_prepare_data = prune_job.prepare_data
-
-
 # --- arguments -----------------------------------------------------------------------------------
 def default_threads() -> int:
     """The ``--threads`` default: ``$OMP_NUM_THREADS`` when it is a positive integer, else the usable CPUs.
@@ -77,6 +80,17 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+# FlopConfig field -> (the option that sets it, what it takes): for --help and for FlopConfig's errors
+_PRUNING_OPTIONS = {
+    "target_sparsity": ("--target", "a number in [0, 1)"),
+    "levels": ("--levels", f"a comma-separated subset of {','.join(LEVELS)}"),
+    "gate": ("--gate", f"one of {', '.join(GATES)}"),
+    "round_to": ("--round-to", "a positive integer"),
+    "target_modules": ("--target-modules", "a comma-separated list of linear layer names"),
+}
+_TAKES = dict(_PRUNING_OPTIONS.values())
 
 
 def _number(value: str) -> float:
@@ -136,22 +150,9 @@ def _names(value: str) -> list[str]:
     return names
 
 
-def _pruning_options() -> dict[str, tuple[str, str]]:
-    """FlopConfig field -> (the option that sets it, what it takes): for ``--help`` and for FlopConfig's errors."""
-    from .config import GATES, LEVELS
-
-    return {
-        "target_sparsity": ("--target", "a number in [0, 1)"),
-        "levels": ("--levels", f"a comma-separated subset of {','.join(LEVELS)}"),
-        "gate": ("--gate", f"one of {', '.join(GATES)}"),
-        "round_to": ("--round-to", "a positive integer"),
-        "target_modules": ("--target-modules", "a comma-separated list of linear layer names"),
-    }
-
-
 def _flop_config(args):
     """The options' FlopConfig. FlopConfig checks the values; its error becomes one line naming the option."""
-    from .config import FlopConfig
+    from hf_flop.config import FlopConfig
 
     try:
         return FlopConfig(
@@ -163,19 +164,15 @@ def _flop_config(args):
         )
     except ValueError as err:
         field = re.match(r"FlopConfig\.(\w+)", str(err))  # FlopConfig's messages start with the field
-        option, takes = _pruning_options().get(field and field.group(1), ("pruning options", "see --help"))
+        option, takes = _PRUNING_OPTIONS.get(field and field.group(1), ("pruning options", "see --help"))
         raise CliError(f"invalid {option} ({takes}): {err}") from None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .config import GATES
-    from .metrics import TASKS
-
-    takes = dict(_pruning_options().values())
     names = ", ".join(f"'{k}' ({v})" for k, v in MODELS.items())
     parser.add_argument(
         "--task",
-        choices=TASKS,
+        choices=tuple(TASK_DEFAULTS),  # a task the CLI runs has defaults here (and a metric in hf_flop.metrics)
         default="seq-cls",
         help="seq-cls: sequence classification (accuracy); causal-lm: language modelling (perplexity).",
     )
@@ -188,13 +185,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--target",
         type=_number,
         default=0.5,
-        help=f"Fraction of the prunable parameters to remove: {takes['--target']}.",
+        help=f"Fraction of the prunable parameters to remove: {_TAKES['--target']}.",
     )
     parser.add_argument(
         "--levels",
         type=_levels,
         default="rank",
-        help=f"Structures to gate, {takes['--levels']}: rank = FLOP low-rank components, head = attention "
+        help=f"Structures to gate, {_TAKES['--levels']}: rank = FLOP low-rank components, head = attention "
         "heads, row = FFN neurons, block = weight blocks (not with rank), embedding = vocabulary clusters.",
     )
     parser.add_argument("--gate", choices=GATES, default="hard_concrete", help="Gate type.")
@@ -202,7 +199,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--round-to",
         type=int,
         default=1,
-        help=f"Round kept ranks/rows up to a multiple of this, {takes['--round-to']}.",
+        help=f"Round kept ranks/rows up to a multiple of this, {_TAKES['--round-to']}.",
     )
     parser.add_argument(
         "--target-modules",
@@ -393,14 +390,23 @@ def main(argv: list[str] | None = None) -> int:
         print("hf-flop: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from .hub import PushToHubError  # here, not at the top: parsing stays free of heavy imports
-
-        if args.debug or not isinstance(err, (CliError, PushToHubError, ValueError, TypeError, OSError, ImportError)):
+        if args.debug or not _is_user_error(err):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"hf-flop {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_user_error(err: Exception) -> bool:
+    """An error the message alone lets the user fix (printed as one line); any other is a bug (a traceback)."""
+    kinds = [CliError, ValueError, TypeError, OSError, ImportError]
+    # a PushToHubError comes from hf_flop.hub, so it is loaded when one was raised; importing it for the check
+    # would load torch just to print an error raised before hf_flop was needed
+    hub = sys.modules.get("hf_flop.hub")
+    if hub is not None:
+        kinds.append(hub.PushToHubError)
+    return isinstance(err, tuple(kinds))
 
 
 # --- subcommands ---------------------------------------------------------------------------------
@@ -422,7 +428,10 @@ def run_prune(args) -> dict:
     The job's phases are in ``hf_flop.prune_job``.
     """
     _fill_task_defaults(args)
-    flop_config = _flop_config(args)
+    flop_config = _flop_config(args)  # the first import of hf_flop: torch, transformers, peft
+    from hf_flop import prune_job
+    from hf_flop.files import check_output_dir
+
     output_dir = check_output_dir(
         Path(args.output_dir).expanduser(), args.overwrite, name="--output-dir", overwrite_hint="pass --overwrite"
     )
@@ -435,7 +444,7 @@ def _check_outputs(args, output_dir: Path) -> None:
     for the plots, and for --push-to-hub a repository id, a token and the network allowed."""
     import importlib.util
 
-    from .hub import CARD_TEMPLATE
+    from hf_flop.hub import CARD_TEMPLATE
 
     parent = output_dir.absolute().parent  # the output is staged next to the folder, then renamed into place
     existing = next(p for p in (parent, *parent.parents) if p.exists())
@@ -461,16 +470,12 @@ def _check_outputs(args, output_dir: Path) -> None:
 
 def run_report(args) -> None:
     """``hf-flop report``: inject FLOP and print the sparsity report of the untrained gates."""
-    from . import get_flop_model, sparsity_report
-    from .data import find_model, load_task_model
-    from .progress import quiet_libraries
+    from hf_flop import get_flop_model, sparsity_report
+    from hf_flop.data import find_model, load_task_model
+    from hf_flop.progress import quiet_libraries
 
     config = _flop_config(args)
     quiet_libraries()
     path = find_model(args.model or TASK_DEFAULTS[args.task]["model"])
     model = get_flop_model(load_task_model(path, args.task, num_labels=2), config)
     print(sparsity_report(model))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The names a user picks from: pruning levels, gate types, the embedded models and datasets.
+
+Their one home is here, outside ``hf_flop``, because ``hf-flop --help`` lists them and must not
+import ``hf_flop`` (whose import loads torch, see ``hf_flop_cli``). ``hf_flop.config`` and
+``hf_flop.prune_job`` read them from here. No imports: keep it that way.
+"""
+
+from __future__ import annotations
+
+# FlopConfig.levels entries and FlopConfig.gate values (hf_flop.config checks them)
+LEVELS = ("rank", "head", "row", "block", "embedding")
+GATES = ("hard_concrete", "topk")
+
+# the embedded defaults' short names and what they are (hf_flop.data resolves and loads them by these names)
+MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}
+DATASETS = {"rt-sentiment": "Rotten Tomatoes sentences, binary sentiment", "ptb": "Penn Treebank (Mikolov)"}
