@@ -37,11 +37,11 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from hf_flop_cli.choices import SCORES
+
 from .gated import GatedUnits
 from .groups import group_units
 from .model import find_flop_model
-
-SCORES = ("magnitude", "activation", "fluctuation", "sensitivity", "fisher")
 
 
 def find_gated_units(model: nn.Module) -> list[GatedUnits]:

@@ -31,7 +31,7 @@ import re
 import sys
 from pathlib import Path
 
-from .choices import DATASETS, GATES, LEVELS, MODELS
+from .choices import DATASETS, GATES, LEVELS, MODELS, SCORES
 
 # The default job must finish in under ~15 minutes on 2 CPU cores (measured 7.9 min, see the
 # README): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
@@ -129,12 +129,6 @@ def _fraction(value: str) -> float:
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
     return number
-
-
-def _scores() -> tuple[str, ...]:
-    from .scores import SCORES
-
-    return SCORES
 
 
 def _levels(value: str) -> list[str]:
@@ -320,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--oneshot-score",
-        choices=_scores(),
+        choices=SCORES,
         default="activation",
         help="Score that sets the one-shot masks (--pruning-phase 0) or starts the gates (below 1).",
     )

@@ -2,7 +2,7 @@
 
 Their one home is here, outside ``hf_flop``, because ``hf-flop --help`` lists them and must not
 import ``hf_flop`` (whose import loads torch, see ``hf_flop_cli``). ``hf_flop.config`` and
-``hf_flop.prune_job`` read them from here. No imports: keep it that way.
+``hf_flop.prune_job`` and ``hf_flop.scores`` read them from here. No imports: keep it that way.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 # FlopConfig.levels entries and FlopConfig.gate values (hf_flop.config checks them)
 LEVELS = ("rank", "head", "row", "block", "embedding")
 GATES = ("hard_concrete", "topk")
+# one-shot unit scores (hf_flop.scores computes them; PruningArguments.oneshot_score takes one)
+SCORES = ("magnitude", "activation", "fluctuation", "sensitivity", "fisher")
 
 # the embedded defaults' short names and what they are (hf_flop.data resolves and loads them by these names)
 MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}
