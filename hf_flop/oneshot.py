@@ -166,35 +166,31 @@ class _RemovalPath:
     """Units to remove, in order, in steps that are removed whole: single units, or uniform slices."""
 
     order: torch.Tensor  # flat unit ids
-    ends: list[int]  # the first k steps remove order[:ends[k]]
-    kinds: list  # dropping a step drops the later steps of its kind (a uniform slice's successors)
+    sizes: torch.Tensor  # units per step
+    kinds: torch.Tensor  # dropping a step drops the later steps of its kind (a uniform slice's successors)
 
     @classmethod
     def of_units(cls, order: torch.Tensor) -> _RemovalPath:
-        return cls(order, list(range(len(order) + 1)), list(range(len(order))))
+        return cls(order, torch.ones(len(order), dtype=torch.long), torch.arange(len(order)))
 
     @classmethod
-    def of_steps(cls, steps: list[tuple[object, torch.Tensor]]) -> _RemovalPath:
-        ends = [0]
-        for _, ids in steps:
-            ends.append(ends[-1] + len(ids))
-        order = torch.cat([ids for _, ids in steps]) if steps else torch.zeros(0, dtype=torch.long)
-        return cls(order, ends, [kind for kind, _ in steps])
+    def of_slices(cls, slices: list[tuple[str, torch.Tensor]]) -> _RemovalPath:
+        levels = list(dict.fromkeys(level for level, _ in slices))
+        order = torch.cat([ids for _, ids in slices]) if slices else torch.zeros(0, dtype=torch.long)
+        sizes = torch.tensor([len(ids) for _, ids in slices], dtype=torch.long)
+        return cls(order, sizes, torch.tensor([levels.index(level) for level, _ in slices], dtype=torch.long))
 
     def __len__(self) -> int:
-        return len(self.kinds)
+        return len(self.sizes)
 
     def removed(self, k: int) -> torch.Tensor:
-        return self.order[: self.ends[k]]
+        return self.order[: int(self.sizes[:k].sum())]
 
     def without(self, j: int) -> _RemovalPath:
         """Step ``j`` kept, with every later step of its kind (a slice cannot follow one that stays)."""
-        steps = [
-            (kind, self.order[self.ends[i] : self.ends[i + 1]])
-            for i, kind in enumerate(self.kinds)
-            if i < j or kind != self.kinds[j]
-        ]
-        return _RemovalPath.of_steps(steps)
+        dropped = (torch.arange(len(self)) >= j) & (self.kinds == self.kinds[j])
+        units_dropped = dropped.repeat_interleave(self.sizes)
+        return _RemovalPath(self.order[~units_dropped], self.sizes[~dropped], self.kinds[~dropped])
 
 
 def _removal_path(
@@ -212,7 +208,7 @@ def _removal_path(
             "set uniform_shapes=False."
         )
     slices = uniform_slices(units, _priorities(units, scores, ranking), config.round_to, min_units)
-    return _RemovalPath.of_steps(slices)
+    return _RemovalPath.of_slices(slices)
 
 
 def prune_to_target(
