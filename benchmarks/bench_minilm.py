@@ -30,7 +30,11 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                  score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
                  ranking),
                  accuracy after plain removal and after hf_flop.reconstruct; `flap`: the FLAP-style
-                 baseline (flap_baseline.py); `tptaylor`: Torch-Pruning Taylor (heads + FFN) alone
+                 baseline (flap_baseline.py); `tptaylor`: Torch-Pruning Taylor (heads + FFN) alone;
+                 `_uniform`: FlopConfig(uniform_shapes=True), the same FFN width in every layer (FFN rows
+                 only: a stock BERT config cannot hold fewer heads), compacting to the stock class;
+                 `_rows`: FFN rows only, per-layer widths: with `_uniform`, the cost of uniform shapes at
+                 equal size (issue 14)
 
     .venv/bin/python benchmarks/bench_minilm.py            # full run (about 1 h on 2 idle cores)
     .venv/bin/python benchmarks/bench_minilm.py --quick    # minutes: small subsets, smoke test
@@ -284,14 +288,16 @@ def phase_oneshot_only(
         prune_with_torch_pruning(model, example, target, "taylor", calibration)
         result.update(sparsity=1 - encoder_linear_params(model) / before, prune_time_s=time.perf_counter() - start)
         return {**result, "accuracy": accuracy(model)}
-    gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
+    score, *options = method.split("_")  # <score>[_std][_bias][_uniform][_rows]
+    uniform = "uniform" in options  # a stock BERT config holds one head count of fixed size: FFN rows only
+    levels = ["row"] if uniform or "rows" in options else ["head", "row"]
+    gated = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=target, uniform_shapes=uniform))
     if method == "flap":
         from flap_baseline import prune_flap
 
         prune_flap(gated, calibration, target)
         result["prune_time_s"] = time.perf_counter() - start
     else:
-        score, *options = method.split("_")  # <score>[_std][_bias]
         ranking = "standardized" if "std" in options else "per_gate"
         prune_oneshot(gated, None, calibration, score, ranking=ranking, reconstruct=False)
         result["prune_time_s"] = time.perf_counter() - start
@@ -302,7 +308,9 @@ def phase_oneshot_only(
         result["refit_modules"] = [sum(r.applied for r in report.layers), len(report.layers)]
     result["accuracy"] = accuracy(gated)
     result["sparsity"] = sparsity_report(gated).deterministic_sparsity
-    result["accuracy_compacted"] = accuracy(compact(gated))  # the same model, smaller: a sanity check
+    small = compact(gated)
+    result["accuracy_compacted"] = accuracy(small)  # the same model, smaller: a sanity check
+    result["compacted_class"] = type(small).__name__  # the stock class, or the Flop* class of per-layer shapes
     return result
 
 
@@ -419,6 +427,8 @@ PHASES += [f"flop_50_{levels}" for levels in LEVELS if levels]
 PHASES += [f"os_{m}_{int(t * 100)}" for t in TARGETS for m in ONESHOT_METHODS]
 # calibration draws 1 and 2 for the rows whose gaps are within a few points (three draws with seed 0)
 PHASES += [f"os_{m}_{t}_s{k}" for t in (50, 75) for m in ("activation", "flap", "tptaylor") for k in (1, 2)]
+# issue 14: uniform FFN widths against per-layer widths at the same size (rows alone reach 2/3 at most: 50 % only)
+PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 
 # issue 13: seed 0 of every row first, then the other seeds (a partial run still compares all rows)
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]

@@ -29,7 +29,9 @@ calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the
   os<T>_<score>    hf_flop.prune_oneshot(..., reconstruct=False) with `score` (magnitude, activation,
                    fluctuation, sensitivity, fisher; `_std`: ranking="standardized"), perplexity; then
                    hf_flop.reconstruct on the same data (`_bias`: add_bias=True), perplexity again,
-                   then compaction
+                   then compaction; `_uniform`: FlopConfig(uniform_shapes=True), the same KV groups and
+                   FFN width in every layer (the stock LlamaForCausalLM), against the per-layer shapes of
+                   the plain row at equal size (issue 14)
   os<T>_flap       the FLAP-style baseline (flap_baseline.py): fluctuation score, standardised global
                    allocation, bias compensation
   os<T>_tptaylor   Torch-Pruning Taylor, FFN channels to the same kept count, no recovery
@@ -127,7 +129,9 @@ def phase_oneshot_only(out: Path, settings: dict, root: Path, target: float, met
         small, details = _prune_with_torch_pruning(model, calibration, "taylor", None, pretrained_stats, target)
         result.update(details, prune_time_s=time.perf_counter() - start, perplexity=_perplexity(small, test))
         return {**result, **_sizes(small, pretrained_stats["linear_params"])}
-    gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=target))
+    score, *options = method.split("_")  # <score>[_std][_bias][_uniform]
+    uniform = "uniform" in options
+    gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=target, uniform_shapes=uniform))
     if method == "flap":
         from flap_baseline import prune_flap
 
@@ -138,7 +142,6 @@ def phase_oneshot_only(out: Path, settings: dict, root: Path, target: float, met
         result["prune_time_s"] = time.perf_counter() - start
         result["perplexity"] = _perplexity(gated, test)
     else:
-        score, *options = method.split("_")  # <score>[_std][_bias]
         ranking = "standardized" if "std" in options else "per_gate"
         prune_oneshot(gated, None, calibration, score, ranking=ranking, reconstruct=False)
         result["prune_time_s"] = time.perf_counter() - start
@@ -151,6 +154,7 @@ def phase_oneshot_only(out: Path, settings: dict, root: Path, target: float, met
     result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
     small = compact(gated)
     result["perplexity_compacted"] = _perplexity(small, test)  # the same model, smaller: a sanity check
+    result["compacted_class"] = type(small).__name__  # the stock class, or the Flop* class of per-layer shapes
     return {**result, **_sizes(small, pretrained_stats["linear_params"])}
 
 
@@ -486,7 +490,7 @@ PHASES += ["flop_long", "oneshot_activation_long", "flop_emb_long"]
 ONESHOT_PHASES = [
     f"os{int(100 * t)}_{m}"
     for t in ONESHOT_TARGETS
-    for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor")
+    for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor", "activation_uniform")
 ]
 PHASES += ONESHOT_PHASES + ["os50_cost"]
 PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor"]

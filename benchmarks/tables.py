@@ -81,7 +81,8 @@ def _method(run: str) -> str:
             "tptaylor": "Torch-Pruning Taylor",
         }[method]
     score, *options = method.split("_")
-    extra = [{"std": "standardised", "bias": "+ bias"}[o] for o in options]
+    names = {"std": "standardised", "bias": "+ bias", "uniform": "uniform shapes", "rows": "FFN rows only"}
+    extra = [names[o] for o in options]
     return f"hf_flop {score}" + (f" ({', '.join(extra)})" if extra else "")
 
 

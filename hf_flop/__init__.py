@@ -14,7 +14,8 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning, and fixing trained masks at
   the target (``oneshot.fix_masks_at_target``); ``constraint`` / ``trainer`` learned pruning (its two-phase
   schedule, prune then recover, and hidden-state distillation in ``trainer``);
-  ``preflight`` the checks before training (injection and target on a weightless copy);
+  ``preflight`` the checks before training (injection and target on a weightless copy); ``uniform`` the
+  same heads and FFN width in every layer (``FlopConfig.uniform_shapes``: stock classes after compaction);
   ``hub`` saving, cards, publishing; ``modeling`` the compacted models (self-contained remote code);
   ``registration`` what ``import hf_flop`` registers.
 """

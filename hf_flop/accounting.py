@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .gated import ModuleSparsity
-from .groups import kept_features, output_features
+from .groups import ROUNDED_LEVELS, kept_features, output_features
 from .model import find_flop_model
 
 __all__ = [
@@ -160,18 +160,27 @@ def check_reachable(model: nn.Module) -> None:
 
 def largest_unit_params(model: nn.Module) -> float:
     """About how many prunable parameters the largest gate unit stands for (a rank component, a block, a
-    head or KV group, an FFN row): the weights of the modules a gate shrinks, divided by its units."""
+    head or KV group, an FFN row): the weights of the modules a gate shrinks, divided by its units.
+
+    Under ``FlopConfig(uniform_shapes=True)`` the masks move in uniform slices (``hf_flop.uniform``):
+    one head, or ``round_to`` FFN rows, in every layer at once; the largest slice counts then."""
     flop_model = find_flop_model(model)
+    config = flop_model.flop_config
     largest = 0.0
     for layer in flop_model.gated_layers().values():
         out_f, in_f = layer.shape
         for gate in layer.gates().values():
             largest = max(largest, out_f * in_f / max(gate.n, 1))
     layers = flop_model.flop_layers()
+    slices: dict[str, float] = {}
     for group in flop_model.structure_groups:
         modules = {group.consumer, *(s.module for s in group.producers)}  # GPT-2: q, k, v share one module
-        params = sum(layers[m].shape[0] * layers[m].shape[1] for m in modules)
-        largest = max(largest, params / max(group.n_units, 1))
+        unit = sum(layers[m].shape[0] * layers[m].shape[1] for m in modules) / max(group.n_units, 1)
+        largest = max(largest, unit)
+        width = config.round_to if group.level in ROUNDED_LEVELS else 1
+        slices[group.level] = slices.get(group.level, 0.0) + unit * width
+    if config.uniform_shapes:
+        largest = max(largest, *slices.values(), 0.0)
     return largest
 
 
@@ -209,7 +218,7 @@ def check_target(model: nn.Module) -> TargetCheck:
     The tolerance is the larger of ``TARGET_TOLERANCE`` (one point of the prunable parameters, the
     precision the trainer reaches on the test task) and half the largest gate unit: the eval-mask
     size moves in whole units (a head can be several points of a small model), so a target between
-    two unit counts is met within half a unit.
+    two unit counts is met within half a unit (under ``uniform_shapes``, half a uniform slice).
     """
     report = sparsity_report(model)
     unit = largest_unit_params(model) / max(report.prunable_params, 1)

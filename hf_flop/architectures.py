@@ -48,6 +48,15 @@ class ArchSpec:
     def default_targets(self) -> list[str]:
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
 
+    @property
+    def stock_head_pruning(self) -> bool:
+        """Whether a stock config can describe fewer heads of the same size (``uniform_shapes`` with heads).
+
+        Only a config that states the head size itself (``head_dim_attr``) can; BERT-, DistilBERT- and
+        GPT-2-style configs derive it as ``hidden // heads``, so fewer heads there would be wider heads.
+        """
+        return self.head_dim_attr is not None
+
 
 _BERT = ArchSpec(
     layers=r"encoder\.layer",

@@ -17,7 +17,9 @@ head to run. The parameter count of the result's gated modules is
 The result is an instance of ``FlopX`` (``hf_flop.modeling``), a subclass of the model's own class
 ``X`` whose config carries the per-layer shapes (``flop_plan``); when every shape is one a stock
 config of ``X`` describes (no low-rank layer, uniform head counts and FFN widths), it is a plain
-``X`` with that stock config, which needs no custom code to load.
+``X`` with that stock config, which needs no custom code to load. Under
+``FlopConfig(uniform_shapes=True)`` it always is (``hf_flop.uniform``): eval masks that keep different
+counts per layer are refused, with the call that fixes them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .gated import Cut
 from .groups import StructureCuts
 from .model import find_flop_model
 from .modeling import compacted_config_class, compacted_model_class, locate
+from .uniform import uneven_levels
 
 # config entries that describe a saved file, not the architecture
 _NOT_ARCHITECTURE = ("model_type", "auto_map", "architectures", "transformers_version", "flop_plan")
@@ -71,6 +74,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
             f"compact needs a transformers PreTrainedModel inside the FLOP model, got {type(task_model).__name__}."
         )
     round_to = flop_model.flop_config.round_to
+    _check_uniform_masks(flop_model, round_to)
     cuts = StructureCuts(flop_model.structure_groups, flop_model.flop_structure_gates, task_model, round_to)
     relative = _relative_paths(task_model)
     names = {module: name for name, module in task_model.named_modules()}
@@ -102,6 +106,8 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     stock_config = _stock_config(stock_class, config_dict, plan, state)
     if stock_config is not None:
         config, model_class = stock_config, stock_class
+    elif flop_model.flop_config.uniform_shapes:  # the injection checks make this unreachable: a bug
+        raise RuntimeError("uniform_shapes=True, yet no stock config describes these shapes; please report this.")
     config._attn_implementation = task_model.config._attn_implementation
 
     compacted = model_class(config).to(task_model.dtype)
@@ -113,6 +119,20 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     return compacted.to(next(task_model.parameters()).device).eval(), plan
 
 
+def _check_uniform_masks(flop_model, round_to: int) -> None:
+    """Under ``FlopConfig(uniform_shapes=True)``, refuse eval masks that keep different counts per layer."""
+    if not flop_model.flop_config.uniform_shapes:
+        return
+    uneven = uneven_levels(flop_model.structure_groups, flop_model.flop_structure_gates, round_to)
+    if uneven:
+        found = "; ".join(f"{level} kept per layer: {counts}" for level, counts in uneven.items())
+        raise ValueError(
+            f"FlopConfig(uniform_shapes=True), but the eval masks keep different counts per layer ({found}), "
+            "which no stock config describes. Call hf_flop.oneshot.fix_masks_at_target(model) to make them "
+            "uniform at the target (prune_oneshot and PruningTrainer.train() do this themselves), then compact."
+        )
+
+
 def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict):
     """A stock config of ``stock_class`` that builds exactly these shapes, or ``None`` if none does."""
     if any(spec["kind"] not in ("linear", "conv1d") for spec in plan["modules"].values()):
@@ -120,6 +140,9 @@ def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict)
     overrides = {}
     if plan["layers"]:
         spec = arch_spec(stock_class.config_class.model_type)
+        if spec.head_dim_attr is not None:  # stated, since fewer heads must not change it (Qwen2 derives it)
+            derived = config_dict[spec.hidden_attr] // config_dict[spec.heads_attr]
+            overrides[spec.head_dim_attr] = config_dict.get(spec.head_dim_attr) or derived
         for key, attr in (
             ("heads", spec.heads_attr),
             ("kv_heads", spec.kv_heads_attr),

@@ -11,6 +11,9 @@ from hf_flop_cli.choices import GATES, LEVELS
 
 from .peft_type import flop_peft_type
 
+# the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
+UNIFORM_LEVELS = ("head", "row")
+
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
@@ -75,6 +78,15 @@ class FlopConfig(PeftConfig):
             "fraction are alive (FLOP's speed-up). 0 disables."
         },
     )
+    uniform_shapes: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the same number of heads (KV groups under GQA) and the same FFN width (rounded to "
+            "round_to) in every transformer layer, so compaction returns the stock transformers class with a "
+            f"stock config (no remote code). Levels {list(UNIFORM_LEVELS)} only; 'head' only where the stock "
+            "config states the head size (hf_flop.uniform)."
+        },
+    )
     embedding_cutoffs: list[int] | None = field(
         default=None,
         metadata={
@@ -108,6 +120,7 @@ class FlopConfig(PeftConfig):
                 "matrices. Run 'rank'/'head'/'row' first, compact, then 'block' (the two-step pipeline)."
             )
         _check_choice("gate", self.gate, GATES)
+        self._check_uniform_shapes()
         if not isinstance(self.target_sparsity, (int, float)) or not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(
                 f"FlopConfig.target_sparsity={self.target_sparsity!r} is outside [0, 1); it is the fraction "
@@ -142,3 +155,16 @@ class FlopConfig(PeftConfig):
                 raise ValueError(
                     f"FlopConfig.embedding_cutoffs={cutoffs} must be strictly increasing positive integers."
                 )
+
+    def _check_uniform_shapes(self) -> None:
+        if not isinstance(self.uniform_shapes, bool):
+            raise ValueError(f"FlopConfig.uniform_shapes={self.uniform_shapes!r} must be True or False.")
+        other = [level for level in self.levels if level not in UNIFORM_LEVELS]
+        if self.uniform_shapes and other:
+            # a stock config has no place for low-rank factors, block-sparse weights or clustered embeddings
+            raise ValueError(
+                f"FlopConfig.uniform_shapes=True allows levels {list(UNIFORM_LEVELS)} only, got {other}: those "
+                "compact to low-rank, block-sparse or clustered modules that no stock transformers config "
+                f"describes. Use levels within {list(UNIFORM_LEVELS)}, or uniform_shapes=False (the compacted "
+                "model then loads with its saved remote code)."
+            )

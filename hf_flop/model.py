@@ -25,6 +25,7 @@ from .gates import Gate, build_gate
 from .groups import GROUP_LEVELS, InputMask, StructureGroup, structure_groups
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
+from .uniform import check_uniform_shapes
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -82,7 +83,8 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     ``UnsupportedArchitectureError`` (architecture missing from the table while ``target_modules`` is
     None or the levels include head/row; the message lists every condition at once, ``option``
     naming the target-modules setting in the caller's interface), ``ValueError`` (no module
-    matched, or a level's own check), ``TypeError`` (a matched module is not a linear).
+    matched, a level's own check, or what ``uniform_shapes`` needs: ``hf_flop.uniform``), ``TypeError``
+    (a matched module is not a linear).
     """
     model_type = _model_type(model)
     if model_type not in ARCHITECTURES and (config.target_modules is None or set(config.levels) & set(GROUP_LEVELS)):
@@ -105,6 +107,7 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     for level in config.levels:
         if level in LEVEL_CHECKS:
             LEVEL_CHECKS[level](model, config, matched)
+    check_uniform_shapes(model, config, matched)
     return matched
 
 

@@ -5,7 +5,9 @@ until the deterministic kept count (``sparsity_report(model).deterministic_kept_
 exactly what compaction writes) is as close to the budget ``(1 - target_sparsity) * prunable`` as
 units allow. That count is not linear in the units (per layer ``min(r'(in' + out'), in' out')``,
 rounding to ``round_to``), but it never grows when a unit is removed, so the number of units to
-remove along the score order is found by bisection on the true count.
+remove along the score order is found by bisection on the true count. Under
+``FlopConfig(uniform_shapes=True)`` the same search runs over uniform slices (``hf_flop.uniform``),
+so every layer keeps the same heads and FFN width.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .gated import GatedUnits
 from .model import find_flop_model, get_flop_model
 from .reconstruction import reconstruct as reconstruct_layers
 from .scores import SCORES, compute_scores, find_gated_units, reusable_batches
+from .uniform import uneven_levels, uniform_slices
 
 
 @dataclass
@@ -35,7 +38,7 @@ class OneShotResult:
     keep: dict[str, torch.Tensor]  # gate name -> bool mask of the kept units
     kept_params: int  # deterministic kept prunable parameters
     budget: float  # (1 - target_sparsity) * prunable parameters
-    step: int  # parameters the boundary unit is worth: the granularity around the budget
+    step: int  # parameters the boundary unit (or uniform slice) is worth: the granularity around the budget
     deterministic_sparsity: float
     target_sparsity: float
 
@@ -79,14 +82,8 @@ def _check_scores(units: list[GatedUnits], scores: dict[str, torch.Tensor]) -> d
 RANKINGS = ("per_gate", "per_parameter", "standardized", "absolute")
 
 
-def _removal_order(
-    units: list[GatedUnits],
-    scores: dict[str, torch.Tensor],
-    ranking: str,
-    protect: int = 0,
-    frozen: frozenset[str] = frozenset(),
-) -> torch.Tensor:
-    """Flat unit ids (gates in order, units within), least important first.
+def _priorities(units: list[GatedUnits], scores: dict[str, torch.Tensor], ranking: str) -> torch.Tensor:
+    """Every unit's removal priority (lower: removed earlier), flat: gates in order, units within.
 
     ``per_gate`` ranks by score / the mean score of the unit's gate: scale-free, so layers whose
     weights or activations are larger are not spared for that alone. ``standardized`` ranks by the
@@ -96,13 +93,11 @@ def _removal_order(
     Taylor score underrates (SmolLM2-135M on PTB, heads and rows at 30%: perplexity 685 per gate
     against 1,793 per parameter with sensitivity, 396 against 43,468 with activation; dense 158).
     ``absolute`` ranks by the score itself, for scores already on one scale across gates (the trained
-    gates' own order, ``fix_masks_at_target``).
-    The ``protect`` highest-scored units of each gate, and every unit of the gates in ``frozen``, are
-    left out (never removed). Ties keep the flat order, so the result is deterministic.
+    gates' own order, ``fix_masks_at_target``). Within a gate every ranking orders units by score.
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking={ranking!r} is not known; use one of {list(RANKINGS)}.")
-    priority, candidate = [], []
+    priority = []
     for s in units:
         value = scores[s.key]
         if ranking == "standardized":
@@ -113,13 +108,30 @@ def _removal_order(
         else:
             scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
             priority.append(value / scale)
+    return torch.cat(priority)
+
+
+def _removal_order(
+    units: list[GatedUnits],
+    scores: dict[str, torch.Tensor],
+    ranking: str,
+    protect: int = 0,
+    frozen: frozenset[str] = frozenset(),
+) -> torch.Tensor:
+    """Flat unit ids (gates in order, units within), least important first, by ``_priorities``.
+
+    The ``protect`` highest-scored units of each gate, and every unit of the gates in ``frozen``, are
+    left out (never removed). Ties keep the flat order, so the result is deterministic.
+    """
+    priority = _priorities(units, scores, ranking)
+    candidate = []
+    for s in units:
         free = torch.ones(s.n_units, dtype=torch.bool)
-        free[torch.argsort(value, descending=True, stable=True)[:protect]] = False
+        free[torch.argsort(scores[s.key], descending=True, stable=True)[:protect]] = False
         if s.key in frozen:
             free[:] = False
         candidate.append(free)
-    priority, candidate = torch.cat(priority), torch.cat(candidate)
-    ids = candidate.nonzero().squeeze(1)
+    ids = torch.cat(candidate).nonzero().squeeze(1)
     return ids[torch.argsort(priority[ids], stable=True)]
 
 
@@ -149,6 +161,56 @@ def _keep_masks(units: list[GatedUnits], removed: torch.Tensor) -> dict[str, tor
 # --- pruning to a target ---------------------------------------------------------------------------
 
 
+@dataclass
+class _RemovalPath:
+    """Units to remove, in order, in steps that are removed whole: single units, or uniform slices."""
+
+    order: torch.Tensor  # flat unit ids
+    sizes: torch.Tensor  # units per step
+    kinds: torch.Tensor  # dropping a step drops the later steps of its kind (a uniform slice's successors)
+
+    @classmethod
+    def of_units(cls, order: torch.Tensor) -> _RemovalPath:
+        return cls(order, torch.ones(len(order), dtype=torch.long), torch.arange(len(order)))
+
+    @classmethod
+    def of_slices(cls, slices: list[tuple[str, torch.Tensor]]) -> _RemovalPath:
+        levels = list(dict.fromkeys(level for level, _ in slices))
+        order = torch.cat([ids for _, ids in slices]) if slices else torch.zeros(0, dtype=torch.long)
+        sizes = torch.tensor([len(ids) for _, ids in slices], dtype=torch.long)
+        return cls(order, sizes, torch.tensor([levels.index(level) for level, _ in slices], dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def removed(self, k: int) -> torch.Tensor:
+        return self.order[: int(self.sizes[:k].sum())]
+
+    def without(self, j: int) -> _RemovalPath:
+        """Step ``j`` kept, with every later step of its kind (a slice cannot follow one that stays)."""
+        dropped = (torch.arange(len(self)) >= j) & (self.kinds == self.kinds[j])
+        units_dropped = dropped.repeat_interleave(self.sizes)
+        return _RemovalPath(self.order[~units_dropped], self.sizes[~dropped], self.kinds[~dropped])
+
+
+def _removal_path(
+    flop_model, units: list[GatedUnits], scores: dict, ranking: str, min_units: int, protect_layers: Sequence[int]
+) -> _RemovalPath:
+    """Unit by unit in ``ranking`` order; under ``FlopConfig.uniform_shapes``, uniform slice by slice."""
+    config = flop_model.flop_config
+    if not config.uniform_shapes:
+        frozen = _frozen_gates(flop_model, units, protect_layers)
+        return _RemovalPath.of_units(_removal_order(units, scores, ranking, protect=min_units, frozen=frozen))
+    if protect_layers:
+        raise ValueError(
+            f"protect_layers={list(protect_layers)} keeps every unit of those layers, so their shapes would differ "
+            "from the others': FlopConfig(uniform_shapes=True) cannot protect layers. Leave protect_layers out, or "
+            "set uniform_shapes=False."
+        )
+    slices = uniform_slices(units, _priorities(units, scores, ranking), config.round_to, min_units)
+    return _RemovalPath.of_slices(slices)
+
+
 def prune_to_target(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
@@ -162,16 +224,22 @@ def prune_to_target(
     """Close the least important units to hit ``target_sparsity`` (default: the model's config).
 
     Units are removed in ``ranking`` order (``"per_gate"``: score relative to its gate's mean;
-    ``"per_parameter"``: score per parameter; ``"absolute"``: the score itself; see ``_removal_order``) until the deterministic kept count is as close
-    to the budget as one unit allows: ``|kept - budget| <= step / 2``, ``step`` being what the unit at
-    the boundary is worth (at most one unit's parameters, times ``round_to`` where that rounding
-    applies). When that unit is coarse (a head among rank components and rows), up to
-    ``refinements`` times it is kept instead and the next, finer units fill the gap; the closest result
-    wins. Rank components closed in a layer that still compacts to a dense matrix save nothing, so
-    they are opened again (the count does not change). ``min_units_per_gate`` units with the highest
-    scores stay open in every gate, and every unit in the transformer layers ``protect_layers``
-    (indices, e.g. ``(0, -1)`` for the first and the last). The gates are left set; the result says
-    what was done.
+    ``"per_parameter"``: score per parameter; ``"absolute"``: the score itself; see ``_priorities``)
+    until the deterministic kept count is as close to the budget as one unit allows:
+    ``|kept - budget| <= step / 2``, ``step`` being what the unit at the boundary is worth (at most
+    one unit's parameters, times ``round_to`` where that rounding applies). When that unit is coarse
+    (a head among rank components and rows), up to ``refinements`` times it is kept instead and the
+    next, finer units fill the gap; the closest result wins. Rank components closed in a layer that
+    still compacts to a dense matrix save nothing, so they are opened again (the count does not
+    change). ``min_units_per_gate`` units with the highest scores stay open in every gate, and every
+    unit in the transformer layers ``protect_layers`` (indices, e.g. ``(0, -1)`` for the first and
+    the last). The gates are left set; the result says what was done.
+
+    Under ``FlopConfig(uniform_shapes=True)`` units go in uniform slices instead
+    (``hf_flop.uniform.uniform_slices``): one unit of a level (a head or KV group; ``round_to`` FFN rows)
+    in every layer at once, the slice of lower mean priority first, each layer keeping its top-scored
+    units. ``step`` is then the boundary slice, and a refinement keeps that slice and stops cutting
+    its level. Every layer ends with the same heads and FFN width, at least one of each.
     """
     flop_model = find_flop_model(model)
     target = flop_model.flop_config.target_sparsity if target_sparsity is None else target_sparsity
@@ -182,8 +250,8 @@ def prune_to_target(
     if not isinstance(refinements, int) or refinements < 0:
         raise ValueError(f"refinements={refinements!r} must be a non-negative integer.")
     units = find_gated_units(flop_model)
-    frozen = _frozen_gates(flop_model, units, protect_layers)
-    order = _removal_order(units, _check_scores(units, scores), ranking, protect=min_units_per_gate, frozen=frozen)
+    checked = _check_scores(units, scores)
+    path = _removal_path(flop_model, units, checked, ranking, min_units_per_gate, protect_layers)
 
     def kept_with(removed: torch.Tensor) -> int:  # deterministic kept parameters with these units removed
         _set_all(units, _keep_masks(units, removed))
@@ -191,7 +259,7 @@ def prune_to_target(
 
     prunable = sparsity_report(flop_model).prunable_params
     budget = (1.0 - target) * prunable
-    floor = kept_with(order)
+    floor = kept_with(path.order)
     if floor > budget:
         raise ValueError(
             f"target_sparsity={target} cannot be reached: removing every candidate unit leaves sparsity "
@@ -201,21 +269,21 @@ def prune_to_target(
         )
     best = None  # (distance to the budget, removed units, step)
     for _ in range(1 + refinements):
-        kept = functools.cache(lambda k, seq=order: kept_with(seq[:k]))
-        if kept(len(order)) > budget:
+        kept = functools.cache(lambda k, p=path: kept_with(p.removed(k)))
+        if kept(len(path)) > budget:
             break
-        lo, hi = 0, len(order)  # the smallest prefix hi with kept(hi) <= budget, by bisection
+        lo, hi = 0, len(path)  # the fewest steps hi with kept(hi) <= budget, by bisection
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if kept(mid) <= budget else (mid + 1, hi)
         step = kept(hi - 1) - kept(hi) if hi > 0 else 0
         k = hi - 1 if hi > 0 and kept(hi - 1) - budget < budget - kept(hi) else hi  # ties: sparser side
         if best is None or abs(kept(k) - budget) < best[0]:
-            best = (abs(kept(k) - budget), order[:k], step)
+            best = (abs(kept(k) - budget), path.removed(k), step)
         if hi == 0 or best[0] == 0:
             break
-        # the boundary unit may be coarse (a head): keep it, and let the finer units after it fill the gap
-        order = torch.cat([order[: hi - 1], order[hi:]])
+        # the boundary step may be coarse (a head): keep it, and let the finer steps after it fill the gap
+        path = path.without(hi - 1)
     _, removed, step = best
     keep = _keep_masks(units, removed)
     kept_params = kept_with(removed)
@@ -230,6 +298,10 @@ def prune_to_target(
             raise RuntimeError(f"gate '{s.key}' did not take its one-shot mask; its settings cannot express it.")
     if report.deterministic_kept_params != kept_params:
         raise RuntimeError("re-opening rank components of dense layers changed the count; please report this.")
+    config = flop_model.flop_config
+    uneven = uneven_levels(flop_model.structure_groups, flop_model.flop_structure_gates, config.round_to)
+    if config.uniform_shapes and uneven:
+        raise RuntimeError(f"uniform pruning left different counts per layer {uneven}; please report this.")
     return OneShotResult(
         keep=keep,
         kept_params=report.deterministic_kept_params,
@@ -268,6 +340,9 @@ def fix_masks_at_target(model: nn.Module, target_sparsity: float | None = None) 
     ``prune_to_target``: within half a unit of the target, the trained masks changed only at the edge.
     No unit is protected (a gate the training closed entirely stays closed). The gates are left set
     with ``set_mask``: kept units fully open (their soft eval values become 1), the rest closed.
+    Under ``FlopConfig(uniform_shapes=True)`` the units go in uniform slices (see ``prune_to_target``):
+    every layer then keeps the same number of units of each level, its most firmly kept ones (at
+    least one: a gate the training closed entirely gets its most firmly kept unit back).
     """
     return prune_to_target(model, gate_order_scores(model), target_sparsity, ranking="absolute", min_units_per_gate=0)
 

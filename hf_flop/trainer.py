@@ -211,6 +211,7 @@ class PruningTrainer(Trainer):
         self.target_check: TargetCheck | None = None  # set by train(): where the size ended against the target
         self.phase = PRUNING
         self.boundary: dict | None = None  # what happened at the phase boundary, once crossed
+        self.uniform_fix: dict | None = None  # one-phase runs with uniform_shapes: the masks fixed by train()
         self._frozen_gates: list[nn.Module] = []
 
     # --- the schedule ------------------------------------------------------------------------------
@@ -355,11 +356,21 @@ class PruningTrainer(Trainer):
 
         A miss larger than the tolerance (``hf_flop.accounting.check_target``) is reported with a
         ``UserWarning`` and a warning on the ``hf_flop.trainer`` logger, saying what to change.
+
+        Under ``FlopConfig(uniform_shapes=True)`` a one-phase run ends as a two-phase run's pruning
+        phase does: ``fix_masks_at_target`` sets the eval masks to the same heads and FFN width in
+        every layer, at the target (``self.uniform_fix`` holds the sparsity before and after), so
+        ``hf_flop.compact`` gives the stock class. A two-phase run's masks were fixed so at the boundary.
         """
         resuming = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         if not resuming and self.state.global_step == 0 and not self.recovering:
             self._prepare_gates()
         output = super().train(*args, **kwargs)
+        if self.flop_config.uniform_shapes and not self.recovering:
+            before = sparsity_report(self.model).deterministic_sparsity
+            result = fix_masks_at_target(self.model)
+            self.uniform_fix = {"sparsity_before": before, "sparsity_after": result.deterministic_sparsity}
+            logger.info("PruningTrainer: eval masks fixed to uniform shapes at the target: %s", self.uniform_fix)
         self.target_check = check_target(self.model)
         if not self.target_check.met and self.is_world_process_zero():
             message = self.missed_target_message()
@@ -437,6 +448,12 @@ class PruningTrainer(Trainer):
                 f"two phases: {pruning:,} pruning steps, then the masks fixed at the target"
                 + (" and the kept weights refit on calibration data" if self.reconstruction_data is not None else "")
                 + f", gates frozen, {max((self.state.max_steps or 0) - pruning, 0):,} recovery steps"
+            )
+        if self.uniform_fix is not None:
+            fix = self.uniform_fix
+            facts["uniform shapes"] = (
+                "after training, the eval masks fixed at the target with the same heads and FFN width in every "
+                f"layer (sparsity {fix['sparsity_before']:.3f} -> {fix['sparsity_after']:.3f})"
             )
         if self.target_check is not None:
             check = self.target_check

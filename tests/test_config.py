@@ -9,6 +9,9 @@ def test_round_trip(tmp_path):
     loaded = FlopConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.peft_type == "FLOP"
+    uniform = FlopConfig(levels=["head", "row"], uniform_shapes=True)
+    uniform.save_pretrained(tmp_path / "uniform")
+    assert FlopConfig.from_pretrained(tmp_path / "uniform").uniform_shapes is True
 
 
 @pytest.mark.parametrize(
@@ -24,6 +27,10 @@ def test_round_trip(tmp_path):
         ({"temperature": 0}, "temperature"),
         ({"target_modules": "q_proj("}, "not a valid regex"),
         ({"embedding_cutoffs": [100, 50]}, "strictly increasing"),
+        ({"uniform_shapes": "yes", "levels": ["row"]}, "uniform_shapes='yes' must be True or False"),
+        ({"uniform_shapes": True}, r"uniform_shapes=True allows levels \['head', 'row'\] only, got \['rank'\]"),
+        ({"uniform_shapes": True, "levels": ["head", "block"]}, r"got \['block'\].*uniform_shapes=False"),
+        ({"uniform_shapes": True, "levels": ["row", "embedding"]}, r"got \['embedding'\]"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, message):
