@@ -25,6 +25,9 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                    oneshot    hf_flop.prune_oneshot (activation, heads + rows, reconstruction), compact,
                               then every step recovers at the compacted size
                    tptaylor   Torch-Pruning Taylor heads + FFN channels, then every step recovers
+                   recipe     the oneshot row as a user runs it: PruningTrainer(pruning_phase=0) sets the
+                              same one-shot masks and refit before its first step, then recovers at the
+                              original shapes with the masks held (the same function, the slower route)
   os_<m>_<T>     one-shot from the dense model with NO fine-tuning at all (issue 12), heads + FFN rows,
                  every row calibrated on the same 512 training sentences: hf_flop.prune_oneshot with
                  score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
@@ -315,7 +318,7 @@ def phase_oneshot_only(
 
 
 PRUNING_PHASE = 0.4  # the twophase rows: 40 % of the steps choose the structure, 60 % recover from it
-EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor")
+EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor", "recipe")
 
 
 def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed: int, dense_model: Path, mode: str):
@@ -372,11 +375,11 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
         trainer.train()
         small = model.eval()
     else:
-        levels = ["head", "row"] if row == "twophasehr" else ["rank", "head", "row"]
+        levels = ["head", "row"] if row in ("twophasehr", "recipe") else ["rank", "head", "row"]
         model = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=target))
         extra = {"target_warmup_steps": 0.5}
         if row != "old":  # PruningTrainer warm-starts the gates from activation scores of the calibration data
-            extra["pruning_phase"] = PRUNING_PHASE
+            extra["pruning_phase"] = 0.0 if row == "recipe" else PRUNING_PHASE
         trainer = PruningTrainer(
             model=model,
             args=_args(work, settings, PruningArguments, seed=seed, **extra),

@@ -514,7 +514,7 @@ def summarize(root: Path, mode: str) -> None:
             {
                 "run": name,
                 "perplexity": r["perplexity"],
-                "perplexity_before_recovery": r.get("perplexity_oneshot"),
+                "perplexity_before_recovery": r.get("perplexity_oneshot", r.get("perplexity_before_recovery")),
                 "total_params": r.get("total_params"),
                 "linear_sparsity": r.get("linear_sparsity"),
                 "total_vs_pretrained": r["total_params"] / pre["total_params"]
@@ -577,7 +577,7 @@ def _plot(summary: dict, path: Path) -> None:
         [x + 0.2 for x in xs],
         after,
         width=0.4,
-        label=f"after {summary['settings']['steps']} steps (_long: {LONG_BUDGET * summary['settings']['steps']})",
+        label=f"after {summary['settings']['steps']} steps (_long, eq_: {LONG_BUDGET * summary['settings']['steps']})",
     )
     if summary["pretrained"]:
         ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
