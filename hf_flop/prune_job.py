@@ -197,6 +197,7 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         pruning_phase=args.pruning_phase,
         oneshot_score=args.oneshot_score,
         hidden_distillation_weight=args.hidden_distillation,
+        calibration_batches=args.calibration_batches,
         **rates,
     )
     trainer = PruningTrainer(
@@ -205,7 +206,6 @@ def _prune(job: _Job, model, dense, flop_config) -> tuple[Any, list[dict]]:
         train_dataset=job.data["train"],
         data_collator=job.data["collator"],
         teacher_model=dense if args.distill else None,
-        reconstruction_data=_calibration_batches(job) if args.pruning_phase < 1 else None,
     )
     with warnings.catch_warnings():
         # the job reports a missed target itself, in its own option names (below and in the summary)
@@ -391,17 +391,6 @@ def _training_args(cls, job: _Job, *, epochs: float, max_steps: int | None, **ex
         train_sampling_strategy="group_by_length" if args.task == "seq-cls" else "random",
         **extra,
     )
-
-
-def _calibration_batches(job: _Job) -> list[dict]:
-    """``--calibration-batches`` batches of seeded training examples, collated: what the scores and the refit read."""
-    args, train = job.args, job.data["train"]
-    rows = train.shuffle(seed=args.seed).select(range(min(len(train), args.calibration_batches * args.batch_size)))
-    collate = job.data["collator"]
-    return [
-        collate([rows[i] for i in range(j, min(j + args.batch_size, len(rows)))])
-        for j in range(0, len(rows), args.batch_size)
-    ]
 
 
 def _params(model) -> int:

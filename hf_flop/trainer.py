@@ -18,6 +18,7 @@ What it adds to `Trainer`:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -109,6 +110,14 @@ class PruningArguments(TrainingArguments):
             "(hf_flop.prune_oneshot, with the refit), and every step recovers."
         },
     )
+    calibration_batches: int = field(
+        default=32,
+        metadata={
+            "help": "With pruning_phase < 1 and no reconstruction_data given to PruningTrainer: this many batches "
+            "of per_device_train_batch_size rows, a seeded sample of train_dataset, are the calibration data of "
+            "the one-shot scores and the refit. 0: none (pruning_phase=0 then needs reconstruction_data)."
+        },
+    )
     oneshot_score: str | None = field(
         default="activation",
         metadata={
@@ -141,6 +150,10 @@ class PruningArguments(TrainingArguments):
             raise ValueError(
                 f"PruningArguments.pruning_phase={self.pruning_phase} must be in [0, 1]: the fraction of the run's "
                 "steps that prune (1.0 = the whole run, no recovery phase; 0 = one-shot masks, then only recovery)."
+            )
+        if not (isinstance(self.calibration_batches, int) and self.calibration_batches >= 0):
+            raise ValueError(
+                f"PruningArguments.calibration_batches={self.calibration_batches!r} must be an integer >= 0 (0 = none)."
             )
         if self.oneshot_score is not None and self.oneshot_score not in SCORES:
             raise ValueError(
@@ -193,14 +206,17 @@ class PruningTrainer(Trainer):
                 "set it to 0."
             )
         self._flop = _checked_flop_model(model)
-        if args.pruning_phase == 0.0 and reconstruction_data is None:
-            raise ValueError(
-                "PruningArguments(pruning_phase=0) chooses the masks one-shot from calibration data: pass "
-                "reconstruction_data=... (batches of training inputs, e.g. 32 batches from a DataLoader), or set "
-                "pruning_phase above 0 to learn the masks."
-            )
         self.reconstruction_data = _checked_reconstruction_data(reconstruction_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
+        if self.reconstruction_data is None and args.two_phase and args.calibration_batches:
+            self.reconstruction_data = self._training_calibration()
+        if args.pruning_phase == 0.0 and self.reconstruction_data is None:
+            raise ValueError(
+                "PruningArguments(pruning_phase=0) chooses the masks one-shot from calibration data, and there is "
+                f"none (calibration_batches={args.calibration_batches}, train_dataset "
+                f"{'given' if self.train_dataset is not None else 'None'}): pass reconstruction_data=... (batches of "
+                "training inputs) or a train_dataset with calibration_batches > 0, or set pruning_phase above 0."
+            )
         # Top-k gates have no expectation to hold at a target, only a size to push down: they get
         # MLPruning's one-sided adaptive regularizer (same call signature, no multipliers).
         self.constraint = CONSTRAINTS[self.flop_config.gate]().to(self.args.device)
@@ -213,6 +229,31 @@ class PruningTrainer(Trainer):
         self.boundary: dict | None = None  # what happened at the phase boundary, once crossed
         self.uniform_fix: dict | None = None  # one-phase runs with uniform_shapes: the masks fixed by train()
         self._frozen_gates: list[nn.Module] = []
+
+    def _training_calibration(self) -> list[dict] | None:
+        """``calibration_batches`` collated batches of a seeded sample of ``train_dataset`` (None without one).
+
+        A generator of its own draws the sample, so the training run's random state (data order,
+        dropout) is the same as with ``reconstruction_data`` given. Columns the model does not take
+        are dropped, as Trainer's collator does for training batches.
+        """
+        dataset, size = self.train_dataset, self.args.per_device_train_batch_size
+        if dataset is None:
+            return None
+        count = self.args.calibration_batches * size
+        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            generator = torch.Generator().manual_seed(self.args.seed)
+            rows = [dataset[i] for i in torch.randperm(len(dataset), generator=generator)[:count].tolist()]
+        else:  # an iterable dataset: its first rows
+            rows = list(itertools.islice(iter(dataset), count))
+        collate = self._get_collator_with_removed_columns(self.data_collator, "calibration")
+        batches = [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+        if len(batches) < 2:
+            raise ValueError(
+                f"train_dataset gives {len(batches)} calibration batch(es) of {size} rows; the refit needs at least "
+                "2: pass reconstruction_data=..., or use a smaller per_device_train_batch_size."
+            )
+        return batches
 
     # --- the schedule ------------------------------------------------------------------------------
     @property

@@ -120,8 +120,12 @@ class _Capture(TrainerCallback):
 
 @pytest.mark.parametrize("gate", ["hard_concrete", "topk"])
 def test_two_phase_run_ends_exactly_at_the_target_with_the_masks_held(tmp_path, gate):
-    trainer = make_trainer(
-        tmp_path, flop_llama(0.5, levels=("rank", "head", "row"), gate=gate), steps=60, pruning_phase=0.5
+    trainer = make_trainer(  # no calibration data: no scoring or refit forwards among the recorded ones
+        tmp_path,
+        flop_llama(0.5, levels=("rank", "head", "row"), gate=gate),
+        steps=60,
+        pruning_phase=0.5,
+        calibration_batches=0,
     )
     assert trainer.pruning_steps() == 0  # before train() the run has no length yet
     capture = _Capture(trainer, 30)
@@ -232,6 +236,18 @@ def test_pruning_phase_zero_sets_the_masks_one_shot_before_the_first_step(tmp_pa
     assert [h["phase"] for h in logs] == ["recovery"] * 4
     assert all(h["loss"] == pytest.approx(h["task_loss"], rel=1e-5) for h in logs)  # no constraint term
     assert trainer.training_facts()["schedule"].startswith("one-shot: masks set at the target by activation")
+
+
+def test_without_reconstruction_data_the_calibration_is_a_seeded_sample_of_the_training_data(tmp_path):
+    trainer = make_trainer(tmp_path, flop_llama(0.5, levels=("head", "row")), pruning_phase=0.0, calibration_batches=3)
+    data = trainer.reconstruction_data
+    assert len(data) == 3 and all(b["input_ids"].shape[0] == 16 for b in data)
+    again = make_trainer(tmp_path, flop_llama(0.5, levels=("head", "row")), pruning_phase=0.0, calibration_batches=3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(data, again.reconstruction_data))
+    rows = {tuple(r.tolist()) for b in data for r in b["input_ids"]}
+    assert len(rows) > 16  # drawn from across the dataset, not one batch repeated
+    one_phase = make_trainer(tmp_path, flop_llama(0.5), calibration_batches=3)
+    assert one_phase.reconstruction_data is None  # nothing to score or refit in a single-phase run
 
 
 def test_pruning_phase_zero_resumes_without_choosing_the_masks_again(tmp_path):
@@ -433,7 +449,12 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="needs oneshot_score"):
         PruningArguments(output_dir=str(tmp_path), pruning_phase=0.0, oneshot_score=None)
     with pytest.raises(ValueError, match="pass reconstruction_data"):
-        make_trainer(tmp_path, flop_llama(), pruning_phase=0.0)
+        make_trainer(tmp_path, flop_llama(), pruning_phase=0.0, calibration_batches=0)
+    for value in (-1, 2.5):
+        with pytest.raises(ValueError, match="calibration_batches"):
+            PruningArguments(output_dir=str(tmp_path), calibration_batches=value)
+    with pytest.raises(ValueError, match="at least 2"):  # one batch of 16 rows from the training data
+        make_trainer(tmp_path, flop_llama(), pruning_phase=0.0, calibration_batches=1)
     for value in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="hidden_distillation_weight"):
             PruningArguments(output_dir=str(tmp_path), hidden_distillation_weight=value)
