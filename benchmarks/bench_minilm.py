@@ -377,7 +377,7 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
     else:
         levels = ["head", "row"] if row in ("twophasehr", "recipe") else ["rank", "head", "row"]
         model = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=target))
-        extra = {"target_warmup_steps": 0.5}
+        extra = {"target_warmup_steps": 0.5, "pruning_phase": 1.0}
         if row != "old":  # PruningTrainer warm-starts the gates from activation scores of the calibration data
             extra["pruning_phase"] = 0.0 if row == "recipe" else PRUNING_PHASE
         trainer = PruningTrainer(

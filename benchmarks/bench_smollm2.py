@@ -298,7 +298,7 @@ def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate
     warm_start_gates(model, compute_scores(model, calibration, "activation"))
     trainer = PruningTrainer(
         model=model,
-        args=_args(out, settings, target_warmup_steps=0.5, gate_learning_rate=gate_learning_rate),
+        args=_args(out, settings, target_warmup_steps=0.5, gate_learning_rate=gate_learning_rate, pruning_phase=1.0),
         teacher_model=teacher,
         train_dataset=train,
         data_collator=default_data_collator,

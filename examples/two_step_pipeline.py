@@ -113,6 +113,7 @@ def training_args(args, name: str, steps: int, **extra) -> PruningArguments:
         use_cpu=True,
         disable_tqdm=True,
         seed=args.seed,
+        pruning_phase=1.0,  # MLPruning's two steps each learn their gates
         **extra,
     )
 

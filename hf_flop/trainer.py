@@ -100,14 +100,16 @@ class PruningArguments(TrainingArguments):
         },
     )
     pruning_phase: float = field(
-        default=1.0,
+        default=0.0,
         metadata={
-            "help": "Fraction of the run's steps that prune, in [0, 1]. 1.0: the whole run prunes (one phase). "
+            "help": "Fraction of the run's steps that prune, in [0, 1]. Default 0: the measured best at a fine-tuning "
+            "budget (README, 'Equal budget'). 1.0: the whole run prunes (FLOP's single phase). "
             "Below 1: after ceil(pruning_phase * max_steps) steps the eval masks are fixed at exactly the target, "
             "the gates frozen and the constraint dropped; the remaining steps fine-tune the pruned model. "
             "target_warmup_steps (as a fraction) is then a fraction of the pruning phase. 0: no pruning steps; "
             "before the first step the masks are set one-shot by oneshot_score on the reconstruction_data "
-            "(hf_flop.prune_oneshot, with the refit), and every step recovers."
+            "(hf_flop.prune_oneshot, with the refit; calibration data from train_dataset unless given), and every "
+            "step recovers."
         },
     )
     calibration_batches: int = field(

@@ -184,7 +184,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--levels",
         type=_levels,
-        default="rank",
+        default="head,row",
         help=f"Structures to gate, {_TAKES['--levels']}: rank = FLOP low-rank components, head = attention "
         "heads, row = FFN neurons, block = weight blocks (not with rank), embedding = vocabulary clusters.",
     )
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--pruning-phase",
         type=_fraction,
-        default=1.0,
+        default=0.0,
         help="Fraction of the pruning steps that learn the masks, in [0, 1]. 1: FLOP's single phase (the gates "
         "learn to the end). Below 1: the gates start from --oneshot-score scores, and after that fraction the masks "
         "are fixed at exactly the target, the kept weights refit on --calibration-batches training batches, and "

@@ -48,6 +48,7 @@ def make_trainer(
         seed=seed,
         disable_tqdm=True,
         use_cpu=True,
+        pruning_phase=1.0,  # these tests are about the learned schedule (the default is one-shot + recovery)
     )
     settings.update(overrides)
     model = flop_llama(seed=seed) if model is None else model

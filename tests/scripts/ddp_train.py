@@ -41,6 +41,7 @@ def main() -> None:
         learning_rate=1e-3,
         logging_steps=4,
         target_warmup_steps=4,
+        pruning_phase=1.0,  # the learned gates, synchronised across processes
         save_strategy="no",
         report_to=[],
         seed=0,
