@@ -10,15 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-# mkstemp/mkdtemp create private entries (0o600 / 0o700); outputs get the usual permissions
-FILE_MODE = 0o644
-FOLDER_MODE = 0o755
 
 
 def check_output_dir(
@@ -46,19 +41,21 @@ def check_output_dir(
 
 @contextmanager
 def atomic_folder(out: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a new empty folder next to ``out`` (mode 0o755); when the block succeeds, it becomes ``out``.
+    """Yield a new empty folder next to ``out``; when the block succeeds, it becomes ``out``.
 
     If the block raises, the temporary folder is removed and ``out`` is untouched. On success the
     folder is renamed to ``out``. With ``overwrite``, an existing ``out`` is first renamed aside, put
     back if the final rename fails, and deleted only once the new folder is in place. Without it,
     the rename replaces a missing or empty ``out`` and fails (``OSError``) on a non-empty one, which
     is then left as it is; callers check beforehand with ``check_output_dir`` for a clear error.
+    The folder gets the permissions of any new folder (0o777 less the umask).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _temporary_name(out)
+    # a plain mkdir, not mkdtemp: mkdtemp's folder is private (0o700) whatever the umask, and it would stay so
+    tmp.mkdir()
     try:
-        tmp.chmod(FOLDER_MODE)
         yield tmp
         _move_into_place(tmp, out, overwrite=overwrite)
     except BaseException:
@@ -85,20 +82,23 @@ def _move_into_place(new: Path, out: Path, *, overwrite: bool) -> None:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix) to write to; on success it replaces ``path``.
 
-    The file ends with mode 0o644. If the block raises, the temporary file is removed and ``path``
-    is untouched. The suffix is kept because some writers pick the format from it (``savefig``).
+    The writer creates the file, so it gets the permissions of any new file (0o666 less the umask;
+    mkstemp's would be 0o600). If the block raises, the temporary file is removed and ``path`` is
+    untouched. The suffix is kept because some writers pick the format from it (``savefig``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temporary_name(path, suffix=path.suffix)
     try:
         yield tmp
-        tmp.chmod(FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temporary_name(path: Path, suffix: str = "") -> Path:
+    """A hidden, unused name next to ``path``: a rename from it stays within one file system."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
