@@ -1,7 +1,7 @@
 """Writing outputs atomically: a reader sees the old file or folder, or the complete new one, never half of one.
 
 Every output of hf_flop goes through here: saved models (``save_compacted``), the CLI's output
-folder, plots, the trainer's checkpoint state and the converted-model cache. The temporary file
+folder, plots, the trainer's checkpoint state, the converted-model cache and ONNX exports. The temporary file
 or folder is made next to its destination, so the final move is a rename within one file system.
 """
 
@@ -94,6 +94,28 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_files(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``path``'s name inside a new temporary folder next to it; on success its files move beside ``path``.
+
+    For writers that put companion files next to their output and refer to them by name (an ONNX
+    model and its external weights ``<name>.data``): the names are the final ones from the start.
+    The companions move first and ``path`` last, each by one rename, so every file that appears is
+    complete. If the block raises, the temporary folder is removed and nothing beside ``path`` changes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp / path.name
+        written = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # path itself last
+        for file in written:
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _temporary_name(path: Path, suffix: str = "") -> Path:

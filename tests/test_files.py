@@ -111,3 +111,20 @@ def test_atomic_file_and_json(tmp_path, umask):
         raise RuntimeError
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_atomic_files_moves_a_file_and_its_companions(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_text("old")
+    with files.atomic_files(path) as tmp:
+        assert tmp.name == "model.onnx" and tmp.parent.parent == tmp_path  # final names from the start
+        tmp.write_text("new")
+        tmp.with_name("model.onnx.data").write_text("weights")  # a companion that the file names
+        assert path.read_text() == "old"
+    assert path.read_text() == "new" and (tmp_path / "model.onnx.data").read_text() == "weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+    with pytest.raises(RuntimeError), files.atomic_files(tmp_path / "other.onnx") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
