@@ -199,6 +199,7 @@ def _export(wrapper: _LogitsOnly, inputs: list[torch.Tensor], names: list[str], 
         with warnings.catch_warnings():
             # the exporter warns that the two inputs' axes share one name, which is what is meant
             warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecations inside its own exporter
             return torch.onnx.export(
                 wrapper,
                 tuple(inputs),
@@ -213,9 +214,9 @@ def _export(wrapper: _LogitsOnly, inputs: list[torch.Tensor], names: list[str], 
         cause = err
         while cause.__cause__ is not None:  # the exporter wraps torch.export's error in generic advice
             cause = cause.__cause__
-        reason = (str(cause).strip() or type(cause).__name__).splitlines()[0]
+        reason = (str(cause).strip() or type(cause).__name__).splitlines()[0].rstrip(".")
         raise OnnxExportError(
-            f"torch.onnx.export could not export {type(wrapper.model).__name__}: {reason} Nothing was written."
+            f"torch.onnx.export could not export {type(wrapper.model).__name__}: {reason}. Nothing was written."
         ) from err
 
 

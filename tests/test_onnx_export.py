@@ -127,6 +127,20 @@ def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_exporter_failure_names_its_cause(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        try:
+            raise ValueError("data-dependent branch in forward\n(details)")
+        except ValueError as err:  # the exporter wraps torch.export's error in generic advice
+            raise RuntimeError("Failed to export the model with torch.export.\nNext steps: ...") from err
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    message = "could not export BertForSequenceClassification: data-dependent branch in forward. Nothing was written."
+    with pytest.raises(OnnxExportError, match=message):
+        export_onnx(tiny_bert(), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_packages_are_named(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
