@@ -35,7 +35,11 @@ INPUTS = ("input_ids", "attention_mask")
 # (batch, length): the first traces the graph, both check it; different sizes prove the axes dynamic.
 # Sizes 0 and 1 are avoided: torch.export would specialise the graph to them.
 CHECK_SHAPES = ((2, 8), (3, 5))
-TOLERANCE = 1e-4  # of the logits' scale: what compaction promises, and what the tests hold ONNX Runtime to
+# Of the logits' scale (the largest |logit|, at least 1). An export error is of the order of the logits themselves;
+# float32 rounding through a deep model is not, but it exceeds 1e-4: on SmolLM2-135M pruned one-shot to 50 % (30
+# layers, 4 x 32 tokens) PyTorch differed from itself by 2.2e-4 of that scale between 1 and 2 threads, and ONNX
+# Runtime from PyTorch by 6.8e-4.
+TOLERANCE = 1e-3
 
 
 class OnnxExportError(RuntimeError):
@@ -65,7 +69,8 @@ def export_onnx(
         path: the ``.onnx`` file to write. Models over 2 GB get their weights in ``<path>.data`` beside it.
         overwrite: replace an existing file at ``path``.
         check: run the written model with ONNX Runtime (CPU) at two input shapes and compare its logits
-            with PyTorch's (within 1e-4 times the largest logit, at least 1e-4) before moving it into place.
+            with PyTorch's (within 1e-3 times the largest |logit|, at least 1e-3: a net for export errors,
+            above float32 rounding) before moving it into place.
         opset_version: the ONNX opset to target (default: the exporter's).
 
     Returns the path written. Raises ``OnnxExportError`` when the exporter fails or the check finds
