@@ -66,7 +66,8 @@ def export_onnx(
         model_or_folder: a ``PreTrainedModel`` with a task head (e.g. ``hf_flop.compact(model)``), or
             a folder written by ``save_compacted`` / ``save_pretrained``. A gated FLOP model is refused:
             compact it first.
-        path: the ``.onnx`` file to write. Models over 2 GB get their weights in ``<path>.data`` beside it.
+        path: the ``.onnx`` file to write. torch's exporter puts the weights of large models (over 1.5 GB in
+            torch 2.13) into ``<name>.data`` beside it.
         overwrite: replace an existing file at ``path``.
         check: run the written model with ONNX Runtime (CPU) at two input shapes and compare its logits
             with PyTorch's (within 1e-3 times the largest |logit|, at least 1e-3: a net for export errors,
@@ -95,7 +96,7 @@ def export_onnx(
             expected = [wrapper(*inputs) for inputs in examples]
         program = _export(wrapper, examples[0], names, opset_version)
         with atomic_files(path) as tmp:
-            program.save(tmp)  # one file; weights over 2 GB go to <name>.data beside it
+            program.save(tmp)  # one file; large models' weights go to <name>.data beside it
             if check:
                 _compare(tmp, names, examples, expected)
     finally:

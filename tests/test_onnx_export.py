@@ -130,6 +130,18 @@ def test_export_from_a_saved_folder(tmp_path):
         export_onnx(folder, path)
 
 
+def test_weights_in_a_companion_file_move_with_the_model(tmp_path, monkeypatch):
+    """Models over torch's threshold (1.5 GB in torch 2.13) keep their weights in <name>.data beside the file."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)  # private: this test fails if torch renames it
+    small = compact(non_uniform("gpt2"))
+    path = export_onnx(small, tmp_path / "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx.data").stat().st_size > 0  # the larger weights; ONNX Runtime reads them below
+    assert_onnx_runtime_matches(path, small, ["input_ids", "attention_mask"])
+
+
 def test_what_cannot_be_exported_is_refused_clearly(tmp_path):
     gated = non_uniform("bert")
     target = tmp_path / "model.onnx"
