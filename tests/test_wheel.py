@@ -1,8 +1,8 @@
 """A wheel install works on its own (issue 14, item 1).
 
 The wheel is built from a copy of the sources next to a stray ``hf_flop_output/`` folder (what a
-checkout holds after ``hf-flop prune``): it must hold ``hf_flop`` alone, with the card template's
-text (the package holds a symlink to the top-level ``model_cards/``). Then it is installed into a
+checkout holds after ``hf-flop prune``): it must hold ``hf_flop`` and its command line ``hf_flop_cli``
+alone, with the card template's text (the package holds a symlink to the top-level ``model_cards/``). Then it is installed into a
 fresh virtual environment outside the repository, where ``save_compacted`` and the ``hf-flop``
 console script run from a working folder outside the repository, with the repository's ``hf_flop``
 out of reach. The new environment borrows the test environment's installed dependencies through a
@@ -28,7 +28,8 @@ import hf_flop
 from hf_flop import data
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = ("hf_flop", "model_cards", "pyproject.toml", "README.md")  # what the build reads
+PACKAGES = ("hf_flop", "hf_flop_cli")
+SOURCES = (*PACKAGES, "model_cards", "pyproject.toml", "README.md")  # what the build reads
 TEMPLATE = "model_cards/compacted_model_card.md"
 
 
@@ -55,11 +56,16 @@ def test_the_wheel_holds_hf_flop_alone_with_the_card_template(wheel):
     with zipfile.ZipFile(wheel) as whl:
         names = whl.namelist()
         info = f"hf_flop-{hf_flop.__version__}.dist-info"
-        assert {n.split("/")[0] for n in names} == {"hf_flop", info}
-        assert whl.read(f"{info}/top_level.txt").decode().split() == ["hf_flop"]
+        assert {n.split("/")[0] for n in names} == {*PACKAGES, info}
+        assert sorted(whl.read(f"{info}/top_level.txt").decode().split()) == list(PACKAGES)
         # the template's text itself, not the symlink's target path
         assert whl.read(f"hf_flop/{TEMPLATE}") == (REPO / TEMPLATE).read_bytes()
-    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "hf_flop").rglob("*.py") if "__pycache__" not in p.parts}
+    sources = {
+        p.relative_to(REPO).as_posix()
+        for package in PACKAGES
+        for p in (REPO / package).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     assert sources <= set(names), sorted(sources - set(names))
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
