@@ -16,7 +16,8 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   schedule, prune then recover, and hidden-state distillation in ``trainer``);
   ``preflight`` the checks before training (injection and target on a weightless copy); ``uniform`` the
   same heads and FFN width in every layer (``FlopConfig.uniform_shapes``: stock classes after compaction);
-  ``hub`` saving, cards, publishing; ``modeling`` the compacted models (self-contained remote code);
+  ``hub`` saving, cards, publishing; ``onnx_export`` the ONNX export (ONNX Runtime);
+  ``modeling`` the compacted models (self-contained remote code);
   ``registration`` what ``import hf_flop`` registers.
 """
 
@@ -31,6 +32,7 @@ from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
 from .model import FlopModel, get_flop_model
 from .oneshot import prune_oneshot, prune_to_target, warm_start_gates
+from .onnx_export import OnnxExportError, export_onnx
 from .reconstruction import reconstruct
 from .registration import register, register_auto_classes
 from .scores import compute_scores
@@ -52,12 +54,14 @@ __all__ = [
     "PruningTrainer",
     "PushToHubError",
     "HardConcreteGate",
+    "OnnxExportError",
     "SparsityReport",
     "TopKGate",
     "UnsupportedArchitectureError",
     "compact",
     "compute_scores",
     "expected_sparsity",
+    "export_onnx",
     "get_flop_model",
     "prune_oneshot",
     "prune_to_target",

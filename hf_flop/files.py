@@ -1,7 +1,7 @@
 """Writing outputs atomically: a reader sees the old file or folder, or the complete new one, never half of one.
 
 Every output of hf_flop goes through here: saved models (``save_compacted``), the CLI's output
-folder, plots, the trainer's checkpoint state and the converted-model cache. The temporary file
+folder, plots, the trainer's checkpoint state, the converted-model cache and ONNX exports. The temporary file
 or folder is made next to its destination, so the final move is a rename within one file system.
 """
 
@@ -10,15 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-# mkstemp/mkdtemp create private entries (0o600 / 0o700); outputs get the usual permissions
-FILE_MODE = 0o644
-FOLDER_MODE = 0o755
 
 
 def check_output_dir(
@@ -46,19 +41,21 @@ def check_output_dir(
 
 @contextmanager
 def atomic_folder(out: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a new empty folder next to ``out`` (mode 0o755); when the block succeeds, it becomes ``out``.
+    """Yield a new empty folder next to ``out``; when the block succeeds, it becomes ``out``.
 
     If the block raises, the temporary folder is removed and ``out`` is untouched. On success the
     folder is renamed to ``out``. With ``overwrite``, an existing ``out`` is first renamed aside, put
     back if the final rename fails, and deleted only once the new folder is in place. Without it,
     the rename replaces a missing or empty ``out`` and fails (``OSError``) on a non-empty one, which
     is then left as it is; callers check beforehand with ``check_output_dir`` for a clear error.
+    The folder gets the permissions of any new folder (0o777 less the umask).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _temporary_name(out)
+    # a plain mkdir, not mkdtemp: mkdtemp's folder is private (0o700) whatever the umask, and it would stay so
+    tmp.mkdir()
     try:
-        tmp.chmod(FOLDER_MODE)
         yield tmp
         _move_into_place(tmp, out, overwrite=overwrite)
     except BaseException:
@@ -85,20 +82,45 @@ def _move_into_place(new: Path, out: Path, *, overwrite: bool) -> None:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix) to write to; on success it replaces ``path``.
 
-    The file ends with mode 0o644. If the block raises, the temporary file is removed and ``path``
-    is untouched. The suffix is kept because some writers pick the format from it (``savefig``).
+    The writer creates the file, so it gets the permissions of any new file (0o666 less the umask;
+    mkstemp's would be 0o600). If the block raises, the temporary file is removed and ``path`` is
+    untouched. The suffix is kept because some writers pick the format from it (``savefig``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temporary_name(path, suffix=path.suffix)
     try:
         yield tmp
-        tmp.chmod(FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_files(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``path``'s name inside a new temporary folder next to it; on success its files move beside ``path``.
+
+    For writers that put companion files next to their output and refer to them by name (an ONNX
+    model and its external weights ``<name>.data``): the names are the final ones from the start.
+    The companions move first and ``path`` last, each by one rename, so every file that appears is
+    complete. If the block raises, the temporary folder is removed and nothing beside ``path`` changes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp / path.name
+        written = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # path itself last
+        for file in written:
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temporary_name(path: Path, suffix: str = "") -> Path:
+    """A hidden, unused name next to ``path``: a rename from it stays within one file system."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:

@@ -30,6 +30,7 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the ONNX exporter's notes on optional operators
 
 
 class RichProgress(TrainerCallback):
@@ -133,4 +134,5 @@ def print_summary(console: Console, summary: dict, output_dir: Path) -> None:
     target = summary.get("target_check") or {}
     if target and not target.get("met", True):
         console.print(f"[bold yellow]missed target:[/] {target['message']}", highlight=False)
-    console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/")
+    onnx = f", {summary['onnx']} (ONNX)" if summary.get("onnx") else ""
+    console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/{onnx}")

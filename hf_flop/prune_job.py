@@ -2,7 +2,8 @@
 
 load the model and data -> dense fine-tune (optional) and evaluate -> prune with ``PruningTrainer``
 (distilling from the dense model) -> compact and evaluate -> CPU latency, dense vs compacted ->
-save the compacted model with its card, the plots and ``summary.json`` -> push (optional).
+save the compacted model with its card, the plots, the ONNX model (optional) and ``summary.json`` ->
+push (optional).
 
 Everything is written into a temporary folder that replaces the output folder only once complete.
 The options arrive completed and checked by ``hf_flop_cli`` (the command line). torch, transformers
@@ -101,6 +102,8 @@ def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, start
         _save_model(job, flop_model, latency, out / "model", output_dir / "model")
         plots = [] if args.no_plots else _plots(job, log_history, report, out / "plots")
         summary = _summary(job, dense, small, report, latency, plots, log_history)
+        if args.export_onnx:
+            summary["onnx"] = _export_onnx(job, small, out / "model.onnx")
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
         summary["machine"]["load_avg_start"] = load_start
         write_json_atomic(out / "summary.json", summary)
@@ -292,6 +295,16 @@ def _save_model(job: _Job, flop_model, latency: dict, folder: Path, final_folder
             training=_training_facts(job, source),
             load_from=args.repo_id if args.push_to_hub else str(final_folder.absolute()),
         )
+
+
+def _export_onnx(job: _Job, small, path: Path) -> str:
+    """The compacted model as ONNX at ``path`` (``export_onnx``: checked against PyTorch with ONNX Runtime); its name."""
+    from .onnx_export import export_onnx
+
+    with job.console.status("exporting to ONNX and checking it with ONNX Runtime"):
+        export_onnx(small, path)
+    job.console.print(f"ONNX model written and checked with ONNX Runtime: {path.name}")
+    return path.name
 
 
 def _hub_dataset_id(dataset: str) -> str | None:

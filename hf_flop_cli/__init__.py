@@ -350,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for the dense vs compacted latency measurement (batch 1 and 32, --max-length tokens).",
     )
     out.add_argument("--no-plots", action="store_true", help="Skip the PNG plots (they need matplotlib).")
+    out.add_argument(
+        "--export-onnx",
+        action="store_true",
+        help="Also write the compacted model as ONNX, <output-dir>/model.onnx, for ONNX Runtime: inputs input_ids, "
+        "attention_mask (and token_type_ids where the model has token types, as BERT has), output logits, any batch "
+        "size and length; checked against PyTorch with ONNX Runtime. Needs pip install 'hf-flop[deploy]'.",
+    )
     out.add_argument("--push-to-hub", action="store_true", help="Also push the compacted model and card to the Hub.")
     out.add_argument("--repo-id", help="Hub repository (owner/name) for --push-to-hub.")
     out.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
@@ -400,6 +407,9 @@ def _is_user_error(err: Exception) -> bool:
     hub = sys.modules.get("hf_flop.hub")
     if hub is not None:
         kinds.append(hub.PushToHubError)
+    onnx_export = sys.modules.get("hf_flop.onnx_export")  # the same for an OnnxExportError (--export-onnx)
+    if onnx_export is not None:
+        kinds.append(onnx_export.OnnxExportError)
     return isinstance(err, tuple(kinds))
 
 
@@ -435,7 +445,8 @@ def run_prune(args) -> dict:
 
 def _check_outputs(args, output_dir: Path) -> None:
     """What the job needs at its end, checked before it trains: a writable place, the card template, matplotlib
-    for the plots, and for --push-to-hub a repository id, a token and the network allowed."""
+    for the plots, the ONNX packages for --export-onnx, and for --push-to-hub a repository id, a token and the
+    network allowed."""
     import importlib.util
 
     from hf_flop.hub import CARD_TEMPLATE
@@ -451,6 +462,14 @@ def _check_outputs(args, output_dir: Path) -> None:
         )
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         raise CliError("the plots need matplotlib: pip install matplotlib (or hf-flop[examples]), or pass --no-plots.")
+    if args.export_onnx:
+        from hf_flop.onnx_export import missing_onnx_packages
+
+        missing = missing_onnx_packages()
+        if missing:
+            raise CliError(
+                f"--export-onnx needs {', '.join(missing)}: pip install 'hf-flop[deploy]', or drop --export-onnx."
+            )
     if args.push_to_hub:
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo_id):
             raise CliError(f"--repo-id {args.repo_id!r} is not a Hub repository id; use owner/name.")

@@ -326,6 +326,47 @@ def test_prune_with_one_shot_masks_and_recovery(capsys, tmp_path, tiny_cls_dir, 
     assert "one-shot: masks set at the target by activation scores" in card and "hidden-state MSE" in card
 
 
+def test_prune_exports_onnx(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
+    """--export-onnx: model.onnx beside the model; ONNX Runtime runs it on the tokenizer's output as PyTorch does."""
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification
+
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    argv += ["--levels", "head,row", "--max-steps", "2", "--dense-epochs", "0", "--max-length", "16"]
+    argv += ["--eval-samples", "8", "--no-plots", "--export-onnx"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["onnx"] == "model.onnx"
+    assert "model.onnx (ONNX)" in " ".join(stdout.split())
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    texts = ["a good film", "the film was awful and dull, really"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], dict(tokenizer(texts, padding=True, return_tensors="np")))
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    with torch.no_grad():
+        expected = saved(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_export_onnx_packages_are_checked_before_training(capsys, tmp_path, tiny_cls_dir, sentiment_csv, no_training):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "onnxscript" else real_find_spec(name, *args)
+
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--export-onnx"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", find_spec)
+        code, _, err = _run([*argv, "--output-dir", str(tmp_path / "out")], capsys)
+    _one_line_error(code, err, "--export-onnx needs onnxscript: pip install 'hf-flop[deploy]', or drop --export-onnx")
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_prints_the_sparsity_table(capsys, tiny_cls_dir):
     code, out, err = _run(["report", "--model", str(tiny_cls_dir), "--levels", "rank,head"], capsys)
     assert code == 0, err

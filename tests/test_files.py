@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -15,13 +16,22 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_atomic_folder_creates_an_ordinary_folder(tmp_path):
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    """The process umask set to the parameter for the test (the usual one, and a group-only one)."""
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_atomic_folder_creates_an_ordinary_folder(tmp_path, umask):
     out = tmp_path / "nested" / "out"
     with files.atomic_folder(out, overwrite=False) as tmp:
         assert tmp.parent == out.parent and not out.exists()
         (tmp / "a.txt").write_text("a")
     assert (out / "a.txt").read_text() == "a"
-    assert _mode(out) == 0o755  # mkdtemp alone would leave it private (0o700)
+    # what a plain mkdir gives (0o755 under the usual umask); mkdtemp would leave it private (0o700)
+    assert _mode(out) == 0o777 & ~umask
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
@@ -91,13 +101,30 @@ def test_check_output_dir(tmp_path):
         files.check_output_dir(3, True)
 
 
-def test_atomic_file_and_json(tmp_path):
+def test_atomic_file_and_json(tmp_path, umask):
     path = files.write_json_atomic(tmp_path / "state.json", {"a": [1, 2]})
     assert json.loads(path.read_text()) == {"a": [1, 2]}
-    assert _mode(path) == 0o644
+    assert _mode(path) == 0o666 & ~umask  # 0o644 under the usual umask; mkstemp's would be 0o600
     with pytest.raises(RuntimeError), files.atomic_file(path) as tmp:
         assert tmp.suffix == ".json" and tmp.parent == tmp_path  # the suffix picks savefig's format
         tmp.write_text("half")
         raise RuntimeError
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_atomic_files_moves_a_file_and_its_companions(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_text("old")
+    with files.atomic_files(path) as tmp:
+        assert tmp.name == "model.onnx" and tmp.parent.parent == tmp_path  # final names from the start
+        tmp.write_text("new")
+        tmp.with_name("model.onnx.data").write_text("weights")  # a companion that the file names
+        assert path.read_text() == "old"
+    assert path.read_text() == "new" and (tmp_path / "model.onnx.data").read_text() == "weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+    with pytest.raises(RuntimeError), files.atomic_files(tmp_path / "other.onnx") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]

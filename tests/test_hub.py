@@ -101,8 +101,13 @@ def test_existing_folder_is_kept_without_overwrite(tmp_path):
 
 
 def test_saved_folder_has_ordinary_permissions(tmp_path):
-    out = save_compacted(pruned("bert", ["rank"], seed=3), tmp_path / "out")
+    old = os.umask(0o022)  # the usual umask; the folder follows it as any new folder does (tests/test_files.py)
+    try:
+        out = save_compacted(pruned("bert", ["rank"], seed=3), tmp_path / "out")
+    finally:
+        os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755  # readable by others, like any saved model
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
 
 
 def test_a_failed_save_changes_nothing(tmp_path):
