@@ -71,6 +71,23 @@ def _ridge(block: torch.Tensor, ridge: float) -> torch.Tensor:
     return block + damp * torch.eye(len(block), dtype=block.dtype, device=block.device)
 
 
+def _damped_cholesky(block: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The Cholesky factor of ``_ridge(block, ridge)``, the damping raised tenfold until it factors.
+
+    A covariance estimated from few tokens, or with features that barely vary, can come out with
+    tiny negative eigenvalues (cancellation in ``E[x x^T] - mean mean^T``) that the relative ridge
+    does not cover; more damping only makes the fit a little more conservative.
+    """
+    for damping in (ridge, *(max(ridge, 1e-6) * 10**k for k in range(1, 6))):
+        chol, info = torch.linalg.cholesky_ex(_ridge(block, damping))
+        if int(info) == 0:
+            return chol
+    raise ValueError(
+        "the calibration inputs' covariance is not positive definite even with a relative ridge of 0.1; the "
+        "calibration data is degenerate (too few tokens, or constant features): pass more varied batches."
+    )
+
+
 def fit_columns(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -122,7 +139,7 @@ def fit_rank(
     second = moments[kept][:, kept]
     mean = moments[kept, dim]
     cov = second - mean[:, None] * mean[None, :] if fit_bias else second  # a free bias absorbs the mean
-    chol = torch.linalg.cholesky(_ridge(cov, ridge))
+    chol = _damped_cholesky(cov, ridge)
     w_s = full.weight[:, kept]
     u, s, vh = torch.linalg.svd(w_s @ chol, full_matrices=False)
     r = min(rank, len(s))

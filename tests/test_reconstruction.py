@@ -83,6 +83,19 @@ def test_whitened_rank_fit_beats_the_plain_truncation(fit_bias):
     assert output_error(fit.weight, fit.bias, w, b, moments) < 0.9 * output_error(plain, b, w, b, moments)
 
 
+def test_rank_fit_of_a_degenerate_covariance_raises_the_damping_instead_of_failing():
+    """Fewer tokens than features, two features always equal and one constant: the covariance is singular (and
+    in floats slightly indefinite), which a plain Cholesky refuses; the fit still returns the rank it was asked."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    x[:, 1] = x[:, 0]
+    x[:, 2] = 3.0
+    w, b = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    moments = _moments(x)
+    fit = fit_rank(w, b, moments, torch.ones(16, dtype=torch.bool), 4, fit_bias=True, ridge=0.0)
+    assert fit.rank == 4 and torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias).all()
+
+
 # --- reconstruct on models -----------------------------------------------------------------------------
 
 
