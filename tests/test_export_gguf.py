@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_bert, tiny_bpe_tokenizer, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import hf_flop
 from hf_flop import FlopConfig, compact, export_gguf, get_flop_model, prune_oneshot
@@ -349,3 +349,74 @@ def test_a_sliding_window_shorter_than_the_context_is_warned_about(tmp_path, tok
     model.config.sliding_window = 16
     with pytest.warns(UserWarning, match="sliding window of 16 tokens"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama-GQA saved with the tiny byte-level BPE tokenizer, and a corpus of its sentences."""
+    folder = tmp_path_factory.mktemp("tiny_bpe_lm")
+    tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(f"the cat sat on the mat {i % 7} times, and the dog sat on a log." for i in range(200)))
+    return folder, corpus
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    from hf_flop import cli
+
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_the_cli_writes_model_gguf(tmp_path, tiny_lm_folder, capsys):
+    folder, corpus = tiny_lm_folder
+    out = tmp_path / "run"
+    argv = ["prune", "--task", "causal-lm", "--model", str(folder), "--dataset", str(corpus), "--levels", "head,row"]
+    argv += ["--output-dir", str(out), "--max-steps", "2", "--max-length", "16", "--no-plots", "--no-distill"]
+    code, err = run_cli([*argv, "--export-gguf", "--gguf-dtype", "f16"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    fields, tensors = read(out / "model.gguf")
+    arch = fields["general.architecture"]
+    assert summary["gguf"]["architecture"] == arch and summary["gguf"]["dtype"] == "f16"
+    assert summary["gguf"]["bytes"] == (out / "model.gguf").stat().st_size
+    small = AutoModelForCausalLM.from_pretrained(out / "model")
+    per_layer = shapes(small)
+    heads = fields[f"{arch}.attention.head_count"]
+    assert (heads if arch == "deci" else [heads] * 2) == [h for h, _, _ in per_layer]
+    assert tensors["blk.0.ffn_up.weight"][1] == "F16"
+    vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    from transformers import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(Trainer, "training_step", refuse)
+
+
+def test_the_cli_refuses_what_llama_cpp_cannot_take_before_training(tmp_path, tiny_lm_folder, capsys, no_training):
+    folder, corpus = tiny_lm_folder
+    out = tmp_path / "run"
+    base = ["prune", "--model", str(folder), "--dataset", str(corpus), "--output-dir", str(out), "--export-gguf"]
+    code, err = run_cli(base, capsys)  # the default task is sequence classification
+    assert code == 2 and "--export-gguf writes causal language models for llama.cpp" in err
+    base[1:1] = ["--task", "causal-lm"]
+    code, err = run_cli([*base, "--gguf-tokenizer", str(tmp_path / "missing.gguf")], capsys)
+    assert code == 2 and "is not a file" in err
+    # a WordPiece tokenizer: refused once the model is loaded, before any training, in the CLI's words
+    wordpiece_folder = tmp_path / "wordpiece_lm"
+    config = {**tiny_llama().config.to_dict(), "vocab_size": 30522}
+    LlamaForCausalLM(LlamaConfig.from_dict(config)).save_pretrained(wordpiece_folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(wordpiece_folder)
+    base[base.index("--model") + 1] = str(wordpiece_folder)
+    code, err = run_cli(base, capsys)
+    assert code == 2 and "--export-gguf: export_gguf builds llama.cpp vocabularies from byte-level BPE" in err
+    assert "pass --gguf-tokenizer a GGUF file" in err and "tokenizer_gguf" not in err
+    assert not out.exists()
