@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,28 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# llama.cpp pre-tokenizer name -> (tokenizer.json normalizer type or None, pre-tokenizer steps). A step
-# matches when it has these values (other fields, e.g. trim_offsets, do not change the splitting).
-# Each name's regexes in src/llama-vocab.cpp split text as these steps do (checked by the slow test).
-PRE_TOKENIZERS: dict[str, tuple[str | None, tuple[dict, ...]]] = {
-    "gpt-2": (None, (_GPT2_BYTE_LEVEL,)),
-    "smollm": (None, (_SINGLE_DIGITS, _GPT2_BYTE_LEVEL)),  # also StarCoder's: single digits, then GPT-2's regex
-    "llama-bpe": (None, (_split(_LLAMA3_SPLIT), _BARE_BYTE_LEVEL)),
-    "qwen2": ("NFC", (_split(_QWEN2_SPLIT), _BARE_BYTE_LEVEL)),
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """A tokenizer.json normalizer + pre-tokenizer that one of llama.cpp's built-in pre-tokenizers reproduces.
+
+    A step matches when it has these values (other fields, e.g. ``trim_offsets``, do not change the
+    splitting). ``ignore_merges``: llama.cpp takes a whole pre-token found in the vocabulary without
+    merging for this name, so the BPE model must say the same.
+    """
+
+    steps: tuple[dict, ...]
+    normalizer: str | None = None
+    ignore_merges: bool = False
+
+
+# llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) -> what it reproduces; its regexes for each name are in
+# src/llama-vocab.cpp, and the slow test checks that llama.cpp splits text as transformers does for each entry
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "gpt-2": PreTokenizer((_GPT2_BYTE_LEVEL,)),
+    "smollm": PreTokenizer((_SINGLE_DIGITS, _GPT2_BYTE_LEVEL)),  # StarCoder's too: single digits, then GPT-2's regex
+    "llama-bpe": PreTokenizer((_split(_LLAMA3_SPLIT), _BARE_BYTE_LEVEL), ignore_merges=True),
+    "qwen2": PreTokenizer((_split(_QWEN2_SPLIT), _BARE_BYTE_LEVEL), normalizer="NFC"),
 }
 
 _REMEDY = (
@@ -195,15 +210,18 @@ def pre_tokenizer_name(spec: dict) -> str:
     """llama.cpp's name for the tokenizer.json ``spec``'s normalizer and pre-tokenizer (``PRE_TOKENIZERS``)."""
     normalizers = [step.get("type") for step in _steps(spec.get("normalizer"))]
     steps = _steps(spec.get("pre_tokenizer"))
-    for name, (normalizer, expected) in PRE_TOKENIZERS.items():
-        if normalizers != ([normalizer] if normalizer else []) or len(steps) != len(expected):
+    ignore_merges = bool(spec["model"].get("ignore_merges"))
+    for name, pre in PRE_TOKENIZERS.items():
+        if normalizers != ([pre.normalizer] if pre.normalizer else []) or len(steps) != len(pre.steps):
             continue
-        if all(all(step.get(k) == v for k, v in want.items()) for step, want in zip(steps, expected)):
+        if ignore_merges == pre.ignore_merges and all(
+            all(step.get(k) == v for k, v in want.items()) for step, want in zip(steps, pre.steps)
+        ):
             return name
     described = [step.get("type") for step in steps]
     raise ValueError(
         f"the tokenizer's pre-tokenizer ({', '.join(map(str, described)) or 'none'}; normalizer "
-        f"{', '.join(map(str, normalizers)) or 'none'}) matches none of llama.cpp's built-in ones hf_flop recognises "
+        f"{', '.join(map(str, normalizers)) or 'none'}; ignore_merges {ignore_merges}) matches none of llama.cpp's built-in ones hf_flop recognises "
         f"({', '.join(PRE_TOKENIZERS)}): {_REMEDY}, or pass tokenizer_pre= the llama.cpp name whose splitting you "
         "know to match."
     )

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--export-gguf",
         action="store_true",
         help="Also write the compacted model as model.gguf for llama.cpp (hf_flop.export_gguf; causal-lm, Llama-family "
-        "models; per-layer shapes as llama.cpp's deci architecture). Needs the gguf package.",
+        "models; per-layer shapes as llama.cpp's deci architecture). Needs the gguf package (in 'hf-flop[deploy]').",
     )
     out.add_argument(
         "--gguf-dtype", choices=("f32", "f16"), default="f32", help="Precision of the GGUF file's matrices."
@@ -479,7 +479,7 @@ def _check_outputs(args, output_dir: Path) -> None:
         if args.task != "causal-lm":
             raise CliError("--export-gguf writes causal language models for llama.cpp; use it with --task causal-lm.")
         if importlib.util.find_spec("gguf") is None:
-            raise CliError("--export-gguf needs the gguf package: pip install gguf (or hf-flop[gguf]).")
+            raise CliError("--export-gguf needs the gguf package: pip install gguf (or 'hf-flop[deploy]').")
         if args.gguf_tokenizer and not Path(args.gguf_tokenizer).expanduser().is_file():
             raise CliError(f"--gguf-tokenizer {args.gguf_tokenizer} is not a file.")
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
