@@ -73,6 +73,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "gpt-2": PreTokenizer((_GPT2_BYTE_LEVEL,)),
     "smollm": PreTokenizer((_SINGLE_DIGITS, _GPT2_BYTE_LEVEL)),  # StarCoder's too: single digits, then GPT-2's regex
     "llama-bpe": PreTokenizer((_split(_LLAMA3_SPLIT), _BARE_BYTE_LEVEL), ignore_merges=True),
+    # llama.cpp does not apply the NFC normalizer: text not in NFC (e.g. "cafe\u0301") splits differently there
     "qwen2": PreTokenizer((_split(_QWEN2_SPLIT), _BARE_BYTE_LEVEL), normalizer="NFC"),
 }
 

@@ -13,7 +13,16 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_bert, tiny_bpe_tokenizer, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
+from tiny_models import (
+    LLAMA3_ROPE,
+    VOCAB,
+    tiny_bert,
+    tiny_bpe_tokenizer,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import hf_flop
@@ -186,14 +195,7 @@ def test_f16_stores_matrices_in_half_precision_and_vectors_in_f32(tmp_path, toke
 def test_biases_and_static_rope_scaling_are_written(tmp_path, tokenizer):
     # Qwen2: q/k/v biases (k's paired like its rows); a llama3 RoPE scaling becomes rope_freqs
     model = tiny_qwen2()
-    model.config.rope_parameters = {
-        "rope_type": "llama3",
-        "rope_theta": 10000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    }
+    model.config.rope_parameters = dict(LLAMA3_ROPE)
     small = uniform(model=model)
     fields, tensors = read(export_gguf(small, tmp_path / "m.gguf", tokenizer=tokenizer))
     assert fields["general.architecture"] == "llama"

@@ -101,6 +101,16 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(**_gqa_kwargs()))
 
 
+# a static RoPE scaling (Llama 3's) for a tiny model: high frequencies kept, low ones divided by 8
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
 TINY_BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 # every architecture of hf_flop.structures.ARCHITECTURES, by model_type (the per-architecture checks)
 ARCH_BUILDERS = {
