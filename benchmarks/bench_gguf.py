@@ -155,6 +155,9 @@ def phase_speed(out: Path, settings: dict, root: Path, dtype: str) -> dict:
         ) from None
 
     export = json.loads((root / "export.json").read_text())
+    missing = [f for name in MODELS if not (root / (f := export[name]["files"][dtype]["path"])).is_file()]
+    if missing:  # the GGUF files are not committed: a fresh clone has export.json without them
+        raise SystemExit(f"{missing} are missing: delete {root / 'export.json'} and run the export phase again.")
     prompt, steps = export["prompt"], settings["gen_tokens"]
     n_ctx = len(prompt) + steps + 8
     llms = {
