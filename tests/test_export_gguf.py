@@ -29,6 +29,7 @@ import hf_flop
 from hf_flop import FlopConfig, compact, export_gguf, get_flop_model, prune_oneshot
 from hf_flop.architectures import arch_spec, layer_layouts
 from hf_flop.data import minilm_path
+from hf_flop.modeling.factorized_embedding import FactorizedEmbedding
 
 gguf = pytest.importorskip("gguf")
 
@@ -226,6 +227,21 @@ def test_low_rank_layers_are_multiplied_back_with_a_warning_or_refused(tmp_path,
     with pytest.raises(ValueError, match="Pass densify=True") as err:
         export_gguf(small, tmp_path / "refused.gguf", tokenizer=tokenizer, densify=False)
     assert "levels rank / block / embedding" in str(err.value) and not (tmp_path / "refused.gguf").exists()
+
+
+def test_a_cluster_factorized_embedding_is_written_as_its_dense_matrix(tmp_path, tokenizer):
+    from test_embedding import close_some_ranks, gated
+
+    model = gated("llama_tied")
+    close_some_ranks(model)
+    small = compact(model)
+    embedding = small.get_input_embeddings()
+    assert isinstance(embedding, FactorizedEmbedding)
+    with pytest.warns(UserWarning, match="the cluster-factorized embedding"):
+        _, tensors = read(export_gguf(small, tmp_path / "m.gguf", tokenizer=tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(tensors["token_embd.weight"][0], embedding(torch.arange(VOCAB)))
+    assert "output.weight" not in tensors  # the head is tied to the clusters: llama.cpp reuses token_embd
 
 
 def test_a_flop_model_is_compacted_first(tmp_path, tokenizer):
