@@ -149,6 +149,17 @@ def test_deci_can_be_asked_for_and_llama_refuses_per_layer_shapes(tmp_path, toke
         export_gguf(small, tmp_path / "n.gguf", tokenizer=tokenizer, dtype="q4")
 
 
+def test_uniform_shapes_pruning_gives_a_llama_file(tmp_path, tokenizer):
+    # the remedy the refusal above names: FlopConfig(uniform_shapes=True) prunes every layer alike
+    config = FlopConfig(levels=["head", "row"], target_sparsity=0.5, uniform_shapes=True)
+    small = compact(prune_oneshot(tiny_llama().eval(), config, batches(), "activation", reconstruct=False))
+    assert len(set(shapes(small))) == 1
+    fields, _ = read(export_gguf(small, tmp_path / "m.gguf", tokenizer=tokenizer, architecture="llama"))
+    heads, kv_heads, ffn = shapes(small)[0]
+    assert fields["general.architecture"] == "llama" and fields["llama.feed_forward_length"] == ffn
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (heads, kv_heads)
+
+
 # --- values ----------------------------------------------------------------------------------------------
 def test_tensors_hold_the_model_weights_with_q_and_k_rows_paired_for_llama_cpp_rope(tmp_path, tokenizer):
     _, small = non_uniform()
@@ -382,9 +393,9 @@ def tiny_lm_folder(tmp_path_factory, tokenizer):
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
-    from hf_flop import cli
+    import hf_flop_cli
 
-    code = cli.main(argv)
+    code = hf_flop_cli.main(argv)
     return code, capsys.readouterr().err
 
 

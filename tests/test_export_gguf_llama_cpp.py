@@ -9,7 +9,8 @@ takes a long time (36 minutes here, at nice 19 on two busy cores, one compile jo
 Checked: llama.cpp's first 32 greedy tokens equal transformers' for compacted tiny Llama-GQA models
 (per-layer shapes as ``deci``, uniform as ``llama``, low-rank layers and a cluster-factorized embedding
 multiplied back, tied embeddings, Qwen2 biases with a llama3 RoPE scaling, an f16 file) and for
-SmolLM2-135M, dense and pruned one-shot to 50 % of its heads and FFN rows; and that llama.cpp splits text as transformers does for every
+SmolLM2-135M, dense and pruned one-shot to 50 % of its heads and FFN rows (per layer, and with
+``uniform_shapes=True``); and that llama.cpp splits text as transformers does for every
 pre-tokenizer ``hf_flop.gguf_vocab.PRE_TOKENIZERS`` maps.
 """
 
@@ -209,16 +210,17 @@ def smollm2_calibration(tokenizer, blocks: int = 32, length: int = 128) -> list[
 SMOLLM2_PROMPT = "The capital of France is a city where"
 
 
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned_50"])
-def test_smollm2_generates_the_same_tokens(llama_cpp, tmp_path, smollm2, pruned):
+@pytest.mark.parametrize("uniform", [None, False, True], ids=["dense", "pruned_50", "pruned_50_uniform"])
+def test_smollm2_generates_the_same_tokens(llama_cpp, tmp_path, smollm2, uniform):
     model, tokenizer = smollm2
+    pruned = uniform is not None
     if pruned:  # one shot to 50 % of the heads (KV groups) and FFN rows, no training
-        config = FlopConfig(levels=["head", "row"], target_sparsity=0.5)
+        config = FlopConfig(levels=["head", "row"], target_sparsity=0.5, uniform_shapes=uniform)
         gated = prune_oneshot(copy.deepcopy(model), config, smollm2_calibration(tokenizer), "activation")
         model = compact(gated)
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer_gguf=smollm2_gguf())
     arch = gguf.GGUFReader(path).fields["general.architecture"].contents()
-    assert arch == ("deci" if pruned else "llama")
+    assert arch == ("deci" if uniform is False else "llama")
     prompt = tokenizer(SMOLLM2_PROMPT)["input_ids"]
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     assert llm.tokenize(SMOLLM2_PROMPT.encode(), add_bos=False, special=False) == prompt
