@@ -17,6 +17,7 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   ``preflight`` the checks before training (injection and target on a weightless copy); ``uniform`` the
   same heads and FFN width in every layer (``FlopConfig.uniform_shapes``: stock classes after compaction);
   ``hub`` saving, cards, publishing; ``onnx_export`` the ONNX export (ONNX Runtime);
+  ``export_gguf`` (vocabulary in ``gguf_vocab``) GGUF files for llama.cpp;
   ``modeling`` the compacted models (self-contained remote code);
   ``registration`` what ``import hf_flop`` registers.
 """
@@ -27,6 +28,7 @@ from .accounting import SparsityReport, expected_sparsity, sparsity_report
 from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 from .compact import compact
 from .config import FlopConfig
+from .export_gguf import export_gguf
 from .gates import Gate, HardConcreteGate, TopKGate
 from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
@@ -61,6 +63,7 @@ __all__ = [
     "compact",
     "compute_scores",
     "expected_sparsity",
+    "export_gguf",
     "export_onnx",
     "get_flop_model",
     "prune_oneshot",

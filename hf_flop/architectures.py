@@ -44,6 +44,9 @@ class ArchSpec:
     attention_head_attrs: dict[str, str] = field(default_factory=dict)  # attr -> what it counts
     embeddings: tuple[str, ...] = ()  # input embedding module name(s), for level "embedding"
     intermediate_attr: str | None = None  # config attribute of the FFN width (compaction to a stock config)
+    # the llama.cpp tensor layout that computes this architecture (a key of export_gguf.GGUF_TENSORS); None: no
+    # GGUF export. Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
+    gguf: str | None = None
 
     def default_targets(self) -> list[str]:
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
@@ -89,6 +92,7 @@ _LLAMA = ArchSpec(
     head_dim_attr="head_dim",
     attention_head_attrs={},
     intermediate_attr="intermediate_size",
+    gguf="llama",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {

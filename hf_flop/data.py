@@ -95,6 +95,15 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file the embedded default ``name`` was converted from, or ``None`` (another model, or not from one).
+
+    Its ``tokenizer.*`` metadata is the vocabulary llama.cpp's converter wrote for the model, which
+    ``hf_flop.export_gguf`` copies into the files of models pruned from it (``tokenizer_gguf``).
+    """
+    return smollm2_gguf() if name == "smollm2" else None
+
+
 def smollm2_path(cache: str | Path | None = None) -> Path:
     """Folder of SmolLM2-135M-Instruct as float32 safetensors + tokenizer, converted once from the GGUF.
 

@@ -135,4 +135,6 @@ def print_summary(console: Console, summary: dict, output_dir: Path) -> None:
     if target and not target.get("met", True):
         console.print(f"[bold yellow]missed target:[/] {target['message']}", highlight=False)
     onnx = f", {summary['onnx']} (ONNX)" if summary.get("onnx") else ""
+    gguf = summary.get("gguf")
+    onnx += f", {gguf['file']} (llama.cpp, architecture {gguf['architecture']})" if gguf else ""
     console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/{onnx}")

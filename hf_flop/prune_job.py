@@ -2,8 +2,8 @@
 
 load the model and data -> dense fine-tune (optional) and evaluate -> prune with ``PruningTrainer``
 (distilling from the dense model) -> compact and evaluate -> CPU latency, dense vs compacted ->
-save the compacted model with its card, the plots, the ONNX model (optional) and ``summary.json`` ->
-push (optional).
+save the compacted model with its card, the plots, the ONNX model and ``model.gguf`` for llama.cpp (both
+optional) and ``summary.json`` -> push (optional).
 
 Everything is written into a temporary folder that replaces the output folder only once complete.
 The options arrive completed and checked by ``hf_flop_cli`` (the command line). torch, transformers
@@ -30,6 +30,9 @@ from .data import TaskData
 from .files import atomic_folder, write_json_atomic
 
 LATENCY_BATCHES = (1, 32)
+GGUF_FILE = "model.gguf"
+# export_gguf's arguments -> the options that set them, for its messages addressed to a CLI user
+GGUF_NAMES = {"tokenizer_gguf=": "--gguf-tokenizer", "tokenizer_pre=": "hf_flop.export_gguf(tokenizer_pre=...)"}
 # PruningArguments fields -> the options that set them, for messages addressed to a CLI user
 CLI_NAMES = {
     "max_steps / num_train_epochs": "--max-steps / --epochs",
@@ -89,6 +92,8 @@ def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, start
     """The phases, written into a temporary folder that becomes ``output_dir`` once complete."""
     tokenizer, data, model = _load(args, console)
     _check_before_training(model, flop_config, console)
+    if args.export_gguf:
+        _check_gguf_export(args, model, tokenizer, console)
     with (
         tempfile.TemporaryDirectory(prefix="hf-flop-trainer-") as workdir,
         atomic_folder(output_dir, overwrite=args.overwrite) as out,
@@ -104,6 +109,8 @@ def _run(args: argparse.Namespace, flop_config, output_dir: Path, console, start
         summary = _summary(job, dense, small, report, latency, plots, log_history)
         if args.export_onnx:
             summary["onnx"] = _export_onnx(job, small, out / "model.onnx")
+        if args.export_gguf:
+            summary["gguf"] = _export_gguf(job, small, out / GGUF_FILE)
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
         summary["machine"]["load_avg_start"] = load_start
         write_json_atomic(out / "summary.json", summary)
@@ -156,6 +163,58 @@ def _check_before_training(model, flop_config, console) -> None:
 
     with console.status("checking the pruning configuration against the model"):
         check_before_training(model, flop_config, option="--target-modules")
+
+
+def _gguf_tokenizer(args: argparse.Namespace):
+    """``--gguf-tokenizer``, else the GGUF an embedded default came from (its vocabulary as llama.cpp's converter wrote it)."""
+    from .data import source_gguf
+
+    return Path(args.gguf_tokenizer).expanduser() if args.gguf_tokenizer else source_gguf(args.model)
+
+
+def _cli_words(message: str) -> str:
+    for name, option in GGUF_NAMES.items():
+        message = message.replace(name, option)
+    return message
+
+
+def _check_gguf_export(args: argparse.Namespace, model, tokenizer, console) -> None:
+    """What export_gguf would refuse about the model and its vocabulary (--export-gguf), refused before training."""
+    from .export_gguf import check_exportable
+
+    with console.status("checking that llama.cpp can take the model (--export-gguf)"):
+        try:
+            check_exportable(model, tokenizer=tokenizer, tokenizer_gguf=_gguf_tokenizer(args))
+        except ValueError as err:
+            raise ValueError(f"--export-gguf: {_cli_words(str(err))}") from None
+
+
+def _export_gguf(job: _Job, small, path: Path) -> dict:
+    """``model.gguf`` for llama.cpp; returns what the summary records (architecture, per-layer shapes, size)."""
+    import gguf
+
+    from .export_gguf import export_gguf
+
+    args = job.args
+    with job.console.status("writing model.gguf for llama.cpp"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gguf(small, path, tokenizer=job.tokenizer, tokenizer_gguf=_gguf_tokenizer(args), dtype=args.gguf_dtype)
+    # e.g. low-rank layers stored dense; the API's other choice (densify=False, refuse) is no option here
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            text = _cli_words(str(warning.message).split("; densify=False")[0].removeprefix("export_gguf: "))
+            job.console.print(f"[bold yellow]note:[/] {text}", highlight=False)
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    return {
+        "file": path.name,
+        "architecture": arch,
+        "dtype": args.gguf_dtype,
+        "bytes": path.stat().st_size,
+        "head_count": fields[f"{arch}.attention.head_count"].contents(),
+        "head_count_kv": fields[f"{arch}.attention.head_count_kv"].contents(),
+        "feed_forward_length": fields[f"{arch}.feed_forward_length"].contents(),
+    }
 
 
 def _fine_tune_dense(job: _Job, model):

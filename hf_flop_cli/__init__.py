@@ -357,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
         "attention_mask (and token_type_ids where the model has token types, as BERT has), output logits, any batch "
         "size and length; checked against PyTorch with ONNX Runtime. Needs pip install 'hf-flop[deploy]'.",
     )
+    out.add_argument(
+        "--export-gguf",
+        action="store_true",
+        help="Also write the compacted model as model.gguf for llama.cpp (hf_flop.export_gguf; causal-lm, Llama-family "
+        "models; per-layer shapes as llama.cpp's deci architecture). Needs the gguf package (in 'hf-flop[deploy]').",
+    )
+    out.add_argument(
+        "--gguf-dtype", choices=("f32", "f16"), default="f32", help="Precision of the GGUF file's matrices."
+    )
+    out.add_argument(
+        "--gguf-tokenizer",
+        help="A GGUF file whose vocabulary (tokenizer.* metadata) model.gguf copies. Default: the embedded model's own "
+        "GGUF for smollm2, else the vocabulary is built from the model's tokenizer.json (byte-level BPE only).",
+    )
     out.add_argument("--push-to-hub", action="store_true", help="Also push the compacted model and card to the Hub.")
     out.add_argument("--repo-id", help="Hub repository (owner/name) for --push-to-hub.")
     out.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
@@ -445,8 +459,9 @@ def run_prune(args) -> dict:
 
 def _check_outputs(args, output_dir: Path) -> None:
     """What the job needs at its end, checked before it trains: a writable place, the card template, matplotlib
-    for the plots, the ONNX packages for --export-onnx, and for --push-to-hub a repository id, a token and the
-    network allowed."""
+    for the plots, the ONNX packages for --export-onnx, for --export-gguf a causal-lm task and the gguf package, and
+    for --push-to-hub a repository id, a token and the network allowed. (Whether llama.cpp can take the model is
+    checked once it is loaded.)"""
     import importlib.util
 
     from hf_flop.hub import CARD_TEMPLATE
@@ -460,6 +475,13 @@ def _check_outputs(args, output_dir: Path) -> None:
             f"the model card template {CARD_TEMPLATE} is missing from this installation of hf_flop; reinstall it "
             "(pip install --force-reinstall hf-flop)."
         )
+    if args.export_gguf:
+        if args.task != "causal-lm":
+            raise CliError("--export-gguf writes causal language models for llama.cpp; use it with --task causal-lm.")
+        if importlib.util.find_spec("gguf") is None:
+            raise CliError("--export-gguf needs the gguf package: pip install gguf (or 'hf-flop[deploy]').")
+        if args.gguf_tokenizer and not Path(args.gguf_tokenizer).expanduser().is_file():
+            raise CliError(f"--gguf-tokenizer {args.gguf_tokenizer} is not a file.")
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         raise CliError("the plots need matplotlib: pip install matplotlib (or hf-flop[examples]), or pass --no-plots.")
     if args.export_onnx:

@@ -101,6 +101,16 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(**_gqa_kwargs()))
 
 
+# a static RoPE scaling (Llama 3's) for a tiny model: high frequencies kept, low ones divided by 8
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
 TINY_BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 # every architecture of hf_flop.structures.ARCHITECTURES, by model_type (the per-architecture checks)
 ARCH_BUILDERS = {
@@ -115,3 +125,28 @@ ARCH_BUILDERS = {
 def tiny_inputs(batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return {"input_ids": torch.randint(1, VOCAB, (batch, length), generator=g)}
+
+
+_TOKENIZER_TEXT = [
+    "the cat sat on the mat, and the dog sat on a log.",
+    "a bird flew over 3 trees! did it? yes: 42 times.",
+    "one two three four five six seven eight nine ten",
+]
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style) with exactly ``VOCAB`` tokens; ``<|endoftext|>`` (id 0) is BOS/EOS/pad.
+
+    Trained (deterministically) on three sentences, so the tiny causal LMs can be run by engines that need
+    a real vocabulary (llama.cpp).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
+    backend.train_from_iterator(_TOKENIZER_TEXT * 20, trainer)
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=special, eos_token=special, pad_token=special)

@@ -1,0 +1,440 @@
+"""Export a Llama-family decoder, dense or compacted by hf_flop, to GGUF: the file llama.cpp runs.
+
+``export_gguf(model_or_folder, path)`` writes a model with the same heads, KV heads and FFN width in
+every layer as llama.cpp's ``llama`` architecture, and a non-uniform one as its ``deci`` architecture
+with per-layer arrays. What llama.cpp accepts, read in its source (the copy vendored by
+llama-cpp-python 0.3.36, llama.cpp commit 0c1e570, which the slow test builds and runs):
+
+* ``llama`` (src/models/llama.cpp) sizes every layer's tensors and graph from the head count, KV-head
+  count and FFN width of layer 0 (``hparams.n_head()``, ``n_head_kv()``, ``n_ff()``): uniform models only.
+* ``deci`` (Nemotron-NAS, src/models/deci.cpp) sizes layer ``il``'s tensors and attention from
+  ``n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)``. The loader common to all architectures
+  (``load_hparams`` in src/llama-model.cpp, ``get_key_or_arr`` in src/llama-model-loader.cpp) reads
+  ``<arch>.attention.head_count``, ``.head_count_kv`` and ``<arch>.feed_forward_length`` either as one
+  number or as an array of exactly ``block_count`` int32/uint32 entries, and the KV cache is sized per
+  layer (src/llama-kv-cache.cpp, ``n_embd_k_gqa(il)``). deci gives 0 heads, 0 KV heads or 0 FFN width
+  special meanings (no attention, linear attention, no FFN); compaction keeps at least one of each.
+* The head size defaults to ``embedding_length / head_count`` of layer 0, wrong once heads are pruned,
+  so ``attention.key_length`` / ``value_length`` are written; ``rope.dimension_count`` must equal it.
+* Both graphs rotate consecutive pairs of a head (``LLAMA_ROPE_TYPE_NORM``) where transformers rotates
+  its two halves, so the rows of q and k (weights and biases) are interleaved per head.
+* ``output.weight`` is optional: without it the output layer reuses ``token_embd.weight`` (tied
+  embeddings, e.g. SmolLM2). q/k/v/o and FFN biases are optional tensors (Qwen2, ``attention_bias``).
+* ``rope_freqs.weight`` (optional) divides each rotary frequency: the static RoPE scalings
+  (``linear``, ``llama3``) are written as that tensor, computed with transformers' own RoPE code.
+
+Refused, each with its remedy in the message: architectures without a ``gguf`` layout in
+``hf_flop.architectures``; models without an LM head; activations other than SiLU; RoPE types that
+change with the sequence length or scale attention (dynamic, yarn, longrope, ...); an output layer with a
+bias; ``architecture="llama"`` for a non-uniform model (``FlopConfig(uniform_shapes=True)`` gives a
+uniform one); low-rank, block-sparse or cluster-factorized layers when ``densify=False`` -- by default they
+are multiplied back into the dense matrix they compute, with a warning, since GGUF has no factorized
+tensors for llama.cpp's graphs; tokenizers ``hf_flop.gguf_vocab`` cannot express. A sliding window
+(Mistral) is warned about: llama.cpp's llama and deci graphs attend to the whole context.
+
+The file appears complete or not at all (``hf_flop.files.atomic_file``: a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .architectures import ARCHITECTURES, arch_spec, find_layers
+from .files import atomic_file
+from .modeling import LowRankLinear
+from .modeling.block_sparse import BlockSparseLinear
+from .modeling.factorized_embedding import FactorizedEmbedding, TiedFactorizedHead
+
+# llama.cpp architectures export_gguf writes: "llama" for uniform models, "deci" for per-layer shapes
+GGUF_ARCHITECTURES = ("llama", "deci")
+DTYPES = {"f32": torch.float32, "f16": torch.float16}  # of the matrices; vectors (norms, biases) stay f32
+
+# Per ArchSpec.gguf layout: module name -> llama.cpp tensor kind (a gguf.MODEL_TENSOR member name, whose
+# file name is gguf.TENSOR_NAMES[kind] + ".weight" / ".bias"). "layer": relative to one transformer layer;
+# "model": relative to the base model. The embeddings are found with get_input/output_embeddings().
+GGUF_TENSORS: dict[str, dict[str, dict[str, str]]] = {
+    "llama": {
+        "layer": {
+            "input_layernorm": "ATTN_NORM",
+            "self_attn.q_proj": "ATTN_Q",
+            "self_attn.k_proj": "ATTN_K",
+            "self_attn.v_proj": "ATTN_V",
+            "self_attn.o_proj": "ATTN_OUT",
+            "post_attention_layernorm": "FFN_NORM",
+            "mlp.gate_proj": "FFN_GATE",
+            "mlp.up_proj": "FFN_UP",
+            "mlp.down_proj": "FFN_DOWN",
+        },
+        "model": {"norm": "OUTPUT_NORM"},
+    }
+}
+# RoPE types whose frequencies do not depend on the sequence length (llama.cpp: a fixed rope_freqs tensor)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class _Layer:
+    """One transformer layer as llama.cpp sees it: its shape and its tensors by kind, ``(out, in)`` weights."""
+
+    heads: int
+    kv_heads: int
+    ffn: int
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def export_gguf(
+    model_or_folder: nn.Module | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    tokenizer_gguf: str | os.PathLike | None = None,
+    tokenizer_pre: str | None = None,
+    dtype: str = "f32",
+    architecture: str | None = None,
+    densify: bool = True,
+    name: str | None = None,
+) -> Path:
+    """Write ``model_or_folder`` to the GGUF file ``path`` for llama.cpp; returns ``path``.
+
+    Args:
+        model_or_folder: a compacted model (``hf_flop.compact``), a FLOP model (compacted first), a
+            stock Llama / Mistral / Qwen2 causal LM, or a folder one was saved to (``save_compacted``).
+        path: the file to write (replaced if it exists; written to a temporary file, then renamed).
+        tokenizer: the model's transformers fast tokenizer or its folder; default: the folder's own.
+            Byte-level BPE tokenizers only (see ``hf_flop.gguf_vocab``).
+        tokenizer_gguf: a GGUF file whose ``tokenizer.*`` metadata is copied instead (the base model's,
+            e.g. ``hf_flop.data.smollm2_gguf()`` for models pruned from the embedded SmolLM2).
+        tokenizer_pre: llama.cpp's pre-tokenizer name, when the tokenizer's is not recognised.
+        dtype: ``"f32"`` or ``"f16"`` for the matrices.
+        architecture: ``None`` (``"llama"`` when every layer has the same shapes, else ``"deci"``),
+            ``"llama"`` (refused for per-layer shapes) or ``"deci"``.
+        densify: store low-rank / block-sparse / cluster-factorized layers as the dense matrices they
+            compute (with a warning); ``False`` refuses such a model instead.
+        name: ``general.name`` in the file; default: the model's folder name.
+    """
+    _check_choice("dtype", dtype, tuple(DTYPES))
+    _check_choice("architecture", architecture, (None, *GGUF_ARCHITECTURES))
+    model, tokenizer = _load(model_or_folder, tokenizer, load_tokenizer=tokenizer_gguf is None)
+    from .gguf_vocab import vocabulary
+
+    layout = _check_model(model)
+    vocab = vocabulary(
+        _vocab_rows(model), tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, tokenizer_pre=tokenizer_pre
+    )
+    config = model.config
+    head_dim = _head_dim(config)
+    rope_base, rope_factors = _rope(config, head_dim)
+    densified: list[str] = []
+    embedding, output = _embeddings(model, densified)
+    layers = _layers(model, layout, head_dim, densified)
+    if densified:
+        _densify_or_refuse(densified, densify)
+    arch = _architecture(layers, architecture)
+
+    def per_layer(values: list[int]) -> int | list[int]:
+        return values[0] if arch == "llama" else values  # deci: arrays (the loader takes either)
+
+    hparams = {
+        "context_length": config.max_position_embeddings,
+        "embedding_length": config.hidden_size,
+        "block_count": len(layers),
+        "feed_forward_length": per_layer([layer.ffn for layer in layers]),
+        "head_count": per_layer([layer.heads for layer in layers]),
+        "head_count_kv": per_layer([layer.kv_heads for layer in layers]),
+        "key_length": head_dim,
+        "value_length": head_dim,
+        "rope_dimension_count": head_dim,
+        "rope_freq_base": rope_base,
+        "layer_norm_rms_eps": float(config.rms_norm_eps),
+        "vocab_size": int(embedding.shape[0]),
+    }
+    globals_ = {"TOKEN_EMBD": embedding, "OUTPUT": output, "ROPE_FREQS": rope_factors}
+    for module_name, kind in GGUF_TENSORS[layout]["model"].items():
+        globals_[kind] = model.base_model.get_submodule(module_name).weight
+    label = name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model"
+    return _write(Path(path), arch, label, hparams, vocab, _named_tensors(globals_, layers), dtype)
+
+
+def check_exportable(
+    model: nn.Module,
+    *,
+    tokenizer=None,
+    tokenizer_gguf: str | os.PathLike | None = None,
+    tokenizer_pre: str | None = None,
+) -> None:
+    """What ``export_gguf`` would refuse about ``model``'s architecture, config and vocabulary, refused now.
+
+    Needs no trained weights, so the CLI calls it before training; the layer shapes pruning will give
+    are not known yet (a non-uniform model is written as ``deci``, never refused for its shapes).
+    """
+    from .gguf_vocab import vocabulary
+
+    _check_model(model)
+    vocabulary(_vocab_rows(model), tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, tokenizer_pre=tokenizer_pre)
+
+
+def _check_model(model: nn.Module) -> str:
+    """``model``'s ``GGUF_TENSORS`` layout, once its architecture and config are ones llama.cpp computes."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = arch_spec(model_type)
+    if spec.gguf is None:
+        supported = sorted(t for t, s in ARCHITECTURES.items() if s.gguf)
+        raise ValueError(
+            f"export_gguf writes Llama-family decoders ({', '.join(supported)}), which llama.cpp's llama and deci "
+            f"graphs compute; model_type={model_type!r} has no such layout in hf_flop."
+        )
+    if model.get_output_embeddings() is None:
+        raise ValueError(
+            f"export_gguf writes causal language models (an LM head); {type(model).__name__} has none: load the model "
+            "with AutoModelForCausalLM."
+        )
+    config = model.config
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"llama.cpp's llama and deci graphs use SiLU in the FFN; this model's hidden_act is {act!r}.")
+    _rope(config, _head_dim(config))
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        warnings.warn(
+            f"the model attends within a sliding window of {window} tokens; llama.cpp's llama and deci graphs attend "
+            "to the whole context, so outputs differ once a sequence is longer than the window.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return spec.gguf
+
+
+# --- reading the model ---------------------------------------------------------------------------
+def _check_choice(argument: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"export_gguf: {argument}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _load(model_or_folder, tokenizer, *, load_tokenizer: bool):
+    """The model (a FLOP model compacted, a folder loaded) and its tokenizer (a folder's own by default)."""
+    from transformers import AutoTokenizer
+
+    if isinstance(model_or_folder, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(model_or_folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"export_gguf: {folder} is not a model folder (no config.json).")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        if tokenizer is None and load_tokenizer and (folder / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        model = model_or_folder
+    if not isinstance(model, PreTrainedModel):  # a PeftModel / FlopModel: what llama.cpp runs is its compaction
+        from .compact import compact
+
+        model = compact(model)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return model, tokenizer
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _vocab_rows(model: nn.Module) -> int:
+    embedding = model.get_input_embeddings()
+    return embedding.num_embeddings
+
+
+def _rope(config, head_dim: int) -> tuple[float, torch.Tensor | None]:
+    """``(rope.freq_base, rope_freqs tensor or None)``: per rotary frequency, the factor llama.cpp divides it by."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES or params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"export_gguf writes RoPE with fixed frequencies over the whole head ({', '.join(STATIC_ROPE_TYPES)}); this "
+            f"model's RoPE is {rope_type!r} (partial_rotary_factor {params.get('partial_rotary_factor', 1.0)})."
+        )
+    if rope_type == "default":
+        return base, None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, attention_scale = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    if abs(float(attention_scale) - 1.0) > 1e-6:
+        raise ValueError(f"this model's RoPE ({rope_type}) scales attention by {attention_scale}; llama.cpp's is 1.")
+    default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return base, (default / inv_freq.to(torch.float64)).to(torch.float32)
+
+
+def _dense(module: nn.Module, name: str, densified: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (out, in), bias)`` of a linear layer as one matrix; a factorized layer's name goes to ``densified``."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if isinstance(module, LowRankLinear):
+        densified.append(name)
+        return module.out_proj.weight @ module.in_proj.weight, module.out_proj.bias
+    if isinstance(module, BlockSparseLinear):
+        densified.append(name)
+        return module.to_dense(), module.bias
+    raise ValueError(
+        f"export_gguf: {name} is a {type(module).__name__}; it writes nn.Linear, LowRankLinear and BlockSparseLinear "
+        "layers. A model with FLOP gates must be compacted first (hf_flop.compact, or pass the FLOP model itself)."
+    )
+
+
+def _embeddings(model: PreTrainedModel, densified: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token embedding matrix, and the output matrix (``None`` when tied: llama.cpp then reuses the embedding)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, FactorizedEmbedding):
+        densified.append("the cluster-factorized embedding")
+        with torch.no_grad():
+            matrix = embedding(torch.arange(embedding.num_embeddings, device=embedding.position.device))
+    else:
+        matrix = embedding.weight
+    if isinstance(head, TiedFactorizedHead) or getattr(head, "weight", None) is getattr(embedding, "weight", False):
+        output = None
+    elif isinstance(head, nn.Linear):
+        output = head.weight
+    else:
+        raise ValueError(f"export_gguf: the LM head is a {type(head).__name__}; it writes nn.Linear heads.")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("export_gguf: the LM head has a bias, which llama.cpp's llama and deci graphs do not add.")
+    return matrix, output
+
+
+def _layers(model: PreTrainedModel, layout: str, head_dim: int, densified: list[str]) -> list[_Layer]:
+    """Every transformer layer's shape and tensors, q and k rows interleaved for llama.cpp's RoPE."""
+    modules = dict(model.named_modules())
+    hidden = model.config.hidden_size
+    layers = []
+    for prefix in find_layers(model, arch_spec(model.config.model_type)):
+        tensors = {}
+        for module_name, kind in GGUF_TENSORS[layout]["layer"].items():
+            module = modules[f"{prefix}.{module_name}"]
+            if kind.endswith("_NORM"):
+                tensors[kind] = (module.weight, None)
+            else:
+                tensors[kind] = _dense(module, f"{prefix}.{module_name}", densified)
+        layer = _layer_shape(prefix, tensors, hidden, head_dim)
+        for kind, heads in (("ATTN_Q", layer.heads), ("ATTN_K", layer.kv_heads)):
+            weight, bias = tensors[kind]
+            tensors[kind] = (_pairs_per_head(weight, heads), None if bias is None else _pairs_per_head(bias, heads))
+        layer.tensors = tensors
+        layers.append(layer)
+    return layers
+
+
+def _layer_shape(prefix: str, tensors: dict, hidden: int, head_dim: int) -> _Layer:
+    """Heads, KV heads and FFN width of one layer, checked to be shapes llama.cpp can build."""
+    q, k, v, o = (tensors[kind][0] for kind in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT"))
+    gate, up, down = (tensors[kind][0] for kind in ("FFN_GATE", "FFN_UP", "FFN_DOWN"))
+    heads, kv_heads, ffn = q.shape[0] // head_dim, k.shape[0] // head_dim, gate.shape[0]
+    consistent = (
+        q.shape[0] == heads * head_dim
+        and k.shape == v.shape == (kv_heads * head_dim, hidden)
+        and q.shape[1] == hidden
+        and o.shape == (hidden, q.shape[0])
+        and up.shape == gate.shape == (ffn, hidden)
+        and down.shape == (hidden, ffn)
+        and kv_heads > 0
+        and heads % kv_heads == 0
+    )
+    if not consistent:
+        raise ValueError(
+            f"export_gguf: {prefix} has shapes llama.cpp cannot build (q {tuple(q.shape)}, k {tuple(k.shape)}, v "
+            f"{tuple(v.shape)}, o {tuple(o.shape)}, head size {head_dim}): every layer needs whole heads, a head "
+            "count that is a multiple of its KV-head count, and matching FFN widths."
+        )
+    return _Layer(heads, kv_heads, ffn)
+
+
+def _pairs_per_head(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's rows from transformers' RoPE layout (halves) to llama.cpp's (consecutive pairs).
+
+    Row ``j`` of a head's first half goes to ``2j`` and row ``j`` of its second half to ``2j + 1``, so
+    the pair llama.cpp rotates together is the pair transformers rotates together.
+    """
+    head_dim = rows.shape[0] // heads
+    return rows.reshape(heads, 2, head_dim // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _densify_or_refuse(names: list[str], densify: bool) -> None:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if not densify:
+        raise ValueError(
+            f"export_gguf: {len(names)} layer(s) are factorized (low-rank, block-sparse or cluster-factorized: {shown}); "
+            "llama.cpp's GGUF tensors are dense matrices. Pass densify=True to store each as the matrix it computes "
+            "(the file is then larger than the compacted model), or prune without levels rank / block / embedding."
+        )
+    warnings.warn(
+        f"export_gguf: {len(names)} factorized layer(s) ({shown}) are stored as the dense matrices they compute, since "
+        "llama.cpp has no factorized tensors: the GGUF file and llama.cpp's work are those of dense layers of the kept "
+        "shapes. Prune with levels head / row only for a model llama.cpp runs at its pruned size; densify=False refuses.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _architecture(layers: list[_Layer], requested: str | None) -> str:
+    shapes = {(layer.heads, layer.kv_heads, layer.ffn) for layer in layers}
+    if requested == "llama" and len(shapes) > 1:
+        heads = [layer.heads for layer in layers]
+        kv = [layer.kv_heads for layer in layers]
+        ffn = [layer.ffn for layer in layers]
+        raise ValueError(
+            "export_gguf: architecture='llama' needs the same heads, KV heads and FFN width in every layer (llama.cpp's "
+            f"llama graph sizes all layers from layer 0); this model has heads {heads}, KV heads {kv}, FFN widths {ffn}. "
+            "Prune with FlopConfig(uniform_shapes=True) for a uniform model, or leave architecture=None to write 'deci', "
+            "which llama.cpp reads per layer."
+        )
+    return requested or ("llama" if len(shapes) == 1 else "deci")
+
+
+# --- writing ---------------------------------------------------------------------------------------
+def _named_tensors(globals_: dict[str, torch.Tensor | None], layers: list[_Layer]) -> dict[str, torch.Tensor]:
+    """Tensors by llama.cpp's file names (``gguf.TENSOR_NAMES``): the model-wide ones (``None``: left out), each layer's."""
+    import gguf
+
+    def file_name(kind: str, block: int | None = None) -> str:
+        base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]]
+        return base.format(bid=block) if block is not None else base
+
+    tensors = {file_name(kind) + ".weight": t for kind, t in globals_.items() if t is not None}
+    for i, layer in enumerate(layers):
+        for kind, (weight, bias) in layer.tensors.items():
+            tensors[file_name(kind, i) + ".weight"] = weight
+            if bias is not None:
+                tensors[file_name(kind, i) + ".bias"] = bias
+    return tensors
+
+
+def _write(path: Path, arch: str, name: str, hparams: dict, vocab: list, tensors: dict, dtype: str) -> Path:
+    """The GGUF file: header, metadata (hyper-parameters, then the vocabulary), tensors; atomically."""
+    import gguf
+
+    matrix_dtype = DTYPES[dtype]
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            writer.add_name(name)
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+            for key, value in hparams.items():
+                getattr(writer, f"add_{key}")(value)
+            for key, value, kind, sub_kind in vocab:
+                writer.add_key_value(key, value, kind, sub_kind)
+            for tensor_name, tensor in tensors.items():
+                # llama.cpp keeps norms, biases and rope factors in f32 whatever the file type
+                target = matrix_dtype if tensor.dim() > 1 else torch.float32
+                writer.add_tensor(tensor_name, tensor.detach().to("cpu", target).contiguous().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return path
