@@ -518,7 +518,8 @@ def _summarize_equal_budget(results: dict, start: dict, mode: str) -> None:
         if name.startswith("eq_"):
             groups.setdefault((r["row"], round(100 * r["target"])), []).append(r)
     rows = []
-    for (row, target), runs in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+    order = {row: i for i, row in enumerate(("oneshot", "recipe", "tptaylor", "twophasehr", "twophase", "old"))}
+    for (row, target), runs in sorted(groups.items(), key=lambda item: (item[0][1], order.get(item[0][0], 9))):
         accuracy = [100 * r["accuracy"] for r in runs]
         rows.append(
             {

@@ -106,6 +106,36 @@ def oneshot_table(summary: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+ROW_NAMES = {  # bench_minilm's equal-budget rows (issue 13), as the README names them
+    "oneshot": "one-shot activation + refit, then recovery (hf_flop default)",
+    "recipe": "the same through PruningTrainer(pruning_phase=0)",
+    "tptaylor": "Torch-Pruning Taylor, then recovery",
+    "twophase": "two-phase, rank+head+row (prune 40 %, fix, refit, recover)",
+    "twophasehr": "two-phase, head+row",
+    "old": "FLOP single phase, rank+head+row (old default)",
+}
+
+
+def equal_budget_table(summary: dict) -> str:
+    dense = 100 * summary["dense_start"]["accuracy"]
+    lines = [
+        f"Dense start {dense:.1f} %. Mean over seeds, spread = standard deviation (n = number of seeds).",
+        "",
+        "| target | row | accuracy % per seed | mean (spread, n) | drop | before recovery | removed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        seeds = ", ".join(f"{a:.1f}" for a in r["accuracy"])
+        spread = _fmt(r["spread"], ".1f")
+        before = ", ".join(f"{a:.1f}" for a in r["accuracy_before_recovery"]) or "–"
+        removed = ", ".join(f"{x:.3f}" for x in sorted(set(r["sparsity"])))
+        lines.append(
+            f"| {int(100 * r['target'])} % | {ROW_NAMES.get(r['row'], r['row'])} | {seeds} | {r['mean']:.1f} "
+            f"({spread}, {len(r['accuracy'])}) | {r['drop_vs_dense_points']:.1f} | {before} | {removed} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Tables of the --quick smoke runs.")
@@ -119,6 +149,9 @@ def main() -> None:
             print(f"#### {path.name}: one-shot, no training\n\n{oneshot_table(summary, metric)}\n")
         else:
             print(f"### {path.name}: not run yet\n")
+    path = RESULTS / f"bench_minilm_equal_budget{suffix}.json"
+    if path.exists():
+        print(f"### {path.name}\n\n{equal_budget_table(json.loads(path.read_text()))}\n")
 
 
 if __name__ == "__main__":
