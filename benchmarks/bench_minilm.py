@@ -561,16 +561,17 @@ def _plot_equal_budget(summary: dict, path: Path) -> None:
     for ax, target in zip(axes[0], targets):
         rows = [r for r in summary["rows"] if r["target"] == target]
         xs = range(len(rows))
-        ax.bar(xs, [r["mean"] for r in rows], color=[f"C{i}" for i in xs], alpha=0.8)
+        colors = [f"C{EQUAL_BUDGET_ROWS.index(r['row'])}" for r in rows]  # one color per row in both panels
+        ax.bar(xs, [r["mean"] for r in rows], color=colors, alpha=0.8)
         for x, r in zip(xs, rows):
             ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", ms=5)  # every seed
             ax.annotate(
                 f"{r['mean']:.1f}",
-                (x, r["mean"]),
+                (x, max(r["accuracy"])),  # above the highest seed, clear of the dots
                 ha="center",
                 va="bottom",
                 fontsize=8,
-                xytext=(0, 4),
+                xytext=(0, 5),
                 textcoords="offset points",
             )
         dense = 100 * summary["dense_start"].get("accuracy", 0)
