@@ -52,6 +52,8 @@ def plot_training(log_history: list[dict], path: str | Path, *, title: str = "")
         return [e[key] for e in logs] if all(key in e for e in logs) else None
 
     multipliers = [k for k in ("lambda_1", "lambda_2", "topk_strength", "topk_gap") if series(k) is not None]
+    if all(e.get("phase") == "recovery" for e in logs):  # one-shot masks (pruning_phase=0): no constraint ran
+        multipliers = []
     fig, axes = plt.subplots(2 + len(multipliers), 1, figsize=(7, 3.0 + 1.9 * (1 + len(multipliers))), sharex=True)
     # 1. loss: the task loss leads; the total gets a thin line on a twin axis
     ax = axes[0]
@@ -61,7 +63,14 @@ def plot_training(log_history: list[dict], path: str | Path, *, title: str = "")
         ax.set_ylabel("task loss")
         if total is not None:
             twin = ax.twinx()
-            twin.plot(steps, total, color="0.55", lw=1, ls=":", label="total loss (optimised: with distillation and constraint)")
+            twin.plot(
+                steps,
+                total,
+                color="0.55",
+                lw=1,
+                ls=":",
+                label="total loss (optimised: with distillation and constraint)",
+            )
             twin.set_ylabel("total loss", color="0.45")
             twin.tick_params(axis="y", colors="0.45")
             lines = ax.get_lines() + twin.get_lines()
@@ -96,6 +105,12 @@ def plot_training(log_history: list[dict], path: str | Path, *, title: str = "")
         if series(key) is not None:
             ax.plot(steps, series(key), **style)
     ax.set_ylabel("sparsity")
+    # no offset notation, and at least 0.1 of range: a size held fixed must read as a flat line at its value
+    ax.ticklabel_format(axis="y", useOffset=False)
+    values = [v for key in styles if series(key) is not None for v in series(key)]
+    if max(values) - min(values) < 0.1:
+        middle = (max(values) + min(values)) / 2
+        ax.set_ylim(middle - 0.05, middle + 0.05)
     ax.legend(loc="lower right", fontsize=8)
     # 3+. each multiplier on its own axis: lambda_2 is often 10-100x lambda_1
     labels = {

@@ -70,19 +70,23 @@ class RichProgress(TrainerCallback):
             parts.append(f"task loss {logs['task_loss']:.4f} (total {logs['loss']:.4f})")
         elif "loss" in logs:
             parts.append(f"loss {logs['loss']:.4f}")
-        if "expected_sparsity" in logs:
+        recovering = logs.get("phase") == "recovery"  # masks fixed: no target to chase, multipliers idle
+        if "expected_sparsity" in logs and recovering:
+            parts.append(f"masks fixed at sparsity {logs.get('deterministic_sparsity', 0):.3f}")
+        elif "expected_sparsity" in logs:
             parts.append(
                 f"sparsity {logs['expected_sparsity']:.3f} (eval {logs.get('deterministic_sparsity', 0):.3f}) "
                 f"/ target {logs.get('target_sparsity', 0):.3f}"
             )
-        if "lambda_1" in logs:
+        if "lambda_1" in logs and not recovering:
             parts.append(f"λ1 {logs['lambda_1']:+.3f} λ2 {logs.get('lambda_2', 0):+.3f}")
         if not parts:
             return
         if self.progress is not None:
             self.progress.update(self.task, info=" | ".join(parts))
         else:
-            line = f"{self.phase} step {state.global_step}/{state.max_steps}: " + " | ".join(parts)
+            label = f"{self.phase} ({logs['phase']})" if "phase" in logs else self.phase
+            line = f"{label} step {state.global_step}/{state.max_steps}: " + " | ".join(parts)
             self.console.print(line, soft_wrap=True, highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):

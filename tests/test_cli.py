@@ -313,8 +313,10 @@ def test_prune_with_one_shot_masks_and_recovery(capsys, tmp_path, tiny_cls_dir, 
     argv += ["--max-steps", "3", "--dense-epochs", "0", "--max-length", "16", "--eval-samples", "16", "--no-plots"]
     argv += ["--levels", "head,row", "--target", "0.4", "--pruning-phase", "0", "--calibration-batches", "3"]
     argv += ["--hidden-distillation", "0.5"]
-    code, _, err = _run(argv, capsys)
+    code, stdout, err = _run(argv, capsys)
     assert code == 0, err
+    text = " ".join(stdout.split())  # the progress lines name the phase and leave out the idle multipliers
+    assert "pruning (recovery) step" in text and "masks fixed at sparsity" in text and "λ1" not in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["target_check"]["met"]
     logs = [e for e in summary["log_history"] if "loss" in e]

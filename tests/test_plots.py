@@ -21,6 +21,9 @@ def _logs(extra) -> list[dict]:
         (lambda s: {"lambda_1": -0.1 * s, "lambda_2": 10.0 * s}, 4),  # loss, sparsity, lambda_1, lambda_2
         (lambda s: {"topk_strength": 50.0, "topk_gap": 0.1 / s}, 4),
         (lambda s: {}, 2),
+        # one-shot masks then recovery (pruning_phase=0): the idle multipliers get no panels
+        (lambda s: {"lambda_1": 0.0, "lambda_2": 0.0, "phase": "recovery"}, 2),
+        (lambda s: {"lambda_1": 0.0, "lambda_2": 0.0, "phase": "pruning" if s < 5 else "recovery"}, 4),
     ],
 )
 def test_plot_training_gives_each_quantity_a_panel(tmp_path, monkeypatch, extra, panels):
