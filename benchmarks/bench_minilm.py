@@ -259,6 +259,13 @@ def phase_tp(out: Path, settings: dict, importance: str, target: float, dense_mo
     }
 
 
+def _calibration(train, collator, mode: str, seed: int) -> list[dict]:
+    """ONESHOT_CALIBRATION's training sentences, collated; draw ``seed`` > 0 from another shuffle of the set."""
+    batches, size = ONESHOT_CALIBRATION[mode]
+    pool = train.shuffle(seed=seed) if seed else train
+    return [collator([pool[i] for i in range(j, j + size)]) for j in range(0, batches * size, size)]
+
+
 def phase_oneshot_only(
     out: Path, settings: dict, method: str, target: float, dense_model: Path, mode: str, seed: int = 0
 ) -> dict:
@@ -276,8 +283,7 @@ def phase_oneshot_only(
     train, test = _data(settings, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     batches, size = ONESHOT_CALIBRATION[mode]
-    pool = train.shuffle(seed=seed) if seed else train
-    calibration = [collator([pool[i] for i in range(j, j + size)]) for j in range(0, batches * size, size)]
+    calibration = _calibration(train, collator, mode, seed)
     model = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
 
     def accuracy(m) -> float:
@@ -340,8 +346,7 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
     train, test = _data(settings, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     batches, size = ONESHOT_CALIBRATION[mode]
-    pool = train.shuffle(seed=seed) if seed else train
-    calibration = [collator([pool[i] for i in range(j, j + size)]) for j in range(0, batches * size, size)]
+    calibration = _calibration(train, collator, mode, seed)
     dense = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
     model = copy.deepcopy(dense)
     dense_linear = encoder_linear_params(dense)
