@@ -128,7 +128,7 @@ def equal_budget_table(summary: dict) -> str:
         seeds = ", ".join(f"{a:.1f}" for a in r["accuracy"])
         spread = _fmt(r["spread"], ".1f")
         before = ", ".join(f"{a:.1f}" for a in r["accuracy_before_recovery"]) or "–"
-        removed = ", ".join(f"{x:.3f}" for x in sorted(set(r["sparsity"])))
+        removed = ", ".join(f"{x:.3f}" for x in sorted({round(x, 3) for x in r["sparsity"]}))
         lines.append(
             f"| {int(100 * r['target'])} % | {ROW_NAMES.get(r['row'], r['row'])} | {seeds} | {r['mean']:.1f} "
             f"({spread}, {len(r['accuracy'])}) | {r['drop_vs_dense_points']:.1f} | {before} | {removed} |"
