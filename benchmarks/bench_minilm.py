@@ -325,6 +325,51 @@ def phase_oneshot_only(
 
 PRUNING_PHASE = 0.4  # the twophase rows: 40 % of the steps choose the structure, 60 % recover from it
 EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor", "recipe")
+# rows ending in "hd" add hidden-state (layer) distillation with this weight to the logit distillation
+HIDDEN_DISTILLATION = 1.0
+# the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
+# ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
+GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
+
+
+def _gradual_recovery(model, dense, train, collator, calibration, settings, target, work, seed, hidden):
+    """The gradual rows: prune in GRADUAL_STAGES, each a one-shot prune + refit of the current (compacted)
+    model; between stages recover on the next slice of one seeded pass over the data, under one linear
+    warm-up/decay schedule for the whole run (the optimizer restarts at each stage: the shapes change)."""
+    import torch
+    from torch_pruning_baseline import DistillationTrainer, encoder_linear_params
+    from transformers import get_linear_schedule_with_warmup
+
+    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot
+    from hf_flop.trainer import PruningArguments
+
+    order = train.shuffle(seed=seed)
+    size = settings["batch_size"]
+    total = len(order) // size
+    dense_linear = encoder_linear_params(dense)
+    bounds = [round(frac * total) for frac, _ in GRADUAL_STAGES] + [total]
+    trainer = None
+    for k, (_, share) in enumerate(GRADUAL_STAGES):
+        kept_now = encoder_linear_params(model) / dense_linear
+        relative = 1 - (1 - share * target) / kept_now  # of the current model's linears
+        gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=relative))
+        prune_oneshot(gated, None, calibration, "activation")
+        model = compact(gated).train()
+        rows = order.select(range(bounds[k] * size, min(len(order), bounds[k + 1] * size)))
+        if not len(rows):
+            continue
+        args = _args(work + f"_{k}", settings, PruningArguments, seed=seed, hidden_distillation_weight=hidden)
+        trainer = DistillationTrainer(
+            model=model, args=args, teacher_model=dense, train_dataset=rows, data_collator=collator
+        )
+        trainer.create_optimizer()
+        whole = get_linear_schedule_with_warmup(trainer.optimizer, round(0.1 * total), total)
+        offset = bounds[k]
+        trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            trainer.optimizer, lambda step, f=whole.lr_lambdas[0], o=offset: f(step + o)
+        )
+        trainer.train()
+    return model.eval(), trainer
 
 
 def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed: int, dense_model: Path, mode: str):
@@ -357,8 +402,14 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
     result = {"row": row, "target": target, "seed": seed, "calibration_sentences": batches * size}
     work = str(out / "work")
     start = time.perf_counter()
-    if row in ("oneshot", "tptaylor"):  # prune once, compact, then every step recovers at the small size
-        if row == "oneshot":
+    hidden = HIDDEN_DISTILLATION if row.endswith("hd") else 0.0
+    result["hidden_distillation_weight"] = hidden
+    base = row.removesuffix("hd")
+    if base == "gradual":
+        small, trainer = _gradual_recovery(model, dense, train, collator, calibration, settings, target, work, seed, hidden)
+        result["sparsity"] = 1 - encoder_linear_params(small) / dense_linear
+    elif base in ("oneshot", "tptaylor"):  # prune once, compact, then every step recovers at the small size
+        if base == "oneshot":
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
             prune_oneshot(gated, None, calibration, "activation")
             result["sparsity"] = sparsity_report(gated).deterministic_sparsity
@@ -372,7 +423,7 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
         model.train()
         trainer = DistillationTrainer(
             model=model,
-            args=_args(work, settings, PruningArguments, seed=seed),
+            args=_args(work, settings, PruningArguments, seed=seed, hidden_distillation_weight=hidden),
             teacher_model=dense,
             train_dataset=train,
             data_collator=collator,
@@ -440,6 +491,9 @@ PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 
 # issue 13: seed 0 of every row first, then the other seeds (a partial run still compares all rows)
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]
+# after issue 13's first measurement: layer distillation for the two best rows, and gradual one-shot pruning
+PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in ("oneshothd", "tptaylorhd")]
+PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in ("gradual", "gradualhd")]
 
 
 def main() -> None:

@@ -79,11 +79,13 @@ def prune_with_torch_pruning(
 class DistillationTrainer(Trainer):
     """Plain fine-tuning with the same logit distillation PruningTrainer applies (its own loss function).
 
-    The baseline must get what FLOP gets: the same teacher, mixing weight and temperature. Use it
-    with ``PruningArguments`` (for ``distillation_alpha`` / ``distillation_temperature``).
+    The baseline must get what FLOP gets: the same teacher, mixing weight and temperature, and the same
+    hidden-state distillation when ``hidden_distillation_weight`` > 0. Use it with ``PruningArguments``
+    (for ``distillation_alpha`` / ``distillation_temperature`` / ``hidden_distillation_weight``).
     """
 
     _distillation_loss = PruningTrainer._distillation_loss
+    _hidden_distillation_loss = PruningTrainer._hidden_distillation_loss
 
     def __init__(self, *args, teacher_model: nn.Module, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -91,12 +93,18 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        hidden = self.args.hidden_distillation_weight  # the same layer distillation PruningTrainer adds, if asked
+        if hidden > 0:
+            inputs = {**inputs, "output_hidden_states": True}
+            teacher_inputs = {**teacher_inputs, "output_hidden_states": True}
         task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         alpha = self.args.distillation_alpha
         with torch.no_grad():
-            teacher_logits = self.teacher_model(**teacher_inputs).logits
+            teacher = self.teacher_model(**teacher_inputs)
         mask = teacher_inputs.get("attention_mask")
-        loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher_logits, mask)
+        loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher.logits, mask)
+        if hidden > 0:
+            loss = loss + hidden * self._hidden_distillation_loss(outputs, teacher, mask)
         return (loss, outputs) if return_outputs else loss
 
 
