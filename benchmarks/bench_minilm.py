@@ -327,6 +327,7 @@ PRUNING_PHASE = 0.4  # the twophase rows: 40 % of the steps choose the structure
 EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor", "recipe")
 # rows ending in "hd" add hidden-state (layer) distillation with this weight to the logit distillation
 HIDDEN_DISTILLATION = 1.0
+LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after the first measurement
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -492,8 +493,7 @@ PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 # issue 13: seed 0 of every row first, then the other seeds (a partial run still compares all rows)
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]
 # after issue 13's first measurement: layer distillation for the two best rows, and gradual one-shot pruning
-PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in ("oneshothd", "tptaylorhd")]
-PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in ("gradual", "gradualhd")]
+PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in LATER_ROWS]
 
 
 def main() -> None:
@@ -577,7 +577,8 @@ def _summarize_equal_budget(results: dict, start: dict, mode: str) -> None:
         if name.startswith("eq_"):
             groups.setdefault((r["row"], round(100 * r["target"])), []).append(r)
     rows = []
-    order = {row: i for i, row in enumerate(("oneshot", "recipe", "tptaylor", "twophasehr", "twophase", "old"))}
+    shown = ("oneshot", "oneshothd", "recipe", "tptaylor", "tptaylorhd", "gradual", "gradualhd")
+    order = {row: i for i, row in enumerate((*shown, "twophasehr", "twophase", "old"))}
     for (row, target), runs in sorted(groups.items(), key=lambda item: (item[0][1], order.get(item[0][0], 9))):
         accuracy = [100 * r["accuracy"] for r in runs]
         rows.append(
@@ -620,7 +621,8 @@ def _plot_equal_budget(summary: dict, path: Path) -> None:
     for ax, target in zip(axes[0], targets):
         rows = [r for r in summary["rows"] if r["target"] == target]
         xs = range(len(rows))
-        colors = [f"C{EQUAL_BUDGET_ROWS.index(r['row'])}" for r in rows]  # one color per row in both panels
+        every = (*EQUAL_BUDGET_ROWS, *LATER_ROWS)
+        colors = [f"C{every.index(r['row'])}" for r in rows]  # one color per row in both panels
         ax.bar(xs, [r["mean"] for r in rows], color=colors, alpha=0.8)
         for x, r in zip(xs, rows):
             ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", ms=5)  # every seed

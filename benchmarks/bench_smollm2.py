@@ -41,7 +41,8 @@ calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the
                    scores, PruningTrainer with pruning_phase=PRUNING_PHASE, masks fixed at the target,
                    reconstruction, recovery), oneshot (prune_oneshot activation + reconstruction,
                    compact, recovery at the small size), tptaylor (Torch-Pruning Taylor FFN channels,
-                   recovery); flop_long above is the old one-phase schedule at this budget
+                   recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)); flop_long
+                   above is the old one-phase schedule at this budget
   os50_cost        the cost of prune_oneshot (activation + reconstruction) with 128 sequences of 512
                    tokens: wall time and peak memory (run it with --threads 2)
 
@@ -428,9 +429,10 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         )
         trainer.train()
         small = model
-    elif row in ("oneshot", "tptaylor"):
-        if row == "oneshot":
-            gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
+    elif row in ("oneshot", "oneshotuniform", "tptaylor"):
+        if row.startswith("oneshot"):
+            uniform = row == "oneshotuniform"  # the same KV groups and FFN width in every layer: stock Llama
+            gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET, uniform_shapes=uniform))
             prune_oneshot(gated, None, calibration, "activation", reconstruct_options={"progress": False})
             result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
             model = compact(gated)
@@ -493,7 +495,7 @@ ONESHOT_PHASES = [
     for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor", "activation_uniform")
 ]
 PHASES += ONESHOT_PHASES + ["os50_cost"]
-PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor"]
+PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor", "eq_oneshotuniform"]
 
 
 def main() -> None:
