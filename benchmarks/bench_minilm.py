@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,14 +99,13 @@ def _args(out: str, settings: dict, cls=None, **extra):
         output_dir=out,
         num_train_epochs=settings["epochs"],
         per_device_train_batch_size=settings["batch_size"],
-        learning_rate=LEARNING_RATE,
         weight_decay=0.01,
         warmup_steps=0.1,
         logging_steps=20,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        **{"seed": 0, **extra},
+        **{"seed": 0, "learning_rate": LEARNING_RATE, **extra},
     )
 
 
@@ -328,12 +328,13 @@ EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor", "re
 # rows ending in "hd" add hidden-state (layer) distillation with this weight to the logit distillation
 HIDDEN_DISTILLATION = 1.0
 LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after the first measurement
+SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
 
 
-def _gradual_recovery(model, dense, train, collator, calibration, settings, target, work, seed, hidden):
+def _gradual_recovery(model, dense, train, collator, calibration, settings, target, work, seed, hidden, **extra):
     """The gradual rows: prune in GRADUAL_STAGES, each a one-shot prune + refit of the current (compacted)
     model; between stages recover on the next slice of one seeded pass over the data, under one linear
     warm-up/decay schedule for the whole run (the optimizer restarts at each stage: the shapes change)."""
@@ -359,7 +360,7 @@ def _gradual_recovery(model, dense, train, collator, calibration, settings, targ
         rows = order.select(range(bounds[k] * size, min(len(order), bounds[k + 1] * size)))
         if not len(rows):
             continue
-        args = _args(work + f"_{k}", settings, PruningArguments, seed=seed, hidden_distillation_weight=hidden)
+        args = _args(work + f"_{k}", settings, PruningArguments, seed=seed, hidden_distillation_weight=hidden, **extra)
         trainer = DistillationTrainer(
             model=model, args=args, teacher_model=dense, train_dataset=rows, data_collator=collator
         )
@@ -403,11 +404,25 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
     result = {"row": row, "target": target, "seed": seed, "calibration_sentences": batches * size}
     work = str(out / "work")
     start = time.perf_counter()
-    hidden = HIDDEN_DISTILLATION if row.endswith("hd") else 0.0
-    result["hidden_distillation_weight"] = hidden
-    base = row.removesuffix("hd")
+    # <base>[hd][lr<N>]: "hd" adds layer distillation, "lr<N>" sets the learning rate to N x 1e-5 (a sweep)
+    base, hd, lr = re.fullmatch(r"([a-z]+?)(hd)?(?:lr(\d+))?", row).groups()
+    hidden = HIDDEN_DISTILLATION if hd else 0.0
+    learning_rate = int(lr) * 1e-5 if lr else LEARNING_RATE
+    result.update(hidden_distillation_weight=hidden, learning_rate=learning_rate)
     if base == "gradual":
-        small, trainer = _gradual_recovery(model, dense, train, collator, calibration, settings, target, work, seed, hidden)
+        small, trainer = _gradual_recovery(
+            model,
+            dense,
+            train,
+            collator,
+            calibration,
+            settings,
+            target,
+            work,
+            seed,
+            hidden,
+            learning_rate=learning_rate,
+        )
         result["sparsity"] = 1 - encoder_linear_params(small) / dense_linear
     elif base in ("oneshot", "tptaylor"):  # prune once, compact, then every step recovers at the small size
         if base == "oneshot":
@@ -424,7 +439,14 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
         model.train()
         trainer = DistillationTrainer(
             model=model,
-            args=_args(work, settings, PruningArguments, seed=seed, hidden_distillation_weight=hidden),
+            args=_args(
+                work,
+                settings,
+                PruningArguments,
+                seed=seed,
+                hidden_distillation_weight=hidden,
+                learning_rate=learning_rate,
+            ),
             teacher_model=dense,
             train_dataset=train,
             data_collator=collator,
@@ -493,7 +515,7 @@ PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 # issue 13: seed 0 of every row first, then the other seeds (a partial run still compares all rows)
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]
 # after issue 13's first measurement: layer distillation for the two best rows, and gradual one-shot pruning
-PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in LATER_ROWS]
+PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in LATER_ROWS + SWEEP_ROWS]
 
 
 def main() -> None:
@@ -621,8 +643,8 @@ def _plot_equal_budget(summary: dict, path: Path) -> None:
     for ax, target in zip(axes[0], targets):
         rows = [r for r in summary["rows"] if r["target"] == target]
         xs = range(len(rows))
-        every = (*EQUAL_BUDGET_ROWS, *LATER_ROWS)
-        colors = [f"C{every.index(r['row'])}" for r in rows]  # one color per row in both panels
+        every = (*EQUAL_BUDGET_ROWS, *LATER_ROWS, *SWEEP_ROWS)
+        colors = [f"C{every.index(r['row']) % 10}" for r in rows]  # one color per row in both panels
         ax.bar(xs, [r["mean"] for r in rows], color=colors, alpha=0.8)
         for x, r in zip(xs, rows):
             ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", ms=5)  # every seed
