@@ -368,6 +368,28 @@ class PruningTrainer(Trainer):
         else:
             warm_start_gates(self.model, compute_scores(self.model, data, args.oneshot_score))
 
+    def _check_ddp_can_freeze(self, resuming: bool) -> None:
+        """Refuse a run that would freeze the gates inside a DDP wrapper built with ``find_unused_parameters=False``.
+
+        DDP's reducer then waits, every step, for a gradient of each parameter that required one when
+        the wrapper was built; frozen gates never send one, so the first recovery step fails with DDP's
+        "Expected to have finished reduction" error, after the whole pruning phase and the refit. The
+        gates freeze after the wrap at the boundary (0 < pruning_phase < 1) and on resuming (the
+        checkpoint's recovery phase is restored after it); only a fresh ``pruning_phase=0`` run freezes
+        them before, so DDP leaves them out. Checked in ``train()``, before the first step.
+        """
+        args = self.args
+        if not (args.two_phase and args.ddp_find_unused_parameters is False and self._ddp()):
+            return
+        if args.pruning_phase > 0 or resuming:
+            raise ValueError(
+                f"PruningArguments(pruning_phase={args.pruning_phase}) under DDP with ddp_find_unused_parameters=False: "
+                "the gates freeze after DDP wrapped the model ("
+                + ("when the checkpoint's recovery phase is restored" if resuming else "at the phase boundary")
+                + "), and DDP then fails at the first recovery step waiting for their gradients. Leave "
+                "ddp_find_unused_parameters unset (Trainer uses True for a PEFT model) or set it to True."
+            )
+
     def _freeze_gates(self) -> None:
         """Gates fixed for the rest of the run: no gradient, no optimizer step, eval masks in training too."""
         self.phase = RECOVERY
@@ -385,11 +407,18 @@ class PruningTrainer(Trainer):
         for gate in self._frozen_gates:
             gate.eval()
 
+    def _ddp(self) -> bool:
+        """Whether the model trains under DDP: several processes, each with the whole weights.
+
+        Not under FSDP or DeepSpeed: sharded engines (not supported by the refit anyway) hold no whole weights.
+        """
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.world_size > 1
+        return distributed and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+
     def _broadcast_weights(self) -> None:
         """Under DDP, make every process hold process 0's weights (each ran the refit on its own)."""
-        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.world_size > 1
-        if not distributed or self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return  # one process; sharded engines (not supported by the refit anyway) hold no whole weights
+        if not self._ddp():
+            return
         for param in self.model.parameters():
             torch.distributed.broadcast(param.data, src=0)
 
@@ -404,8 +433,11 @@ class PruningTrainer(Trainer):
         phase does: ``fix_masks_at_target`` sets the eval masks to the same heads and FFN width in
         every layer, at the target (``self.uniform_fix`` holds the sparsity before and after), so
         ``hf_flop.compact`` gives the stock class. A two-phase run's masks were fixed so at the boundary.
+
+        Before anything, a DDP setup that could not freeze the gates is refused (``ddp_find_unused_parameters``).
         """
         resuming = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        self._check_ddp_can_freeze(bool(resuming))
         if not resuming and self.state.global_step == 0 and not self.recovering:
             self._prepare_gates()
         output = super().train(*args, **kwargs)
