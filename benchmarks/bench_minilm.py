@@ -479,12 +479,73 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
     return result
 
 
+def phase_wall_time(out: Path, settings: dict, dense_model: Path, mode: str) -> dict:
+    """Issue 13's cost goal: the pruning run's wall time against a dense fine-tune of the same steps.
+
+    One process, back to back, with nothing else running (run it alone): a plain ``Trainer`` on the
+    dense model; ``PruningTrainer(pruning_phase=0)`` at 50 % with the teacher (one-shot scores, refit,
+    then every step at the original shapes with the masks held); and the compacted route (``prune_oneshot``,
+    ``compact``, then the same distillation at the small size). Each from a fresh copy of the dense model.
+    """
+    from torch_pruning_baseline import DistillationTrainer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot
+    from hf_flop.trainer import PruningArguments, PruningTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(dense_model)
+    train, _ = _data(settings, tokenizer)
+    collator = DataCollatorWithPadding(tokenizer)
+    calibration = _calibration(train, collator, mode, 0)
+    dense = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
+    work = str(out / "work")
+    result = {}
+
+    start = time.perf_counter()
+    Trainer(
+        model=copy.deepcopy(dense).train(), args=_args(work, settings), train_dataset=train, data_collator=collator
+    ).train()
+    result["dense_finetune_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    gated = get_flop_model(copy.deepcopy(dense), FlopConfig(levels=["head", "row"], target_sparsity=0.5))
+    PruningTrainer(
+        model=gated,
+        args=_args(work, settings, PruningArguments, pruning_phase=0.0),
+        teacher_model=dense,
+        train_dataset=train,
+        data_collator=collator,
+        reconstruction_data=calibration,
+    ).train()
+    result["pruning_trainer_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    gated = get_flop_model(copy.deepcopy(dense), FlopConfig(levels=["head", "row"], target_sparsity=0.5))
+    prune_oneshot(gated, None, calibration, "activation")
+    small = compact(gated).train()
+    result["compacted_prune_s"] = time.perf_counter() - start
+    DistillationTrainer(
+        model=small,
+        args=_args(work, settings, PruningArguments),
+        teacher_model=dense,
+        train_dataset=train,
+        data_collator=collator,
+    ).train()
+    result["compacted_route_s"] = time.perf_counter() - start
+    result["pruning_trainer_vs_dense"] = result["pruning_trainer_s"] / result["dense_finetune_s"]
+    result["compacted_route_vs_dense"] = result["compacted_route_s"] / result["dense_finetune_s"]
+    result["load_avg_end"] = list(os.getloadavg())
+    return result
+
+
 def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
     dense_model = root / "dense_model"
     if name.startswith("eq_"):  # eq_<row>_<T>_s<seed>
         _, row, target, seed = name.split("_")
         mode = "quick" if root.name.endswith("_quick") else "full"
         return phase_equal_budget(out, settings, row, int(target) / 100, int(seed[1:]), dense_model, mode)
+    if name == "wall_time":
+        return phase_wall_time(out, settings, dense_model, "quick" if root.name.endswith("_quick") else "full")
     if name == "dense":
         from hf_flop.data import minilm_path
 
@@ -516,6 +577,7 @@ PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]
 # after issue 13's first measurement: layer distillation for the two best rows, and gradual one-shot pruning
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in LATER_ROWS + SWEEP_ROWS]
+PHASES += ["wall_time"]  # run it alone: --only wall_time --threads 2
 
 
 def main() -> None:
