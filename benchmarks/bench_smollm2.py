@@ -41,8 +41,9 @@ calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the
                    scores, PruningTrainer with pruning_phase=PRUNING_PHASE, masks fixed at the target,
                    reconstruction, recovery), oneshot (prune_oneshot activation + reconstruction,
                    compact, recovery at the small size), tptaylor (Torch-Pruning Taylor FFN channels,
-                   recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)); flop_long
-                   above is the old one-phase schedule at this budget
+                   recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)); a suffix
+                   lr<N> sets the recovery learning rate to N x 1e-5 (a sweep, the same for every row);
+                   flop_long above is the old one-phase schedule at this budget
   os50_cost        the cost of prune_oneshot (activation + reconstruction) with 128 sequences of 512
                    tokens: wall time and peak memory (run it with --threads 2)
 
@@ -323,7 +324,7 @@ def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate
     }
 
 
-def _recover(out: Path, settings: dict, model, teacher, train) -> float:
+def _recover(out: Path, settings: dict, model, teacher, train, **extra) -> float:
     """The shared recovery budget: fine-tune with the same distillation PruningTrainer applies."""
     from torch_pruning_baseline import DistillationTrainer
     from transformers import default_data_collator
@@ -331,7 +332,7 @@ def _recover(out: Path, settings: dict, model, teacher, train) -> float:
     model.train()
     trainer = DistillationTrainer(
         model=model,
-        args=_args(out, settings),
+        args=_args(out, settings, **extra),
         teacher_model=teacher,
         train_dataset=train,
         data_collator=default_data_collator,
@@ -429,7 +430,10 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         )
         trainer.train()
         small = model
-    elif row in ("oneshot", "oneshotuniform", "tptaylor"):
+    elif row.startswith(("oneshot", "tptaylor")):  # <oneshot|oneshotuniform|tptaylor>[lr<N>: N x 1e-5]
+        row, _, lr = row.partition("lr")
+        extra = {"learning_rate": int(lr) * 1e-5} if lr else {}
+        result["learning_rate"] = extra.get("learning_rate", LEARNING_RATE)
         if row.startswith("oneshot"):
             uniform = row == "oneshotuniform"  # the same KV groups and FFN width in every layer: stock Llama
             gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET, uniform_shapes=uniform))
@@ -441,7 +445,7 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
             result.update(details)
         result["prune_time_s"] = time.perf_counter() - start
         result["perplexity_before_recovery"] = _perplexity(model.eval(), test)
-        _recover(out, settings, model, teacher, train)
+        _recover(out, settings, model, teacher, train, **extra)
         small = model.eval()
     else:  # twophase
         model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
@@ -496,6 +500,7 @@ ONESHOT_PHASES = [
 ]
 PHASES += ONESHOT_PHASES + ["os50_cost"]
 PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor", "eq_oneshotuniform"]
+PHASES += [f"eq_{row}lr{n}" for n in (10, 20) for row in ("oneshot", "oneshotuniform", "tptaylor")]  # a sweep
 
 
 def main() -> None:
