@@ -329,6 +329,7 @@ EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor", "re
 HIDDEN_DISTILLATION = 1.0
 LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after the first measurement
 SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
+LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -372,6 +373,22 @@ def _gradual_recovery(model, dense, train, collator, calibration, settings, targ
         )
         trainer.train()
     return model.eval(), trainer
+
+
+def _keep_top_share(gated, calibration, share: float) -> None:
+    """Per gate (each layer's heads, each layer's FFN rows) keep the top ``share`` of units by activation
+    score, then refit: hf_flop's scores and reconstruction with Torch-Pruning's per-layer allocation."""
+    import torch
+
+    from hf_flop import compute_scores, reconstruct
+    from hf_flop.scores import find_gated_units
+
+    scores = compute_scores(gated, calibration, "activation")
+    for unit in find_gated_units(gated):
+        keep = torch.zeros(unit.n_units, dtype=torch.bool)
+        keep[torch.argsort(scores[unit.key], descending=True)[: round(share * unit.n_units)]] = True
+        unit.gate.set_mask(keep)
+    reconstruct(gated, calibration)
 
 
 def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed: int, dense_model: Path, mode: str):
@@ -424,10 +441,13 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
             learning_rate=learning_rate,
         )
         result["sparsity"] = 1 - encoder_linear_params(small) / dense_linear
-    elif base in ("oneshot", "tptaylor"):  # prune once, compact, then every step recovers at the small size
-        if base == "oneshot":
+    elif base in ("oneshot", "oneshotlayer", "tptaylor"):  # prune once, compact, then every step recovers at the small size
+        if base.startswith("oneshot"):
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
-            prune_oneshot(gated, None, calibration, "activation")
+            if base == "oneshotlayer":  # every layer keeps the same share of its heads and FFN rows (TP's allocation)
+                _keep_top_share(gated, calibration, 1 - target)
+            else:
+                prune_oneshot(gated, None, calibration, "activation")
             result["sparsity"] = sparsity_report(gated).deterministic_sparsity
             model = compact(gated)
         else:
