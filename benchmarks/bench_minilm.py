@@ -330,6 +330,7 @@ HIDDEN_DISTILLATION = 1.0
 LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after the first measurement
 SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
+LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -441,13 +442,13 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
             learning_rate=learning_rate,
         )
         result["sparsity"] = 1 - encoder_linear_params(small) / dense_linear
-    elif base in ("oneshot", "oneshotlayer", "tptaylor"):  # prune once, compact, then every step recovers at the small size
+    elif base.startswith("oneshot") or base == "tptaylor":  # prune once, compact, then every step recovers at the small size
         if base.startswith("oneshot"):
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
             if base == "oneshotlayer":  # every layer keeps the same share of its heads and FFN rows (TP's allocation)
                 _keep_top_share(gated, calibration, 1 - target)
-            else:
-                prune_oneshot(gated, None, calibration, "activation")
+            else:  # oneshot<score>: another hf_flop score than activation (e.g. oneshotsensitivity, Taylor's)
+                prune_oneshot(gated, None, calibration, base.removeprefix("oneshot") or "activation")
             result["sparsity"] = sparsity_report(gated).deterministic_sparsity
             model = compact(gated)
         else:
