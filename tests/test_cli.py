@@ -288,13 +288,16 @@ def test_prune_seq_cls_end_to_end(capsys, tmp_path, tiny_cls_dir, sentiment_csv)
     _one_line_error(code, err, "not empty")
 
 
-def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir):
+@pytest.mark.parametrize("uniform", [False, True], ids=["per-layer", "uniform-shapes"])
+def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir, uniform):
+    """--uniform-shapes: every layer keeps the same KV groups and FFN width, so the saved model is the
+    stock LlamaForCausalLM (no remote code); without it the per-layer shapes need hf_flop's class."""
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"the cat number {i % 7} sat on the mat near dog {i % 5}" for i in range(300)))
     out = tmp_path / "run"
     argv = ["prune", "--task", "causal-lm", "--model", str(tiny_lm_dir), "--dataset", str(text)]
     argv += ["--output-dir", str(out), "--max-steps", "3", "--max-length", "16", "--no-plots", "--no-distill"]
-    code, stdout, err = _run(argv, capsys)
+    code, stdout, err = _run(argv + (["--uniform-shapes"] if uniform else []), capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     results = summary["results"]
@@ -303,6 +306,21 @@ def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir):
         assert 1.0 < results[key] < 2 * 30522
     assert results["pretrained"] == results["dense"]  # no dense fine-tune by default for causal-lm
     assert not (out / "plots").exists()
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["architectures"] == (["LlamaForCausalLM"] if uniform else ["FlopLlamaForCausalLM"])
+    assert ("auto_map" in saved) is not uniform
+
+
+def test_uniform_shapes_with_heads_on_bert_is_refused_with_the_remedy(
+    capsys, tmp_path, tiny_cls_dir, sentiment_csv, no_training
+):
+    """BERT derives its head size from hidden size / heads: fewer uniform heads cannot be a stock config.
+    Refused before the dense fine-tune."""
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    code, _, err = _run([*argv, "--uniform-shapes", "--max-steps", "1"], capsys)
+    _one_line_error(code, err, "levels=['row']")
+    assert not out.exists()
 
 
 def test_prune_with_one_shot_masks_and_recovery(capsys, tmp_path, tiny_cls_dir, sentiment_csv):
