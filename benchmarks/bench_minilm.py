@@ -331,6 +331,7 @@ LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after 
 SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
+LATER_ROWS += ("oneshottptaylor",)  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -392,6 +393,37 @@ def _keep_top_share(gated, calibration, share: float) -> None:
     reconstruct(gated, calibration)
 
 
+def _keep_what_torch_pruning_keeps(gated, dense, calibration, target: float) -> None:
+    """Set ``gated``'s masks to the heads and FFN rows Torch-Pruning Taylor keeps at ``target``, then refit.
+
+    Torch-Pruning removes rows physically; every kept row is an exact copy of a dense row, which is how
+    the kept indices are found (the query rows of a head's first dimension, the FFN up rows)."""
+    import torch
+    from torch_pruning_baseline import prune_with_torch_pruning
+
+    from hf_flop import reconstruct
+    from hf_flop.scores import find_gated_units
+
+    example = {k: v for k, v in calibration[0].items() if k != "labels"}
+    pruned = prune_with_torch_pruning(copy.deepcopy(dense), example, target, "taylor", calibration)
+    head_dim = dense.config.hidden_size // dense.config.num_attention_heads
+    keep = {}
+    for i, (full, small) in enumerate(zip(dense.bert.encoder.layer, pruned.bert.encoder.layer)):
+        for key, w_full, w_small, step in (
+            (f"head_{i}", full.attention.self.query.weight, small.attention.self.query.weight, head_dim),
+            (f"row_{i}", full.intermediate.dense.weight, small.intermediate.dense.weight, 1),
+        ):
+            first_rows = w_full[::step]  # a unit's first row identifies it
+            found = torch.cdist(w_small[::step].detach(), first_rows.detach()).argmin(1)
+            assert torch.equal(w_small[::step], first_rows[found]), "a kept row is not a copy of a dense row"
+            mask = torch.zeros(len(first_rows), dtype=torch.bool)
+            mask[found] = True
+            keep[key] = mask
+    for unit in find_gated_units(gated):
+        unit.gate.set_mask(keep[unit.key])
+    reconstruct(gated, calibration)
+
+
 def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed: int, dense_model: Path, mode: str):
     """Issue 13: one row of the equal-budget comparison (see the module docstring)."""
     from torch_pruning_baseline import DistillationTrainer, encoder_linear_params, prune_with_torch_pruning
@@ -447,6 +479,8 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
             if base == "oneshotlayer":  # every layer keeps the same share of its heads and FFN rows (TP's allocation)
                 _keep_top_share(gated, calibration, 1 - target)
+            elif base == "oneshottptaylor":  # Torch-Pruning Taylor's choice of heads and rows, then hf_flop's refit
+                _keep_what_torch_pruning_keeps(gated, copy.deepcopy(dense), calibration, target)
             else:  # oneshot<score>: another hf_flop score than activation (e.g. oneshotsensitivity, Taylor's)
                 prune_oneshot(gated, None, calibration, base.removeprefix("oneshot") or "activation")
             result["sparsity"] = sparsity_report(gated).deterministic_sparsity
