@@ -331,7 +331,7 @@ LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after 
 SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
-LATER_ROWS += ("oneshottptaylor",)  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
+LATER_ROWS += ("oneshottptaylor", "oneshotplain")  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -481,6 +481,8 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
                 _keep_top_share(gated, calibration, 1 - target)
             elif base == "oneshottptaylor":  # Torch-Pruning Taylor's choice of heads and rows, then hf_flop's refit
                 _keep_what_torch_pruning_keeps(gated, copy.deepcopy(dense), calibration, target)
+            elif base == "oneshotplain":  # activation masks without the refit: what the refit does for recovery
+                prune_oneshot(gated, None, calibration, "activation", reconstruct=False)
             else:  # oneshot<score>: another hf_flop score than activation (e.g. oneshotsensitivity, Taylor's)
                 prune_oneshot(gated, None, calibration, base.removeprefix("oneshot") or "activation")
             result["sparsity"] = sparsity_report(gated).deterministic_sparsity
