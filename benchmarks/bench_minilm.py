@@ -331,7 +331,7 @@ LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after 
 SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
-LATER_ROWS += ("oneshottptaylor", "oneshotplain")  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
+LATER_ROWS += ("oneshottptaylor", "oneshotplain", "oneshottptaylorplain")  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -393,7 +393,7 @@ def _keep_top_share(gated, calibration, share: float) -> None:
     reconstruct(gated, calibration)
 
 
-def _keep_what_torch_pruning_keeps(gated, dense, calibration, target: float) -> None:
+def _keep_what_torch_pruning_keeps(gated, dense, calibration, target: float, refit: bool) -> None:
     """Set ``gated``'s masks to the heads and FFN rows Torch-Pruning Taylor keeps at ``target``, then refit.
 
     Torch-Pruning removes rows physically; every kept row is an exact copy of a dense row, which is how
@@ -421,7 +421,8 @@ def _keep_what_torch_pruning_keeps(gated, dense, calibration, target: float) -> 
             keep[key] = mask
     for unit in find_gated_units(gated):
         unit.gate.set_mask(keep[unit.key])
-    reconstruct(gated, calibration)
+    if refit:
+        reconstruct(gated, calibration)
 
 
 def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed: int, dense_model: Path, mode: str):
@@ -479,8 +480,9 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
             if base == "oneshotlayer":  # every layer keeps the same share of its heads and FFN rows (TP's allocation)
                 _keep_top_share(gated, calibration, 1 - target)
-            elif base == "oneshottptaylor":  # Torch-Pruning Taylor's choice of heads and rows, then hf_flop's refit
-                _keep_what_torch_pruning_keeps(gated, copy.deepcopy(dense), calibration, target)
+            elif base.startswith("oneshottptaylor"):  # Torch-Pruning Taylor's heads and rows, hf_flop's refit
+                refit = base != "oneshottptaylorplain"  # (or none: compaction alone, against the tptaylor row)
+                _keep_what_torch_pruning_keeps(gated, copy.deepcopy(dense), calibration, target, refit)
             elif base == "oneshotplain":  # activation masks without the refit: what the refit does for recovery
                 prune_oneshot(gated, None, calibration, "activation", reconstruct=False)
             else:  # oneshot<score>: another hf_flop score than activation (e.g. oneshotsensitivity, Taylor's)
