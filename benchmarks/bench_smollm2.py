@@ -179,14 +179,12 @@ def _args(out: Path, settings: dict, **extra):
         output_dir=str(out / "work"),
         max_steps=settings["steps"],
         per_device_train_batch_size=settings["batch"],
-        learning_rate=LEARNING_RATE,
         warmup_steps=0.1,
         logging_steps=max(1, settings["steps"] // 20),
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        seed=0,
-        **extra,
+        **{"seed": 0, "learning_rate": LEARNING_RATE, **extra},
     )
 
 
