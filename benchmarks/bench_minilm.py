@@ -331,7 +331,11 @@ LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after 
 SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "tptaylorlr2", "tptaylorlr10")  # recovery learning rate 2e-5 / 1e-4
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
-LATER_ROWS += ("oneshottptaylor", "oneshotplain", "oneshottptaylorplain")  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
+LATER_ROWS += (
+    "oneshottptaylor",
+    "oneshotplain",
+    "oneshottptaylorplain",
+)  # Torch-Pruning Taylor's heads and rows, hf_flop's refit, then recovery
 # the gradual rows prune one-shot at these fractions of the run, to these fractions of the target (a cubic
 # ramp, Zhu & Gupta's schedule), compacting and refitting each time; the steps between stages recover
 GRADUAL_STAGES = ((0.0, 1 - 0.75**3), (0.1, 1 - 0.5**3), (0.2, 1 - 0.25**3), (0.3, 1.0))
@@ -475,7 +479,9 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
             learning_rate=learning_rate,
         )
         result["sparsity"] = 1 - encoder_linear_params(small) / dense_linear
-    elif base.startswith("oneshot") or base == "tptaylor":  # prune once, compact, then every step recovers at the small size
+    elif (
+        base.startswith("oneshot") or base == "tptaylor"
+    ):  # prune once, compact, then every step recovers at the small size
         if base.startswith("oneshot"):
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
             if base == "oneshotlayer":  # every layer keeps the same share of its heads and FFN rows (TP's allocation)
@@ -754,40 +760,53 @@ def _summarize_equal_budget(results: dict, start: dict, mode: str) -> None:
 
 
 def _plot_equal_budget(summary: dict, path: Path) -> None:
+    """Horizontal bars (one per row, mean over seeds, dots: the seeds), one panel per target; colour by family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def family(row: str) -> tuple[str, str]:
+        if row.startswith("oneshottptaylor"):
+            return "C2", "Torch-Pruning's structure in hf_flop (compacted, refit or not)"
+        if "tptaylor" in row:
+            return "C1", "Torch-Pruning Taylor"
+        if row.startswith(("oneshot", "recipe", "gradual")):
+            return "C0", "hf_flop one-shot (+ refit) then recovery"
+        return "C7", "hf_flop learned gates (one or two phases)"
+
     targets = sorted({r["target"] for r in summary["rows"]})
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False)
+    height = max(len([r for r in summary["rows"] if r["target"] == t]) for t in targets)
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 1.2 + 0.32 * height), squeeze=False)
+    dense = 100 * summary["dense_start"].get("accuracy", 0)
     for ax, target in zip(axes[0], targets):
-        rows = [r for r in summary["rows"] if r["target"] == target]
-        xs = range(len(rows))
-        every = (*EQUAL_BUDGET_ROWS, *LATER_ROWS, *SWEEP_ROWS)
-        colors = [f"C{every.index(r['row']) % 10}" for r in rows]  # one color per row in both panels
-        ax.bar(xs, [r["mean"] for r in rows], color=colors, alpha=0.8)
-        for x, r in zip(xs, rows):
-            ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", ms=5)  # every seed
+        rows = sorted((r for r in summary["rows"] if r["target"] == target), key=lambda r: r["mean"])
+        ys = range(len(rows))
+        ax.barh(ys, [r["mean"] for r in rows], color=[family(r["row"])[0] for r in rows], alpha=0.8)
+        for y, r in zip(ys, rows):
+            ax.plot(r["accuracy"], [y] * len(r["accuracy"]), "k.", ms=5)  # every seed
             ax.annotate(
-                f"{r['mean']:.1f}",
-                (x, max(r["accuracy"])),  # above the highest seed, clear of the dots
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                xytext=(0, 5),
+                f"{r['mean']:.1f} (n={len(r['accuracy'])})",
+                (max(r["accuracy"]), y),
+                xytext=(4, 0),
                 textcoords="offset points",
+                va="center",
+                fontsize=7,
             )
-        dense = 100 * summary["dense_start"].get("accuracy", 0)
-        ax.axhline(dense, color="gray", ls="--", label=f"dense start {dense:.1f}")
+        ax.axvline(dense, color="gray", ls="--", lw=1)
         low = min(min(r["accuracy"]) for r in rows)
-        ax.set_ylim(max(0, low - 4), dense + 2)
-        ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=20)
-        ax.set(ylabel="test accuracy (%)", title=f"{int(100 * target)} % of the encoder linears removed")
-        ax.legend(fontsize=8, loc="lower right")
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("MiniLM-L6, equal budget (250 steps, logit distillation); bars: mean, dots: seeds")
-    fig.tight_layout()
+        ax.set_xlim(max(0, low - 3), dense + 2)
+        ax.set_yticks(list(ys), [r["row"] for r in rows], fontsize=8)
+        ax.set(xlabel="test accuracy (%)", title=f"{int(100 * target)} % of the encoder linears removed")
+        ax.grid(axis="x", alpha=0.3)
+    families = ("oneshot", "tptaylor", "oneshottptaylor", "old")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=family(r)[0], alpha=0.8) for r in families]
+    labels = [family(r)[1] for r in families]
+    handles.append(plt.Line2D([], [], color="gray", ls="--"))
+    labels.append(f"dense start {dense:.1f}")
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
+    fig.suptitle("MiniLM-L6, equal budget (250 steps, the same distillation per row); bars: mean, dots: seeds")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
 
 
