@@ -28,6 +28,17 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                    recipe     the oneshot row as a user runs it: PruningTrainer(pruning_phase=0) sets the
                               same one-shot masks and refit before its first step, then recovers at the
                               original shapes with the masks held (the same function, the slower route)
+                 rows added after the first measurement, looking for a lead over Taylor:
+                   <row>hd    oneshot / tptaylor with hidden-state distillation (weight HIDDEN_DISTILLATION)
+                   <row>lr<N> oneshot / tptaylor with recovery learning rate N x 1e-5 (a sweep per row)
+                   gradual    one-shot + refit in four compacted stages (GRADUAL_STAGES), recovery between
+                   oneshotlayer          activation + refit, every layer pruned by the same share
+                   oneshot<score>        another hf_flop score (sensitivity, fisher) + refit
+                   oneshotplain          activation masks without the refit
+                   oneshottptaylor[plain] Torch-Pruning Taylor's heads and rows as hf_flop masks, refit
+                              (or not), compacted
+  wall_time      issue 13's cost goal: a dense fine-tune, PruningTrainer(pruning_phase=0) and the compacted
+                 route back to back in one process (run it alone: --only wall_time --threads 2)
   os_<m>_<T>     one-shot from the dense model with NO fine-tuning at all (issue 12), heads + FFN rows,
                  every row calibrated on the same 512 training sentences: hf_flop.prune_oneshot with
                  score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
