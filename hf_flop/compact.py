@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from .architectures import arch_spec
 from .gated import Cut
 from .groups import StructureCuts
+from .linear import dense_weight, set_dense_weight
 from .model import find_flop_model
 from .modeling import compacted_config_class, compacted_model_class, locate
 from .uniform import uneven_levels
@@ -75,7 +76,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         )
     round_to = flop_model.flop_config.round_to
     _check_uniform_masks(flop_model, round_to)
-    cuts = StructureCuts(flop_model.structure_groups, flop_model.flop_structure_gates, task_model, round_to)
+    cuts = _structure_cuts(flop_model)
     relative = _relative_paths(task_model)
     names = {module: name for name, module in task_model.named_modules()}
     state = task_model.state_dict()
@@ -117,6 +118,89 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     if getattr(task_model, "generation_config", None) is not None and compacted.can_generate():
         compacted.generation_config = copy.deepcopy(task_model.generation_config)
     return compacted.to(next(task_model.parameters()).device).eval(), plan
+
+
+def _structure_cuts(flop_model) -> StructureCuts:
+    return StructureCuts(
+        flop_model.structure_groups, flop_model.flop_structure_gates, flop_model.model, flop_model.flop_config.round_to
+    )
+
+
+def kept_slices(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per gated module (named as in the task model): ``(rows, cols, scale)`` as ``compact`` cuts it.
+
+    ``rows``/``cols`` index the output/input features of the ``(out, in)`` weight that the head/row
+    gates keep; ``scale`` is the eval-mask value folded into each kept column (0 for the closed
+    units kept only as padding: ``round_to``, or one unit of an all-closed layer).
+    """
+    flop_model = find_flop_model(model)
+    cuts = _structure_cuts(flop_model)
+    slices = {}
+    for name, layer in flop_model.gated_layers().items():
+        out_f, in_f = layer.shape
+        slices[name] = (cuts.rows(name, out_f), *cuts.columns(name, in_f))
+    return slices
+
+
+@torch.no_grad()
+def write_back(model: nn.Module, compacted: PreTrainedModel) -> None:
+    """Write the weights of ``compacted`` (``compact(model)``, trained since) into the gated ``model``.
+
+    The inverse of compaction's slicing, for levels ``head`` and ``row`` only (every gated module a
+    plain cut linear) with eval masks of exactly 0 or 1: each cut linear's kept rows and columns and
+    its bias take the compacted values; its pruned rows and columns, which the eval masks hide, are
+    set to 0, so the gated model is a function of ``compacted`` and its masks alone (a run resumed
+    from a compacted checkpoint ends with the same gated model). Every other parameter (embeddings,
+    norms, the task head) is copied one to one. Afterwards ``compact(model)`` holds exactly the
+    weights of ``compacted``.
+    """
+    flop_model = find_flop_model(model)
+    slices = kept_slices(model)
+    for name, (rows, cols, scale) in slices.items():
+        layer, target = flop_model.gated_layers()[name], compacted.get_submodule(name)
+        if layer.gates() or not hasattr(layer, "base_layer"):
+            raise ValueError(
+                f"write_back handles head/row-cut linears only; {name} is a {type(layer).__name__} with gates of "
+                f"its own ({', '.join(layer.gates()) or 'an embedding'}), which compacts to another module type."
+            )
+        if not bool(((scale == 0) | (scale == 1)).all()):
+            raise ValueError(
+                f"{name}: eval-mask values other than 0 and 1 are folded into the compacted weights; write_back "
+                "needs fixed masks (set_mask, fix_masks_at_target or prune_oneshot)."
+            )
+        base = layer.base_layer
+        weight = torch.zeros_like(dense_weight(base))
+        weight[rows.to(weight.device)[:, None], cols.to(weight.device)] = dense_weight(target).to(weight)
+        set_dense_weight(base, weight)
+        if base.bias is not None:
+            bias = torch.zeros_like(base.bias)
+            bias[rows.to(bias.device)] = target.bias.to(bias)
+            base.bias.copy_(bias)
+    counterparts = gated_counterparts(model, compacted)
+    for name, param in compacted.named_parameters():
+        if name.rsplit(".", 1)[0] not in slices:
+            counterparts[name].copy_(param)
+
+
+def gated_counterparts(model: nn.Module, compacted: PreTrainedModel) -> dict[str, nn.Parameter]:
+    """For each parameter of ``compacted`` (``compact(model)``), the parameter of the gated ``model`` it
+    was cut or copied from: ``<linear>.base_layer.weight`` / ``.bias`` for a cut linear, the parameter
+    of the same name for every other (levels ``head`` and ``row``; other levels compact to other
+    module types and are refused)."""
+    flop_model = find_flop_model(model)
+    gated = flop_model.gated_layers()
+    params = dict(flop_model.model.named_parameters())
+    found = {}
+    for name, param in compacted.named_parameters():
+        module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        source = f"{module}.base_layer.{leaf}" if module in gated else name
+        if source not in params or (module not in gated and params[source].shape != param.shape):
+            raise ValueError(
+                f"{name} of the compacted model has no counterpart in the gated model (looked for {source}); "
+                "only levels head and row compact to the same module types."
+            )
+        found[name] = params[source]
+    return found
 
 
 def _check_uniform_masks(flop_model, round_to: int) -> None:

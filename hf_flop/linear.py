@@ -70,7 +70,12 @@ def set_bias(module: nn.Module, bias: torch.Tensor | None) -> None:
         module.bias.data.copy_(bias)
 
 
+def per_input(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per input feature) shaped to multiply ``module.weight`` (or its gradient) column by column."""
+    return values[:, None] if isinstance(module, Conv1D) else values[None, :]
+
+
 @torch.no_grad()
 def scale_inputs_(module: nn.Module, scale: torch.Tensor) -> None:
     """Multiply each input feature's weights (a column of the ``(out, in)`` weight) by ``scale``, in place."""
-    module.weight.mul_(scale[:, None] if isinstance(module, Conv1D) else scale[None, :])
+    module.weight.mul_(per_input(module, scale))

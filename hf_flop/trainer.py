@@ -11,13 +11,15 @@ What it adds to `Trainer`:
 * pruning metrics in every training log and the multipliers in every checkpoint;
 * optionally two phases in one run (``pruning_phase`` < 1): prune, then fix the masks at exactly the
   target (optionally refitting the kept weights, ``reconstruction_data``), freeze the gates and
-  fine-tune (see ``PruningTrainer.enter_recovery``);
+  fine-tune (see ``PruningTrainer.enter_recovery``); with ``pruning_phase=0`` the fine-tuning runs
+  on the compacted model and is written back into the gated one (``compact_recovery``);
 * after ``train()``: a ``UserWarning`` (and a log line) when the final size missed the target, and
   ``trainer.target_check`` saying where it ended.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -30,19 +32,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 from transformers.training_args import ParallelMode
 
 from .accounting import TargetCheck, check_reachable, check_target, expected_sparsity, sparsity_report
+from .compact import compact, gated_counterparts, kept_slices, write_back
 from .constraint import CONSTRAINTS, gate_group_overrides, resolve_warmup_steps, warmed_up_target
 from .files import write_json_atomic
+from .groups import GROUP_LEVELS
 from .hub import save_compacted
+from .linear import per_input
 from .model import find_flop_model
 from .oneshot import fix_masks_at_target, prune_oneshot, warm_start_gates
 from .reconstruction import reconstruct
 from .scores import SCORES, compute_scores, reusable_batches
 
 CONSTRAINT_STATE_NAME = "flop_constraint.json"
+GATE_STATE_NAME = "flop_gates.pt"  # the gates (hence the masks) next to a compacted-recovery checkpoint's model
 PRUNING, RECOVERY = "pruning", "recovery"  # the phases of a two-phase run (PruningArguments.pruning_phase)
 logger = logging.getLogger(__name__)
 
@@ -129,6 +136,20 @@ class PruningArguments(TrainingArguments):
             "fully open. Unused without reconstruction_data or with pruning_phase=1."
         },
     )
+    compact_recovery: bool = field(
+        default=True,
+        metadata={
+            "help": "With pruning_phase=0 (fresh or resumed): the recovery steps train hf_flop.compact(model), the "
+            "smaller dense model, instead of the full-size gated model with its masks held; after train() its "
+            "weights are written back into the gated model (kept rows and columns; the pruned ones set to 0), so "
+            "the model, trainer.model and hf_flop.compact(model) hold the result. Checkpoints then hold the "
+            "compacted model and the gates (flop_gates.pt). Only for levels head and row (rank, block and "
+            "embedding compact to other module types) and without an optimizer passed to PruningTrainer; "
+            "otherwise, and with 0 < pruning_phase < 1 (the optimizer already holds the gated model's "
+            "parameters at the boundary), recovery trains the gated model, logged at info level. Ignored with "
+            "pruning_phase=1."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +182,8 @@ class PruningArguments(TrainingArguments):
             raise ValueError(
                 f"PruningArguments.oneshot_score={self.oneshot_score!r} is not a score; use one of {list(SCORES)} or None."
             )
+        if not isinstance(self.compact_recovery, bool):
+            raise ValueError(f"PruningArguments.compact_recovery={self.compact_recovery!r} must be True or False.")
         if self.pruning_phase == 0.0 and self.oneshot_score is None:
             raise ValueError(
                 "PruningArguments(pruning_phase=0) sets the masks one-shot before the first step and needs "
@@ -208,6 +231,9 @@ class PruningTrainer(Trainer):
                 "set it to 0."
             )
         self._flop = _checked_flop_model(model)
+        # the user's model: its gates, masks and size, also while Trainer trains a compacted copy (self.model)
+        self.gated_model = model
+        self.compacted_recovery = False  # set by train(): whether the recovery steps train compact(model)
         self.reconstruction_data = _checked_reconstruction_data(reconstruction_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
         if self.reconstruction_data is None and args.two_phase and args.calibration_batches:
@@ -318,11 +344,11 @@ class PruningTrainer(Trainer):
             )
         if self.recovering:
             raise RuntimeError("the recovery phase has already begun: the masks are fixed.")
-        before = sparsity_report(self.model)
-        result = fix_masks_at_target(self.model)
+        before = sparsity_report(self.gated_model)
+        result = fix_masks_at_target(self.gated_model)
         report = None
         if self.reconstruction_data is not None:
-            report = reconstruct(self.model, self.reconstruction_data, progress=not self.args.disable_tqdm)
+            report = reconstruct(self.gated_model, self.reconstruction_data, progress=not self.args.disable_tqdm)
             self._broadcast_weights()
         self._record_boundary(before, result.budget, sum(r.applied for r in report.layers) if report else 0)
         # Trainer's on_log clears should_log, which would drop this step's training log: keep it
@@ -333,7 +359,7 @@ class PruningTrainer(Trainer):
 
     def _record_boundary(self, before, budget: float, reconstructed: int) -> None:
         """Freeze the gates and keep what the boundary did (``self.boundary``, logged by the caller)."""
-        after = sparsity_report(self.model)
+        after = sparsity_report(self.gated_model)
         self._freeze_gates()
         self.boundary = {
             "boundary_step": self.state.global_step,
@@ -359,14 +385,14 @@ class PruningTrainer(Trainer):
         if data is None or args.oneshot_score is None or not args.two_phase:
             return
         if args.pruning_phase == 0.0:
-            before = sparsity_report(self.model)
-            prune_oneshot(self.model, None, data, args.oneshot_score, reconstruct=False)
-            report = reconstruct(self.model, data, progress=not args.disable_tqdm)
+            before = sparsity_report(self.gated_model)
+            prune_oneshot(self.gated_model, None, data, args.oneshot_score, reconstruct=False)
+            report = reconstruct(self.gated_model, data, progress=not args.disable_tqdm)
             self._broadcast_weights()
             budget = before.prunable_params * (1 - self.flop_config.target_sparsity)
             self._record_boundary(before, budget, sum(r.applied for r in report.layers))
         else:
-            warm_start_gates(self.model, compute_scores(self.model, data, args.oneshot_score))
+            warm_start_gates(self.gated_model, compute_scores(self.gated_model, data, args.oneshot_score))
 
     def _check_ddp_can_freeze(self, resuming: bool) -> None:
         """Refuse a run that would freeze the gates inside a DDP wrapper built with ``find_unused_parameters=False``.
@@ -419,7 +445,7 @@ class PruningTrainer(Trainer):
         """Under DDP, make every process hold process 0's weights (each ran the refit on its own)."""
         if not self._ddp():
             return
-        for param in self.model.parameters():
+        for param in self.gated_model.parameters():
             torch.distributed.broadcast(param.data, src=0)
 
     # --- training ----------------------------------------------------------------------------------
@@ -434,24 +460,134 @@ class PruningTrainer(Trainer):
         every layer, at the target (``self.uniform_fix`` holds the sparsity before and after), so
         ``hf_flop.compact`` gives the stock class. A two-phase run's masks were fixed so at the boundary.
 
+        With ``pruning_phase=0`` and ``compact_recovery`` the recovery steps train ``compact(model)``
+        (``self.model`` while Trainer runs), whose weights are then written back into the gated model
+        (``hf_flop.compact.write_back``; also when training stops on an error); see ``_recovery_copy``.
+
         Before anything, a DDP setup that could not freeze the gates is refused (``ddp_find_unused_parameters``).
         """
-        resuming = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        self._check_ddp_can_freeze(bool(resuming))
-        if not resuming and self.state.global_step == 0 and not self.recovering:
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:
+            resume = get_last_checkpoint(self.args.output_dir)
+            if resume is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint.")
+        resume = resume or None
+        compacted_checkpoint = resume is not None and os.path.isfile(os.path.join(resume, GATE_STATE_NAME))
+        # a compacted checkpoint resumes into a model without gates: nothing freezes inside DDP
+        self._check_ddp_can_freeze(resume is not None and not compacted_checkpoint)
+        if resume is None and self.state.global_step == 0 and not self.recovering:
             self._prepare_gates()
-        output = super().train(*args, **kwargs)
+        elif compacted_checkpoint:
+            self._load_gate_state(resume)
+        small = self._recovery_copy(resume, compacted_checkpoint)
+        if small is None:
+            output = super().train(*args, **kwargs)
+        else:
+            handles = _hold_padding_at_zero(self.gated_model, small)
+            saved = self._train_on(small)
+            try:
+                output = super().train(*args, **kwargs)
+            finally:  # the user's model gets what was trained, even when training stopped on an error
+                write_back(self.gated_model, small)
+                for handle in handles:
+                    handle.remove()
+                self._train_on(self.gated_model, saved)
         if self.flop_config.uniform_shapes and not self.recovering:
-            before = sparsity_report(self.model).deterministic_sparsity
-            result = fix_masks_at_target(self.model)
+            before = sparsity_report(self.gated_model).deterministic_sparsity
+            result = fix_masks_at_target(self.gated_model)
             self.uniform_fix = {"sparsity_before": before, "sparsity_after": result.deterministic_sparsity}
             logger.info("PruningTrainer: eval masks fixed to uniform shapes at the target: %s", self.uniform_fix)
-        self.target_check = check_target(self.model)
+        self.target_check = check_target(self.gated_model)
         if not self.target_check.met and self.is_world_process_zero():
             message = self.missed_target_message()
             logger.warning(message)
             warnings.warn(message, UserWarning, stacklevel=2)
         return output
+
+    def _recovery_copy(self, resume: str | None, compacted_checkpoint: bool) -> PreTrainedModel | None:
+        """The compacted model the recovery steps train, or None to train the gated model with its masks held.
+
+        ``compact_recovery`` with ``pruning_phase=0``: after the one-shot masks and refit (or the
+        checkpoint's gates), ``compact(model)``, its parameters trainable where the gated model's are.
+        Every process compacts the same masks and weights (process 0's refit was broadcast), before
+        Trainer wraps the model in DDP. Not possible, logged at info level: levels other than head and
+        row (they compact to other module types, so no exact write-back), an optimizer passed to
+        PruningTrainer (it holds the gated model's parameters), a checkpoint of the gated model.
+        """
+        args = self.args
+        if not (args.compact_recovery and args.pruning_phase == 0.0) and not compacted_checkpoint:
+            return None
+        why = None
+        if not set(self.flop_config.levels) <= set(GROUP_LEVELS):
+            why = (
+                f"FlopConfig.levels={self.flop_config.levels}: only head and row compact to cut linears whose "
+                "weights write back exactly (rank, block and embedding compact to other module types)"
+            )
+        elif self.optimizer is not None:
+            why = "an optimizer was passed to PruningTrainer, and it holds the gated model's parameters"
+        elif not self.recovering:
+            why = "the gates are not fixed (no one-shot masks were set)"
+        elif any(not bool(((scale == 0) | (scale == 1)).all()) for *_, scale in kept_slices(self.gated_model).values()):
+            why = "some eval masks hold values other than 0 and 1"
+        if compacted_checkpoint and (why or not args.compact_recovery or args.pruning_phase != 0.0):
+            raise ValueError(
+                f"{resume} holds the compacted model of a compact_recovery run ({GATE_STATE_NAME}); resume it with "
+                f"PruningArguments(pruning_phase=0, compact_recovery=True), the same FlopConfig and no optimizer "
+                f"passed (now pruning_phase={args.pruning_phase}, compact_recovery={args.compact_recovery}"
+                + (f"; {why}" if why else "")
+                + ")."
+            )
+        if resume is not None and not compacted_checkpoint:
+            why = f"{resume} holds the gated model (a run with compact_recovery=False, or a masked fallback)"
+        if why:
+            logger.info("PruningTrainer: recovery trains the gated model with its masks held, not compacted: %s.", why)
+            return None
+        small = compact(self.gated_model)
+        counterparts = gated_counterparts(self.gated_model, small)
+        for name, param in small.named_parameters():
+            param.requires_grad_(counterparts[name].requires_grad)
+        self.compacted_recovery = True
+        logger.info(
+            "PruningTrainer: recovery trains the compacted model (%d parameters, %d trainable).",
+            sum(p.numel() for p in small.parameters()),
+            sum(p.numel() for p in small.parameters() if p.requires_grad),
+        )
+        return small
+
+    def _train_on(self, model: nn.Module, saved: dict | None = None) -> dict:
+        """Make ``model`` the one Trainer trains, evaluates and checkpoints; returns what it replaced.
+
+        Trainer derived ``model_accepts_loss_kwargs`` from the model in ``__init__``: derived again
+        (or put back from ``saved``). Label names and loss type come from the model's class, which
+        compaction keeps (the same class or a subclass with the same forward).
+        """
+        previous = {"model_accepts_loss_kwargs": self.model_accepts_loss_kwargs}
+        self.model = self.model_wrapped = self.callback_handler.model = model
+        if saved is not None:
+            self.model_accepts_loss_kwargs = saved["model_accepts_loss_kwargs"]
+            return previous
+        unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        if hasattr(unwrapped, "accepts_loss_kwargs"):
+            self.model_accepts_loss_kwargs = unwrapped.accepts_loss_kwargs
+        else:
+            parameters = inspect.signature(unwrapped.forward).parameters.values()
+            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+        return previous
+
+    def _load_gate_state(self, checkpoint: str) -> None:
+        """Set the gates of the user's (fresh) model to those of a compacted-recovery checkpoint, frozen."""
+        state = torch.load(os.path.join(checkpoint, GATE_STATE_NAME), map_location="cpu", weights_only=True)
+        expected = _gate_state(self._flop)
+        if state.keys() != expected.keys() or any(state[k].shape != v.shape for k, v in expected.items()):
+            raise ValueError(
+                f"the gates saved in {checkpoint} ({GATE_STATE_NAME}) do not match this model's: resume with the "
+                "model and FlopConfig the run started from."
+            )
+        with torch.no_grad():
+            for key, gate in self._flop.gates().items():
+                for name, tensor in gate.state_dict(keep_vars=True).items():
+                    tensor.copy_(state[f"{key}.{name}"])
+        self._freeze_gates()
 
     def missed_target_message(self, names: dict[str, str] | None = None) -> str:
         """What ``train()`` warns when the size missed the target: by how much, and what to change.
@@ -464,7 +600,7 @@ class PruningTrainer(Trainer):
         def name(field: str) -> str:
             return names.get(field, field)
 
-        check = self.target_check or check_target(self.model)
+        check = self.target_check or check_target(self.gated_model)
         steps = self.pruning_steps()  # the whole run in one phase
         warmup = resolve_warmup_steps(self.args.target_warmup_steps, steps)
         at_target = max(steps - warmup, 0)
@@ -516,6 +652,7 @@ class PruningTrainer(Trainer):
             facts["schedule"] = (
                 f"one-shot: masks set at the target by {args.oneshot_score} scores on calibration data and the "
                 f"kept weights refit before training, gates frozen, {self.state.max_steps or 0:,} recovery steps"
+                + (" on the compacted model" if self.compacted_recovery else "")
             )
         elif args.two_phase:
             pruning = self.pruning_steps()
@@ -550,7 +687,7 @@ class PruningTrainer(Trainer):
                 f"{type(optimizer).__name__} has no 'maximize' option, which the Lagrange multipliers need (gradient "
                 "ascent). Use a torch optimizer, e.g. PruningArguments(optim='adamw_torch')."
             )
-        if created_here:
+        if created_here and not self.compacted_recovery:  # the compacted model has no gates
             # every gate, frozen or not: a checkpoint of a run whose gates froze before the optimizer existed
             # (pruning_phase=0) must load into one created before they freeze (resume), and vice versa
             gates = list(self._flop.gate_parameters())
@@ -610,7 +747,7 @@ class PruningTrainer(Trainer):
                 self._track("hidden_distillation_loss", hidden.detach() / steps_in_window)
                 loss = loss + self.args.hidden_distillation_weight * window * hidden
         if not self.recovering:  # frozen gates: the size is fixed, and the term must not move them
-            s = expected_sparsity(self.model)
+            s = expected_sparsity(self.gated_model)
             loss = loss + window * self.constraint(s.to(loss.device), self.current_target())
         return (loss, outputs) if return_outputs else loss
 
@@ -685,7 +822,7 @@ class PruningTrainer(Trainer):
         distillation, ``hidden_distillation_loss``.
         """
         if "loss" in logs:  # a training log (evaluation logs use eval_ keys)
-            report = sparsity_report(self.model)
+            report = sparsity_report(self.gated_model)
             logs["expected_sparsity"] = report.expected_sparsity
             logs["deterministic_sparsity"] = report.deterministic_sparsity
             logs["target_sparsity"] = self.current_target()
@@ -706,6 +843,11 @@ class PruningTrainer(Trainer):
             if self.args.two_phase:  # which side of the boundary; the fixed gates are in the model's weights
                 state.update(phase=self.phase, boundary=self.boundary)
             write_json_atomic(os.path.join(output_dir, CONSTRAINT_STATE_NAME), state)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.model is not self.gated_model:  # a compacted-recovery checkpoint: its masks are in the gates
+            torch.save(_gate_state(self._flop), os.path.join(output_dir or self.args.output_dir, GATE_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -742,9 +884,36 @@ class PruningTrainer(Trainer):
         The card's "Training procedure" defaults to ``training_facts()``.
         """
         kwargs.setdefault("training", self.training_facts())
-        result = save_compacted(self.model, output_dir, **kwargs) if self.args.should_save else None
+        result = save_compacted(self.gated_model, output_dir, **kwargs) if self.args.should_save else None
         self.accelerator.wait_for_everyone()
         return result
+
+
+def _gate_state(flop_model) -> dict[str, torch.Tensor]:
+    """Every gate's parameters and buffers, keyed ``<gate name>.<tensor name>`` (CPU copies)."""
+    return {
+        f"{key}.{name}": tensor.detach().cpu().clone()
+        for key, gate in flop_model.gates().items()
+        for name, tensor in gate.state_dict().items()
+    }
+
+
+def _hold_padding_at_zero(model: nn.Module, small: PreTrainedModel) -> list:
+    """Gradient hooks keeping at 0 the compacted columns of closed units kept only as padding.
+
+    ``round_to`` padding (or the one unit an all-closed layer keeps) enters ``small`` with its folded
+    mask value 0. In the gated model the mask keeps it out of every step; in ``small`` its column
+    would get gradients. With a zero gradient it stays 0 (its producer rows then get none either),
+    so ``small`` computes what the gated model does at every step and writes back exactly.
+    """
+    handles = []
+    for name, (_, _, scale) in kept_slices(model).items():
+        if bool((scale != 0).all()):
+            continue
+        linear = small.get_submodule(name)
+        keep = per_input(linear, (scale != 0).to(device=linear.weight.device, dtype=linear.weight.dtype))
+        handles.append(linear.weight.register_hook(lambda grad, keep=keep: grad * keep))
+    return handles
 
 
 def _gate_settings(optimizer: torch.optim.Optimizer) -> dict:

@@ -112,10 +112,10 @@ class _Capture(TrainerCallback):
         self.trainer, self.step, self.masks, self.gates, self.weights = trainer, step, None, None, None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            self.masks = _masks(self.trainer.model)
+        if state.global_step == self.step:  # the gated model: with compact_recovery, trainer.model is compacted
+            self.masks = _masks(self.trainer.gated_model)
             self.gates = [p.detach().clone() for p in self.trainer._flop.gate_parameters()]
-            self.weights = [p.detach().clone() for n, p in self.trainer.model.named_parameters() if "flop_P" in n]
+            self.weights = [p.detach().clone() for n, p in self.trainer.gated_model.named_parameters() if "flop_P" in n]
 
 
 @pytest.mark.parametrize("gate", ["hard_concrete", "topk"])
