@@ -155,9 +155,9 @@ def write_back(model: nn.Module, compacted: PreTrainedModel) -> None:
     weights of ``compacted``.
     """
     flop_model = find_flop_model(model)
-    slices = kept_slices(model)
+    slices, layers = kept_slices(model), flop_model.gated_layers()
     for name, (rows, cols, scale) in slices.items():
-        layer, target = flop_model.gated_layers()[name], compacted.get_submodule(name)
+        layer, target = layers[name], compacted.get_submodule(name)
         if layer.gates() or not hasattr(layer, "base_layer"):
             raise ValueError(
                 f"write_back handles head/row-cut linears only; {name} is a {type(layer).__name__} with gates of "

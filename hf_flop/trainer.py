@@ -208,6 +208,11 @@ class PruningTrainer(Trainer):
     batches (dicts of tensors with ``input_ids``, at least two, e.g. a DataLoader over training text):
     at the phase boundary ``hf_flop.reconstruct`` refits the kept weights on it. Without it the
     boundary only fixes the masks.
+
+    ``gated_model`` is always the model passed in. With ``pruning_phase=0`` and ``compact_recovery``
+    Trainer trains ``compact(model)`` instead (``self.model`` while ``train()`` runs, and what
+    callbacks and checkpoints get); ``train()`` writes its weights back into ``gated_model`` and makes
+    it ``self.model`` again. ``compacted_recovery`` says whether it did.
     """
 
     def __init__(self, model: nn.Module | None = None, args: PruningArguments | None = None, *trainer_args, **kwargs):

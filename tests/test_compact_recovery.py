@@ -145,14 +145,14 @@ def test_compacted_recovery_ends_as_the_masked_route(tmp_path, arch, config):
     # both routes end at the same compacted model; the gated model computes what its compaction does
     inputs = _inputs(data)
     reference = _outputs(compact(masked), inputs)
-    assert not torch.allclose(reference, _outputs(compact(get_fresh_pruned(arch, config, tmp_path)), inputs), atol=1e-3)
+    assert not torch.allclose(reference, _outputs(compact(_fresh_pruned(arch, config, tmp_path)), inputs), atol=1e-3)
     torch.testing.assert_close(_outputs(small, inputs), reference, atol=1e-4, rtol=0)
     torch.testing.assert_close(_outputs(model, inputs), _outputs(small, inputs), atol=1e-5, rtol=0)
     evaluated = trainer.evaluate(data)  # Trainer's own evaluation runs the gated model
     assert evaluated["eval_loss"] == pytest.approx(masked_trainer.evaluate(data)["eval_loss"], abs=1e-4)
 
 
-def get_fresh_pruned(arch: str, config: dict, tmp_path):
+def _fresh_pruned(arch: str, config: dict, tmp_path):
     """The model right after the one-shot masks and refit, before any recovery step (zero steps of training)."""
     model, data = BUILDERS[arch](**config)
     trainer = _trainer(tmp_path / "untrained", model, data)

@@ -58,14 +58,20 @@ def _assert_same_gates(a: dict, b: dict) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) launch")
-@pytest.mark.parametrize("phase", [1.0, 0.5, 0.0])
-def test_two_process_ddp_keeps_gates_masks_and_weights_identical(tmp_path, phase):
+@pytest.mark.parametrize(
+    "phase, levels",
+    [(1.0, "rank,head,row"), (0.5, "rank,head,row"), (0.0, "rank,head,row"), (0.0, "head,row")],
+    ids=["1.0", "0.5", "0.0", "0.0-compacted"],
+)
+def test_two_process_ddp_keeps_gates_masks_and_weights_identical(tmp_path, phase, levels):
     """1.0: the learned gates; 0.5: prune 4 steps, fix the masks and refit at the boundary, recover 4;
-    0.0: one-shot masks and refit before the first step, 8 recovery steps."""
+    0.0: one-shot masks and refit before the first step, 8 recovery steps: on the gated model with its masks
+    held (level rank: compact_recovery falls back), or on compact(model) (levels head and row), which every
+    process compacts from the same masks and weights before DDP wraps it."""
     # A fresh one-shot run freezes its gates before DDP wraps the model, so DDP's strict mode (every
     # parameter it holds gets a gradient every step) works too: the case _check_ddp_can_freeze lets through.
     strict = ("--find-unused-parameters", "false") if phase == 0.0 else ()
-    first, second = _ranks(tmp_path, "--phase", str(phase), *strict)
+    first, second = _ranks(tmp_path, "--phase", str(phase), "--levels", levels, *strict)
     assert [r["world_size"] for r in (first, second)] == [2, 2]
     assert first["seen"] != second["seen"]  # each rank trained on its own share of the data
     assert first["multipliers"] == second["multipliers"]  # bitwise: the same s on both ranks
@@ -85,7 +91,10 @@ def test_two_process_ddp_keeps_gates_masks_and_weights_identical(tmp_path, phase
     assert first["boundary"]["boundary_reconstructed_modules"] > 0  # the refit ran and was kept somewhere
     assert abs(first["sparsity"] - 0.5) <= first["half_unit"]  # the fixed masks are at the target
     _assert_same_gates(first["at_recovery"], first)  # recovery moved neither the gates nor the masks
-    assert not first["gates_trainable"] and first["gate_learning_rate"] == 0.0
+    assert not first["gates_trainable"] and first["trained_model_is_gated"]
+    compacted = "rank" not in levels  # pruning_phase=0 with levels head and row: compact_recovery applies
+    assert first["compacted_recovery"] == second["compacted_recovery"] == compacted
+    assert first["gate_learning_rate"] == (None if compacted else 0.0)  # no gates in the compacted model
     assert [h["phase"] for h in first["logs"]] == ["pruning" if phase else "recovery", "recovery"]
     if phase == 0.0:
         # the one-shot masks depend only on the dense model and the calibration sample (a seeded draw of
@@ -93,7 +102,7 @@ def test_two_process_ddp_keeps_gates_masks_and_weights_identical(tmp_path, phase
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as each rank: the same float sums
         try:
-            single = run(str(tmp_path / "single"), phase)
+            single = run(str(tmp_path / "single"), phase, levels.split(","))
         finally:
             torch.set_num_threads(threads)
         assert single["world_size"] == 1

@@ -97,7 +97,9 @@ def run(
         "boundary": trainer.boundary,
         "at_recovery": at_recovery.gates,
         "gates_trainable": any(p.requires_grad for p in trainer._flop.gate_parameters()),
-        "gate_learning_rate": gate_groups[0]["lr"],
+        "gate_learning_rate": gate_groups[0]["lr"] if gate_groups else None,  # None: the compacted model trained
+        "compacted_recovery": trainer.compacted_recovery,
+        "trained_model_is_gated": trainer.model is model,
         "sparsity": sparsity_report(model).deterministic_sparsity,
         "half_unit": largest_unit_params(model) / sparsity_report(model).prunable_params / 2,
     }
