@@ -37,8 +37,9 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                    oneshotplain          activation masks without the refit
                    oneshottptaylor[plain] Torch-Pruning Taylor's heads and rows as hf_flop masks, refit
                               (or not), compacted
-  wall_time      issue 13's cost goal: a dense fine-tune, PruningTrainer(pruning_phase=0) and the compacted
-                 route back to back in one process (run it alone: --only wall_time --threads 2)
+  wall_time      issue 13's cost goal: a dense fine-tune and PruningTrainer(pruning_phase=0) with and
+                 without compact_recovery, back to back in one process (run it alone: --only wall_time
+                 --threads 2)
   os_<m>_<T>     one-shot from the dense model with NO fine-tuning at all (issue 12), heads + FFN rows,
                  every row calibrated on the same 512 training sentences: hf_flop.prune_oneshot with
                  score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
@@ -559,18 +560,19 @@ def phase_wall_time(out: Path, settings: dict, dense_model: Path, mode: str) -> 
     """Issue 13's cost goal: the pruning run's wall time against a dense fine-tune of the same steps.
 
     One process, back to back, with nothing else running (run it alone): a plain ``Trainer`` on the
-    dense model; ``PruningTrainer(pruning_phase=0)`` at 50 % with the teacher (one-shot scores, refit,
-    then every step at the original shapes with the masks held); and the compacted route (``prune_oneshot``,
-    ``compact``, then the same distillation at the small size). Each from a fresh copy of the dense model.
+    dense model, then ``PruningTrainer(pruning_phase=0)`` at 50 % with the teacher (one-shot scores,
+    refit, then every step recovers) twice: with ``compact_recovery`` (the default: the steps train
+    the compacted model) and without (the full-size model with its masks held). Each from a fresh copy
+    of the dense model, the same data and seed; the accuracy of each pruned model is recorded too.
     """
-    from torch_pruning_baseline import DistillationTrainer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot
+    from hf_flop import FlopConfig, compact, get_flop_model
+    from hf_flop.metrics import evaluate_model
     from hf_flop.trainer import PruningArguments, PruningTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(dense_model)
-    train, _ = _data(settings, tokenizer)
+    train, test = _data(settings, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     calibration = _calibration(train, collator, mode, 0)
     dense = AutoModelForSequenceClassification.from_pretrained(dense_model).eval()
@@ -583,33 +585,24 @@ def phase_wall_time(out: Path, settings: dict, dense_model: Path, mode: str) -> 
     ).train()
     result["dense_finetune_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    gated = get_flop_model(copy.deepcopy(dense), FlopConfig(levels=["head", "row"], target_sparsity=0.5))
-    PruningTrainer(
-        model=gated,
-        args=_args(work, settings, PruningArguments, pruning_phase=0.0),
-        teacher_model=dense,
-        train_dataset=train,
-        data_collator=collator,
-        reconstruction_data=calibration,
-    ).train()
-    result["pruning_trainer_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    gated = get_flop_model(copy.deepcopy(dense), FlopConfig(levels=["head", "row"], target_sparsity=0.5))
-    prune_oneshot(gated, None, calibration, "activation")
-    small = compact(gated).train()
-    result["compacted_prune_s"] = time.perf_counter() - start
-    DistillationTrainer(
-        model=small,
-        args=_args(work, settings, PruningArguments),
-        teacher_model=dense,
-        train_dataset=train,
-        data_collator=collator,
-    ).train()
-    result["compacted_route_s"] = time.perf_counter() - start
-    result["pruning_trainer_vs_dense"] = result["pruning_trainer_s"] / result["dense_finetune_s"]
-    result["compacted_route_vs_dense"] = result["compacted_route_s"] / result["dense_finetune_s"]
+    for route, compacted in (("compacted", True), ("masked", False)):
+        gated = get_flop_model(copy.deepcopy(dense), FlopConfig(levels=["head", "row"], target_sparsity=0.5))
+        start = time.perf_counter()
+        trainer = PruningTrainer(
+            model=gated,
+            args=_args(work, settings, PruningArguments, pruning_phase=0.0, compact_recovery=compacted),
+            teacher_model=dense,
+            train_dataset=train,
+            data_collator=collator,
+            reconstruction_data=calibration,
+        )
+        trainer.train()
+        result[f"pruning_trainer_{route}_s"] = time.perf_counter() - start
+        result[f"pruning_trainer_{route}_vs_dense"] = result[f"pruning_trainer_{route}_s"] / result["dense_finetune_s"]
+        result[f"accuracy_{route}"] = evaluate_model(compact(gated), test, task="seq-cls", collator=collator)[
+            "accuracy"
+        ]
+        assert trainer.compacted_recovery == compacted
     result["load_avg_end"] = list(os.getloadavg())
     return result
 
