@@ -42,7 +42,8 @@ calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the
                    reconstruction, recovery), oneshot (prune_oneshot activation + reconstruction,
                    compact, recovery at the small size), tptaylor (Torch-Pruning Taylor FFN channels,
                    recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)); a suffix
-                   lr<N> sets the recovery learning rate to N x 1e-5 (a sweep, the same for every row);
+                   lr<N> sets the recovery learning rate to N x 1e-5 (a sweep, the same for every row),
+                   _s<k> the training seed (the data order; default 0);
                    flop_long above is the old one-phase schedule at this budget
   os50_cost        the cost of prune_oneshot (activation + reconstruction) with 128 sequences of 512
                    tokens: wall time and peak memory (run it with --threads 2)
@@ -409,6 +410,8 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
     from hf_flop.trainer import PruningTrainer
 
     settings = {**settings, "steps": LONG_BUDGET * settings["steps"]}
+    row, _, seed = row.partition("_s")  # eq_<row>[_s<k>]: training seed k (the data order; the calibration stays)
+    seed = int(seed or 0)
     pretrained_stats = json.loads((root / "pretrained.json").read_text())
     model, tokenizer = _pretrained()
     train, test, _ = _data(settings, tokenizer)
@@ -416,6 +419,7 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
     teacher = copy.deepcopy(model).eval()
     result = {
         "row": row,
+        "seed": seed,
         "steps": settings["steps"],
         "calibration_tokens": sum(b["input_ids"].numel() for b in calibration),
     }
@@ -430,7 +434,7 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         small = model
     elif row.startswith(("oneshot", "tptaylor")):  # <oneshot|oneshotuniform|tptaylor>[lr<N>: N x 1e-5]
         row, _, lr = row.partition("lr")
-        extra = {"learning_rate": int(lr) * 1e-5} if lr else {}
+        extra = {"seed": seed} | ({"learning_rate": int(lr) * 1e-5} if lr else {})
         result["learning_rate"] = extra.get("learning_rate", LEARNING_RATE)
         if row.startswith("oneshot"):
             uniform = row == "oneshotuniform"  # the same KV groups and FFN width in every layer: stock Llama
@@ -499,6 +503,7 @@ ONESHOT_PHASES = [
 PHASES += ONESHOT_PHASES + ["os50_cost"]
 PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor", "eq_oneshotuniform"]
 PHASES += [f"eq_{row}lr{n}" for n in (10, 20) for row in ("oneshot", "oneshotuniform", "tptaylor")]  # a sweep
+PHASES += [f"eq_{row}lr20_s{k}" for k in (1, 2) for row in ("oneshotuniform", "tptaylor")]  # more seeds
 
 
 def main() -> None:
