@@ -491,9 +491,8 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
             learning_rate=learning_rate,
         )
         result["sparsity"] = 1 - encoder_linear_params(small) / dense_linear
-    elif (
-        base.startswith("oneshot") or base == "tptaylor"
-    ):  # prune once, compact, then every step recovers at the small size
+    elif base.startswith("oneshot") or base == "tptaylor":
+        # prune once, compact, then every step recovers at the small size
         if base.startswith("oneshot"):
             gated = get_flop_model(model, FlopConfig(levels=["head", "row"], target_sparsity=target))
             if base == "oneshotlayer":  # every layer keeps the same share of its heads and FFN rows (TP's allocation)
@@ -536,6 +535,8 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
         extra = {"target_warmup_steps": 0.5, "pruning_phase": 1.0}
         if row != "old":  # PruningTrainer warm-starts the gates from activation scores of the calibration data
             extra["pruning_phase"] = 0.0 if row == "recipe" else PRUNING_PHASE
+        if row == "recipe":  # measured before compact_recovery existed: the masks held at full size
+            extra["compact_recovery"] = False
         trainer = PruningTrainer(
             model=model,
             args=_args(work, settings, PruningArguments, seed=seed, **extra),
