@@ -340,7 +340,8 @@ EQUAL_BUDGET_ROWS = ("old", "twophase", "twophasehr", "oneshot", "tptaylor", "re
 # rows ending in "hd" add hidden-state (layer) distillation with this weight to the logit distillation
 HIDDEN_DISTILLATION = 1.0
 LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after the first measurement
-SWEEP_ROWS = ("oneshotlr2", "oneshotlr10", "oneshotlr20", "tptaylorlr2", "tptaylorlr10", "tptaylorlr20")  # 2e-5 / 1e-4 / 2e-4
+# recovery learning rate 2e-5 / 1e-4 / 2e-4
+SWEEP_ROWS = tuple(f"{row}lr{n}" for row in ("oneshot", "tptaylor") for n in (2, 10, 20))
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
 LATER_ROWS += (
