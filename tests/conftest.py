@@ -21,6 +21,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch at one thread for the test: tiny models run faster so than with two threads fighting over a
+    shared machine (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(TINY_BUILDERS))
 def tiny_model(request):
     """Each tiny architecture in turn, in eval mode."""

@@ -10,21 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import Dataset
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from transformers import TrainerCallback
 
 from hf_flop import FlopConfig, PruningArguments, PruningTrainer, compact, get_flop_model, sparsity_report
 from hf_flop.compact import kept_slices
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from test_two_phase import _masks  # noqa: E402
+from tiny_models import tiny_bert  # noqa: E402
 from tiny_task import VOCAB, CountingTask, tiny_llama  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Classes(Dataset):
@@ -42,20 +38,7 @@ class _Classes(Dataset):
 
 
 def _bert(**config):
-    torch.manual_seed(0)
-    dense = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=16,
-            num_labels=2,
-            hidden_dropout_prob=0.0,  # both routes must see the same forward
-            attention_probs_dropout_prob=0.0,
-        )
-    )
+    dense = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # both routes: the same forward
     return get_flop_model(dense, FlopConfig(target_sparsity=0.5, levels=["head", "row"], **config)), _Classes()
 
 
@@ -85,10 +68,6 @@ def _trainer(out, model, data, *, steps: int = 8, optimizers=(None, None), **ove
     )
     settings.update(overrides)
     return PruningTrainer(model=model, args=PruningArguments(**settings), train_dataset=data, optimizers=optimizers)
-
-
-def _masks(model) -> dict[str, torch.Tensor]:
-    return {k: g.deterministic_mask().detach().clone() for k, g in model.base_model.gates().items()}
 
 
 def _inputs(data, n: int = 6) -> dict[str, torch.Tensor]:

@@ -20,14 +20,7 @@ from hf_flop.constraint import AdaptiveRegularizer, LagrangianConstraint, resolv
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_task import VOCAB, CountingTask, tiny_llama  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: one thread is faster than two fighting over a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def flop_llama(target: float = 0.5, levels=("rank",), seed: int = 0, **config):

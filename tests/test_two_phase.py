@@ -23,13 +23,7 @@ from hf_flop import (
 from hf_flop.accounting import largest_unit_params
 from hf_flop.oneshot import fix_masks_at_target, gate_order_scores, prune_to_target
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _masks(model) -> dict[str, torch.Tensor]:

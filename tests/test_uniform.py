@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_compact import _load_in_fresh_process, logits
 from test_scores import calibration
-from test_trainer import _one_thread, flop_llama, make_trainer  # noqa: F401 (_one_thread: an autouse fixture)
+from test_trainer import flop_llama, make_trainer
 from tiny_models import ARCH_BUILDERS, TINY_BUILDERS, tiny_inputs
 from tiny_task import CountingTask
 
@@ -18,6 +18,8 @@ from hf_flop.accounting import check_target, largest_unit_params
 from hf_flop.oneshot import fix_masks_at_target
 from hf_flop.preflight import check_before_training
 from hf_flop.uniform import uniform_counts, uniform_slices
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in test_trainer, whose runs these reuse
 
 # what a stock config can hold: heads only where it states the head size (Llama family)
 LEVELS = {"llama": ["head", "row"], "mistral": ["head", "row"], "qwen2": ["head", "row"], "gpt2": ["row"]}

@@ -23,7 +23,8 @@ from transformers import (
 VOCAB = 97
 
 
-def tiny_bert() -> BertForSequenceClassification:
+def tiny_bert(**overrides) -> BertForSequenceClassification:
+    """``overrides``: other BertConfig values (e.g. dropout 0 where two routes must see the same forward)."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=VOCAB,
@@ -33,6 +34,7 @@ def tiny_bert() -> BertForSequenceClassification:
         intermediate_size=64,
         max_position_embeddings=64,
         num_labels=2,
+        **overrides,
     )
     return BertForSequenceClassification(config)
 
