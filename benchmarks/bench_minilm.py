@@ -33,7 +33,7 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                    <row>lr<N> oneshot / tptaylor with recovery learning rate N x 1e-5 (a sweep per row)
                    gradual    one-shot + refit in four compacted stages (GRADUAL_STAGES), recovery between
                    oneshotlayer          activation + refit, every layer pruned by the same share
-                   oneshot<score>        another hf_flop score (sensitivity, fisher) + refit
+                   oneshot<score>        another hf_flop score (sensitivity, fisher, obs) + refit
                    oneshotplain          activation masks without the refit
                    oneshottptaylor[plain] Torch-Pruning Taylor's heads and rows as hf_flop masks, refit
                               (or not), compacted
@@ -42,7 +42,7 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                  --threads 2)
   os_<m>_<T>     one-shot from the dense model with NO fine-tuning at all (issue 12), heads + FFN rows,
                  every row calibrated on the same 512 training sentences: hf_flop.prune_oneshot with
-                 score <m> (magnitude, activation, fluctuation, sensitivity, fisher; `_std`: standardised
+                 score <m> (magnitude, activation, fluctuation, obs, sensitivity, fisher; `_std`: standardised
                  ranking),
                  accuracy after plain removal and after hf_flop.reconstruct; `flap`: the FLAP-style
                  baseline (flap_baseline.py); `tptaylor`: Torch-Pruning Taylor (heads + FFN) alone;
@@ -84,7 +84,7 @@ SETTINGS = {  # shared by every phase: same data, same batch, same learning rate
 LEARNING_RATE = 5e-5
 ONESHOT_METHODS = (
     *("magnitude", "activation", "fluctuation", "sensitivity", "fisher"),
-    *("activation_std", "fluctuation_std", "flap", "tptaylor"),
+    *("activation_std", "fluctuation_std", "flap", "tptaylor", "obs"),
 )
 ONESHOT_CALIBRATION = {"full": (32, 16), "quick": (8, 16)}  # (batches, sentences per batch)
 
@@ -344,6 +344,7 @@ LATER_ROWS = ("oneshothd", "tptaylorhd", "gradual", "gradualhd")  # added after 
 SWEEP_ROWS = tuple(f"{row}lr{n}" for row in ("oneshot", "tptaylor") for n in (2, 10, 20))
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
+LATER_ROWS += ("oneshotobs",)  # OBS scores: the removal cost after the refit (hf_flop.obs)
 LATER_ROWS += (
     "oneshottptaylor",
     "oneshotplain",
@@ -640,7 +641,7 @@ PHASES += [f"tp_{imp}_{int(t * 100)}" for t in TARGETS for imp in IMPORTANCES]
 PHASES += [f"flop_50_{levels}" for levels in LEVELS if levels]
 PHASES += [f"os_{m}_{int(t * 100)}" for t in TARGETS for m in ONESHOT_METHODS]
 # calibration draws 1 and 2 for the rows whose gaps are within a few points (three draws with seed 0)
-PHASES += [f"os_{m}_{t}_s{k}" for t in (50, 75) for m in ("activation", "flap", "tptaylor") for k in (1, 2)]
+PHASES += [f"os_{m}_{t}_s{k}" for t in (50, 75) for m in ("activation", "flap", "tptaylor", "obs") for k in (1, 2)]
 # issue 14: uniform FFN widths against per-layer widths at the same size (rows alone reach 2/3 at most: 50 % only)
 PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 

@@ -318,7 +318,8 @@ def compute_scores(
 ) -> dict[str, torch.Tensor]:
     """Scores of every gated unit, by gate name (``FlopModel.gates()`` keys): one tensor of ``n`` per gate.
 
-    ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` / ``"fluctuation"``, or ``"sensitivity"`` / ``"fisher"``
+    ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` / ``"fluctuation"`` / ``"obs"`` (head and
+    row gates only, ``hf_flop.obs``), or ``"sensitivity"`` / ``"fisher"``
     (batches with ``labels``). The scores reflect the gates as they are: open all gates first to score
     the dense model.
     """
@@ -334,4 +335,8 @@ def compute_scores(
         return fisher_scores(model, calibration_data, max_batches=max_batches)
     if score == "fluctuation":
         return fluctuation_scores(model, calibration_data, max_batches=max_batches)
+    if score == "obs":
+        from .obs import obs_scores  # obs builds on this module
+
+        return obs_scores(model, calibration_data, max_batches=max_batches)
     return sensitivity_scores(model, calibration_data, max_batches=max_batches, ema_decay=ema_decay)

@@ -11,7 +11,7 @@ from __future__ import annotations
 LEVELS = ("rank", "head", "row", "block", "embedding")
 GATES = ("hard_concrete", "topk")
 # one-shot unit scores (hf_flop.scores computes them; PruningArguments.oneshot_score takes one)
-SCORES = ("magnitude", "activation", "fluctuation", "sensitivity", "fisher")
+SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
 
 # the embedded defaults' short names and what they are (hf_flop.data resolves and loads them by these names)
 MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}
