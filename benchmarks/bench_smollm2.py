@@ -27,7 +27,7 @@ One-shot with no recovery at all (issue 12), heads+rows at T = 30 or 50 % of the
 calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the same test blocks:
 
   os<T>_<score>    hf_flop.prune_oneshot(..., reconstruct=False) with `score` (magnitude, activation,
-                   fluctuation, sensitivity, fisher; `_std`: ranking="standardized"), perplexity; then
+                   fluctuation, obs, sensitivity, fisher; `_std`: ranking="standardized"), perplexity; then
                    hf_flop.reconstruct on the same data (`_bias`: add_bias=True), perplexity again,
                    then compaction; `_uniform`: FlopConfig(uniform_shapes=True), the same KV groups and
                    FFN width in every layer (the stock LlamaForCausalLM), against the per-layer shapes of
@@ -41,7 +41,8 @@ calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the
                    scores, PruningTrainer with pruning_phase=PRUNING_PHASE, masks fixed at the target,
                    reconstruction, recovery), oneshot (prune_oneshot activation + reconstruction,
                    compact, recovery at the small size), tptaylor (Torch-Pruning Taylor FFN channels,
-                   recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)); a suffix
+                   recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)), oneshot[uniform]obs
+                   (the same with the OBS score, hf_flop.obs, in place of activation); a suffix
                    lr<N> sets the recovery learning rate to N x 1e-5 (a sweep, the same for every row),
                    _s<k> the training seed (the data order; default 0);
                    flop_long above is the old one-phase schedule at this budget
@@ -84,7 +85,7 @@ SETTINGS = {
     | {"oneshot_sequences": 24, "oneshot_block": 128, "cost_sequences": 24},
 }
 ONESHOT_TARGETS = (0.3, 0.5)
-ONESHOT_SCORES = ("magnitude", "activation", "fluctuation", "sensitivity", "fisher")
+ONESHOT_SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
 
 
 def _data(settings: dict, tokenizer):
@@ -436,10 +437,13 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         row, _, lr = row.partition("lr")
         extra = {"seed": seed} | ({"learning_rate": int(lr) * 1e-5} if lr else {})
         result["learning_rate"] = extra.get("learning_rate", LEARNING_RATE)
-        if row.startswith("oneshot"):
-            uniform = row == "oneshotuniform"  # the same KV groups and FFN width in every layer: stock Llama
+        if row.startswith("oneshot"):  # oneshot[uniform][obs]
+            options = row.removeprefix("oneshot")
+            uniform = options.startswith("uniform")  # the same KV groups and FFN width in every layer: stock Llama
+            score = "obs" if options.endswith("obs") else "activation"
+            result["score"] = score
             gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET, uniform_shapes=uniform))
-            prune_oneshot(gated, None, calibration, "activation", reconstruct_options={"progress": False})
+            prune_oneshot(gated, None, calibration, score, reconstruct_options={"progress": False})
             result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
             model = compact(gated)
         else:
@@ -500,10 +504,13 @@ ONESHOT_PHASES = [
     for t in ONESHOT_TARGETS
     for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor", "activation_uniform")
 ]
+ONESHOT_PHASES += ["os50_obs_uniform"]  # the OBS score (hf_flop.obs) with uniform shapes
 PHASES += ONESHOT_PHASES + ["os50_cost"]
 PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor", "eq_oneshotuniform"]
 PHASES += [f"eq_{row}lr{n}" for n in (10, 20) for row in ("oneshot", "oneshotuniform", "tptaylor")]  # a sweep
 PHASES += [f"eq_{row}lr20_s{k}" for k in (1, 2) for row in ("oneshotuniform", "tptaylor")]  # more seeds
+# the OBS score (hf_flop.obs) in place of activation, at the best rate, three seeds
+PHASES += [f"eq_{row}lr20{s}" for s in ("", "_s1", "_s2") for row in ("oneshotuniformobs", "oneshotobs")]
 
 
 def main() -> None:
