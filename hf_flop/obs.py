@@ -19,8 +19,9 @@ global ranking across gates then keeps) and are on the activation score's scale 
 energy): without correlations between features (``H`` diagonal) the first costs are the activation
 scores squared.
 
-Only head and row gates have a consumer to refit; rank, block and embedding gates are refused. The
-cost is about that of one reconstruction: per gate a ``d x d`` inverse and ``d^2`` work per removed
+Only head and row gates have a consumer to refit; rank, block and embedding gates get their
+``activation`` score (the same scale: a root of output energy), so ``"obs"`` works with any levels.
+The cost is about that of one reconstruction: per gate a ``d x d`` inverse and ``d^2`` work per removed
 feature (``d`` = the consumer's input width), done in ``rounds`` batches of the cheapest units.
 """
 
@@ -34,7 +35,7 @@ from torch import nn
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS
 from .refit import Moments
-from .scores import _device, _EvalMode, find_gated_units, iter_calibration
+from .scores import _device, _EvalMode, activation_scores, find_gated_units, iter_calibration
 
 
 def obs_scores(
@@ -45,7 +46,8 @@ def obs_scores(
     rounds: int = 64,
     ridge: float = 1e-3,
 ) -> dict[str, torch.Tensor]:
-    """OBS removal costs (see the module docstring) of every head/row unit, by gate name.
+    """OBS removal costs (see the module docstring) of every head/row unit, by gate name (other gates:
+    their activation scores).
 
     Args:
         calibration_data: batches (dicts of tensors with ``input_ids``), as for ``compute_scores``.
@@ -58,14 +60,13 @@ def obs_scores(
     if ridge < 0:
         raise ValueError(f"ridge={ridge!r} must be >= 0.")
     units = find_gated_units(model)
-    others = sorted({s.level for s in units} - set(GROUP_LEVELS))
-    if others:
-        raise NotImplementedError(
-            f"score 'obs' needs a consumer to refit, which only head and row gates have; this model also has "
-            f"level(s) {others}. Use score 'activation' for them, or inject levels=['head', 'row'] only."
-        )
-    moments = _consumer_moments(model, units, calibration_data, max_batches)
-    return {s.key: _greedy_costs(s, moments[s.key], rounds, ridge).sqrt().float().cpu() for s in units}
+    grouped = [s for s in units if s.level in GROUP_LEVELS]
+    scores = {}
+    if len(grouped) < len(units):  # rank, block, embedding gates: nothing to refit around them
+        scores = activation_scores(model, calibration_data, max_batches=max_batches)
+    moments = _consumer_moments(model, grouped, calibration_data, max_batches)
+    scores.update({s.key: _greedy_costs(s, moments[s.key], rounds, ridge).sqrt().float().cpu() for s in grouped})
+    return scores
 
 
 def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):

@@ -1,4 +1,4 @@
-"""One-shot importance scores for every unit FLOP gates: magnitude, activation-aware, sensitivity.
+"""One-shot importance scores for every unit FLOP gates: magnitude, activation-aware, OBS, sensitivity.
 
 Each gated module describes its gates with the weights their units own (``GatedUnits``, from its
 ``scored_units`` verb; head/row groups from ``hf_flop.groups.group_units``). A unit ``u`` writes some
@@ -19,6 +19,8 @@ Scores, one tensor per gate (higher = more important):
   with ``E`` the mean over calibration tokens; for a rank component ``||P[:, k]|| * RMS(Q[k, :] x)``.
 * ``fluctuation``: ``sum_{j in u} ||C[:, j]||^2 * Var(x_j)`` (FLAP's metric): like ``activation`` but with the
   variance instead of the mean square, since a constant input can be folded into a bias.
+* ``obs``:         the output error removing the unit leaves once the consumer's other columns are refit
+  (Optimal Brain Surgeon, greedily, ``hf_flop.obs``); head and row gates only, other gates get ``activation``.
 * ``sensitivity``: ``|dL/dz_u * z_u|``, the first-order Taylor estimate of the loss change when the
   unit's gate value ``z_u`` goes to 0, per calibration batch, then averaged (or an exponential moving
   average with ``ema_decay``). Only the gate matters here, so every gate gets it for free.
@@ -318,8 +320,8 @@ def compute_scores(
 ) -> dict[str, torch.Tensor]:
     """Scores of every gated unit, by gate name (``FlopModel.gates()`` keys): one tensor of ``n`` per gate.
 
-    ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` / ``"fluctuation"`` / ``"obs"`` (head and
-    row gates only, ``hf_flop.obs``), or ``"sensitivity"`` / ``"fisher"``
+    ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` / ``"fluctuation"`` / ``"obs"`` (``hf_flop.obs``:
+    the cost left after the refit, for head and row gates), or ``"sensitivity"`` / ``"fisher"``
     (batches with ``labels``). The scores reflect the gates as they are: open all gates first to score
     the dense model.
     """

@@ -85,10 +85,22 @@ def test_prune_oneshot_with_obs_hits_the_target(arch):
         assert torch.isfinite(pruned.eval()(input_ids=data[0]["input_ids"]).logits).all()
 
 
-def test_obs_refuses_gates_without_a_consumer_and_bad_arguments():
+def test_gates_without_a_consumer_get_their_activation_score():
     data = calibration("llama")
-    with pytest.raises(NotImplementedError, match="only head and row gates"):
-        compute_scores(injected("llama", ["rank", "head", "row"]), data, "obs")
+    model = injected("llama", ["rank", "head", "row"])
+    obs, activation = compute_scores(model, data, "obs"), compute_scores(model, data, "activation")
+    assert obs.keys() == activation.keys()
+    levels = {s.key: s.level for s in find_gated_units(model)}
+    assert {levels[k] for k in obs} == {"rank", "head", "row"}
+    for key in obs:
+        if levels[key] == "rank":
+            torch.testing.assert_close(obs[key], activation[key])
+        else:
+            assert not torch.allclose(obs[key], activation[key])
+
+
+def test_obs_refuses_bad_arguments():
+    data = calibration("llama")
     model = injected("llama", ["head", "row"])
     with pytest.raises(ValueError, match="rounds"):
         obs_scores(model, data, rounds=0)
