@@ -28,7 +28,7 @@ Scores, one tensor per gate (higher = more important):
   value (the diagonal of the empirical Fisher information of the mask, as in Kwon et al. 2022): the
   curvature of the loss along the unit's removal, to second order where ``sensitivity`` is first order.
 
-A new kind of gate is scored once its module answers ``scored_units``; the three scores and one-shot
+A new kind of gate is scored once its module answers ``scored_units``; the scores and one-shot
 pruning then work on it unchanged.
 """
 
@@ -174,7 +174,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# --- the three scores ----------------------------------------------------------------------------------
+# --- the scores ---------------------------------------------------------------------------------------
 
 
 def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
