@@ -25,6 +25,8 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                    oneshot    hf_flop.prune_oneshot (activation, heads + rows, reconstruction), compact,
                               then every step recovers at the compacted size
                    tptaylor   Torch-Pruning Taylor heads + FFN channels, then every step recovers
+                   trainer    PruningTrainer with its defaults, as a user runs it (pruning_phase=0: one-shot
+                              obs masks + refit before the first step, recovery of the compacted model)
                    recipe     the oneshot row as a user runs it: PruningTrainer(pruning_phase=0) sets the
                               same one-shot masks and refit before its first step, then recovers at the
                               original shapes with the masks held (the same function, the slower route)
@@ -345,6 +347,7 @@ SWEEP_ROWS = tuple(f"{row}lr{n}" for row in ("oneshot", "tptaylor") for n in (2,
 LATER_ROWS += ("oneshotlayer",)  # one-shot + refit with every layer pruned by the same share
 LATER_ROWS += ("oneshotsensitivity", "oneshotfisher")  # task-aware (gradient) scores + refit
 LATER_ROWS += ("oneshotobs",)  # OBS scores: the removal cost after the refit (hf_flop.obs)
+LATER_ROWS += ("oneshotobslr10", "trainer")  # the same at lr 1e-4; PruningTrainer() with its defaults
 LATER_ROWS += (
     "oneshottptaylor",
     "oneshotplain",
@@ -532,13 +535,17 @@ def phase_equal_budget(out: Path, settings: dict, row: str, target: float, seed:
         trainer.train()
         small = model.eval()
     else:
-        levels = ["head", "row"] if row in ("twophasehr", "recipe") else ["rank", "head", "row"]
+        levels = ["head", "row"] if row in ("twophasehr", "recipe", "trainer") else ["rank", "head", "row"]
         model = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=target))
         extra = {"target_warmup_steps": 0.5, "pruning_phase": 1.0}
         if row != "old":  # PruningTrainer warm-starts the gates from activation scores of the calibration data
             extra["pruning_phase"] = 0.0 if row == "recipe" else PRUNING_PHASE
+        if row in ("recipe", "twophase", "twophasehr"):  # measured with activation scores, before "obs" existed
+            extra["oneshot_score"] = "activation"
         if row == "recipe":  # measured before compact_recovery existed: the masks held at full size
             extra["compact_recovery"] = False
+        if row == "trainer":  # PruningTrainer's own defaults: one-shot (obs) + refit, compacted recovery
+            extra = {}
         trainer = PruningTrainer(
             model=model,
             args=_args(work, settings, PruningArguments, seed=seed, **extra),

@@ -457,7 +457,14 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
         trainer = PruningTrainer(  # it warm-starts the gates from activation scores of the calibration data
             model=model,
-            args=_args(out, settings, target_warmup_steps=0.5, pruning_phase=PRUNING_PHASE, gate_learning_rate=0.5),
+            args=_args(
+                out,
+                settings,
+                target_warmup_steps=0.5,
+                pruning_phase=PRUNING_PHASE,
+                gate_learning_rate=0.5,
+                oneshot_score="activation",  # as measured, before "obs" existed
+            ),
             teacher_model=teacher,
             train_dataset=train,
             data_collator=default_data_collator,

@@ -128,7 +128,7 @@ class PruningArguments(TrainingArguments):
         },
     )
     oneshot_score: str | None = field(
-        default="activation",
+        default="obs",
         metadata={
             "help": "Score of every gated unit on PruningTrainer's reconstruction_data (see hf_flop.scores: "
             f"{', '.join(SCORES)}). With pruning_phase=0 it chooses the masks; with 0 < pruning_phase < 1 it "

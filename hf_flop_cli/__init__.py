@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--oneshot-score",
         choices=SCORES,
-        default="activation",
+        default="obs",
         help="Score that sets the one-shot masks (--pruning-phase 0) or starts the gates (below 1).",
     )
     train.add_argument(

@@ -343,7 +343,7 @@ def test_prune_with_one_shot_masks_and_recovery(capsys, tmp_path, tiny_cls_dir, 
     boundary = next(e for e in summary["log_history"] if "boundary_step" in e)
     assert boundary["boundary_step"] == 0 and boundary["boundary_reconstructed_modules"] > 0
     card = (out / "model" / "README.md").read_text()
-    assert "one-shot: masks set at the target by activation scores" in card and "hidden-state MSE" in card
+    assert "one-shot: masks set at the target by obs scores" in card and "hidden-state MSE" in card
 
 
 def test_prune_exports_onnx(capsys, tmp_path, tiny_cls_dir, sentiment_csv):

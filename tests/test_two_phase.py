@@ -213,10 +213,12 @@ def test_pruning_phase_zero_sets_the_masks_one_shot_before_the_first_step(tmp_pa
     """The masks are prune_oneshot's (same score, same data) from step 0 on, exactly at the target; the
     refit ran; every step recovers with the masks held."""
     model = flop_llama(0.5, levels=("head", "row"))
-    reference = prune_oneshot(copy.deepcopy(model), None, _calibration(), "activation", reconstruct=False)
+    untrained = copy.deepcopy(model)
     trainer = make_trainer(
         tmp_path, model, steps=20, pruning_phase=0.0, logging_steps=5, reconstruction_data=_calibration()
     )
+    assert trainer.args.oneshot_score == "obs"  # the default
+    reference = prune_oneshot(untrained, None, _calibration(), trainer.args.oneshot_score, reconstruct=False)
     capture = _Capture(trainer, 1)
     trainer.add_callback(capture)
     trainer.train()
@@ -229,7 +231,7 @@ def test_pruning_phase_zero_sets_the_masks_one_shot_before_the_first_step(tmp_pa
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["phase"] for h in logs] == ["recovery"] * 4
     assert all(h["loss"] == pytest.approx(h["task_loss"], rel=1e-5) for h in logs)  # no constraint term
-    assert trainer.training_facts()["schedule"].startswith("one-shot: masks set at the target by activation")
+    assert trainer.training_facts()["schedule"].startswith("one-shot: masks set at the target by obs scores")
 
 
 def test_without_reconstruction_data_the_calibration_is_a_seeded_sample_of_the_training_data(tmp_path):
