@@ -740,7 +740,7 @@ def _summarize_equal_budget(results: dict, start: dict, mode: str) -> None:
         if name.startswith("eq_"):
             groups.setdefault((r["row"], round(100 * r["target"])), []).append(r)
     rows = []
-    shown = ("oneshot", "oneshothd", "recipe", "tptaylor", "tptaylorhd", "gradual", "gradualhd")
+    shown = ("trainer", "oneshotobs", "oneshotobslr10", "oneshot", "oneshothd", "recipe", "tptaylor", "tptaylorhd", "gradual", "gradualhd")
     order = {row: i for i, row in enumerate((*shown, "twophasehr", "twophase", "old"))}
     for (row, target), runs in sorted(groups.items(), key=lambda item: (item[0][1], order.get(item[0][0], 9))):
         accuracy = [100 * r["accuracy"] for r in runs]
@@ -785,8 +785,10 @@ def _plot_equal_budget(summary: dict, path: Path) -> None:
             return "C2", "Torch-Pruning's structure in hf_flop (compacted, refit or not)"
         if "tptaylor" in row:
             return "C1", "Torch-Pruning Taylor"
+        if row.startswith(("oneshotobs", "trainer")):
+            return "C3", "hf_flop one-shot, score obs (the default) + refit, then recovery"
         if row.startswith(("oneshot", "recipe", "gradual")):
-            return "C0", "hf_flop one-shot (+ refit) then recovery"
+            return "C0", "hf_flop one-shot, other scores (+ refit), then recovery"
         return "C7", "hf_flop learned gates (one or two phases)"
 
     targets = sorted({r["target"] for r in summary["rows"]})
@@ -813,14 +815,14 @@ def _plot_equal_budget(summary: dict, path: Path) -> None:
         ax.set_yticks(list(ys), [r["row"] for r in rows], fontsize=8)
         ax.set(xlabel="test accuracy (%)", title=f"{int(100 * target)} % of the encoder linears removed")
         ax.grid(axis="x", alpha=0.3)
-    families = ("oneshot", "tptaylor", "oneshottptaylor", "old")
+    families = ("oneshotobs", "oneshot", "tptaylor", "oneshottptaylor", "old")
     handles = [plt.Rectangle((0, 0), 1, 1, color=family(r)[0], alpha=0.8) for r in families]
     labels = [family(r)[1] for r in families]
     handles.append(plt.Line2D([], [], color="gray", ls="--"))
     labels.append(f"dense start {dense:.1f}")
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("MiniLM-L6, equal budget (250 steps, the same distillation per row); bars: mean, dots: seeds")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
 

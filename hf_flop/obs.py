@@ -35,7 +35,7 @@ from torch import nn
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS
 from .refit import Moments
-from .scores import _device, _EvalMode, activation_scores, find_gated_units, iter_calibration
+from .scores import _device, _EvalMode, activation_scores, find_gated_units, iter_calibration, reusable_batches
 
 
 def obs_scores(
@@ -59,13 +59,15 @@ def obs_scores(
         raise ValueError(f"rounds={rounds!r} must be a positive integer.")
     if ridge < 0:
         raise ValueError(f"ridge={ridge!r} must be >= 0.")
+    calibration_data = reusable_batches(calibration_data)  # read twice with rank, block or embedding gates
     units = find_gated_units(model)
     grouped = [s for s in units if s.level in GROUP_LEVELS]
     scores = {}
     if len(grouped) < len(units):  # rank, block, embedding gates: nothing to refit around them
         scores = activation_scores(model, calibration_data, max_batches=max_batches)
-    moments = _consumer_moments(model, grouped, calibration_data, max_batches)
-    scores.update({s.key: _greedy_costs(s, moments[s.key], rounds, ridge).sqrt().float().cpu() for s in grouped})
+    if grouped:
+        moments = _consumer_moments(model, grouped, calibration_data, max_batches)
+        scores.update({s.key: _greedy_costs(s, moments[s.key], rounds, ridge).sqrt().float().cpu() for s in grouped})
     return scores
 
 
@@ -112,7 +114,12 @@ def _greedy_costs(s: GatedUnits, moments: torch.Tensor, rounds: int, ridge: floa
         weight = torch.cat([weight, bias.detach().to(torch.float64).cpu()[:, None]], dim=1)
     damp = ridge * hessian.diagonal()[:d].mean().clamp_min(1e-12)
     hessian[:d, :d] += damp * torch.eye(d, dtype=hessian.dtype)
-    inverse = torch.linalg.inv(hessian)
+    inverse, info = torch.linalg.inv_ex(hessian)
+    if int(info) != 0:
+        raise ValueError(
+            f"the input second moment of {s.key}'s consumer is singular (some features never vary, e.g. closed "
+            "units); give obs_scores a ridge above 0 (the default is 1e-3) or more varied calibration data."
+        )
     alive = torch.ones(n, dtype=torch.bool)
     costs = torch.zeros(n, dtype=torch.float64)
     level = 0.0

@@ -99,6 +99,16 @@ def test_gates_without_a_consumer_get_their_activation_score():
             assert not torch.allclose(obs[key], activation[key])
 
 
+def test_a_one_off_iterator_is_read_for_both_scores():
+    """With rank gates beside head/row gates the data is read twice (activation, then OBS): a generator works."""
+    model = injected("llama", ["rank", "head", "row"])
+    from_list = obs_scores(model, calibration("llama"))
+    from_generator = obs_scores(model, (batch for batch in calibration("llama")))
+    assert from_list.keys() == from_generator.keys()
+    for key in from_list:
+        torch.testing.assert_close(from_list[key], from_generator[key])
+
+
 def test_obs_refuses_bad_arguments():
     data = calibration("llama")
     model = injected("llama", ["head", "row"])
@@ -108,3 +118,8 @@ def test_obs_refuses_bad_arguments():
         obs_scores(model, data, ridge=-1.0)
     with pytest.raises(ValueError, match="calibration_data"):
         compute_scores(model, None, "obs")
+    closed = find_gated_units(model)[1]  # a closed unit reads zeros: without a ridge its moments are singular
+    closed.gate.set_mask(torch.arange(closed.n_units) > 0)
+    with pytest.raises(ValueError, match="singular"):
+        obs_scores(model, data, ridge=0.0)
+    assert obs_scores(model, data)[closed.key][0] < obs_scores(model, data)[closed.key][1:].min()
