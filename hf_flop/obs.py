@@ -105,26 +105,26 @@ def _greedy_costs(s: GatedUnits, moments: torch.Tensor, rounds: int, ridge: floa
     """The running-max OBS cost at which each unit of ``s`` is removed, greedily, cheapest first (float64)."""
     n, u = s.n_units, s.unit
     d = n * u
-    weight = s.observed.folded_weight().to(torch.float64).cpu()
+    weight = s.observed.folded_weight().detach().to(torch.float64)  # on the model's device (a GPU does this fast)
     bias = getattr(s.observed, "bias", None)
-    hessian = moments.clone()
+    hessian = moments.to(weight.device, copy=True)
     if bias is None:  # no bias to move: the constant feature is not part of the refit
         hessian = hessian[:d, :d]
     else:  # the bias is the weight of the constant feature, never removed
-        weight = torch.cat([weight, bias.detach().to(torch.float64).cpu()[:, None]], dim=1)
+        weight = torch.cat([weight, bias.detach().to(torch.float64)[:, None]], dim=1)
     damp = ridge * hessian.diagonal()[:d].mean().clamp_min(1e-12)
-    hessian[:d, :d] += damp * torch.eye(d, dtype=hessian.dtype)
+    hessian[:d, :d] += damp * torch.eye(d, dtype=hessian.dtype, device=hessian.device)
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
         raise ValueError(
             f"the input second moment of {s.key}'s consumer is singular (some features never vary, e.g. closed "
             "units); give obs_scores a ridge above 0 (the default is 1e-3) or more varied calibration data."
         )
-    alive = torch.ones(n, dtype=torch.bool)
+    alive = torch.ones(n, dtype=torch.bool, device=weight.device)
     costs = torch.zeros(n, dtype=torch.float64)
     level = 0.0
     per_round = -(-n // rounds)
-    slots = torch.arange(d).reshape(n, u)
+    slots = torch.arange(d, device=weight.device).reshape(n, u)
     while alive.any():
         ids = alive.nonzero().squeeze(1)
         cols = slots[ids]  # (k, u)
