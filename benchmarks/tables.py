@@ -107,8 +107,11 @@ def oneshot_table(summary: dict, metric: str) -> str:
 
 
 ROW_NAMES = {  # bench_minilm's equal-budget rows (issue 13), as the README names them
-    "oneshot": "one-shot activation + refit, then recovery (hf_flop default)",
-    "recipe": "the same through PruningTrainer(pruning_phase=0)",
+    "trainer": "PruningTrainer() with its defaults (one-shot obs + refit, compacted recovery)",
+    "oneshotobs": "one-shot obs + refit, then recovery",
+    "oneshotobslr10": "one-shot obs + refit, then recovery at lr 1e-4",
+    "oneshot": "one-shot activation + refit, then recovery",
+    "recipe": "one-shot activation through PruningTrainer(pruning_phase=0), masks held at full size",
     "tptaylor": "Torch-Pruning Taylor, then recovery",
     "twophase": "two-phase, rank+head+row (prune 40 %, fix, refit, recover)",
     "twophasehr": "two-phase, head+row",

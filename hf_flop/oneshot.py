@@ -391,8 +391,9 @@ def prune_oneshot(
     ``model`` is a plain transformers model (FLOP is injected in place with ``config``; the result is
     a ``PeftModel``) or a model that already has FLOP layers (``config=None``). Any previous gate state
     is replaced: all gates are opened, the dense model is scored with ``score`` (``"magnitude"``,
-    ``"activation"`` or ``"sensitivity"``; see ``hf_flop.scores``) over ``calibration_data`` (an
-    iterable of dicts of tensors with ``input_ids``, plus ``labels`` for sensitivity; at most
+    ``"activation"``, ``"obs"`` (the best measured with the refit), ``"sensitivity"``, ...; see
+    ``hf_flop.scores``) over ``calibration_data`` (an iterable of dicts of tensors with ``input_ids``,
+    plus ``labels`` for sensitivity and fisher; at most
     ``max_batches`` of them), then ``prune_to_target`` closes units until
     ``sparsity_report(model).deterministic_sparsity`` is ``target_sparsity`` (default: the config's)
     to within half a unit's parameters (``ranking`` and ``protect_layers`` are explained there).
