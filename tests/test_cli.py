@@ -309,6 +309,8 @@ def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir, uniform):
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["architectures"] == (["LlamaForCausalLM"] if uniform else ["FlopLlamaForCausalLM"])
     assert ("auto_map" in saved) is not uniform
+    # the default score: obs, but activation with uniform shapes (what measured better there)
+    assert summary["settings"]["oneshot_score"] == ("activation" if uniform else "obs")
 
 
 def test_uniform_shapes_with_heads_on_bert_is_refused_with_the_remedy(
