@@ -656,6 +656,8 @@ PHASES += ["os_activation_uniform_50", "os_activation_rows_50"]
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in EQUAL_BUDGET_ROWS]
 # after issue 13's first measurement: layer distillation for the two best rows, and gradual one-shot pruning
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in LATER_ROWS + SWEEP_ROWS]
+# three more seeds of the two rows that decide issue 13's goals (their 3-seed gap was about 1 point)
+PHASES += [f"eq_{row}_{t}_s{k}" for k in (3, 4, 5) for t in (50, 75) for row in ("oneshotobs", "tptaylor")]
 PHASES += ["wall_time"]  # run it alone: --only wall_time --threads 2
 
 

@@ -549,7 +549,10 @@ class PruningTrainer(Trainer):
         if why:
             logger.info("PruningTrainer: recovery trains the gated model with its masks held, not compacted: %s.", why)
             return None
-        small = compact(self.gated_model)
+        # building the compacted model initialises its layers from the global RNG before loading the weights;
+        # forked, so the data order and dropout draws of the seed stay those of the masked route
+        with torch.random.fork_rng(devices=[]):
+            small = compact(self.gated_model)
         counterparts = gated_counterparts(self.gated_model, small)
         for name, param in small.named_parameters():
             param.requires_grad_(counterparts[name].requires_grad)

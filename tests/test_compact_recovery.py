@@ -146,6 +146,31 @@ def _resumable_run(out, resume=None) -> tuple:
     return model, trainer
 
 
+def test_compacted_recovery_is_a_plain_trainer_on_the_one_shot_model(tmp_path):
+    """With dropout on: PruningTrainer(pruning_phase=0) ends bitwise where prune_oneshot + compact + a plain
+    Trainer of the same seed end. Building the compacted model inside train() initialises layers from the
+    global RNG; that must not shift the seed's dropout draws (or data order) away from the plain run."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_flop import prune_oneshot
+
+    data = _Classes()
+    calibration = [{"input_ids": torch.stack([data[i]["input_ids"] for i in range(j, j + 8)])} for j in (0, 8, 16, 24)]
+    config = FlopConfig(target_sparsity=0.5, levels=["head", "row"])
+    gated = get_flop_model(tiny_bert(), config)  # dropout 0.1 in the hidden states and attention
+    manual = compact(prune_oneshot(get_flop_model(tiny_bert(), config), None, calibration, "obs"))
+    settings = dict(max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3, seed=0, use_cpu=True)
+    settings.update(save_strategy="no", report_to=[], disable_tqdm=True)
+    Trainer(model=manual, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **settings), train_dataset=data).train()
+    args = PruningArguments(output_dir=str(tmp_path / "pruned"), pruning_phase=0.0, **settings)
+    trainer = PruningTrainer(model=gated, args=args, train_dataset=data, reconstruction_data=calibration)
+    trainer.train()
+    assert trainer.compacted_recovery
+    ours = compact(gated).state_dict()
+    for name, value in manual.state_dict().items():
+        assert torch.equal(value, ours[name]), name
+
+
 def test_resume_from_a_compacted_checkpoint_equals_the_uninterrupted_run(tmp_path):
     full, trainer = _resumable_run(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-6"
