@@ -1,4 +1,4 @@
-"""Score ``"obs"``: what removing a head or FFN row costs once the layer is refit (Optimal Brain Surgeon).
+"""The math of score ``"obs"``: what removing a unit costs once the layer is refit (Optimal Brain Surgeon).
 
 The activation score rates a unit by the output energy it carries, ``sum_j ||C[:, j]||^2 E[x_j^2]``.
 But one-shot pruning refits the consumer afterwards (``hf_flop.reconstruct``): the kept columns
@@ -19,94 +19,46 @@ global ranking across gates then keeps) and are on the activation score's scale 
 energy): without correlations between features (``H`` diagonal) the first costs are the activation
 scores squared.
 
-Only head and row gates have a consumer to refit; rank, block and embedding gates get their
-``activation`` score (the same scale: a root of output energy), so ``"obs"`` works with any levels.
-The cost is about that of one reconstruction: per gate a ``d x d`` inverse and ``d^2`` work per removed
+``hf_flop.scores.obs_scores`` records the moments and calls ``greedy_costs`` per head/row gate (only
+they have a consumer to refit; other gates get their ``activation`` score, on the same scale). The
+cost is about that of one reconstruction: per gate a ``d x d`` inverse and ``d^2`` work per removed
 feature (``d`` = the consumer's input width), done in ``rounds`` batches of the cheapest units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-from torch import nn
-
-from .gated import GatedUnits
-from .groups import GROUP_LEVELS
-from .refit import Moments
-from .scores import _device, _EvalMode, activation_scores, find_gated_units, iter_calibration, reusable_batches
-
-
-def obs_scores(
-    model: nn.Module,
-    calibration_data: Iterable,
-    *,
-    max_batches: int | None = None,
-    rounds: int = 64,
-    ridge: float = 1e-3,
-) -> dict[str, torch.Tensor]:
-    """OBS removal costs (see the module docstring) of every head/row unit, by gate name (other gates:
-    their activation scores).
-
-    Args:
-        calibration_data: batches (dicts of tensors with ``input_ids``), as for ``compute_scores``.
-        rounds: the greedy removal of a gate's units runs in at most this many steps, each removing
-            the cheapest ``n / rounds`` units together (1 per step for gates of at most ``rounds`` units).
-        ridge: relative ridge term of the inverse, as in ``hf_flop.reconstruct``.
-    """
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds={rounds!r} must be a positive integer.")
-    if ridge < 0:
-        raise ValueError(f"ridge={ridge!r} must be >= 0.")
-    calibration_data = reusable_batches(calibration_data)  # read twice with rank, block or embedding gates
-    units = find_gated_units(model)
-    grouped = [s for s in units if s.level in GROUP_LEVELS]
-    scores = {}
-    if len(grouped) < len(units):  # rank, block, embedding gates: nothing to refit around them
-        scores = activation_scores(model, calibration_data, max_batches=max_batches)
-    if grouped:
-        moments = _consumer_moments(model, grouped, calibration_data, max_batches)
-        scores.update({s.key: _greedy_costs(s, moments[s.key], rounds, ridge).sqrt().float().cpu() for s in grouped})
-    return scores
-
-
-def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
-    """Per gate: the second moments of its consumer's input over the calibration tokens (padding dropped)."""
-    found = {s.key: Moments(s.n_units * s.unit) for s in units}
-    token_mask: list[torch.Tensor | None] = [None]
-
-    def recorder(s: GatedUnits):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = token_mask[0]
-            found[s.key].add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
-
-        return hook
-
-    # after FlopModel's input masks: units already closed read zeros and cost nothing
-    handles = [s.observed.register_forward_pre_hook(recorder(s)) for s in units]
-    try:
-        with _EvalMode(model), torch.no_grad():
-            for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
-                token_mask[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for s in units:
-        if found[s.key].tokens == 0:
-            raise RuntimeError(f"the calibration forward never reached {s.key}'s consumer; is it used by the model?")
-    return {key: m.matrix() for key, m in found.items()}
 
 
 @torch.no_grad()
-def _greedy_costs(s: GatedUnits, moments: torch.Tensor, rounds: int, ridge: float) -> torch.Tensor:
-    """The running-max OBS cost at which each unit of ``s`` is removed, greedily, cheapest first (float64)."""
-    n, u = s.n_units, s.unit
-    d = n * u
-    weight = s.observed.folded_weight().detach().to(torch.float64)  # on the model's device (a GPU does this fast)
-    bias = getattr(s.observed, "bias", None)
+def greedy_costs(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    moments: torch.Tensor,
+    unit: int,
+    *,
+    rounds: int = 64,
+    ridge: float = 1e-3,
+    name: str = "a gate",
+) -> torch.Tensor:
+    """The running-max OBS cost at which each unit is removed, greedily, cheapest first (float64, on CPU).
+
+    The work runs on ``weight``'s device.
+
+    Args:
+        weight: the consumer's weight (``out x d``), ``d = n_units * unit`` input features, unit-major.
+        bias: its bias (the weight of the constant feature, never removed), or None (no bias to refit).
+        moments: ``E[x^ x^T]`` of its input augmented by a constant 1 (``(d + 1) x (d + 1)``,
+            ``hf_flop.refit.Moments``).
+        unit: input features per unit (1 for an FFN row, the head width times the query heads of a KV group).
+        rounds: at most this many greedy steps, each removing the cheapest ``n_units / rounds`` units
+            together (one per step for at most ``rounds`` units).
+        ridge: relative ridge term of the inverse, as in ``hf_flop.reconstruct``.
+        name: what to call the units in errors (a gate name).
+    """
+    weight = weight.detach().to(torch.float64)  # on the model's device (a GPU does this fast)
+    d = weight.shape[1]
+    n = d // unit
     hessian = moments.to(weight.device, copy=True)
     if bias is None:  # no bias to move: the constant feature is not part of the refit
         hessian = hessian[:d, :d]
@@ -117,24 +69,24 @@ def _greedy_costs(s: GatedUnits, moments: torch.Tensor, rounds: int, ridge: floa
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
         raise ValueError(
-            f"the input second moment of {s.key}'s consumer is singular (some features never vary, e.g. closed "
-            "units); give obs_scores a ridge above 0 (the default is 1e-3) or more varied calibration data."
+            f"the input second moment of {name}'s consumer is singular (some features never vary, e.g. closed units); use a "
+            "ridge above 0 (the default is 1e-3) or more varied calibration data."
         )
     alive = torch.ones(n, dtype=torch.bool, device=weight.device)
     costs = torch.zeros(n, dtype=torch.float64)
     level = 0.0
     per_round = -(-n // rounds)
-    slots = torch.arange(d, device=weight.device).reshape(n, u)
+    slots = torch.arange(d, device=weight.device).reshape(n, unit)
     while alive.any():
         ids = alive.nonzero().squeeze(1)
-        cols = slots[ids]  # (k, u)
-        blocks = inverse[cols[:, :, None], cols[:, None, :]]  # (k, u, u): (H^-1)_gg per unit
-        w = weight[:, cols].permute(1, 2, 0)  # (k, u, out)
+        cols = slots[ids]  # (k, unit)
+        blocks = inverse[cols[:, :, None], cols[:, None, :]]  # (k, unit, unit): (H^-1)_gg per unit
+        w = weight[:, cols].permute(1, 2, 0)  # (k, unit, out)
         cost = (torch.linalg.solve(blocks, w) * w).sum((1, 2))  # trace(W_g [(H^-1)_gg]^-1 W_g^T)
         order = torch.argsort(cost, stable=True)[:per_round]
-        for unit, value in zip(ids[order].tolist(), cost[order].tolist()):
+        for index, value in zip(ids[order].tolist(), cost[order].tolist()):
             level = max(level, value)
-            costs[unit] = level
+            costs[index] = level
         gone = slots[ids[order]].reshape(-1)
         # the OBS update: the other columns absorb what the removed ones carried; H^-1 loses them
         step = torch.linalg.solve(inverse[gone][:, gone], inverse[gone])  # (|gone|, D)

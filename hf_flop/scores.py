@@ -20,7 +20,7 @@ Scores, one tensor per gate (higher = more important):
 * ``fluctuation``: ``sum_{j in u} ||C[:, j]||^2 * Var(x_j)`` (FLAP's metric): like ``activation`` but with the
   variance instead of the mean square, since a constant input can be folded into a bias.
 * ``obs``:         the output error removing the unit leaves once the consumer's other columns are refit
-  (Optimal Brain Surgeon, greedily, ``hf_flop.obs``); head and row gates only, other gates get ``activation``.
+  (Optimal Brain Surgeon, greedily, ``hf_flop.obs``); head and row gates, other gates get ``activation``.
 * ``sensitivity``: ``|dL/dz_u * z_u|``, the first-order Taylor estimate of the loss change when the
   unit's gate value ``z_u`` goes to 0, per calibration batch, then averaged (or an exponential moving
   average with ``ema_decay``). Only the gate matters here, so every gate gets it for free.
@@ -42,8 +42,10 @@ from torch import nn
 from hf_flop_cli.choices import SCORES
 
 from .gated import GatedUnits
-from .groups import group_units
+from .groups import GROUP_LEVELS, group_units
 from .model import find_flop_model
+from .obs import greedy_costs
+from .refit import Moments
 
 
 def find_gated_units(model: nn.Module) -> list[GatedUnits]:
@@ -244,6 +246,67 @@ def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data
     return mean_sq, mean
 
 
+def obs_scores(
+    model: nn.Module,
+    calibration_data: Iterable,
+    *,
+    max_batches: int | None = None,
+    rounds: int = 64,
+    ridge: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """OBS costs (``hf_flop.obs``) of every head/row unit: what removing it leaves once its consumer's other
+    columns are refit, greedily; other gates (rank, block, embedding) get their activation scores.
+
+    ``rounds`` and ``ridge`` are ``hf_flop.obs.greedy_costs``'s.
+    """
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r} must be a positive integer.")
+    if ridge < 0:
+        raise ValueError(f"ridge={ridge!r} must be >= 0.")
+    calibration_data = reusable_batches(calibration_data)  # read twice with rank, block or embedding gates
+    units = find_gated_units(model)
+    grouped = [s for s in units if s.level in GROUP_LEVELS]
+    scores = {}
+    if len(grouped) < len(units):  # rank, block, embedding gates: nothing to refit around them
+        scores = activation_scores(model, calibration_data, max_batches=max_batches)
+    if grouped:
+        moments = _consumer_moments(model, grouped, calibration_data, max_batches)
+        for s in grouped:
+            weight, bias = s.observed.folded_weight(), s.observed.bias
+            costs = greedy_costs(weight, bias, moments[s.key], s.unit, rounds=rounds, ridge=ridge, name=s.key)
+            scores[s.key] = costs.sqrt().float().cpu()
+    return scores
+
+
+def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
+    """Per head/row gate: ``E[x^ x^T]`` of its consumer's input over the calibration tokens (padding dropped)."""
+    found = {s.key: Moments(s.n_units * s.unit) for s in units}
+    token_mask: list[torch.Tensor | None] = [None]
+
+    def recorder(s: GatedUnits):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            mask = token_mask[0]
+            found[s.key].add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
+
+        return hook
+
+    # after FlopModel's input masks: units already closed read zeros and cost nothing
+    handles = [s.observed.register_forward_pre_hook(recorder(s)) for s in units]
+    try:
+        with _EvalMode(model), torch.no_grad():
+            for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
+                token_mask[0] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for s in units:
+        if found[s.key].tokens == 0:
+            raise RuntimeError(f"the calibration forward never reached {s.key}'s consumer; is it used by the model?")
+    return {key: m.matrix() for key, m in found.items()}
+
+
 def sensitivity_scores(
     model: nn.Module,
     calibration_data: Iterable,
@@ -338,7 +401,5 @@ def compute_scores(
     if score == "fluctuation":
         return fluctuation_scores(model, calibration_data, max_batches=max_batches)
     if score == "obs":
-        from .obs import obs_scores  # obs builds on this module
-
         return obs_scores(model, calibration_data, max_batches=max_batches)
     return sensitivity_scores(model, calibration_data, max_batches=max_batches, ema_decay=ema_decay)

@@ -6,9 +6,8 @@ from test_scores import calibration, injected, largest_unit
 from tiny_models import TINY_BUILDERS
 
 from hf_flop import FlopConfig, compute_scores, prune_oneshot, sparsity_report
-from hf_flop.obs import obs_scores
 from hf_flop.refit import Moments, fit_columns, output_error
-from hf_flop.scores import find_gated_units
+from hf_flop.scores import find_gated_units, obs_scores
 
 
 def consumer_moments(model, unit, data) -> torch.Tensor:
