@@ -658,6 +658,7 @@ PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in 
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (0, 1, 2) for t in (50, 75) for row in LATER_ROWS + SWEEP_ROWS]
 # three more seeds of the two rows that decide issue 13's goals (their 3-seed gap was about 1 point)
 PHASES += [f"eq_{row}_{t}_s{k}" for k in (3, 4, 5) for t in (50, 75) for row in ("oneshotobs", "tptaylor")]
+PHASES += [f"eq_{row}lr10_{t}_s{k}" for k in (3, 4, 5) for t in (50, 75) for row in ("oneshotobs", "tptaylor")]
 PHASES += ["wall_time"]  # run it alone: --only wall_time --threads 2
 
 
