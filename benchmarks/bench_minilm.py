@@ -26,7 +26,10 @@ skipped, so an interrupted run resumes; one torch thread each unless --threads s
                               then every step recovers at the compacted size
                    tptaylor   Torch-Pruning Taylor heads + FFN channels, then every step recovers
                    trainer    PruningTrainer with its defaults, as a user runs it (pruning_phase=0: one-shot
-                              obs masks + refit before the first step, recovery of the compacted model)
+                              obs masks + refit before the first step, recovery of the compacted model);
+                              the committed results predate the fork_rng fix (PruningTrainer built the
+                              compacted model from the global RNG): other random draws than oneshotobs,
+                              whose computation it now repeats bitwise
                    recipe     the oneshot row as a user runs it: PruningTrainer(pruning_phase=0) sets the
                               same one-shot masks and refit before its first step, then recovers at the
                               original shapes with the masks held (the same function, the slower route)
