@@ -41,9 +41,9 @@ def greedy_costs(
     ridge: float = 1e-3,
     name: str = "a gate",
 ) -> torch.Tensor:
-    """The running-max OBS cost at which each unit is removed, greedily, cheapest first (float64, on CPU).
+    """The running-max OBS cost at which each unit is removed, greedily, cheapest first.
 
-    The work runs on ``weight``'s device.
+    Computed in float64 on ``weight``'s device; returned as a float64 CPU tensor of ``n_units``.
 
     Args:
         weight: the consumer's weight (``out x d``), ``d = n_units * unit`` input features, unit-major.
