@@ -550,7 +550,7 @@ class PruningTrainer(Trainer):
             logger.info("PruningTrainer: recovery trains the gated model with its masks held, not compacted: %s.", why)
             return None
         # building the compacted model initialises its layers from the global RNG before loading the weights;
-        # forked, so the data order and dropout draws of the seed stay those of the masked route
+        # forked, so the seed's dropout draws stay those a plain Trainer on the one-shot model would make
         with torch.random.fork_rng(devices=[]):
             small = compact(self.gated_model)
         counterparts = gated_counterparts(self.gated_model, small)
