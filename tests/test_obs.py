@@ -11,7 +11,7 @@ from hf_flop.scores import find_gated_units, obs_scores
 
 
 def consumer_moments(model, unit, data) -> torch.Tensor:
-    """The second moments of the unit gate's consumer input, recorded independently of hf_flop.obs."""
+    """The second moments of the unit gate's consumer input, recorded independently of obs_scores."""
     moments = Moments(unit.n_units * unit.unit)
     handle = unit.observed.register_forward_pre_hook(lambda m, args: moments.add(args[0].detach()))
     try:
