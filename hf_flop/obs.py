@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .refit import _ridge
+
 
 @torch.no_grad()
 def greedy_costs(
@@ -64,8 +66,7 @@ def greedy_costs(
         hessian = hessian[:d, :d]
     else:  # the bias is the weight of the constant feature, never removed
         weight = torch.cat([weight, bias.detach().to(torch.float64)[:, None]], dim=1)
-    damp = ridge * hessian.diagonal()[:d].mean().clamp_min(1e-12)
-    hessian[:d, :d] += damp * torch.eye(d, dtype=hessian.dtype, device=hessian.device)
+    hessian[:d, :d] = _ridge(hessian[:d, :d], ridge)  # the refit's own damping, so the costs are its errors
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
         raise ValueError(
