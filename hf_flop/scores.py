@@ -34,7 +34,7 @@ pruning then work on it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -209,32 +209,51 @@ def fluctuation_scores(
     }
 
 
+def _observe_inputs(
+    model: nn.Module,
+    units: list[GatedUnits],
+    calibration_data: Iterable,
+    max_batches: int | None,
+    record: Callable[[GatedUnits, torch.Tensor, torch.Tensor | None], None],
+) -> None:
+    """Run the calibration batches (eval mode, no gradients) and hand every gate's observed input to
+    ``record(unit, x, token_mask)``; ``token_mask`` is the batch's attention mask where it matches ``x``'s
+    tokens (1 = a real token), else None. The hooks run after FlopModel's input masks: masked inputs."""
+    current: list[torch.Tensor | None] = [None]
+
+    def observer(s: GatedUnits):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            mask = current[0]
+            record(s, x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
+
+        return hook
+
+    handles = [s.observed.register_forward_pre_hook(observer(s)) for s in units]
+    try:
+        with _EvalMode(model), torch.no_grad():
+            for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
+                current[0] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
     """Per gate: ``E[x_j^2]`` and ``E[x_j]`` of each unit slot's feature over the calibration tokens."""
     sq_sums: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     tokens = {s.key: 0 for s in units}
 
-    def recorder(s: GatedUnits):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            features = (x if s.features is None else s.features(x)).float()
-            features = features.reshape(-1, features.shape[-1])
-            for store, value in ((sq_sums, features.pow(2).sum(0)), (sums, features.sum(0))):
-                store[s.key] = store[s.key] + value if s.key in store else value
-            tokens[s.key] += features.shape[0]
+    def record(s: GatedUnits, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        features = (x if s.features is None else s.features(x)).float()
+        features = features.reshape(-1, features.shape[-1])
+        for store, value in ((sq_sums, features.pow(2).sum(0)), (sums, features.sum(0))):
+            store[s.key] = store[s.key] + value if s.key in store else value
+        tokens[s.key] += features.shape[0]
 
-        return hook
-
-    # registered after FlopModel's input masks, so the statistics see the masked inputs
-    handles = [s.observed.register_forward_pre_hook(recorder(s)) for s in units]
-    try:
-        with _EvalMode(model), torch.no_grad():
-            for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _observe_inputs(model, units, calibration_data, max_batches, record)
     mean_sq, mean = {}, {}
     for s in units:
         if s.key not in sq_sums:
@@ -281,26 +300,12 @@ def obs_scores(
 def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
     """Per head/row gate: ``E[x^ x^T]`` of its consumer's input over the calibration tokens (padding dropped)."""
     found = {s.key: Moments(s.n_units * s.unit) for s in units}
-    token_mask: list[torch.Tensor | None] = [None]
 
-    def recorder(s: GatedUnits):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = token_mask[0]
-            found[s.key].add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
+    def record(s: GatedUnits, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        found[s.key].add(x, token_mask)
 
-        return hook
-
-    # after FlopModel's input masks: units already closed read zeros and cost nothing
-    handles = [s.observed.register_forward_pre_hook(recorder(s)) for s in units]
-    try:
-        with _EvalMode(model), torch.no_grad():
-            for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
-                token_mask[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    # units already closed read zeros (the input masks act first) and cost nothing
+    _observe_inputs(model, units, calibration_data, max_batches, record)
     for s in units:
         if found[s.key].tokens == 0:
             raise RuntimeError(f"the calibration forward never reached {s.key}'s consumer; is it used by the model?")
