@@ -8,13 +8,12 @@ linears are ignored, as in Torch-Pruning's own BERT example.
 
 from __future__ import annotations
 
-import torch
 import torch_pruning as tp
 from torch import nn
 from transformers import Trainer
 
 from hf_flop.architectures import arch_spec, layer_layouts
-from hf_flop.trainer import PruningTrainer
+from hf_flop.training import Distillation
 
 
 def encoder_linear_params(model: nn.Module) -> int:
@@ -84,27 +83,17 @@ class DistillationTrainer(Trainer):
     (for ``distillation_alpha`` / ``distillation_temperature`` / ``hidden_distillation_weight``).
     """
 
-    _distillation_loss = PruningTrainer._distillation_loss
-    _hidden_distillation_loss = PruningTrainer._hidden_distillation_loss
-
     def __init__(self, *args, teacher_model: nn.Module, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher_model = teacher_model.eval().requires_grad_(False)
+        self.distillation = Distillation.from_args(teacher_model.eval().requires_grad_(False), self.args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        distillation = self.distillation
         teacher_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
-        hidden = self.args.hidden_distillation_weight  # the same layer distillation PruningTrainer adds, if asked
-        if hidden > 0:
-            inputs = {**inputs, "output_hidden_states": True}
-            teacher_inputs = {**teacher_inputs, "output_hidden_states": True}
+        inputs = distillation.student_inputs(inputs)
         task, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        alpha = self.args.distillation_alpha
-        with torch.no_grad():
-            teacher = self.teacher_model(**teacher_inputs)
-        mask = teacher_inputs.get("attention_mask")
-        loss = (1.0 - alpha) * task + alpha * self._distillation_loss(outputs.logits, teacher.logits, mask)
-        if hidden > 0:
-            loss = loss + hidden * self._hidden_distillation_loss(outputs, teacher, mask)
+        teacher = distillation.teacher_outputs(teacher_inputs)
+        loss, _ = distillation.loss(task, outputs, teacher, teacher_inputs.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss
 
 

@@ -12,8 +12,9 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   supported layouts; ``linear`` GPT-2's Conv1D orientation;
 * ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
   ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning, and fixing trained masks at
-  the target (``oneshot.fix_masks_at_target``); ``constraint`` / ``trainer`` learned pruning (its two-phase
-  schedule, prune then recover, and hidden-state distillation in ``trainer``);
+  the target (``oneshot.fix_masks_at_target``); ``constraint`` the sparsity constraint; ``trainer``
+  PruningTrainer, wiring the parts of a run in ``training`` (arguments, schedule, phases, optimizer
+  groups, distillation, compacted recovery, checkpoint state, outcome);
   ``preflight`` the checks before training (injection and target on a weightless copy); ``uniform`` the
   same heads and FFN width in every layer (``FlopConfig.uniform_shapes``: stock classes after compaction);
   ``hub`` saving, cards, publishing; ``onnx_export`` the ONNX export (ONNX Runtime);
@@ -39,6 +40,7 @@ from .reconstruction import reconstruct
 from .registration import register, register_auto_classes
 from .scores import compute_scores
 from .trainer import PruningArguments, PruningTrainer
+from .training import TargetMissedWarning
 
 register()
 register_auto_classes()  # compacted models load with AutoModel*.from_pretrained
@@ -58,6 +60,7 @@ __all__ = [
     "HardConcreteGate",
     "OnnxExportError",
     "SparsityReport",
+    "TargetMissedWarning",
     "TopKGate",
     "UnsupportedArchitectureError",
     "compact",

@@ -399,7 +399,7 @@ def test_hidden_distillation_leaves_out_padding(tmp_path):
     student = model(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=True)
     with torch.no_grad():
         reference = teacher(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=True)
-    value = trainer._hidden_distillation_loss(student, reference, mask)
+    value = trainer.distillation.hidden_loss(student, reference, mask)
     kept = torch.stack(
         [((s - t) ** 2)[:, :8].mean() for s, t in zip(student.hidden_states[1:], reference.hidden_states[1:])]
     ).mean()
