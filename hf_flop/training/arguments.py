@@ -69,7 +69,7 @@ class PruningArguments(TrainingArguments):
         default=0.0,
         metadata={
             "help": "Fraction of the run's steps that prune, in [0, 1]. Default 0: the measured best at a fine-tuning "
-            "budget (README, 'Equal budget'). 1.0: the whole run prunes (FLOP's single phase). "
+            "budget (benchmarks/README.md, 'Equal budget'). 1.0: the whole run prunes (FLOP's single phase). "
             "Below 1: after ceil(pruning_phase * max_steps) steps the eval masks are fixed at exactly the target, "
             "the gates frozen and the constraint dropped; the remaining steps fine-tune the pruned model. "
             "target_warmup_steps (as a fraction) is then a fraction of the pruning phase. 0: no pruning steps; "
