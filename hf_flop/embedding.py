@@ -115,9 +115,12 @@ class FlopEmbedding(nn.Module, GatedLayer):
         base_layer.weight.requires_grad_(False)  # superseded by the factors
 
     def factors(self, deterministic: bool = False):
-        """Per cluster ``(P diag(z), Q)``: sampled gates in training, eval masks otherwise (or if asked)."""
+        """Per cluster ``(P diag(z), Q)``: sampled gates in training, eval masks otherwise (or if asked).
+
+        The gates are float32; ``z`` takes the factors' dtype so a bf16/fp16 model computes in its own.
+        """
         return [
-            (p * (g.deterministic_mask() if deterministic else g()), q)
+            (p * (g.deterministic_mask() if deterministic else g()).to(p.dtype), q)
             for p, q, g in zip(self.flop_P, self.flop_Q, self.flop_gates)
         ]
 

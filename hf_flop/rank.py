@@ -65,8 +65,11 @@ class RankVariant:
             # the result is the same, only cheaper.
             idx = alive.nonzero().squeeze(1)
             p, q, z = p.index_select(1, idx), q.index_select(0, idx), z.index_select(0, idx)
-        h = F.linear(x.to(q.dtype), q) * z
-        return F.linear(h, p, layer.bias)
+        # PEFT keeps adapter tensors of a bf16/fp16 model in float32 (autocast_adapter_dtype): compute in the
+        # factors' dtype, and hand the next layer the dtype it was given
+        bias = layer.bias.to(p.dtype) if layer.bias is not None else None
+        h = F.linear(x.to(q.dtype), q) * z.to(q.dtype)
+        return F.linear(h, p, bias).to(x.dtype)
 
     @staticmethod
     def folded_weight(layer: nn.Module) -> torch.Tensor:
