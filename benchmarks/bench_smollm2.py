@@ -219,7 +219,7 @@ def _torch_pruning_ffn(model, calibration, importance: str, target: float = TARG
     spec = arch_spec(model.config.model_type)
     modules = dict(model.named_modules())
     layouts = layer_layouts(model, spec)
-    ffn = sum(modules[f"{lay.prefix}.{n}"].weight.numel() for lay in layouts for n in (*spec.up, spec.down))
+    ffn = sum(modules[f"{layout.prefix}.{n}"].weight.numel() for layout in layouts for n in (*spec.up, spec.down))
     ffn_ratio = target * _linear_params(model) / ffn
     example = {"input_ids": calibration[0]["input_ids"][:1]}
     return prune_ffn_with_torch_pruning(model, example, ffn_ratio, importance, calibration), {"ffn_ratio": ffn_ratio}
@@ -385,7 +385,7 @@ def summarize(root: Path, mode: str) -> None:
     from phase_runner import read_results, write_summary
 
     results = read_results(root, ROWS)
-    pre = results.get("pretrained", {})
+    pretrained = results.get("pretrained", {})
     rows, oneshot = [], []
     for name, row in ROWS.items():
         r = results.get(name)
@@ -399,7 +399,7 @@ def summarize(root: Path, mode: str) -> None:
                     "linear_sparsity": r.get("linear_sparsity"),
                     "perplexity_plain": r.get("perplexity_plain"),
                     "perplexity": r["perplexity"],
-                    "vs_pretrained": r["perplexity"] / pre["perplexity"] if pre else None,
+                    "vs_pretrained": r["perplexity"] / pretrained["perplexity"] if pretrained else None,
                     "prune_time_s": r.get("prune_time_s"),
                     "reconstruct_time_s": r.get("reconstruct_time_s"),
                     "calibration_tokens": r.get("calibration_tokens"),
@@ -415,8 +415,8 @@ def summarize(root: Path, mode: str) -> None:
                 "perplexity_before_recovery": r.get("perplexity_oneshot", r.get("perplexity_before_recovery")),
                 "total_params": r.get("total_params"),
                 "linear_sparsity": r.get("linear_sparsity"),
-                "total_vs_pretrained": r["total_params"] / pre["total_params"]
-                if pre and r.get("total_params")
+                "total_vs_pretrained": r["total_params"] / pretrained["total_params"]
+                if pretrained and r.get("total_params")
                 else None,
                 "speedup_b1": (r.get("latency_b1") or {}).get("speedup"),
                 "wall_time_s": r.get("wall_time_s"),
@@ -428,7 +428,7 @@ def summarize(root: Path, mode: str) -> None:
         "settings": SETTINGS[mode],
         "target": TARGET,
         "levels": LEVELS,
-        "pretrained": pre,
+        "pretrained": pretrained,
         "rows": rows,
         "oneshot_rows": oneshot,
     }

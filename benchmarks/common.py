@@ -261,10 +261,10 @@ def ptb_blocks(settings: dict, tokenizer):
     train = train.shuffle(seed=0).select(range(settings["steps"] * settings["batch"]))
     test = tokenize_lm(raw["test"], tokenizer, text_column="text", block_size=settings["block"])
     test = test.select(range(min(settings["eval_blocks"], len(test))))
-    b = settings["batch"]
+    batch = settings["batch"]
     calibration = [
-        default_data_collator([train[i] for i in range(j, j + b)])
-        for j in range(0, b * settings["calibration_batches"], b)
+        default_data_collator([train[i] for i in range(j, j + batch)])
+        for j in range(0, batch * settings["calibration_batches"], batch)
     ]
     return train, test, calibration
 

@@ -71,11 +71,11 @@ def minilm_tables(summary: dict) -> str:
 
 def smollm2_table(summary: dict, kinds: tuple[str, ...] | None = None) -> str:
     """The trained rows (``kinds``: only rows of these kinds, by default every one)."""
-    pre = summary["pretrained"]
+    pretrained = summary["pretrained"]
     lines = [
-        f"Pretrained: perplexity {_fmt(pre.get('perplexity'), '.1f')} on {pre.get('test_tokens')} PTB test tokens, "
-        f"{pre.get('total_params'):,} parameters ({pre.get('linear_params'):,} in the linears, "
-        f"{pre.get('embedding_params'):,} in the tied embedding).",
+        f"Pretrained: perplexity {_fmt(pretrained.get('perplexity'), '.1f')} on {pretrained.get('test_tokens')} PTB test tokens, "
+        f"{pretrained.get('total_params'):,} parameters ({pretrained.get('linear_params'):,} in the linears, "
+        f"{pretrained.get('embedding_params'):,} in the tied embedding).",
         "",
         "| run | perplexity before recovery | perplexity after | linears removed | total params (vs pretrained) | "
         "speed-up b1 | train time (s) | peak RSS (MB) |",
