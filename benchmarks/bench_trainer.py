@@ -31,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-from bench_blocks import _dump_json, _write_atomic  # the same folder: atomic result files
 from torch import nn
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import common  # noqa: E402
+
 RUNS = {"dense": None, "rank": ["rank"], "rank+head+row": ["rank", "head", "row"]}
 FRACTIONS = [1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2, 0.1, 0.05]
 LAYER_SHAPES = [(1536, 384), (768, 768)]  # (out, in): MiniLM's FFN up projection, a square BERT-base-like matrix
@@ -188,7 +190,7 @@ def layer_timing(shape: tuple[int, int], tokens: int, reps: int) -> dict:
     return result
 
 
-def plot(result: dict, path: str) -> None:
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +233,7 @@ def plot(result: dict, path: str) -> None:
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    common.save_figure(fig, path, dpi=100)
 
 
 def main() -> None:
@@ -289,10 +291,9 @@ def main() -> None:
         "layers": layers,
     }
     stem = "bench_trainer_quick" if args.quick else "bench_trainer"
-    os.makedirs(RESULTS, exist_ok=True)
-    _write_atomic(os.path.join(RESULTS, stem + ".json"), lambda tmp: _dump_json(result, tmp))
-    plot(result, os.path.join(RESULTS, stem + ".png"))
-    print(f"wrote {os.path.join(RESULTS, stem)}.json and .png")
+    common.write_json(common.RESULTS / f"{stem}.json", result, indent=1)
+    plot(result, common.RESULTS / f"{stem}.png")
+    print(f"wrote {common.RESULTS / stem}.json and .png")
 
 
 if __name__ == "__main__":

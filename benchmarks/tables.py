@@ -1,26 +1,45 @@
-"""Print the README's benchmark tables (markdown) from the committed JSON summaries.
+"""The benchmark tables (markdown) from the committed JSON; benchmarks/README.md rendered from them.
 
-.venv/bin/python benchmarks/tables.py            # full runs
-.venv/bin/python benchmarks/tables.py --quick    # the --quick smoke runs
+    .venv/bin/python benchmarks/tables.py            # the MiniLM and SmolLM2 tables of the full runs
+    .venv/bin/python benchmarks/tables.py --quick    # the same for the --quick smoke runs
+    .venv/bin/python benchmarks/tables.py --write    # benchmarks/README.md from README.in.md and the results
+    .venv/bin/python benchmarks/tables.py --check    # exit 1 if benchmarks/README.md is not what --write writes
+
+benchmarks/README.in.md is the hand-written text; every ``{{ name }}`` line in it is replaced by the
+table ``README_TABLES[name]`` renders from benchmarks/results, so the tables cannot drift from the
+files. Row labels come from the row registries (minilm_rows.py, smollm2_rows.py). Pure Python: no
+torch, no training.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the row registries, also when imported
+import minilm_rows  # noqa: E402
+import smollm2_rows  # noqa: E402
+from common import RESULTS  # noqa: E402
+
+TEMPLATE = HERE / "README.in.md"
+README = HERE / "README.md"
 
 
 def _fmt(value, spec: str = ".2f", missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
-def _levels(row: dict) -> str:
-    if row["run"].startswith("tp_"):
-        return "heads + FFN (Torch-Pruning)"
-    return row.get("levels") or "rank,head,row"  # results written before the levels sweep existed
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+# ---- MiniLM and SmolLM2: the summaries of bench_minilm.py and bench_smollm2.py -----------------------
 
 
 def minilm_tables(summary: dict) -> str:
@@ -35,12 +54,14 @@ def minilm_tables(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
+        row = minilm_rows.ROWS[r["run"]]
+        levels = "heads + FFN (Torch-Pruning)" if row.kind == "torch_pruning" else ",".join(row.levels)
         limit = r.get("flops_ratio")
         of_limit = (
             f"{r['speedup_b1'] / limit:.2f} / {r['speedup_b32'] / limit:.2f}" if limit and r.get("speedup_b1") else "–"
         )
         lines.append(
-            f"| {r['run']} | {_levels(r)} | {_fmt(r['sparsity'], '.3f')} ({r['target']}) | "
+            f"| {r['run']} | {levels} | {_fmt(r['sparsity'], '.3f')} ({r['target']}) | "
             f"{_fmt(100 * r['accuracy'], '.1f')} ({_fmt(r['drop_vs_dense_points'], '+.1f')}) | "
             f"{_fmt(r['speedup_b1'])} / {_fmt(r['speedup_b32'])} | {_fmt(limit)} | {of_limit} | "
             f"{_fmt(r['wall_vs_dense_same_epochs'])}x | {_fmt(r['peak_rss_vs_dense'])}x |"
@@ -48,18 +69,21 @@ def minilm_tables(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def smollm2_table(summary: dict) -> str:
-    pre = summary["pretrained"]
+def smollm2_table(summary: dict, kinds: tuple[str, ...] | None = None) -> str:
+    """The trained rows (``kinds``: only rows of these kinds, by default every one)."""
+    pretrained = summary["pretrained"]
     lines = [
-        f"Pretrained: perplexity {_fmt(pre.get('perplexity'), '.1f')} on {pre.get('test_tokens')} PTB test tokens, "
-        f"{pre.get('total_params'):,} parameters ({pre.get('linear_params'):,} in the linears, "
-        f"{pre.get('embedding_params'):,} in the tied embedding).",
+        f"Pretrained: perplexity {_fmt(pretrained.get('perplexity'), '.1f')} on {pretrained.get('test_tokens')} PTB test tokens, "
+        f"{pretrained.get('total_params'):,} parameters ({pretrained.get('linear_params'):,} in the linears, "
+        f"{pretrained.get('embedding_params'):,} in the tied embedding).",
         "",
         "| run | perplexity before recovery | perplexity after | linears removed | total params (vs pretrained) | "
         "speed-up b1 | train time (s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
+        if kinds is not None and smollm2_rows.ROWS[r["run"]].kind not in kinds:
+            continue
         lines.append(
             f"| {r['run']} | {_fmt(r['perplexity_before_recovery'], ',.1f')} | {_fmt(r['perplexity'], ',.1f')} | "
             f"{_fmt(r['linear_sparsity'], '.3f')} | {r['total_params']:,} ({_fmt(r['total_vs_pretrained'], '.3f')}) | "
@@ -68,58 +92,82 @@ def smollm2_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _method(run: str) -> str:
-    """What a one-shot row did, from its phase name (os<T>_<method> / os_<method>_<T>)."""
-    if run.startswith("os_"):  # MiniLM: os_<method>_<T>[_s<seed>]
-        parts = run[3:].split("_")
-        method = "_".join(parts[:-2] if parts[-1].startswith("s") else parts[:-1])
-    else:  # SmolLM2: os<T>_<method>
-        method = run.split("_", 1)[1]
-    if method in ("flap", "tptaylor"):
-        return {
-            "flap": "FLAP-style (fluctuation, standardised, bias compensation)",
-            "tptaylor": "Torch-Pruning Taylor",
-        }[method]
-    score, *options = method.split("_")
-    names = {"std": "standardised", "bias": "+ bias", "uniform": "uniform shapes", "rows": "FFN rows only"}
-    extra = [names[o] for o in options]
-    return f"hf_flop {score}" + (f" ({', '.join(extra)})" if extra else "")
+def _metric(metric: str) -> tuple[int, str]:
+    """Scale and format of a metric: accuracy in percent, perplexity as it is."""
+    return (100, ".1f") if metric == "accuracy" else (1, ",.1f")
 
 
-def oneshot_table(summary: dict, metric: str) -> str:
-    """One-shot rows without training: the plain-removal value beside the reconstructed one."""
-    rows = summary.get("oneshot_rows", [])
-    if not rows:
+def oneshot_table(summary: dict, metric: str, rows: dict) -> str:
+    """One-shot rows without training, one line per run: the plain-removal value beside the reconstructed one."""
+    oneshot = summary.get("oneshot_rows", [])
+    if not oneshot:
         return "(no one-shot rows yet)"
-    scale, spec = (100, ".1f") if metric == "accuracy" else (1, ",.1f")
+    scale, spec = _metric(metric)
     lines = [
         f"| run | method | target | removed | {metric}, plain removal | {metric}, reconstructed (baselines: result) |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in oneshot:
         plain = r.get(f"{metric}_plain")
         removed = r.get("linear_sparsity", r.get("sparsity"))
         lines.append(
-            f"| {r['run']} | {_method(r['run'])} | {r['target']} | {_fmt(removed, '.3f')} | "
+            f"| {r['run']} | {rows[r['run']].label} | {r['target']} | {_fmt(removed, '.3f')} | "
             f"{_fmt(plain * scale if plain is not None else None, spec)} | {_fmt(r[metric] * scale, spec)} |"
         )
     return "\n".join(lines)
 
 
-ROW_NAMES = {  # bench_minilm's equal-budget rows (issue 13), as the README names them
-    "trainer": "PruningTrainer() with its defaults (one-shot obs + refit, compacted recovery)",
-    "oneshotobs": "one-shot obs + refit, then recovery",
-    "oneshotobslr10": "one-shot obs + refit, then recovery at lr 1e-4",
-    "oneshot": "one-shot activation + refit, then recovery",
-    "recipe": "one-shot activation through PruningTrainer(pruning_phase=0), masks held at full size",
-    "tptaylor": "Torch-Pruning Taylor, then recovery",
-    "twophase": "two-phase, rank+head+row (prune 40 %, fix, refit, recover)",
-    "twophasehr": "two-phase, head+row",
-    "old": "FLOP single phase, rank+head+row (old default)",
-}
+def oneshot_pivot(summary: dict, metric: str, rows: dict) -> str:
+    """One line per method, one column per target: plain removal -> reconstructed; over draws, mean (range)."""
+    scale, spec = _metric(metric)
+    better = max if metric == "accuracy" else min
+    declared = list(rows)
+    cells: dict[str, dict[float, list[dict]]] = {}  # label -> target -> runs (calibration draws), in row order
+    for r in sorted(summary["oneshot_rows"], key=lambda r: declared.index(r["run"])):
+        cells.setdefault(rows[r["run"]].label, {}).setdefault(r["target"], []).append(r)
+    targets = sorted({r["target"] for r in summary["oneshot_rows"]})
+    best = {
+        t: better(statistics.mean(r[metric] for r in runs[t]) for runs in cells.values() if t in runs) for t in targets
+    }
+    lines = [
+        "| method | " + " | ".join(f"{round(100 * t)} %" for t in targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for label, by_target in cells.items():
+        line = f"| {label} |"
+        for t in targets:
+            runs = by_target.get(t)
+            if not runs:
+                line += " – |"
+                continue
+            value = statistics.mean(r[metric] for r in runs)
+            text = format(scale * value, spec)
+            text = f"**{text}**" if value == best[t] else text
+            plain = [r[f"{metric}_plain"] for r in runs if r.get(f"{metric}_plain") is not None]
+            if plain:
+                text = f"{format(scale * statistics.mean(plain), spec)} → {text}"
+            if len(runs) > 1:
+                low, high = (format(scale * f(r[metric] for r in runs), spec) for f in (min, max))
+                text += f" ({low}–{high}, {len(runs)} draws)"
+            line += f" {text} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---- the equal-budget comparison ---------------------------------------------------------------------
+
+
+def _recipe_labels(rows: dict) -> dict[str, str]:
+    """Equal-budget recipe name (the "row" its results store) -> label."""
+    return {row.recipe: row.label for row in rows.values() if row.kind == "equal_budget"}
+
+
+def _seeds(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def equal_budget_table(summary: dict) -> str:
+    labels = _recipe_labels(minilm_rows.ROWS)
     dense = 100 * summary["dense_start"]["accuracy"]
     lines = [
         f"Dense start {dense:.1f} %. Mean over seeds, spread = standard deviation (n = number of seeds).",
@@ -128,28 +176,273 @@ def equal_budget_table(summary: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
-        seeds = ", ".join(f"{a:.1f}" for a in r["accuracy"])
         spread = _fmt(r["spread"], ".1f")
-        before = ", ".join(f"{a:.1f}" for a in r["accuracy_before_recovery"]) or "–"
+        before = _seeds(r["accuracy_before_recovery"]) or "–"
         removed = ", ".join(f"{x:.3f}" for x in sorted({round(x, 3) for x in r["sparsity"]}))
         lines.append(
-            f"| {int(100 * r['target'])} % | {ROW_NAMES.get(r['row'], r['row'])} | {seeds} | {r['mean']:.1f} "
+            f"| {int(100 * r['target'])} % | {labels[r['row']]} | {_seeds(r['accuracy'])} | {r['mean']:.1f} "
             f"({spread}, {len(r['accuracy'])}) | {r['drop_vs_dense_points']:.1f} | {before} | {removed} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Tables of the --quick smoke runs.")
-    suffix = "_quick" if parser.parse_args().quick else ""
+def _paired_lead(row: dict, baseline: dict) -> tuple[float, list[float]]:
+    """Mean and per-seed differences of ``row``'s accuracy over ``baseline``'s, on the seeds both have."""
+    theirs = dict(zip(baseline["seeds"], baseline["accuracy"]))
+    diffs = [mine - theirs[s] for s, mine in zip(row["seeds"], row["accuracy"]) if s in theirs]
+    return statistics.mean(diffs), diffs
+
+
+def equal_budget_lead(summary: dict, pairs: tuple[tuple[str, str], ...]) -> str:
+    """Each (recipe, baseline) pair per target: seeds, mean (spread), drop, the recipe's lead paired by seed."""
+    labels = _recipe_labels(minilm_rows.ROWS)
+    found = {(r["row"], r["target"]): r for r in summary["rows"]}
+    lines = [
+        "| target | row | accuracy % per seed | mean (spread) | drop | lead over the baseline (paired by seed) | "
+        "before recovery |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for target in sorted({t for _, t in found}):
+        for recipe, baseline in pairs:
+            for name in (recipe, baseline):
+                r = found.get((name, target))
+                if r is None:
+                    continue
+                lead = ""
+                if name == recipe and (baseline, target) in found:
+                    mean, diffs = _paired_lead(r, found[(baseline, target)])
+                    lead = f"**{mean:+.1f}** ({_seeds(diffs)})"
+                mean_text = f"{r['mean']:.1f} ({_fmt(r['spread'], '.1f')})"
+                lines.append(
+                    f"| {round(100 * target)} % | {labels[name]} | {_seeds(r['accuracy'])} | "
+                    f"{f'**{mean_text}**' if lead else mean_text} | {r['drop_vs_dense_points']:.1f} | {lead} | "
+                    f"{_seeds(r['accuracy_before_recovery']) or '–'} |"
+                )
+    return "\n".join(lines)
+
+
+# (target, what, threshold): the goals the equal-budget comparison was set against Torch-Pruning Taylor
+EQUAL_BUDGET_GOALS = ((0.5, "drop", 1.0), (0.5, "lead", 0.5), (0.75, "drop", 3.0), (0.75, "lead", 1.0))
+
+
+def equal_budget_goals(summary: dict, columns: tuple[tuple[str, str, str], ...]) -> str:
+    """Each goal (drop at most, lead at least) per column (title, recipe, baseline): met or missed, and by what."""
+    found = {(r["row"], r["target"]): r for r in summary["rows"]}
+    lines = ["| goal | " + " | ".join(title for title, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for target, what, threshold in EQUAL_BUDGET_GOALS:
+        sign = "≤" if what == "drop" else "≥"
+        line = f"| {round(100 * target)} %: {what} {sign} {threshold} |"
+        for _, recipe, baseline in columns:
+            r = found[(recipe, target)]
+            if what == "drop":
+                value, met, text = r["drop_vs_dense_points"], r["drop_vs_dense_points"] <= threshold, "{:.1f}"
+            else:
+                value = _paired_lead(r, found[(baseline, target)])[0]
+                met, text = value >= threshold, "{:+.1f}"
+            line += f" {'**met**' if met else 'missed'}: {text.format(value)} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def smollm2_equal_budget(summary: dict) -> str:
+    """The SmolLM2 equal-budget rows, one line per recipe (its seeds together)."""
+    labels = _recipe_labels(smollm2_rows.ROWS)
+    groups: dict[str, list[dict]] = {}
+    for r in summary["rows"]:
+        row = smollm2_rows.ROWS[r["run"]]
+        if row.kind == "equal_budget":
+            groups.setdefault(row.recipe, []).append(r)
+    lines = [
+        "| row | perplexity per seed | mean (sd) | before recovery | linears removed | speed-up b1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for recipe, runs in groups.items():
+        values = [r["perplexity"] for r in runs]
+        spread = f" (sd {statistics.stdev(values):.1f})" if len(values) > 1 else ""
+        lines.append(
+            f"| {labels[recipe]} | {_seeds(values)} | {statistics.mean(values):.1f}{spread} | "
+            f"{_fmt(runs[0]['perplexity_before_recovery'], ',.1f')} | {_fmt(runs[0]['linear_sparsity'], '.3f')} | "
+            f"{_fmt(runs[0]['speedup_b1'])} |"
+        )
+    return "\n".join(lines)
+
+
+def wall_time_table(result: dict) -> str:
+    """bench_minilm.py's wall_time row: the dense fine-tune and both PruningTrainer routes, back to back."""
+    dense = result["dense_finetune_s"]
+    lines = ["| run, the same steps | wall time (s) | vs dense | accuracy % |", "|---|---|---|---|"]
+    lines.append(f"| dense fine-tune (`Trainer`) | {dense:.1f} | 1.00x | – |")
+    for route, what in (("compacted", "compacted recovery (the default)"), ("masked", "masks held at full size")):
+        seconds = result[f"pruning_trainer_{route}_s"]
+        lines.append(
+            f"| `PruningTrainer(pruning_phase=0)`, {what} | {seconds:.1f} | {seconds / dense:.2f}x | "
+            f"{100 * result[f'accuracy_{route}']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- training cost, kernels, latency, deployment ------------------------------------------------------
+
+
+def trainer_runs_table(result: dict) -> str:
+    """bench_trainer.py's runs: wall time, step time at the start and end, memory, final sparsity."""
+    runs = result["runs"]
+    dense = runs["dense"]["wall_s"]
+    lines = [
+        f"| run, {result['steps']} steps | `train()` wall | step time, first -> last 10% of steps | "
+        "resident memory, before `train()` -> peak | final sparsity, eval / expected |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        tenth = max(1, len(r["step_s"]) // 10)
+        first, last = (1000 * statistics.mean(s) for s in (r["step_s"][:tenth], r["step_s"][-tenth:]))
+        what = "dense `Trainer`" if name == "dense" else f"`PruningTrainer`, {name}"
+        ratio = "" if name == "dense" else f" ({r['wall_s'] / dense:.2f}x)"
+        final = r.get("final_sparsity")
+        sparsity = f"{final['deterministic']:.3f} / {final['expected']:.3f}" if final else "–"
+        lines.append(
+            f"| {what} | {r['wall_s']:.1f} s{ratio} | {first:.0f} -> {last:.0f} ms | "
+            f"{r['rss_before_train_mb']:.0f} -> {r['peak_rss_mb']:.0f} MB | {sparsity} |"
+        )
+    return "\n".join(lines)
+
+
+def trainer_layers_table(result: dict) -> str:
+    """bench_trainer.py's one-layer timings: forward + backward per live fraction, with and without the speed-up."""
+    shapes = result["layers"]
+    fractions = next(iter(shapes.values()))["fractions"]
+    lines = [
+        "| one layer, fwd+bwd (ms) at live fraction | " + " | ".join(f"{f:g}" for f in fractions) + " | dense |",
+        "|---|" + "---|" * (len(fractions) + 1),
+    ]
+
+    def ms(seconds: float) -> str:
+        return f"{1000 * seconds:.0f}" if seconds >= 0.01 else f"{1000 * seconds:.1f}"
+
+    for shape, timing in shapes.items():
+        for key, what in (("skip_s", "live components only (default)"), ("no_skip_s", "all components")):
+            values = " | ".join(ms(t) for t in timing[key])
+            lines.append(f"| {shape}, {what} | {values} | {ms(timing['dense_s'])} |")
+    return "\n".join(lines)
+
+
+def blocks_table(result: dict) -> str:
+    """bench_blocks.py's break-even block sparsity per weight shape, tokens per call and kernel."""
+    kernels = ("bsr", "gather", "rowwise")
+    lines = ["| weight (out x in) | tokens per call | " + " | ".join(kernels) + " |", "|---|---|" + "---|" * 3]
+    for key, found in result["break_even"].items():
+        shape, tokens = key.split("@")
+        lines.append(f"| {shape} | {tokens} | " + " | ".join(_fmt(found[k], "g", "never") for k in kernels) + " |")
+    return "\n".join(lines)
+
+
+def latency_table(result: dict) -> str:
+    """bench_latency.py: speed-up over dense and file size of each compacted model."""
+    lines = [
+        "| levels | target | sparsity | batch 1 | batch 32 | model.safetensors |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| dense | – | 0 | 1.00x | 1.00x | {result['dense']['file_bytes'] / 1e6:.1f} MB |",
+    ]
+    for r in result["rows"]:
+        levels = r["levels"] + (f", `round_to={r['round_to']}`" if r["round_to"] > 1 else "")
+        lines.append(
+            f"| {levels} | {r['target_sparsity']} | {r['deterministic_sparsity']:.3f} | {r['speedup_batch1']:.2f}x | "
+            f"{r['speedup_batch32']:.2f}x | {r['file_bytes'] / 1e6:.1f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def onnx_table(result: dict) -> str:
+    """bench_onnx.py: ONNX Runtime and PyTorch latency of the dense and compacted models."""
+    lines = [
+        "| model | sparsity | parameters | model.onnx (MB) | ONNX Runtime b1 ms (speed-up) | ONNX Runtime b32 ms "
+        "(speed-up) | PyTorch b1 / b32 ms | max logit diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['sparsity']:.3f} | {r['params']:,} | {r['onnx_bytes'] / 1e6:.1f} | "
+            f"{r['ort_ms_b1']:.2f} ({r['ort_speedup_b1']:.2f}x) | {r['ort_ms_b32']:.1f} ({r['ort_speedup_b32']:.2f}x) | "
+            f"{r['torch_ms_b1']:.2f} / {r['torch_ms_b32']:.1f} | "
+            f"{max(r['max_logit_diff_b1'], r['max_logit_diff_b32']):.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def gguf_table(summary: dict) -> str:
+    """bench_gguf.py: llama.cpp tokens per second, dense -> pruned, per file type."""
+    lines = [
+        "| file | size dense → pruned | prompt tokens/s dense → pruned | generated tokens/s dense → pruned | "
+        "first greedy tokens = transformers |",
+        "|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        same = (
+            "yes, both" if r["dense_greedy_matches_transformers"] and r["pruned_greedy_matches_transformers"] else "no"
+        )
+        lines.append(
+            f"| {r['dtype']} | {r['dense_bytes'] / 1e6:.1f} → {r['pruned_bytes'] / 1e6:.1f} MB | "
+            f"{r['dense_prompt_tokens_per_s']:.1f} → {r['pruned_prompt_tokens_per_s']:.1f} ({r['prompt_speedup']:.2f}x) | "
+            f"{r['dense_gen_tokens_per_s']:.1f} → {r['pruned_gen_tokens_per_s']:.1f} (**{r['gen_speedup']:.2f}x**) | "
+            f"{same} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- benchmarks/README.md ----------------------------------------------------------------------------
+
+OBS_AGAINST_TAYLOR = (("oneshotobs", "tptaylor"),)
+OBS_AGAINST_TAYLOR_LR = (("oneshotobslr10", "tptaylorlr10"),)
+GOAL_COLUMNS = (
+    ("lr 5e-5 (six seeds)", "oneshotobs", "tptaylor"),
+    ("lr 1e-4 (six seeds)", "oneshotobslr10", "tptaylorlr10"),
+)
+# placeholder in README.in.md -> the table it stands for
+README_TABLES: dict[str, Callable[[], str]] = {
+    "minilm": lambda: minilm_tables(_load("bench_minilm.json")),
+    "smollm2": lambda: smollm2_table(_load("bench_smollm2.json"), kinds=("dense", "learned", "prune_then_recover")),
+    "minilm_oneshot": lambda: oneshot_pivot(_load("bench_minilm.json"), "accuracy", minilm_rows.ROWS),
+    "smollm2_oneshot": lambda: oneshot_pivot(_load("bench_smollm2.json"), "perplexity", smollm2_rows.ROWS),
+    "equal_budget_obs": lambda: equal_budget_lead(_load("bench_minilm_equal_budget.json"), OBS_AGAINST_TAYLOR),
+    "equal_budget_obs_lr": lambda: equal_budget_lead(_load("bench_minilm_equal_budget.json"), OBS_AGAINST_TAYLOR_LR),
+    "equal_budget_goals": lambda: equal_budget_goals(_load("bench_minilm_equal_budget.json"), GOAL_COLUMNS),
+    "equal_budget_all": lambda: equal_budget_table(_load("bench_minilm_equal_budget.json")),
+    "smollm2_equal_budget": lambda: smollm2_equal_budget(_load("bench_smollm2.json")),
+    "wall_time": lambda: wall_time_table(_load("minilm/wall_time.json")),
+    "trainer_runs": lambda: trainer_runs_table(_load("bench_trainer.json")),
+    "trainer_layers": lambda: trainer_layers_table(_load("bench_trainer.json")),
+    "blocks": lambda: blocks_table(_load("bench_blocks.json")),
+    "latency": lambda: latency_table(_load("bench_latency.json")),
+    "onnx": lambda: onnx_table(_load("bench_onnx.json")),
+    "gguf": lambda: gguf_table(_load("bench_gguf.json")),
+}
+PLACEHOLDER = re.compile(r"^\{\{ *([a-z0-9_]+) *\}\}$", re.MULTILINE)
+GENERATED_NOTE = (
+    "<!-- Generated by `python benchmarks/tables.py --write` from benchmarks/README.in.md and the JSON in "
+    "benchmarks/results/: edit those, not this file. -->\n\n"
+)
+
+
+def render_readme(template: str) -> str:
+    """The template with every ``{{ name }}`` line replaced by its table."""
+    unknown = sorted(set(PLACEHOLDER.findall(template)) - set(README_TABLES))
+    if unknown:
+        raise SystemExit(f"{TEMPLATE.name}: unknown table placeholder(s) {unknown}; known: {sorted(README_TABLES)}.")
+    return GENERATED_NOTE + PLACEHOLDER.sub(lambda m: README_TABLES[m.group(1)](), template)
+
+
+def print_tables(quick: bool) -> None:
+    """The MiniLM, SmolLM2 and equal-budget tables of the full (or --quick) runs, as markdown."""
+    suffix = "_quick" if quick else ""
     for name, render in (("bench_minilm", minilm_tables), ("bench_smollm2", smollm2_table)):
         path = RESULTS / f"{name}{suffix}.json"
         if path.exists():
             summary = json.loads(path.read_text())
             print(f"### {path.name}\n\n{render(summary)}\n")
-            metric = "accuracy" if name == "bench_minilm" else "perplexity"
-            print(f"#### {path.name}: one-shot, no training\n\n{oneshot_table(summary, metric)}\n")
+            metric, rows = (
+                ("accuracy", minilm_rows.ROWS) if name == "bench_minilm" else ("perplexity", smollm2_rows.ROWS)
+            )
+            print(f"#### {path.name}: one-shot, no training\n\n{oneshot_table(summary, metric, rows)}\n")
         else:
             print(f"### {path.name}: not run yet\n")
     path = RESULTS / f"bench_minilm_equal_budget{suffix}.json"
@@ -157,5 +450,31 @@ def main() -> None:
         print(f"### {path.name}\n\n{equal_budget_table(json.loads(path.read_text()))}\n")
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--quick", action="store_true", help="Tables of the --quick smoke runs.")
+    action.add_argument("--write", action="store_true", help=f"Write {README.name} from {TEMPLATE.name}.")
+    action.add_argument("--check", action="store_true", help=f"Exit 1 if {README.name} differs from --write's.")
+    args = parser.parse_args(argv)
+    if not (args.write or args.check):
+        print_tables(args.quick)
+        return 0
+    expected = render_readme(TEMPLATE.read_text())
+    if args.write:
+        README.write_text(expected)
+        print(f"wrote {README}")
+        return 0
+    if not README.exists() or README.read_text() != expected:
+        print(
+            f"{README} is not what {TEMPLATE.name} and the results give: run `python benchmarks/tables.py --write` "
+            "and commit it.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{README} is up to date")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
