@@ -23,11 +23,12 @@ from torch import nn
 
 from .accounting import sparsity_report
 from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
+from .calibration import reusable_batches
 from .config import FlopConfig
 from .gated import GatedUnits
 from .model import find_flop_model, get_flop_model
 from .reconstruction import reconstruct as reconstruct_layers
-from .scores import SCORES, compute_scores, find_gated_units, reusable_batches
+from .scores import SCORES, compute_scores, find_gated_units
 from .uniform import uneven_levels, uniform_slices
 
 

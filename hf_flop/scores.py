@@ -34,13 +34,15 @@ pruning then work on it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from hf_flop_cli.choices import SCORES
 
+from .calibration import eval_mode, iter_calibration, model_device, observe_inputs
+from .calibration import reusable_batches as reusable_batches  # its old home: hf_flop.scores.reusable_batches
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS, group_units
 from .model import find_flop_model
@@ -61,7 +63,10 @@ def find_gated_units(model: nn.Module) -> list[GatedUnits]:
         linears = [u for name, layer in layers.items() for u in layer.scored_units(name)]
         groups = group_units(flop_model.structure_groups, flop_model.flop_structure_gates, layers)
         others = [
-            u for name, layer in flop_model.gated_layers().items() if name not in layers for u in layer.scored_units(name)
+            u
+            for name, layer in flop_model.gated_layers().items()
+            if name not in layers
+            for u in layer.scored_units(name)
         ]
     found = linears + groups + others
     missing = sorted(set(flop_model.gates()) - {u.key for u in found})
@@ -71,109 +76,6 @@ def find_gated_units(model: nn.Module) -> list[GatedUnits]:
             "give the module that holds them a scored_units verb (hf_flop.gated)."
         )
     return found
-
-
-# --- calibration data --------------------------------------------------------------------------------
-
-
-def _check_batch(index: int, batch: object, need_labels: bool) -> Mapping:
-    if isinstance(batch, (str, bytes)):
-        raise TypeError(
-            f"calibration batch {index} is text ({batch[:40]!r}...); tokenize first, e.g. "
-            "[tokenizer(texts, return_tensors='pt', padding=True)], and pass the batches of tensors."
-        )
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"calibration batch {index} is a {type(batch).__name__}; each batch must be a dict of tensors "
-            "with at least 'input_ids' (what a tokenizer with return_tensors='pt' or a DataLoader yields)."
-        )
-    if "input_ids" not in batch:
-        raise ValueError(f"calibration batch {index} has no 'input_ids' (its keys: {sorted(batch)}).")
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"calibration batch {index}['{key}'] is a {type(value).__name__}, not a tensor; tokenize with "
-                "return_tensors='pt' and drop text columns (e.g. dataset.remove_columns) before batching."
-            )
-    ids = batch["input_ids"]
-    if ids.dim() != 2 or ids.dtype.is_floating_point:
-        raise ValueError(
-            f"calibration batch {index}['input_ids'] must be a 2-D integer tensor (batch, length), "
-            f"got shape {tuple(ids.shape)} dtype {ids.dtype}."
-        )
-    if need_labels and "labels" not in batch:
-        raise ValueError(
-            f"sensitivity and fisher scores need a loss, but calibration batch {index} has no 'labels'. Add them: for "
-            "causal LMs labels=input_ids (the model shifts them), for classifiers the class ids."
-        )
-    return batch
-
-
-def reusable_batches(calibration_data: Iterable | None) -> Iterable | None:
-    """``calibration_data`` as something that can be iterated more than once: a one-off iterator
-    (a generator, ``iter(loader)``) becomes a list, anything else (a list, a DataLoader) is kept."""
-    if calibration_data is not None and iter(calibration_data) is calibration_data:
-        return list(calibration_data)
-    return calibration_data
-
-
-def iter_calibration(
-    calibration_data: Iterable[Mapping[str, torch.Tensor]] | None,
-    *,
-    need_labels: bool = False,
-    max_batches: int | None = None,
-    device: torch.device | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Validated batches of ``calibration_data`` (an iterable of dicts of tensors, e.g. a DataLoader).
-
-    Every malformed input raises a ``TypeError`` / ``ValueError`` saying what to pass instead.
-    """
-    if calibration_data is None:
-        raise ValueError(
-            "this score needs calibration_data: an iterable of batches (dicts with 'input_ids', and "
-            "'labels' for sensitivity), e.g. a torch DataLoader or [tokenizer(texts, return_tensors='pt')]."
-        )
-    if isinstance(calibration_data, (str, bytes, Mapping, torch.Tensor)):
-        raise TypeError(
-            f"calibration_data is a single {type(calibration_data).__name__}; pass an iterable of batches "
-            "(each a dict of tensors with 'input_ids'), e.g. [batch] or a DataLoader."
-        )
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches={max_batches!r} must be a positive integer or None (all batches).")
-    try:
-        iterator = iter(calibration_data)
-    except TypeError:
-        raise TypeError(
-            f"calibration_data of type {type(calibration_data).__name__} is not iterable; pass a list of "
-            "batches or a DataLoader."
-        ) from None
-    count = 0
-    for index, batch in enumerate(iterator):
-        if max_batches is not None and index >= max_batches:
-            break
-        batch = _check_batch(index, batch, need_labels)
-        count += 1
-        yield {key: value.to(device) if device is not None else value for key, value in batch.items()}
-    if count == 0:
-        raise ValueError("calibration_data yielded no batches; give at least one.")
-
-
-class _EvalMode:
-    """Run the model in eval mode (no dropout, deterministic masks), restoring its mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # --- the scores ---------------------------------------------------------------------------------------
@@ -204,40 +106,12 @@ def fluctuation_scores(
     units = find_gated_units(model)
     mean_sq, mean = _feature_moments(model, units, calibration_data, max_batches)
     return {
-        s.key: (s.column_sq_norms * (mean_sq[s.key] - mean[s.key] ** 2).clamp_min(0.0)).reshape(s.n_units, s.unit).sum(1).cpu()
+        s.key: (s.column_sq_norms * (mean_sq[s.key] - mean[s.key] ** 2).clamp_min(0.0))
+        .reshape(s.n_units, s.unit)
+        .sum(1)
+        .cpu()
         for s in units
     }
-
-
-def _observe_inputs(
-    model: nn.Module,
-    units: list[GatedUnits],
-    calibration_data: Iterable,
-    max_batches: int | None,
-    record: Callable[[GatedUnits, torch.Tensor, torch.Tensor | None], None],
-) -> None:
-    """Run the calibration batches (eval mode, no gradients) and hand every gate's observed input to
-    ``record(unit, x, token_mask)``; ``token_mask`` is the batch's attention mask where it matches ``x``'s
-    tokens (1 = a real token), else None. The hooks run after FlopModel's input masks: masked inputs."""
-    current: list[torch.Tensor | None] = [None]
-
-    def observer(s: GatedUnits):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = current[0]
-            record(s, x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
-
-        return hook
-
-    handles = [s.observed.register_forward_pre_hook(observer(s)) for s in units]
-    try:
-        with _EvalMode(model), torch.no_grad():
-            for batch in iter_calibration(calibration_data, max_batches=max_batches, device=_device(model)):
-                current[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
@@ -245,15 +119,18 @@ def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data
     sq_sums: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     tokens = {s.key: 0 for s in units}
+    by_key = {s.key: s for s in units}
 
-    def record(s: GatedUnits, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+    def record(key: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        s = by_key[key]
         features = (x if s.features is None else s.features(x)).float()
         features = features.reshape(-1, features.shape[-1])
         for store, value in ((sq_sums, features.pow(2).sum(0)), (sums, features.sum(0))):
             store[s.key] = store[s.key] + value if s.key in store else value
         tokens[s.key] += features.shape[0]
 
-    _observe_inputs(model, units, calibration_data, max_batches, record)
+    # after FlopModel's input masks (not prepended): the masked inputs, as the gates see them
+    observe_inputs(model, {s.key: s.observed for s in units}, calibration_data, record, max_batches=max_batches)
     mean_sq, mean = {}, {}
     for s in units:
         if s.key not in sq_sums:
@@ -301,11 +178,11 @@ def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_dat
     """Per head/row gate: ``E[x^ x^T]`` of its consumer's input over the calibration tokens (padding dropped)."""
     found = {s.key: Moments(s.n_units * s.unit) for s in units}
 
-    def record(s: GatedUnits, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        found[s.key].add(x, token_mask)
+    def record(key: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        found[key].add(x, token_mask)
 
     # units already closed read zeros (the input masks act first) and cost nothing
-    _observe_inputs(model, units, calibration_data, max_batches, record)
+    observe_inputs(model, {s.key: s.observed for s in units}, calibration_data, record, max_batches=max_batches)
     for s in units:
         if found[s.key].tokens == 0:
             raise RuntimeError(f"the calibration forward never reached {s.key}'s consumer; is it used by the model?")
@@ -323,7 +200,7 @@ def sensitivity_scores(
     if ema_decay is not None and not 0.0 < ema_decay < 1.0:
         raise ValueError(f"ema_decay={ema_decay!r} must be in (0, 1) (e.g. 0.9), or None for a plain mean.")
     scores: dict[str, torch.Tensor] = {}
-    for step, grads in enumerate(_mask_gradients(model, calibration_data, max_batches), start=1):
+    for step, grads in enumerate(_mask_gradients(model, calibration_data, max_batches, "sensitivity"), start=1):
         for key, grad in grads.items():
             taylor = grad.abs()
             if key not in scores:
@@ -335,23 +212,26 @@ def sensitivity_scores(
     return scores
 
 
-def fisher_scores(model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None) -> dict[str, torch.Tensor]:
+def fisher_scores(
+    model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
+) -> dict[str, torch.Tensor]:
     """Empirical Fisher ``sum_batches (dL/dm)^2`` of a multiplicative mask on each unit's gate value."""
     scores: dict[str, torch.Tensor] = {}
-    for grads in _mask_gradients(model, calibration_data, max_batches):
+    for grads in _mask_gradients(model, calibration_data, max_batches, "fisher"):
         for key, grad in grads.items():
             scores[key] = scores[key] + grad.pow(2) if key in scores else grad.pow(2)
     return scores
 
 
-def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: int | None):
+def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: int | None, score: str):
     """Per calibration batch: ``{gate name: dL/dm}`` for a mask ``m`` of ones multiplying each gate's output.
 
     ``dL/dm = dL/dz * z``: the derivative along the unit's removal. Only the masks get gradients:
-    model ``.grad`` fields are left untouched.
+    model ``.grad`` fields are left untouched. ``score`` is the score asking, for the errors.
     """
+    needs_labels = f"score={score!r}"
     units = find_gated_units(model)
-    probes = {s.key: torch.ones(s.n_units, device=_device(model), requires_grad=True) for s in units}
+    probes = {s.key: torch.ones(s.n_units, device=model_device(model), requires_grad=True) for s in units}
 
     def prober(probe: torch.Tensor):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -361,9 +241,9 @@ def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: i
 
     handles = [s.gate.register_forward_hook(prober(probes[s.key])) for s in units]
     try:
-        with _EvalMode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for batch in iter_calibration(
-                calibration_data, need_labels=True, max_batches=max_batches, device=_device(model)
+                calibration_data, needs_labels=needs_labels, max_batches=max_batches, device=model_device(model)
             ):
                 loss = model(**batch).loss
                 if loss is None:
