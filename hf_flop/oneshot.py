@@ -28,7 +28,7 @@ from .config import FlopConfig
 from .gated import GatedUnits
 from .model import find_flop_model, get_flop_model
 from .reconstruction import reconstruct as reconstruct_layers
-from .scores import SCORES, compute_scores, find_gated_units
+from .scores import compute_scores, find_gated_units, score_type
 from .uniform import uneven_levels, uniform_slices
 
 
@@ -403,10 +403,7 @@ def prune_oneshot(
     without calibration data there is nothing to refit on, and a warning says so.
     ``hf_flop.compact(model)`` then writes the smaller model.
     """
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
-    if score != "magnitude" and calibration_data is None:
-        raise ValueError(f"score={score!r} needs calibration_data (batches of tensors); 'magnitude' needs none.")
+    score_type(score, calibration_data)  # a known score, with the data it needs
     calibration_data = reusable_batches(calibration_data)  # read twice: by the scores and by the refit
     model = _injected(model, config)
     open_all_gates(model)

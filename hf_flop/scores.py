@@ -29,25 +29,89 @@ Scores, one tensor per gate (higher = more important):
   curvature of the loss along the unit's removal, to second order where ``sensitivity`` is first order.
 
 A new kind of gate is scored once its module answers ``scored_units``; the scores and one-shot
-pruning then work on it unchanged.
+pruning then work on it unchanged. A new score is one function decorated with ``register_score``
+(``SCORE_TYPES``); ``compute_scores`` dispatches through the registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from hf_flop_cli.choices import SCORES
-
 from .calibration import eval_mode, iter_calibration, model_device, observe_inputs
 from .calibration import reusable_batches as reusable_batches  # its old home: hf_flop.scores.reusable_batches
+from .config import FlopConfig
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS, group_units
 from .model import find_flop_model
 from .obs import greedy_costs
 from .refit import Moments
+
+ScoreFunction = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ScoreType:
+    """A registered score: the function that computes it, and what it needs from the calibration data."""
+
+    name: str
+    function: ScoreFunction
+    needs_data: bool
+    needs_labels: bool
+
+    @property
+    def options(self) -> frozenset[str]:
+        """The function's keyword-only parameters besides ``max_batches`` (e.g. ``ema_decay``)."""
+        parameters = inspect.signature(self.function).parameters.values()
+        return frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "max_batches")
+
+    def __call__(self, model: nn.Module, calibration_data: Iterable | None, **options) -> dict[str, torch.Tensor]:
+        if self.needs_data:
+            return self.function(model, calibration_data, **options)
+        return self.function(model, **{k: v for k, v in options.items() if k != "max_batches"})
+
+
+# score name -> its ScoreType, in registration order
+SCORE_TYPES: dict[str, ScoreType] = {}
+
+
+def register_score(name: str, *, needs_data: bool, needs_labels: bool) -> Callable[[ScoreFunction], ScoreFunction]:
+    """Register the decorated function as the score ``name`` of ``compute_scores`` and ``prune_oneshot``.
+
+    The function returns ``{gate name: one score per unit}`` (higher = more important) and takes
+    ``(model)`` when it needs no data (``needs_data=False``), else ``(model, calibration_data, *,
+    max_batches=None, ...)``; its other keyword-only parameters are options ``compute_scores`` passes
+    on. ``needs_labels``: every batch must hold ``labels`` (the score needs a loss).
+    """
+    if name in SCORE_TYPES:
+        raise ValueError(f"score {name!r} is registered already; pick another name.")
+    if needs_labels and not needs_data:
+        raise ValueError(f"score {name!r}: needs_labels=True needs needs_data=True (labels come with the data).")
+
+    def register(function: ScoreFunction) -> ScoreFunction:
+        SCORE_TYPES[name] = ScoreType(name, function, needs_data, needs_labels)
+        return function
+
+    return register
+
+
+def score_type(score: str, calibration_data: Iterable | None) -> ScoreType:
+    """The registered ``score``, checked to have the calibration data it needs (``calibration_data``)."""
+    if score not in SCORE_TYPES:
+        raise ValueError(f"score={score!r} is not known; use one of {list(SCORE_TYPES)}.")
+    spec = SCORE_TYPES[score]
+    if spec.needs_data and calibration_data is None:
+        labels = ", and 'labels' for its loss" if spec.needs_labels else ""
+        without = ", ".join(repr(n) for n, t in SCORE_TYPES.items() if not t.needs_data)
+        raise ValueError(
+            f"score={score!r} needs calibration_data: an iterable of batches (dicts of tensors with 'input_ids'{labels}), "
+            f"e.g. a torch DataLoader or [tokenizer(texts, return_tensors='pt')]; {without} need(s) none."
+        )
+    return spec
 
 
 def find_gated_units(model: nn.Module) -> list[GatedUnits]:
@@ -81,6 +145,7 @@ def find_gated_units(model: nn.Module) -> list[GatedUnits]:
 # --- the scores ---------------------------------------------------------------------------------------
 
 
+@register_score("magnitude", needs_data=False, needs_labels=False)
 def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     """``||consumer columns|| * ||producer rows||`` per unit (singular values for fresh rank components)."""
     return {
@@ -89,6 +154,7 @@ def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+@register_score("activation", needs_data=True, needs_labels=False)
 def activation_scores(
     model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -98,6 +164,7 @@ def activation_scores(
     return {s.key: (s.column_sq_norms * mean_sq[s.key]).reshape(s.n_units, s.unit).sum(1).sqrt().cpu() for s in units}
 
 
+@register_score("fluctuation", needs_data=True, needs_labels=False)
 def fluctuation_scores(
     model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -142,6 +209,7 @@ def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data
     return mean_sq, mean
 
 
+@register_score("obs", needs_data=True, needs_labels=False)
 def obs_scores(
     model: nn.Module,
     calibration_data: Iterable,
@@ -189,6 +257,7 @@ def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_dat
     return {key: m.matrix() for key, m in found.items()}
 
 
+@register_score("sensitivity", needs_data=True, needs_labels=True)
 def sensitivity_scores(
     model: nn.Module,
     calibration_data: Iterable,
@@ -212,6 +281,7 @@ def sensitivity_scores(
     return scores
 
 
+@register_score("fisher", needs_data=True, needs_labels=True)
 def fisher_scores(
     model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -229,7 +299,7 @@ def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: i
     ``dL/dm = dL/dz * z``: the derivative along the unit's removal. Only the masks get gradients:
     model ``.grad`` fields are left untouched. ``score`` is the score asking, for the errors.
     """
-    needs_labels = f"score={score!r}"
+    needs_labels = f"score={score!r}" if SCORE_TYPES[score].needs_labels else None
     units = find_gated_units(model)
     probes = {s.key: torch.ones(s.n_units, device=model_device(model), requires_grad=True) for s in units}
 
@@ -258,6 +328,22 @@ def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: i
             handle.remove()
 
 
+# the built-in scores' names, in registration order (hf_flop_cli.choices copies them for --oneshot-score)
+SCORES = tuple(SCORE_TYPES)
+
+
+def recommended_oneshot_score(config: FlopConfig) -> str:
+    """The score one-shot pruning uses when none is asked for: ``"obs"``, but ``"activation"`` when
+    ``config.uniform_shapes``.
+
+    Measured with the refit and a recovery fine-tune at the same budget: ``obs`` led on MiniLM and tied
+    on SmolLM2 with per-layer shapes, but with uniform shapes it lost on SmolLM2 (perplexity 74.8
+    against activation's 63.3), where every layer must give up the same units whatever they cost.
+    ``prune_oneshot``, ``PruningArguments`` and the command line all default to it.
+    """
+    return "activation" if config.uniform_shapes else "obs"
+
+
 def compute_scores(
     model: nn.Module,
     calibration_data: Iterable | None = None,
@@ -269,22 +355,16 @@ def compute_scores(
     """Scores of every gated unit, by gate name (``FlopModel.gates()`` keys): one tensor of ``n`` per gate.
 
     ``score`` is ``"magnitude"`` (no data needed), ``"activation"`` / ``"fluctuation"`` / ``"obs"`` (``hf_flop.obs``:
-    the cost left after the refit, for head and row gates), or ``"sensitivity"`` / ``"fisher"``
-    (batches with ``labels``). The scores reflect the gates as they are: open all gates first to score
-    the dense model.
+    the cost left after the refit, for head and row gates), ``"sensitivity"`` / ``"fisher"`` (batches
+    with ``labels``), or any score registered with ``register_score``; ``ema_decay`` goes to the
+    scores that take it (``sensitivity``). The scores reflect the gates as they are: open all gates
+    first to score the dense model.
     """
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
-    if score != "sensitivity" and ema_decay is not None:
-        raise ValueError("ema_decay applies to score='sensitivity' only.")
-    if score == "magnitude":
-        return magnitude_scores(model)
-    if score == "activation":
-        return activation_scores(model, calibration_data, max_batches=max_batches)
-    if score == "fisher":
-        return fisher_scores(model, calibration_data, max_batches=max_batches)
-    if score == "fluctuation":
-        return fluctuation_scores(model, calibration_data, max_batches=max_batches)
-    if score == "obs":
-        return obs_scores(model, calibration_data, max_batches=max_batches)
-    return sensitivity_scores(model, calibration_data, max_batches=max_batches, ema_decay=ema_decay)
+    spec = score_type(score, calibration_data)
+    options = {"max_batches": max_batches}
+    if ema_decay is not None:
+        if "ema_decay" not in spec.options:
+            takers = [f"score={n!r}" for n, t in SCORE_TYPES.items() if "ema_decay" in t.options]
+            raise ValueError(f"ema_decay applies to {' / '.join(takers)} only.")
+        options["ema_decay"] = ema_decay
+    return spec(model, calibration_data, **options)
