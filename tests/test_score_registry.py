@@ -67,3 +67,35 @@ def test_bad_registrations_are_refused(registered):
         registered("obs", needs_data=True, needs_labels=False)
     with pytest.raises(ValueError, match="needs_labels=True needs needs_data=True"):
         registered("odd", needs_data=False, needs_labels=True)
+
+
+# --- the recommended one-shot score ---------------------------------------------------------------------
+def test_the_recommended_score_is_obs_but_activation_with_uniform_shapes():
+    from hf_flop.scores import recommended_oneshot_score
+
+    assert recommended_oneshot_score(FlopConfig(levels=["head", "row"])) == "obs"
+    assert recommended_oneshot_score(FlopConfig(levels=["head", "row"], uniform_shapes=True)) == "activation"
+
+
+@pytest.mark.parametrize("uniform, expected", [(False, "obs"), (True, "activation")])
+def test_prune_oneshot_defaults_to_the_recommended_score(uniform, expected):
+    data = calibration("llama")
+
+    def pruned(score=None):
+        config = FlopConfig(levels=["head", "row"], target_sparsity=0.3, uniform_shapes=uniform)
+        model = prune_oneshot(tiny_llama().eval(), config, data, score, reconstruct=False)
+        return {k: g.deterministic_mask().detach() for k, g in model.base_model.gates().items()}
+
+    default, chosen = pruned(), pruned(expected)
+    assert default.keys() == chosen.keys() and all(torch.equal(default[k], chosen[k]) for k in default)
+    # the default on a model that already has FLOP layers comes from its own config
+    model = injected("llama", ["head", "row"], uniform_shapes=uniform, target_sparsity=0.3)
+    masks = prune_oneshot(model, None, data, reconstruct=False).base_model.gates()
+    assert all(torch.equal(masks[k].deterministic_mask().detach(), chosen[k]) for k in chosen)
+
+
+def test_the_default_score_without_data_says_what_to_pass():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="recommended 'obs' by default .* or score='magnitude', which needs none"):
+        prune_oneshot(model, FlopConfig(levels=["head", "row"]))
+    assert not hasattr(model, "peft_config")  # refused before anything was injected
