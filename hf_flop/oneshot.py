@@ -25,7 +25,8 @@ from .accounting import sparsity_report
 from .calibration import reusable_batches
 from .config import FlopConfig
 from .gated import GatedUnits
-from .model import find_flop_model, get_flop_model
+from .lookup import find_flop_model
+from .model import get_flop_model
 from .ranking import check_scores, keep_masks, removal_order, removal_path
 from .reconstruction import reconstruct as reconstruct_layers
 from .scores import SCORE_TYPES, compute_scores, find_gated_units, recommended_oneshot_score, score_type

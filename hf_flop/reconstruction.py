@@ -34,7 +34,7 @@ from torch import nn
 
 from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
 from .calibration import CalibrationSplit, InputObserver, StopForward, eval_mode
-from .model import find_flop_model
+from .lookup import find_flop_model
 from .refit import Moments, output_error
 
 

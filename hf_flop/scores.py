@@ -47,7 +47,7 @@ from .calibration import reusable_batches as reusable_batches  # its old home: h
 from .config import FlopConfig
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS, group_units
-from .model import find_flop_model
+from .lookup import find_flop_model
 from .obs import greedy_costs
 from .refit import Moments
 
