@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from hf_flop_cli.choices import GATES, LEVELS
-
 from .peft_type import flop_peft_type
 
+# FlopConfig.levels entries: the structures that get gates (hf_flop.model injects each level's modules)
+LEVELS = ("rank", "head", "row", "block", "embedding")
+# FlopConfig.gate values: the gate types (hf_flop.gates.GATE_TYPES builds them)
+GATES = ("hard_concrete", "topk")
 # the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
 UNIFORM_LEVELS = ("head", "row")
 

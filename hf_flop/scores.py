@@ -328,7 +328,7 @@ def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: i
             handle.remove()
 
 
-# the built-in scores' names, in registration order (hf_flop_cli.choices copies them for --oneshot-score)
+# the built-in scores' names, in registration order (the command line keeps a literal copy for --help)
 SCORES = tuple(SCORE_TYPES)
 
 
