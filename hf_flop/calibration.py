@@ -170,7 +170,7 @@ def sample_batches(
         rows = list(itertools.islice(iter(dataset), count))
     sampled = [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     if len(sampled) < 2:
-        instead = names.get("calibration_data", "calibration batches") if names else "calibration batches"
+        instead = name.names.get("calibration_data", "calibration batches")
         raise ValueError(
             f"{name('dataset')} gives {len(sampled)} calibration batch(es) of {batch_size} rows; the refit needs at "
             f"least 2 (most to fit, one held out): pass {instead} of your own, or use a smaller {name('batch_size')}."
