@@ -28,7 +28,7 @@ from __future__ import annotations
 from .accounting import SparsityReport, expected_sparsity, sparsity_report
 from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 from .compact import compact
-from .config import FlopConfig
+from .config import FlopConfig, FlopConfigError
 from .export_gguf import export_gguf
 from .gates import Gate, HardConcreteGate, TopKGate
 from .hub import PushToHubError, push_compacted, save_compacted
@@ -51,6 +51,7 @@ __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
     "FlopConfig",
+    "FlopConfigError",
     "FlopLinear",
     "FlopModel",
     "Gate",

@@ -16,7 +16,7 @@ from torch import nn
 
 from .gated import ModuleSparsity
 from .groups import ROUNDED_LEVELS, kept_features, output_features
-from .model import find_flop_model
+from .lookup import find_flop_model
 
 __all__ = [
     "ModuleSparsity",

@@ -34,7 +34,7 @@ from .architectures import arch_spec
 from .gated import Cut
 from .groups import StructureCuts
 from .linear import dense_weight, set_dense_weight
-from .model import find_flop_model
+from .lookup import find_flop_model
 from .modeling import compacted_config_class, compacted_model_class, locate
 from .uniform import uneven_levels
 

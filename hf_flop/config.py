@@ -7,17 +7,31 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from hf_flop_cli.choices import GATES, LEVELS
-
 from .peft_type import flop_peft_type
 
+# FlopConfig.levels entries: the structures that get gates (hf_flop.model injects each level's modules)
+LEVELS = ("rank", "head", "row", "block", "embedding")
+# FlopConfig.gate values: the gate types (hf_flop.gates.GATE_TYPES builds them)
+GATES = ("hard_concrete", "topk")
 # the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
 UNIFORM_LEVELS = ("head", "row")
 
 
-def _check_choice(name: str, value: object, allowed: tuple) -> None:
+class FlopConfigError(ValueError):
+    """A ``FlopConfig`` value that is not valid. ``field`` is the ``FlopConfig`` field it belongs to, so an
+    interface (the command line) can name its own option for it without reading the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # pickles (e.g. across processes) with its field
+        return type(self), (self.field, str(self))
+
+
+def _check_choice(field: str, name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"FlopConfig.{name}={value!r} is not valid; use one of {list(allowed)}.")
+        raise FlopConfigError(field, f"FlopConfig.{name}={value!r} is not valid; use one of {list(allowed)}.")
 
 
 @dataclass
@@ -109,62 +123,74 @@ class FlopConfig(PeftConfig):
             self.levels = [self.levels]
         self.levels = list(self.levels)
         if not self.levels:
-            raise ValueError(f"FlopConfig.levels is empty; choose at least one of {list(LEVELS)}.")
+            raise FlopConfigError("levels", f"FlopConfig.levels is empty; choose at least one of {list(LEVELS)}.")
         for level in self.levels:
-            _check_choice("levels entry", level, LEVELS)
+            _check_choice("levels", "levels entry", level, LEVELS)
         if len(set(self.levels)) != len(self.levels):
-            raise ValueError(f"FlopConfig.levels={self.levels} repeats an entry; list each level once.")
+            raise FlopConfigError("levels", f"FlopConfig.levels={self.levels} repeats an entry; list each level once.")
         if "rank" in self.levels and "block" in self.levels:
-            raise ValueError(
+            raise FlopConfigError(
+                "levels",
                 "FlopConfig.levels cannot combine 'rank' and 'block' in one step: blocks live in dense "
-                "matrices. Run 'rank'/'head'/'row' first, compact, then 'block' (the two-step pipeline)."
+                "matrices. Run 'rank'/'head'/'row' first, compact, then 'block' (the two-step pipeline).",
             )
-        _check_choice("gate", self.gate, GATES)
+        _check_choice("gate", "gate", self.gate, GATES)
         self._check_uniform_shapes()
         if not isinstance(self.target_sparsity, (int, float)) or not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(
+            raise FlopConfigError(
+                "target_sparsity",
                 f"FlopConfig.target_sparsity={self.target_sparsity!r} is outside [0, 1); it is the fraction "
-                "of prunable parameters to remove, e.g. 0.5."
+                "of prunable parameters to remove, e.g. 0.5.",
             )
         if self.temperature <= 0:
-            raise ValueError(f"FlopConfig.temperature={self.temperature} must be > 0 (e.g. 1.0 or 2/3).")
+            raise FlopConfigError(
+                "temperature", f"FlopConfig.temperature={self.temperature} must be > 0 (e.g. 1.0 or 2/3)."
+            )
         if not self.limit_l < 0 or not self.limit_r > 1:
-            raise ValueError(
-                f"FlopConfig.limit_l={self.limit_l} must be < 0 and limit_r={self.limit_r} > 1 (defaults -0.1 and 1.1)."
+            field_name = "limit_l" if not self.limit_l < 0 else "limit_r"
+            raise FlopConfigError(
+                field_name,
+                f"FlopConfig.limit_l={self.limit_l} must be < 0 and limit_r={self.limit_r} > 1 (defaults -0.1 and 1.1).",
             )
         for name in ("block_size", "round_to"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"FlopConfig.{name}={value!r} must be a positive integer.")
+                raise FlopConfigError(name, f"FlopConfig.{name}={value!r} must be a positive integer.")
         if not 0.0 <= self.live_threshold <= 1.0:
-            raise ValueError(f"FlopConfig.live_threshold={self.live_threshold} must be in [0, 1].")
+            raise FlopConfigError(
+                "live_threshold", f"FlopConfig.live_threshold={self.live_threshold} must be in [0, 1]."
+            )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
                     re.compile(value)
                 except re.error as err:
-                    raise ValueError(f"FlopConfig.{name}={value!r} is not a valid regex: {err}") from None
+                    raise FlopConfigError(name, f"FlopConfig.{name}={value!r} is not a valid regex: {err}") from None
             elif isinstance(value, (list, tuple, set)):
                 setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
             elif value is not None:
-                raise ValueError(f"FlopConfig.{name} must be None, a list of names or a regex string.")
+                raise FlopConfigError(name, f"FlopConfig.{name} must be None, a list of names or a regex string.")
         if self.embedding_cutoffs is not None:
             cutoffs = list(self.embedding_cutoffs)
             if any(not isinstance(c, int) or c <= 0 for c in cutoffs) or cutoffs != sorted(set(cutoffs)):
-                raise ValueError(
-                    f"FlopConfig.embedding_cutoffs={cutoffs} must be strictly increasing positive integers."
+                raise FlopConfigError(
+                    "embedding_cutoffs",
+                    f"FlopConfig.embedding_cutoffs={cutoffs} must be strictly increasing positive integers.",
                 )
 
     def _check_uniform_shapes(self) -> None:
         if not isinstance(self.uniform_shapes, bool):
-            raise ValueError(f"FlopConfig.uniform_shapes={self.uniform_shapes!r} must be True or False.")
+            raise FlopConfigError(
+                "uniform_shapes", f"FlopConfig.uniform_shapes={self.uniform_shapes!r} must be True or False."
+            )
         other = [level for level in self.levels if level not in UNIFORM_LEVELS]
         if self.uniform_shapes and other:
             # a stock config has no place for low-rank factors, block-sparse weights or clustered embeddings
-            raise ValueError(
+            raise FlopConfigError(
+                "uniform_shapes",
                 f"FlopConfig.uniform_shapes=True allows levels {list(UNIFORM_LEVELS)} only, got {other}: those "
                 "compact to low-rank, block-sparse or clustered modules that no stock transformers config "
                 f"describes. Use levels within {list(UNIFORM_LEVELS)}, or uniform_shapes=False (the compacted "
-                "model then loads with its saved remote code)."
+                "model then loads with its saved remote code).",
             )

@@ -32,13 +32,14 @@ are multiplied back into the dense matrix they compute, with a warning, since GG
 tensors for llama.cpp's graphs; tokenizers ``hf_flop.gguf_vocab`` cannot express. A sliding window
 (Mistral) is warned about: llama.cpp's llama and deci graphs attend to the whole context.
 
-The file appears complete or not at all (``hf_flop.files.atomic_file``: a temporary file, then a rename).
+The file appears complete or not at all (``hf_flop.gguf_file``: a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +48,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import ARCHITECTURES, arch_spec, find_layers
-from .files import atomic_file
 from .modeling import LowRankLinear
 from .modeling.block_sparse import BlockSparseLinear
 from .modeling.factorized_embedding import FactorizedEmbedding, TiedFactorizedHead
+from .naming import ParameterNames
 
 # llama.cpp architectures export_gguf writes: "llama" for uniform models, "deci" for per-layer shapes
 GGUF_ARCHITECTURES = ("llama", "deci")
@@ -79,6 +80,23 @@ GGUF_TENSORS: dict[str, dict[str, dict[str, str]]] = {
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+class GGUFExportWarning(UserWarning):
+    """What ``export_gguf`` (or ``check_exportable``) warns about, as fields a caller can word for its users.
+
+    ``str(warning)`` is the full message. ``note`` says what happened in one full sentence fit to print
+    as a note (no ``export_gguf:`` prefix, no advice about parameters); ``parameter`` is the
+    ``export_gguf`` parameter that would avoid it (e.g. ``"densify"``), or None when none does.
+    """
+
+    def __init__(self, message: str, note: str | None = None, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.note = message if note is None else note
+        self.parameter = parameter
+
+    def __reduce__(self):  # pickles (e.g. across processes) with its fields
+        return type(self), (str(self), self.note, self.parameter)
+
+
 @dataclass
 class _Layer:
     """One transformer layer as llama.cpp sees it: its shape and its tensors by kind, ``(out, in)`` weights."""
@@ -101,6 +119,7 @@ def export_gguf(
     architecture: str | None = None,
     densify: bool = True,
     name: str | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model_or_folder`` to the GGUF file ``path`` for llama.cpp; returns ``path``.
 
@@ -119,15 +138,21 @@ def export_gguf(
         densify: store low-rank / block-sparse / cluster-factorized layers as the dense matrices they
             compute (with a warning); ``False`` refuses such a model instead.
         name: ``general.name`` in the file; default: the model's folder name.
+        names: what the caller's interface calls these parameters (e.g. ``{"tokenizer_gguf": "--gguf-tokenizer"}``):
+            the error messages name them so (``hf_flop.naming``).
+
+    Warnings are ``GGUFExportWarning``s.
     """
-    _check_choice("dtype", dtype, tuple(DTYPES))
-    _check_choice("architecture", architecture, (None, *GGUF_ARCHITECTURES))
+    names = ParameterNames(names)
+    _check_choice("dtype", dtype, tuple(DTYPES), names)
+    _check_choice("architecture", architecture, (None, *GGUF_ARCHITECTURES), names)
     model, tokenizer = _load(model_or_folder, tokenizer, load_tokenizer=tokenizer_gguf is None)
+    from .gguf_file import named_tensors, write_gguf  # import gguf, an optional dependency
     from .gguf_vocab import vocabulary
 
     layout = _check_model(model)
     vocab = vocabulary(
-        _vocab_rows(model), tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, tokenizer_pre=tokenizer_pre
+        _vocab_rows(model), tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, tokenizer_pre=tokenizer_pre, names=names
     )
     config = model.config
     head_dim = _head_dim(config)
@@ -136,8 +161,8 @@ def export_gguf(
     embedding, output = _embeddings(model, densified)
     layers = _layers(model, layout, head_dim, densified)
     if densified:
-        _densify_or_refuse(densified, densify)
-    arch = _architecture(layers, architecture)
+        _densify_or_refuse(densified, densify, names)
+    arch = _architecture(layers, architecture, names)
 
     def per_layer(values: list[int]) -> int | list[int]:
         return values[0] if arch == "llama" else values  # deci: arrays (the loader takes either)
@@ -160,7 +185,8 @@ def export_gguf(
     for module_name, kind in GGUF_TENSORS[layout]["model"].items():
         globals_[kind] = model.base_model.get_submodule(module_name).weight
     label = name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model"
-    return _write(Path(path), arch, label, hparams, vocab, _named_tensors(globals_, layers), dtype)
+    tensors = named_tensors(globals_, [layer.tensors for layer in layers])
+    return write_gguf(Path(path), arch, label, hparams, vocab, tensors, DTYPES[dtype])
 
 
 def check_exportable(
@@ -169,16 +195,24 @@ def check_exportable(
     tokenizer=None,
     tokenizer_gguf: str | os.PathLike | None = None,
     tokenizer_pre: str | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> None:
     """What ``export_gguf`` would refuse about ``model``'s architecture, config and vocabulary, refused now.
 
     Needs no trained weights, so the CLI calls it before training; the layer shapes pruning will give
     are not known yet (a non-uniform model is written as ``deci``, never refused for its shapes).
+    ``names`` is ``export_gguf``'s.
     """
     from .gguf_vocab import vocabulary
 
     _check_model(model)
-    vocabulary(_vocab_rows(model), tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, tokenizer_pre=tokenizer_pre)
+    vocabulary(
+        _vocab_rows(model),
+        tokenizer=tokenizer,
+        tokenizer_gguf=tokenizer_gguf,
+        tokenizer_pre=tokenizer_pre,
+        names=ParameterNames(names),
+    )
 
 
 def _check_model(model: nn.Module) -> str:
@@ -203,19 +237,18 @@ def _check_model(model: nn.Module) -> str:
     _rope(config, _head_dim(config))
     window = getattr(config, "sliding_window", None)
     if window and window < config.max_position_embeddings:
-        warnings.warn(
+        note = (
             f"the model attends within a sliding window of {window} tokens; llama.cpp's llama and deci graphs attend "
-            "to the whole context, so outputs differ once a sequence is longer than the window.",
-            UserWarning,
-            stacklevel=2,
+            "to the whole context, so outputs differ once a sequence is longer than the window."
         )
+        warnings.warn(GGUFExportWarning(note, note=note), stacklevel=2)
     return spec.gguf
 
 
 # --- reading the model ---------------------------------------------------------------------------
-def _check_choice(argument: str, value, allowed: tuple) -> None:
+def _check_choice(argument: str, value, allowed: tuple, names: ParameterNames) -> None:
     if value not in allowed:
-        raise ValueError(f"export_gguf: {argument}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+        raise ValueError(f"export_gguf: {names(argument)}={value!r} is not one of {', '.join(map(repr, allowed))}.")
 
 
 def _load(model_or_folder, tokenizer, *, load_tokenizer: bool):
@@ -364,77 +397,33 @@ def _pairs_per_head(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, 2, head_dim // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def _densify_or_refuse(names: list[str], densify: bool) -> None:
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+def _densify_or_refuse(layers: list[str], densify: bool, names: ParameterNames) -> None:
+    shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
     if not densify:
         raise ValueError(
-            f"export_gguf: {len(names)} layer(s) are factorized (low-rank, block-sparse or cluster-factorized: {shown}); "
-            "llama.cpp's GGUF tensors are dense matrices. Pass densify=True to store each as the matrix it computes "
-            "(the file is then larger than the compacted model), or prune without levels rank / block / embedding."
+            f"export_gguf: {len(layers)} layer(s) are factorized (low-rank, block-sparse or cluster-factorized: {shown}); "
+            f"llama.cpp's GGUF tensors are dense matrices. Pass {names('densify')}=True to store each as the matrix it "
+            "computes (the file is then larger than the compacted model), or prune without levels rank / block / embedding."
         )
-    warnings.warn(
-        f"export_gguf: {len(names)} factorized layer(s) ({shown}) are stored as the dense matrices they compute, since "
-        "llama.cpp has no factorized tensors: the GGUF file and llama.cpp's work are those of dense layers of the kept "
-        "shapes. Prune with levels head / row only for a model llama.cpp runs at its pruned size; densify=False refuses.",
-        UserWarning,
-        stacklevel=3,
+    note = (
+        f"{len(layers)} factorized layer(s) ({shown}) are stored as the dense matrices they compute, since llama.cpp "
+        "has no factorized tensors: the GGUF file and llama.cpp's work are those of dense layers of the kept shapes. "
+        "Prune with levels head / row only for a model llama.cpp runs at its pruned size."
     )
+    message = f"export_gguf: {note.removesuffix('.')}; {names('densify')}=False refuses."
+    warnings.warn(GGUFExportWarning(message, note=note, parameter="densify"), stacklevel=3)
 
 
-def _architecture(layers: list[_Layer], requested: str | None) -> str:
+def _architecture(layers: list[_Layer], requested: str | None, names: ParameterNames) -> str:
     shapes = {(layer.heads, layer.kv_heads, layer.ffn) for layer in layers}
     if requested == "llama" and len(shapes) > 1:
         heads = [layer.heads for layer in layers]
         kv = [layer.kv_heads for layer in layers]
         ffn = [layer.ffn for layer in layers]
         raise ValueError(
-            "export_gguf: architecture='llama' needs the same heads, KV heads and FFN width in every layer (llama.cpp's "
-            f"llama graph sizes all layers from layer 0); this model has heads {heads}, KV heads {kv}, FFN widths {ffn}. "
-            "Prune with FlopConfig(uniform_shapes=True) for a uniform model, or leave architecture=None to write 'deci', "
-            "which llama.cpp reads per layer."
+            f"export_gguf: {names('architecture')}='llama' needs the same heads, KV heads and FFN width in every layer "
+            f"(llama.cpp's llama graph sizes all layers from layer 0); this model has heads {heads}, KV heads {kv}, FFN "
+            f"widths {ffn}. Prune with FlopConfig(uniform_shapes=True) for a uniform model, or leave "
+            f"{names('architecture')}=None to write 'deci', which llama.cpp reads per layer."
         )
     return requested or ("llama" if len(shapes) == 1 else "deci")
-
-
-# --- writing ---------------------------------------------------------------------------------------
-def _named_tensors(globals_: dict[str, torch.Tensor | None], layers: list[_Layer]) -> dict[str, torch.Tensor]:
-    """Tensors by llama.cpp's file names (``gguf.TENSOR_NAMES``): the model-wide ones (``None``: left out), each layer's."""
-    import gguf
-
-    def file_name(kind: str, block: int | None = None) -> str:
-        base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]]
-        return base.format(bid=block) if block is not None else base
-
-    tensors = {file_name(kind) + ".weight": t for kind, t in globals_.items() if t is not None}
-    for i, layer in enumerate(layers):
-        for kind, (weight, bias) in layer.tensors.items():
-            tensors[file_name(kind, i) + ".weight"] = weight
-            if bias is not None:
-                tensors[file_name(kind, i) + ".bias"] = bias
-    return tensors
-
-
-def _write(path: Path, arch: str, name: str, hparams: dict, vocab: list, tensors: dict, dtype: str) -> Path:
-    """The GGUF file: header, metadata (hyper-parameters, then the vocabulary), tensors; atomically."""
-    import gguf
-
-    matrix_dtype = DTYPES[dtype]
-    with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        try:
-            writer.add_name(name)
-            writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-            for key, value in hparams.items():
-                getattr(writer, f"add_{key}")(value)
-            for key, value, kind, sub_kind in vocab:
-                writer.add_key_value(key, value, kind, sub_kind)
-            for tensor_name, tensor in tensors.items():
-                # llama.cpp keeps norms, biases and rope factors in f32 whatever the file type
-                target = matrix_dtype if tensor.dim() > 1 else torch.float32
-                writer.add_tensor(tensor_name, tensor.detach().to("cpu", target).contiguous().numpy())
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-    return path

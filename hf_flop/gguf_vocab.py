@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 from gguf import GGUFValueType, Keys, TokenType
+
+from .naming import ParameterNames
 
 Entry = tuple[str, Any, GGUFValueType, GGUFValueType | None]
 
@@ -77,10 +80,12 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "qwen2": PreTokenizer((_split(_QWEN2_SPLIT), _BARE_BYTE_LEVEL), normalizer="NFC"),
 }
 
-_REMEDY = (
-    "pass tokenizer_gguf= a GGUF file of the base model converted by llama.cpp (convert_hf_to_gguf.py) to copy its "
-    "vocabulary"
-)
+
+def _remedy(names: ParameterNames) -> str:
+    return (
+        f"pass {names.passing('tokenizer_gguf')} a GGUF file of the base model converted by llama.cpp "
+        "(convert_hf_to_gguf.py) to copy its vocabulary"
+    )
 
 
 def vocabulary(
@@ -89,37 +94,43 @@ def vocabulary(
     tokenizer=None,
     tokenizer_gguf: str | os.PathLike | None = None,
     tokenizer_pre: str | None = None,
+    names: Mapping[str, str] | ParameterNames | None = None,
 ) -> list[Entry]:
     """The ``tokenizer.*`` metadata for a model whose embedding has ``n_vocab`` rows.
 
     ``tokenizer_gguf`` (copied) wins over ``tokenizer`` (a transformers fast tokenizer, built from its
     ``tokenizer.json``); with neither, ``ValueError``: llama.cpp cannot load a model without a vocabulary.
+    ``names`` (``export_gguf``'s) words the messages for the caller's interface.
     """
+    names = ParameterNames(names)
     if tokenizer_gguf is not None:
-        return vocabulary_from_gguf(tokenizer_gguf, n_vocab)
+        return vocabulary_from_gguf(tokenizer_gguf, n_vocab, names=names)
     if tokenizer is not None:
-        return vocabulary_from_tokenizer(tokenizer, n_vocab, pre=tokenizer_pre)
+        return vocabulary_from_tokenizer(tokenizer, n_vocab, pre=tokenizer_pre, names=names)
     raise ValueError(
-        "export_gguf needs the model's vocabulary (llama.cpp cannot run a GGUF without one): pass tokenizer= (the "
-        "model's transformers tokenizer or its folder), or tokenizer_gguf= a GGUF file of the base model."
+        f"export_gguf needs the model's vocabulary (llama.cpp cannot run a GGUF without one): pass "
+        f"{names.passing('tokenizer')} (the model's transformers tokenizer or its folder), or "
+        f"{names.passing('tokenizer_gguf')} a GGUF file of the base model."
     )
 
 
 # --- copied from a GGUF file ---------------------------------------------------------------------
-def vocabulary_from_gguf(path: str | os.PathLike, n_vocab: int) -> list[Entry]:
+def vocabulary_from_gguf(
+    path: str | os.PathLike, n_vocab: int, *, names: Mapping[str, str] | ParameterNames | None = None
+) -> list[Entry]:
     """Every ``tokenizer.*`` entry of the GGUF file ``path``, checked to hold ``n_vocab`` tokens."""
-    path = Path(path)
+    path, source = Path(path), ParameterNames(names)("tokenizer_gguf")
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer_gguf {path} does not exist.")
+        raise FileNotFoundError(f"{source} {path} does not exist.")
     reader = gguf.GGUFReader(path)
     entries = [_copy_field(field) for key, field in reader.fields.items() if key.startswith("tokenizer.")]
     keys = {entry[0]: entry for entry in entries}
     if Keys.Tokenizer.MODEL not in keys or Keys.Tokenizer.LIST not in keys:
-        raise ValueError(f"tokenizer_gguf {path} holds no vocabulary ({Keys.Tokenizer.LIST}); pass another file.")
+        raise ValueError(f"{source} {path} holds no vocabulary ({Keys.Tokenizer.LIST}); pass another file.")
     n_tokens = len(keys[Keys.Tokenizer.LIST][1])
     if n_tokens != n_vocab:
         raise ValueError(
-            f"tokenizer_gguf {path} holds {n_tokens:,} tokens but the model's embedding has {n_vocab:,} rows; pass the "
+            f"{source} {path} holds {n_tokens:,} tokens but the model's embedding has {n_vocab:,} rows; pass the "
             "GGUF of the model this one was pruned from."
         )
     return entries
@@ -141,24 +152,27 @@ def _copy_field(field) -> Entry:
 
 
 # --- built from a transformers tokenizer ---------------------------------------------------------
-def vocabulary_from_tokenizer(tokenizer, n_vocab: int, *, pre: str | None = None) -> list[Entry]:
+def vocabulary_from_tokenizer(
+    tokenizer, n_vocab: int, *, pre: str | None = None, names: Mapping[str, str] | ParameterNames | None = None
+) -> list[Entry]:
     """GPT-2-style BPE metadata from a transformers fast tokenizer (see the module docstring for what is refused)."""
-    spec = _tokenizer_json(tokenizer)
+    names = ParameterNames(names)
+    spec = _tokenizer_json(tokenizer, names)
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(spec):
         kind = "BPE with byte fallback (SentencePiece style)" if model.get("byte_fallback") else model.get("type")
         raise ValueError(
             f"export_gguf builds llama.cpp vocabularies from byte-level BPE tokenizers (GPT-2 style) only; this one is "
-            f"{kind}: {_REMEDY}."
+            f"{kind}: {_remedy(names)}."
         )
     if pre is None:
-        pre = pre_tokenizer_name(spec)
+        pre = pre_tokenizer_name(spec, names=names)
     elif pre not in PRE_TOKENIZERS:
-        raise ValueError(f"tokenizer_pre={pre!r} is not one of {sorted(PRE_TOKENIZERS)}.")
-    tokens, types = _tokens(spec, n_vocab)
+        raise ValueError(f"{names('tokenizer_pre')}={pre!r} is not one of {sorted(PRE_TOKENIZERS)}.")
+    tokens, types = _tokens(spec, n_vocab, names)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges or any(m.count(" ") != 1 for m in merges):
-        raise ValueError(f"the tokenizer's BPE merges are missing or hold spaces inside tokens: {_REMEDY}.")
+        raise ValueError(f"the tokenizer's BPE merges are missing or hold spaces inside tokens: {_remedy(names)}.")
     t = Keys.Tokenizer
     entries: list[Entry] = [
         (t.MODEL, "gpt2", GGUFValueType.STRING, None),
@@ -183,12 +197,12 @@ def vocabulary_from_tokenizer(tokenizer, n_vocab: int, *, pre: str | None = None
     return entries
 
 
-def _tokenizer_json(tokenizer) -> dict:
+def _tokenizer_json(tokenizer, names: ParameterNames) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(
             f"export_gguf reads the vocabulary from a fast tokenizer's tokenizer.json; {type(tokenizer).__name__} has "
-            f"none: load it with AutoTokenizer (use_fast=True), or {_REMEDY}."
+            f"none: load it with AutoTokenizer (use_fast=True), or {_remedy(names)}."
         )
     return json.loads(backend.to_str())
 
@@ -207,8 +221,9 @@ def _is_byte_level(spec: dict) -> bool:
     return any(step.get("type") == "ByteLevel" for step in _steps(spec.get("pre_tokenizer")))
 
 
-def pre_tokenizer_name(spec: dict) -> str:
+def pre_tokenizer_name(spec: dict, *, names: Mapping[str, str] | ParameterNames | None = None) -> str:
     """llama.cpp's name for the tokenizer.json ``spec``'s normalizer and pre-tokenizer (``PRE_TOKENIZERS``)."""
+    names = ParameterNames(names)
     normalizers = [step.get("type") for step in _steps(spec.get("normalizer"))]
     steps = _steps(spec.get("pre_tokenizer"))
     ignore_merges = bool(spec["model"].get("ignore_merges"))
@@ -223,19 +238,19 @@ def pre_tokenizer_name(spec: dict) -> str:
     raise ValueError(
         f"the tokenizer's pre-tokenizer ({', '.join(map(str, described)) or 'none'}; normalizer "
         f"{', '.join(map(str, normalizers)) or 'none'}; ignore_merges {ignore_merges}) matches none of llama.cpp's built-in ones hf_flop recognises "
-        f"({', '.join(PRE_TOKENIZERS)}): {_REMEDY}, or pass tokenizer_pre= the llama.cpp name whose splitting you "
-        "know to match."
+        f"({', '.join(PRE_TOKENIZERS)}): {_remedy(names)}, or pass {names.passing('tokenizer_pre')} the llama.cpp "
+        "name whose splitting you know to match."
     )
 
 
-def _tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[TokenType]]:
+def _tokens(spec: dict, n_vocab: int, names: ParameterNames) -> tuple[list[str], list[TokenType]]:
     """Token strings and types by id, padded to ``n_vocab`` with unused tokens."""
     by_id: dict[int, tuple[str, TokenType]] = {
         i: (text, TokenType.NORMAL) for text, i in spec["model"]["vocab"].items()
     }
     for added in spec.get("added_tokens") or []:
         if not added.get("special"):
-            raise ValueError(f"the tokenizer's added token {added['content']!r} is not special: {_REMEDY}.")
+            raise ValueError(f"the tokenizer's added token {added['content']!r} is not special: {_remedy(names)}.")
         by_id[added["id"]] = (added["content"], TokenType.CONTROL)
     if max(by_id) >= n_vocab:
         raise ValueError(
@@ -248,7 +263,7 @@ def _tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[TokenType]]:
         tokens.append(text)
         types.append(kind)
     if len(set(tokens)) != len(tokens):
-        raise ValueError(f"the tokenizer has duplicate token strings, which llama.cpp refuses: {_REMEDY}.")
+        raise ValueError(f"the tokenizer has duplicate token strings, which llama.cpp refuses: {_remedy(names)}.")
     return tokens, types
 
 

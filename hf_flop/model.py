@@ -25,6 +25,8 @@ from .gates import Gate, build_gate
 from .groups import GROUP_LEVELS, InputMask, StructureGroup, structure_groups
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
+from .lookup import FlopModelBase
+from .lookup import find_flop_model as find_flop_model  # its old home: hf_flop.model.find_flop_model
 from .uniform import check_uniform_shapes
 
 
@@ -111,7 +113,7 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     return matched
 
 
-class FlopModel(BaseTuner):
+class FlopModel(FlopModelBase, BaseTuner):
     """PEFT tuner for FLOP. Create it with ``get_flop_model`` or ``peft.get_peft_model``."""
 
     prefix: str = "flop_"
@@ -252,20 +254,6 @@ class FlopModel(BaseTuner):
         for name, (mask, unit) in masks.items():
             scale_inputs_(modules[name], mask.repeat_interleave(unit))
         return model
-
-
-def find_flop_model(model: nn.Module) -> FlopModel:
-    """The ``FlopModel`` inside a ``PeftModel`` (or the object itself), or a clear error."""
-    for candidate in (
-        model,
-        getattr(model, "base_model", None),
-        getattr(getattr(model, "module", None), "base_model", None),
-    ):
-        if isinstance(candidate, FlopModel):
-            return candidate
-    raise ValueError(
-        f"{type(model).__name__} has no FLOP layers; wrap it first with hf_flop.get_flop_model(model, FlopConfig(...))."
-    )
 
 
 def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "default") -> peft.PeftModel:

@@ -22,13 +22,15 @@ from peft import PeftModel
 from torch import nn
 
 from .accounting import sparsity_report
-from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
+from .calibration import reusable_batches
 from .config import FlopConfig
 from .gated import GatedUnits
-from .model import find_flop_model, get_flop_model
+from .lookup import find_flop_model
+from .model import get_flop_model
+from .ranking import check_scores, keep_masks, removal_order, removal_path
 from .reconstruction import reconstruct as reconstruct_layers
-from .scores import SCORES, compute_scores, find_gated_units, reusable_batches
-from .uniform import uneven_levels, uniform_slices
+from .scores import SCORE_TYPES, compute_scores, find_gated_units, recommended_oneshot_score, score_type
+from .uniform import uneven_levels
 
 
 @dataclass
@@ -57,158 +59,7 @@ def open_all_gates(model: nn.Module) -> None:
         s.gate.set_mask(torch.ones(s.n_units, dtype=torch.bool))
 
 
-# --- ordering units -----------------------------------------------------------------------------------
-
-
-def _check_scores(units: list[GatedUnits], scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not isinstance(scores, dict):
-        raise TypeError(
-            f"scores must be a dict gate name -> tensor (from compute_scores), got {type(scores).__name__}."
-        )
-    missing = [s.key for s in units if s.key not in scores]
-    if missing:
-        raise ValueError(f"scores lack the gates {missing[:5]}; compute them with hf_flop.compute_scores(model, ...).")
-    checked = {}
-    for s in units:
-        value = torch.as_tensor(scores[s.key]).detach().float().cpu()
-        if value.shape != (s.n_units,):
-            raise ValueError(f"scores['{s.key}'] has shape {tuple(value.shape)}, expected ({s.n_units},).")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"scores['{s.key}'] holds NaN or inf.")
-        checked[s.key] = value
-    return checked
-
-
-RANKINGS = ("per_gate", "per_parameter", "standardized", "absolute")
-
-
-def _priorities(units: list[GatedUnits], scores: dict[str, torch.Tensor], ranking: str) -> torch.Tensor:
-    """Every unit's removal priority (lower: removed earlier), flat: gates in order, units within.
-
-    ``per_gate`` ranks by score / the mean score of the unit's gate: scale-free, so layers whose
-    weights or activations are larger are not spared for that alone. ``standardized`` ranks by the
-    score standardised within its gate, ``(score - mean) / std`` (FLAP's global allocation): shift-
-    and scale-free. ``per_parameter`` ranks by score / the unit's parameters, the knapsack rule for
-    scores comparable across layers; it favours removing big units (heads), which a first-order
-    Taylor score underrates (SmolLM2-135M on PTB, heads and rows at 30%: perplexity 685 per gate
-    against 1,793 per parameter with sensitivity, 396 against 43,468 with activation; dense 158).
-    ``absolute`` ranks by the score itself, for scores already on one scale across gates (the trained
-    gates' own order, ``fix_masks_at_target``). Within a gate every ranking orders units by score.
-    """
-    if ranking not in RANKINGS:
-        raise ValueError(f"ranking={ranking!r} is not known; use one of {list(RANKINGS)}.")
-    priority = []
-    for s in units:
-        value = scores[s.key]
-        if ranking == "standardized":
-            spread = value.std() if len(value) > 1 else torch.tensor(1.0)
-            priority.append((value - value.mean()) / spread.clamp_min(1e-30))
-        elif ranking == "absolute":
-            priority.append(value)
-        else:
-            scale = s.unit_params if ranking == "per_parameter" else value.mean().clamp_min(1e-30)
-            priority.append(value / scale)
-    return torch.cat(priority)
-
-
-def _removal_order(
-    units: list[GatedUnits],
-    scores: dict[str, torch.Tensor],
-    ranking: str,
-    protect: int = 0,
-    frozen: frozenset[str] = frozenset(),
-) -> torch.Tensor:
-    """Flat unit ids (gates in order, units within), least important first, by ``_priorities``.
-
-    The ``protect`` highest-scored units of each gate, and every unit of the gates in ``frozen``, are
-    left out (never removed). Ties keep the flat order, so the result is deterministic.
-    """
-    priority = _priorities(units, scores, ranking)
-    candidate = []
-    for s in units:
-        free = torch.ones(s.n_units, dtype=torch.bool)
-        free[torch.argsort(scores[s.key], descending=True, stable=True)[:protect]] = False
-        if s.key in frozen:
-            free[:] = False
-        candidate.append(free)
-    ids = torch.cat(candidate).nonzero().squeeze(1)
-    return ids[torch.argsort(priority[ids], stable=True)]
-
-
-def _frozen_gates(flop_model, units: list[GatedUnits], protect_layers: Sequence[int]) -> frozenset[str]:
-    """Gates whose units lie in the transformer layers ``protect_layers`` (indices; negative from the end)."""
-    if not protect_layers:
-        return frozenset()
-    try:
-        names = find_layers(flop_model.model, arch_spec(base_model_type(flop_model.model.config.model_type)))
-    except UnsupportedArchitectureError as err:
-        raise ValueError(f"protect_layers needs a known architecture to find the transformer layers: {err}") from None
-    bad = [i for i in protect_layers if not isinstance(i, int) or not -len(names) <= i < len(names)]
-    if bad:
-        raise ValueError(f"protect_layers={list(protect_layers)} holds {bad}: the model has {len(names)} layers.")
-    prefixes = [names[i] for i in protect_layers]
-    return frozenset(
-        s.key for s in units if any(s.module == p or s.module.startswith(p + ".") for p in prefixes)
-    )
-
-
-def _keep_masks(units: list[GatedUnits], removed: torch.Tensor) -> dict[str, torch.Tensor]:
-    flat = torch.ones(sum(s.n_units for s in units), dtype=torch.bool)
-    flat[removed] = False
-    return {s.key: mask for s, mask in zip(units, flat.split([s.n_units for s in units]))}
-
-
 # --- pruning to a target ---------------------------------------------------------------------------
-
-
-@dataclass
-class _RemovalPath:
-    """Units to remove, in order, in steps that are removed whole: single units, or uniform slices."""
-
-    order: torch.Tensor  # flat unit ids
-    sizes: torch.Tensor  # units per step
-    kinds: torch.Tensor  # dropping a step drops the later steps of its kind (a uniform slice's successors)
-
-    @classmethod
-    def of_units(cls, order: torch.Tensor) -> _RemovalPath:
-        return cls(order, torch.ones(len(order), dtype=torch.long), torch.arange(len(order)))
-
-    @classmethod
-    def of_slices(cls, slices: list[tuple[str, torch.Tensor]]) -> _RemovalPath:
-        levels = list(dict.fromkeys(level for level, _ in slices))
-        order = torch.cat([ids for _, ids in slices]) if slices else torch.zeros(0, dtype=torch.long)
-        sizes = torch.tensor([len(ids) for _, ids in slices], dtype=torch.long)
-        return cls(order, sizes, torch.tensor([levels.index(level) for level, _ in slices], dtype=torch.long))
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def removed(self, k: int) -> torch.Tensor:
-        return self.order[: int(self.sizes[:k].sum())]
-
-    def without(self, j: int) -> _RemovalPath:
-        """Step ``j`` kept, with every later step of its kind (a slice cannot follow one that stays)."""
-        dropped = (torch.arange(len(self)) >= j) & (self.kinds == self.kinds[j])
-        units_dropped = dropped.repeat_interleave(self.sizes)
-        return _RemovalPath(self.order[~units_dropped], self.sizes[~dropped], self.kinds[~dropped])
-
-
-def _removal_path(
-    flop_model, units: list[GatedUnits], scores: dict, ranking: str, min_units: int, protect_layers: Sequence[int]
-) -> _RemovalPath:
-    """Unit by unit in ``ranking`` order; under ``FlopConfig.uniform_shapes``, uniform slice by slice."""
-    config = flop_model.flop_config
-    if not config.uniform_shapes:
-        frozen = _frozen_gates(flop_model, units, protect_layers)
-        return _RemovalPath.of_units(_removal_order(units, scores, ranking, protect=min_units, frozen=frozen))
-    if protect_layers:
-        raise ValueError(
-            f"protect_layers={list(protect_layers)} keeps every unit of those layers, so their shapes would differ "
-            "from the others': FlopConfig(uniform_shapes=True) cannot protect layers. Leave protect_layers out, or "
-            "set uniform_shapes=False."
-        )
-    slices = uniform_slices(units, _priorities(units, scores, ranking), config.round_to, min_units)
-    return _RemovalPath.of_slices(slices)
 
 
 def prune_to_target(
@@ -224,7 +75,7 @@ def prune_to_target(
     """Close the least important units to hit ``target_sparsity`` (default: the model's config).
 
     Units are removed in ``ranking`` order (``"per_gate"``: score relative to its gate's mean;
-    ``"per_parameter"``: score per parameter; ``"absolute"``: the score itself; see ``_priorities``)
+    ``"per_parameter"``: score per parameter; ``"absolute"``: the score itself; see ``priorities``)
     until the deterministic kept count is as close to the budget as one unit allows:
     ``|kept - budget| <= step / 2``, ``step`` being what the unit at the boundary is worth (at most
     one unit's parameters, times ``round_to`` where that rounding applies). When that unit is coarse
@@ -250,11 +101,11 @@ def prune_to_target(
     if not isinstance(refinements, int) or refinements < 0:
         raise ValueError(f"refinements={refinements!r} must be a non-negative integer.")
     units = find_gated_units(flop_model)
-    checked = _check_scores(units, scores)
-    path = _removal_path(flop_model, units, checked, ranking, min_units_per_gate, protect_layers)
+    checked = check_scores(units, scores)
+    path = removal_path(flop_model, units, checked, ranking, min_units_per_gate, protect_layers)
 
     def kept_with(removed: torch.Tensor) -> int:  # deterministic kept parameters with these units removed
-        _set_all(units, _keep_masks(units, removed))
+        _set_all(units, keep_masks(units, removed))
         return sparsity_report(flop_model).deterministic_kept_params
 
     prunable = sparsity_report(flop_model).prunable_params
@@ -285,7 +136,7 @@ def prune_to_target(
         # the boundary step may be coarse (a head): keep it, and let the finer steps after it fill the gap
         path = path.without(hi - 1)
     _, removed, step = best
-    keep = _keep_masks(units, removed)
+    keep = keep_masks(units, removed)
     kept_params = kept_with(removed)
     modules = sparsity_report(flop_model).modules
     for s in units:
@@ -347,7 +198,8 @@ def fix_masks_at_target(model: nn.Module, target_sparsity: float | None = None) 
     return prune_to_target(model, gate_order_scores(model), target_sparsity, ranking="absolute", min_units_per_gate=0)
 
 
-def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:
+def _pruning_config(model: nn.Module, config: FlopConfig | None) -> tuple[FlopConfig, bool]:
+    """The FlopConfig ``prune_oneshot`` prunes with, and whether FLOP must be injected first (checked, model untouched)."""
     try:
         flop_model = find_flop_model(model)
     except ValueError:
@@ -358,7 +210,7 @@ def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:
                 "this model already has FLOP layers; pass config=None (its own FlopConfig is used) and "
                 "target_sparsity=... to change the target."
             )
-        return model
+        return flop_model.flop_config, False
     if config is None:
         raise ValueError(
             f"{type(model).__name__} has no FLOP layers yet; pass a FlopConfig to inject them, "
@@ -368,14 +220,14 @@ def _injected(model: nn.Module, config: FlopConfig | None) -> nn.Module:
         raise TypeError(f"config must be a FlopConfig or None, got {type(config).__name__}.")
     if isinstance(model, PeftModel):
         raise ValueError("this PeftModel holds another PEFT method; pass the plain transformers model.")
-    return get_flop_model(model, config)
+    return config, True
 
 
 def prune_oneshot(
     model: nn.Module,
     config: FlopConfig | None = None,
     calibration_data: Iterable | None = None,
-    score: str = "magnitude",
+    score: str | None = None,
     *,
     target_sparsity: float | None = None,
     max_batches: int | None = None,
@@ -391,10 +243,11 @@ def prune_oneshot(
     ``model`` is a plain transformers model (FLOP is injected in place with ``config``; the result is
     a ``PeftModel``) or a model that already has FLOP layers (``config=None``). Any previous gate state
     is replaced: all gates are opened, the dense model is scored with ``score`` (``"magnitude"``,
-    ``"activation"``, ``"obs"`` (the best measured with the refit), ``"sensitivity"``, ...; see
-    ``hf_flop.scores``) over ``calibration_data`` (an iterable of dicts of tensors with ``input_ids``,
-    plus ``labels`` for sensitivity and fisher; at most
-    ``max_batches`` of them), then ``prune_to_target`` closes units until
+    ``"activation"``, ``"obs"``, ``"sensitivity"``, ...; see ``hf_flop.scores``; default None: the
+    recommended score, ``recommended_oneshot_score(config)``, ``"obs"`` or with uniform shapes
+    ``"activation"``) over ``calibration_data`` (an iterable of dicts of tensors with ``input_ids``,
+    plus ``labels`` for sensitivity and fisher; at most ``max_batches`` of them; only
+    ``"magnitude"`` needs none), then ``prune_to_target`` closes units until
     ``sparsity_report(model).deterministic_sparsity`` is ``target_sparsity`` (default: the config's)
     to within half a unit's parameters (``ranking`` and ``protect_layers`` are explained there).
     With ``reconstruct`` (the default) the kept weights are then refit layer by layer on the same
@@ -402,12 +255,19 @@ def prune_oneshot(
     without calibration data there is nothing to refit on, and a warning says so.
     ``hf_flop.compact(model)`` then writes the smaller model.
     """
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
-    if score != "magnitude" and calibration_data is None:
-        raise ValueError(f"score={score!r} needs calibration_data (batches of tensors); 'magnitude' needs none.")
+    flop_config, inject = _pruning_config(model, config)
+    if score is None:
+        score = recommended_oneshot_score(flop_config)
+        if calibration_data is None and SCORE_TYPES[score].needs_data:
+            raise ValueError(
+                f"prune_oneshot scores with the recommended {score!r} by default (hf_flop.scores."
+                "recommended_oneshot_score), which needs calibration_data: pass calibration batches (dicts of tensors "
+                "with 'input_ids'), or score='magnitude', which needs none."
+            )
+    score_type(score, calibration_data)  # a known score, with the data it needs; checked before injecting
     calibration_data = reusable_batches(calibration_data)  # read twice: by the scores and by the refit
-    model = _injected(model, config)
+    if inject:
+        model = get_flop_model(model, flop_config)
     open_all_gates(model)
     scores = compute_scores(model, calibration_data, score, max_batches=max_batches, ema_decay=ema_decay)
     prune_to_target(
@@ -461,7 +321,7 @@ def warm_start_gates(
         high = max((c for c in ceilings if c is not None), default=low) if high is None else high
     if not low <= high:
         raise ValueError(f"warm_start_gates needs low <= high, got low={low}, high={high}.")
-    order = _removal_order(units, _check_scores(units, scores), ranking)
+    order = removal_order(units, check_scores(units, scores), ranking)
     flat = torch.empty(len(order))
     flat[order] = torch.linspace(0.0, 1.0, len(order)) if len(order) > 1 else torch.ones(len(order))
     for s, q in zip(units, flat.split([s.n_units for s in units])):

@@ -17,7 +17,8 @@ from torch import nn
 
 from .accounting import check_reachable
 from .config import FlopConfig
-from .model import check_flop_config, find_flop_model, get_flop_model
+from .lookup import find_flop_model
+from .model import check_flop_config, get_flop_model
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

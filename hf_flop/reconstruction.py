@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
-from .model import find_flop_model
+from .calibration import CalibrationSplit, InputObserver, StopForward, eval_mode
+from .lookup import find_flop_model
 from .refit import Moments, output_error
-from .scores import iter_calibration
 
 
 @dataclass
@@ -79,10 +79,6 @@ class ReconstructionReport:
         return "\n".join(lines)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early, once the inputs it needs are recorded."""
-
-
 def _input_scales(flop_model) -> dict[str, torch.Tensor]:
     """Per consumer of a head/row group: the eval-mask value of each input feature (0 = removed)."""
     scales = {}
@@ -105,45 +101,19 @@ def _targets(flop_model, scales: dict[str, torch.Tensor]) -> dict[str, nn.Module
     return found
 
 
-class _Calibration:
-    """The calibration batches split into fit and held-out ones, with their token masks."""
-
-    def __init__(self, model: nn.Module, calibration_data: Iterable, max_batches: int | None, holdout: float):
-        device = next(model.parameters()).device
-        self.batches = list(iter_calibration(calibration_data, max_batches=max_batches, device=device))
-        if len(self.batches) < 2:
-            raise ValueError(
-                f"reconstruction needs at least 2 calibration batches (got {len(self.batches)}): most to fit the "
-                "layers, at least one held out to check the fit. Split the data into more, smaller batches."
-            )
-        self.n_heldout = min(len(self.batches) - 1, max(1, round(holdout * len(self.batches))))
-        self.current = 0
-
-    def heldout(self, index: int) -> bool:
-        return index >= len(self.batches) - self.n_heldout
-
-    def token_mask(self, index: int) -> torch.Tensor | None:
-        mask = self.batches[index].get("attention_mask")
-        return mask if mask is not None and mask.dim() == 2 else None
-
-    def tokens(self, heldout: bool) -> int:
-        total = 0
-        for i, batch in enumerate(self.batches):
-            if self.heldout(i) == heldout:
-                mask = self.token_mask(i)
-                total += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return total
-
-
 class _Recorder:
-    """Forward pre-hooks accumulating the input moments of some modules (fit and held-out apart)."""
+    """The input moments of some modules (fit and held-out apart), and which tensor each one read."""
 
     def __init__(
-        self, modules: dict[str, nn.Module], calib: _Calibration, stop_at: str | None = None, keep_inputs: bool = False
+        self,
+        modules: dict[str, nn.Module],
+        calib: CalibrationSplit,
+        stop_at: str | None = None,
+        keep_inputs: bool = False,
     ) -> None:
-        self.keep_inputs = keep_inputs
-        self.fit = {n: Moments(self._width(m)) for n, m in modules.items()}
-        self.held = {n: Moments(self._width(m)) for n, m in modules.items()}
+        self.keep_inputs, self.stop_at = keep_inputs, stop_at
+        self.fit = {n: Moments(m.in_features) for n, m in modules.items()}
+        self.held = {n: Moments(m.in_features) for n, m in modules.items()}
         # which tensor each module read in the last batch: address, layout and version (in-place writes
         # bump it); with keep_inputs the tensors are also held, so no freed address can be handed on
         self.inputs: dict[str, tuple] = {}
@@ -151,31 +121,19 @@ class _Recorder:
         self.calls: list[str] = []
         self.calib = calib
         # prepend: run before FLOP's input masks, so the moments are those of the unmasked input
-        self.handles = [m.register_forward_pre_hook(self._hook(n, n == stop_at), prepend=True) for n, m in modules.items()]
+        self.observer = InputObserver(modules, self._record, lambda: calib.token_mask(calib.current), prepend=True)
 
-    @staticmethod
-    def _width(module: nn.Module) -> int:
-        return module.in_features
-
-    def _hook(self, name: str, stop: bool):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            index = self.calib.current
-            mask = self.calib.token_mask(index)
-            mask = mask if mask is not None and mask.shape == x.shape[:-1] else None
-            (self.held if self.calib.heldout(index) else self.fit)[name].add(x, mask)
-            self.inputs[name] = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
-            if self.keep_inputs:
-                self.kept.append(x)
-            self.calls.append(name)
-            if stop:
-                raise _Stop
-
-        return hook
+    def _record(self, name: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        (self.held if self.calib.heldout(self.calib.current) else self.fit)[name].add(x, token_mask)
+        self.inputs[name] = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
+        if self.keep_inputs:
+            self.kept.append(x)
+        self.calls.append(name)
+        if name == self.stop_at:
+            raise StopForward
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.observer.remove()
 
 
 def _refit_module(name: str, layer: nn.Module, recorder: _Recorder, scales: dict, options: dict) -> LayerRefit:
@@ -201,7 +159,7 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach().cpu() if t is not None else None
 
 
-def _first_outputs(model: nn.Module, layers: list[nn.Module], calib: _Calibration):
+def _first_outputs(model: nn.Module, layers: list[nn.Module], calib: CalibrationSplit):
     """One forward per batch recording how every transformer layer is called, and layer 0's hidden states.
 
     The other arguments (masks, position embeddings) are kept per layer, since a model may give its
@@ -218,7 +176,7 @@ def _first_outputs(model: nn.Module, layers: list[nn.Module], calib: _Calibratio
             kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             calls[i].append(((None, *args[1:]) if args else (), kwargs))
             if i == len(layers) - 1:
-                raise _Stop  # the head is not needed
+                raise StopForward  # the head is not needed
 
         return hook
 
@@ -228,7 +186,7 @@ def _first_outputs(model: nn.Module, layers: list[nn.Module], calib: _Calibratio
             calib.current = index
             try:
                 model(**_without_labels(batch), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for handle in handles:
@@ -253,20 +211,20 @@ def _call(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> 
     return out[0] if isinstance(out, tuple) else out
 
 
-def _run_layer(layer: nn.Module, hidden: list, calls: list, calib: _Calibration, keep_outputs: bool):
+def _run_layer(layer: nn.Module, hidden: list, calls: list, calib: CalibrationSplit, keep_outputs: bool):
     outputs = []
     for index, (h, (args, kwargs)) in enumerate(zip(hidden, calls)):
         calib.current = index
         try:
             out = _call(layer, h, args, kwargs)
-        except _Stop:
+        except StopForward:
             out = None
         if keep_outputs:
             outputs.append(out)
     return outputs
 
 
-def _stages(layer: nn.Module, names: list[str], modules: dict, hidden: list, calls: list, calib: _Calibration):
+def _stages(layer: nn.Module, names: list[str], modules: dict, hidden: list, calls: list, calib: CalibrationSplit):
     """The layer's targets grouped by the tensor they read, in forward order (e.g. [q, k, v], [o], [down])."""
     probe = _Recorder({n: modules[n] for n in names}, calib, keep_inputs=True)
     try:
@@ -319,7 +277,7 @@ def reconstruct(
         raise ValueError(f"ridge={ridge!r} must be >= 0.")
     flop_model = find_flop_model(model)
     started = time.perf_counter()
-    calib = _Calibration(model, calibration_data, max_batches, holdout)
+    calib = CalibrationSplit(model, calibration_data, max_batches, holdout)
     scales = _input_scales(flop_model)
     targets = _targets(flop_model, scales)
     report = ReconstructionReport(fit_tokens=calib.tokens(False), heldout_tokens=calib.tokens(True))
@@ -332,9 +290,7 @@ def reconstruct(
             "reconstruct=False)."
         )
     options = {"ridge": ridge, "add_bias": add_bias}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         try:
             spec = arch_spec(base_model_type(flop_model.model.config.model_type))
             layer_names = find_layers(flop_model.model, spec)
@@ -345,13 +301,11 @@ def reconstruct(
             _one_pass(model, targets, calib, scales, options, report)
         else:
             _layer_by_layer(model, flop_model.model, layer_names, targets, calib, scales, options, report, progress)
-    finally:
-        model.train(was_training)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _one_pass(model, targets: dict, calib: _Calibration, scales: dict, options: dict, report) -> None:
+def _one_pass(model, targets: dict, calib: CalibrationSplit, scales: dict, options: dict, report) -> None:
     """Unknown layouts: the moments of every target from one forward pass, then each refit on its own."""
     recorder = _Recorder(targets, calib)
     try:

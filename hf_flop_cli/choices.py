@@ -1,16 +1,17 @@
-"""The names a user picks from: pruning levels, gate types, the embedded models and datasets.
+"""The names a user picks from: pruning levels, gate types, one-shot scores, the embedded models and datasets.
 
-Their one home is here, outside ``hf_flop``, because ``hf-flop --help`` lists them and must not
-import ``hf_flop`` (whose import loads torch, see ``hf_flop_cli``). ``hf_flop.config`` and
-``hf_flop.prune_job`` and ``hf_flop.scores`` read them from here. No imports: keep it that way.
+``hf-flop --help`` lists them and must not import ``hf_flop`` (whose import loads torch, see
+``hf_flop_cli``), so this module imports nothing. The levels, gates and scores are defined by the
+library (``hf_flop.config.LEVELS`` and ``GATES``, ``hf_flop.scores.SCORES``): these are literal
+copies of them, and ``tests/test_vocabulary.py`` checks that each copy equals the library's.
 """
 
 from __future__ import annotations
 
-# FlopConfig.levels entries and FlopConfig.gate values (hf_flop.config checks them)
+# copies of hf_flop.config.LEVELS (FlopConfig.levels entries) and hf_flop.config.GATES (FlopConfig.gate values)
 LEVELS = ("rank", "head", "row", "block", "embedding")
 GATES = ("hard_concrete", "topk")
-# one-shot unit scores (hf_flop.scores computes them; PruningArguments.oneshot_score takes one)
+# a copy of hf_flop.scores.SCORES: the built-in one-shot scores (PruningArguments.oneshot_score takes one)
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
 
 # the embedded defaults' short names and what they are (hf_flop.data resolves and loads them by these names)

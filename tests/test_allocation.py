@@ -10,7 +10,7 @@ from tiny_models import tiny_gpt2, tiny_llama
 from hf_flop import FlopConfig, compute_scores, prune_oneshot, prune_to_target, sparsity_report
 from hf_flop.architectures import arch_spec, find_layers
 from hf_flop.model import find_flop_model
-from hf_flop.oneshot import _removal_order
+from hf_flop.ranking import removal_order as _removal_order
 from hf_flop.scores import find_gated_units
 
 

@@ -283,10 +283,11 @@ def test_stages_group_modules_by_the_tensor_they_read_not_by_its_address():
     address alone is not enough: an in-place write (here) or the allocator handing a freed input's address to
     the next module's input (seen with Llama: o_proj grouped with gate/up in about 1 of 16 layers, which made
     reconstruction results vary from run to run) must start a new stage."""
-    from hf_flop.reconstruction import _Calibration, _stages
+    from hf_flop.calibration import CalibrationSplit
+    from hf_flop.reconstruction import _stages
 
     layer = _SharedBuffer()
-    calib = _Calibration(layer, batches(n=2), None, 0.5)
+    calib = CalibrationSplit(layer, batches(n=2), None, 0.5)
     modules = {"first": layer.first, "second": layer.second, "third": layer.third}
     hidden, calls = [torch.randn(2, 4, 8)], [((None,), {})]
     assert _stages(layer, list(modules), modules, hidden, calls, calib) == [["first", "second"], ["third"]]

@@ -391,7 +391,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="already has FLOP layers"):
         prune_oneshot(peft_model, FlopConfig(), data)
     with pytest.raises(ValueError, match="cannot be reached"):  # heads alone leave the FFN untouched
-        prune_oneshot(tiny_llama(), FlopConfig(levels=["head"], target_sparsity=0.9), data)
+        prune_oneshot(tiny_llama(), FlopConfig(levels=["head"], target_sparsity=0.9), data, score="magnitude")
     with pytest.raises(ValueError, match="ema_decay"):
         compute_scores(peft_model, data, "sensitivity", ema_decay=1.5)
     with pytest.raises(ValueError, match="shape"):
@@ -401,7 +401,8 @@ def test_bad_arguments_are_refused():
 
 
 def test_copy_of_a_pruned_model_keeps_its_masks():
-    pruned = prune_oneshot(tiny_gpt2(), FlopConfig(levels=["rank", "head", "row"], target_sparsity=0.5))
+    config = FlopConfig(levels=["rank", "head", "row"], target_sparsity=0.5)
+    pruned = prune_oneshot(tiny_gpt2(), config, score="magnitude")
     clone = copy.deepcopy(pruned)
     assert sparsity_report(clone).deterministic_kept_params == sparsity_report(pruned).deterministic_kept_params
 
