@@ -50,7 +50,7 @@ def _models(settings: dict):
     from bench_smollm2 import _pretrained
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hf_flop.data import smollm2_path
+    from hf_flop.app.data import smollm2_path
 
     if not settings.get("tiny"):
         model, tokenizer = _pretrained()
@@ -73,7 +73,7 @@ def _models(settings: dict):
 
 def _prompt(tokenizer, n: int) -> list[int]:
     """The first ``n`` tokens of the PTB test text: the same prompt for every model and engine."""
-    from hf_flop.data import load_ptb
+    from hf_flop.app.data import load_ptb
 
     return tokenizer(" ".join(load_ptb()["test"]["text"][:200]))["input_ids"][:n]
 
@@ -97,7 +97,7 @@ def phase_export(out: Path, settings: dict) -> dict:
     from bench_smollm2 import _oneshot_calibration
 
     from hf_flop import FlopConfig, compact, export_gguf, prune_oneshot, sparsity_report
-    from hf_flop.data import smollm2_gguf
+    from hf_flop.app.data import smollm2_gguf
 
     dense, tokenizer = _models(settings)
     start = time.perf_counter()

@@ -95,7 +95,7 @@ ONESHOT_CALIBRATION = {"full": (32, 16), "quick": (8, 16)}  # (batches, sentence
 
 
 def _data(settings: dict, tokenizer):
-    from hf_flop.data import load_sentiment, tokenize_classification
+    from hf_flop.app.data import load_sentiment, tokenize_classification
 
     raw = load_sentiment()
 
@@ -629,7 +629,7 @@ def run_phase(name: str, out: Path, settings: dict, root: Path) -> dict:
     if name == "wall_time":
         return phase_wall_time(out, settings, dense_model, "quick" if root.name.endswith("_quick") else "full")
     if name == "dense":
-        from hf_flop.data import minilm_path
+        from hf_flop.app.data import minilm_path
 
         start = {**settings, "train_samples": settings["dense_train_samples"], "epochs": settings["dense_epochs"]}
         return phase_dense(out, start, str(minilm_path()), save_to=dense_model)

@@ -92,7 +92,7 @@ def _data(settings: dict, tokenizer):
     """Seeded training blocks (exactly steps * batch of them), the first test blocks, calibration batches."""
     from transformers import default_data_collator
 
-    from hf_flop.data import load_ptb, tokenize_lm
+    from hf_flop.app.data import load_ptb, tokenize_lm
 
     raw = load_ptb()
     train = tokenize_lm(raw["train"], tokenizer, text_column="text", block_size=settings["block"])
@@ -111,7 +111,7 @@ def _oneshot_calibration(tokenizer, sequences: int, block: int) -> list[dict]:
     """``sequences`` seeded training blocks of ``block`` tokens, in batches of 4, with LM labels."""
     from transformers import default_data_collator
 
-    from hf_flop.data import load_ptb, tokenize_lm
+    from hf_flop.app.data import load_ptb, tokenize_lm
 
     train = tokenize_lm(load_ptb()["train"], tokenizer, text_column="text", block_size=block).shuffle(seed=1)
     rows = [{**train[i], "labels": train[i]["input_ids"]} for i in range(sequences)]
@@ -166,7 +166,7 @@ def _pretrained():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_flop.data import smollm2_path
+    from hf_flop.app.data import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
