@@ -83,7 +83,8 @@ def _fill_task_defaults(args) -> None:
 
 def _flop_config(args):
     """The options' FlopConfig. FlopConfig checks the values; its error becomes one line naming the option."""
-    from hf_flop.config import FlopConfig, FlopConfigError
+    from hf_flop.app.interim import FlopConfigError, config_error_field
+    from hf_flop.config import FlopConfig
 
     try:
         return FlopConfig(
@@ -95,7 +96,7 @@ def _flop_config(args):
             uniform_shapes=args.uniform_shapes,
         )
     except FlopConfigError as err:
-        option, takes = PRUNING_OPTIONS.get(err.field, ("pruning options", "see --help"))
+        option, takes = PRUNING_OPTIONS.get(config_error_field(err), ("pruning options", "see --help"))
         raise CliError(f"invalid {option} ({takes}): {err}") from None
 
 
