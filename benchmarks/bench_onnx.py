@@ -1,6 +1,6 @@
 """ONNX Runtime latency of compacted vs dense MiniLM.
 
-MiniLM-L6-H384 (BERT, sequence classification: the embedded weights of ``hf_flop.data.minilm_path()``
+MiniLM-L6-H384 (BERT, sequence classification: the embedded weights of ``hf_flop.app.data.minilm_path()``
 with a new, seeded classifier head) is pruned one-shot (``hf_flop.prune_oneshot``, levels head and
 row, magnitude scores: no calibration data and no training, since only speed is measured here) to
 50 % and 75 % of the prunable linears, compacted (``hf_flop.compact``) and written with

@@ -163,7 +163,7 @@ def tiny_bert():
 
 def minilm_path() -> Path:
     """The embedded all-MiniLM-L6-v2 folder."""
-    from hf_flop.data import minilm_path
+    from hf_flop.app.data import minilm_path
 
     return minilm_path()
 
@@ -180,7 +180,7 @@ def minilm_classifier(seed: int | None = None):
 
 def sentiment_splits(settings: dict, tokenizer):
     """Rotten Tomatoes sentences, tokenized: ``train_samples`` training and ``eval_samples`` test rows (0: all)."""
-    from hf_flop.data import load_sentiment, tokenize_classification
+    from hf_flop.app.data import load_sentiment, tokenize_classification
 
     raw = load_sentiment()
 
@@ -227,7 +227,7 @@ def smollm2():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_flop.data import smollm2_path
+    from hf_flop.app.data import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -238,14 +238,14 @@ def smollm2():
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from hf_flop.data import smollm2_path
+    from hf_flop.app.data import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path())
 
 
 def smollm2_gguf() -> Path:
     """The GGUF file SmolLM2 was converted from (its vocabulary, as llama.cpp's converter wrote it)."""
-    from hf_flop.data import smollm2_gguf
+    from hf_flop.app.data import smollm2_gguf
 
     return smollm2_gguf()
 
@@ -254,7 +254,7 @@ def ptb_blocks(settings: dict, tokenizer):
     """Seeded training blocks (exactly steps * batch of them), the first test blocks, calibration batches."""
     from transformers import default_data_collator
 
-    from hf_flop.data import load_ptb, tokenize_lm
+    from hf_flop.app.data import load_ptb, tokenize_lm
 
     raw = load_ptb()
     train = tokenize_lm(raw["train"], tokenizer, text_column="text", block_size=settings["block"])
@@ -273,7 +273,7 @@ def ptb_calibration(tokenizer, sequences: int, block: int) -> list[dict]:
     """``sequences`` seeded training blocks of ``block`` tokens, in batches of 4, with LM labels."""
     from transformers import default_data_collator
 
-    from hf_flop.data import load_ptb, tokenize_lm
+    from hf_flop.app.data import load_ptb, tokenize_lm
 
     train = tokenize_lm(load_ptb()["train"], tokenizer, text_column="text", block_size=block).shuffle(seed=1)
     rows = [{**train[i], "labels": train[i]["input_ids"]} for i in range(sequences)]
@@ -282,6 +282,6 @@ def ptb_calibration(tokenizer, sequences: int, block: int) -> list[dict]:
 
 def ptb_test_text(lines: int = 200) -> str:
     """The first ``lines`` lines of the PTB test split, joined: the GGUF benchmark's prompt."""
-    from hf_flop.data import load_ptb
+    from hf_flop.app.data import load_ptb
 
     return " ".join(load_ptb()["test"]["text"][:lines])

@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 
 import hf_flop
 from hf_flop import FlopConfig, get_flop_model
-from hf_flop.data import find_model, load_task_model, load_tokenizer, prepare_task_data
+from hf_flop.app.data import find_model, load_task_model, load_tokenizer, prepare_task_data
 from hf_flop.trainer import PruningArguments, PruningTrainer
 
 

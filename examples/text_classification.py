@@ -17,7 +17,7 @@ Tomatoes sentiment sentences, both read offline from installed packages (`bash s
 Any Hub model id or local folder works for `--model_name_or_path` and any dataset for
 `--dataset` (Hub id, save_to_disk folder, csv/json/parquet file); `--text_column` /
 `--label_column` name the columns. Data preparation and model loading are the CLI's
-(`hf_flop.data.prepare_task_data`, `load_task_model`); accuracy comes from the offline metric in
+(`hf_flop.app.data.prepare_task_data`, `load_task_model`); accuracy comes from the offline metric in
 `hf_flop.metrics`.
 """
 
@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 
 import hf_flop
 from hf_flop import FlopConfig, get_flop_model, metrics
-from hf_flop.data import find_model, load_task_model, load_tokenizer, prepare_task_data
+from hf_flop.app.data import find_model, load_task_model, load_tokenizer, prepare_task_data
 from hf_flop.trainer import PruningArguments, PruningTrainer
 
 

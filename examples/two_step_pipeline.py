@@ -86,7 +86,7 @@ def load(args):
     """(model, train set, eval set, collator, tokenizer or None)."""
     if args.model == "tiny" and args.dataset == "synthetic":
         return tiny_bert(), synthetic_task(args.train_size, 0), synthetic_task(500, 1), default_data_collator, None
-    from hf_flop.data import find_column, load_text_dataset, resolve_model, tokenize_classification, with_validation
+    from hf_flop.app.data import find_column, load_text_dataset, resolve_model, tokenize_classification, with_validation
 
     raw = with_validation(load_text_dataset(args.dataset), seed=0)
     text = find_column(raw["train"], None, ("text", "sentence"), "text")

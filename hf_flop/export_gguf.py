@@ -130,7 +130,7 @@ def export_gguf(
         tokenizer: the model's transformers fast tokenizer or its folder; default: the folder's own.
             Byte-level BPE tokenizers only (see ``hf_flop.gguf_vocab``).
         tokenizer_gguf: a GGUF file whose ``tokenizer.*`` metadata is copied instead (the base model's,
-            e.g. ``hf_flop.data.smollm2_gguf()`` for models pruned from the embedded SmolLM2).
+            e.g. ``hf_flop.app.data.smollm2_gguf()`` for models pruned from the embedded SmolLM2).
         tokenizer_pre: llama.cpp's pre-tokenizer name, when the tokenizer's is not recognised.
         dtype: ``"f32"`` or ``"f16"`` for the matrices.
         architecture: ``None`` (``"llama"`` when every layer has the same shapes, else ``"deci"``),

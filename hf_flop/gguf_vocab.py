@@ -4,7 +4,7 @@ Two sources, tried in this order by ``vocabulary``:
 
 * **a GGUF file** (``tokenizer_gguf``): its ``tokenizer.*`` entries are copied as they are. This is
   the right source for a model whose weights came from a GGUF file (the embedded SmolLM2,
-  ``hf_flop.data.smollm2_gguf()``): llama.cpp's own converter wrote that vocabulary, including the
+  ``hf_flop.app.data.smollm2_gguf()``): llama.cpp's own converter wrote that vocabulary, including the
   pre-tokenizer name, which transformers' GGUF loader does not carry over into ``tokenizer.json``;
 * **a transformers fast tokenizer** (its ``tokenizer.json``), when it is a byte-level BPE (GPT-2
   style; ``tokenizer.ggml.model = "gpt2"``) whose pre-tokenizer is one of ``PRE_TOKENIZERS``. llama.cpp

@@ -14,6 +14,18 @@ GATES = ("hard_concrete", "topk")
 # a copy of hf_flop.scores.SCORES: the built-in one-shot scores (PruningArguments.oneshot_score takes one)
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
 
-# the embedded defaults' short names and what they are (hf_flop.data resolves and loads them by these names)
+# the embedded defaults' short names and what they are: literal copies of hf_flop.app.data's MODELS and DATASETS,
+# which resolve and load them by these names (tests/test_cli.py keeps the copies equal)
 MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}
 DATASETS = {"rt-sentiment": "Rotten Tomatoes sentences, binary sentiment", "ptb": "Penn Treebank (Mikolov)"}
+
+# FlopConfig field -> (the option that sets it, what it takes): for --help, and for a FlopConfig error, which
+# names its field (FlopConfigError.field)
+PRUNING_OPTIONS = {
+    "target_sparsity": ("--target", "a number in [0, 1)"),
+    "levels": ("--levels", f"a comma-separated subset of {','.join(LEVELS)}"),
+    "gate": ("--gate", f"one of {', '.join(GATES)}"),
+    "round_to": ("--round-to", "a positive integer"),
+    "target_modules": ("--target-modules", "a comma-separated list of linear layer names"),
+    "uniform_shapes": ("--uniform-shapes", "levels head and/or row only"),
+}

@@ -23,7 +23,8 @@ from transformers import (
 )
 
 import hf_flop_cli as cli
-from hf_flop import data, prune_job
+from hf_flop.app import data
+from hf_flop.app import job as prune_job
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]
@@ -567,3 +568,11 @@ def test_a_missed_target_is_reported_in_the_summary(capsys, tmp_path, tiny_cls_d
     assert "Target sparsity 0.500: **missed**" in card and "| metric | dense model (before pruning) |" in card
     assert f"from_pretrained({str((tmp_path / 'model').absolute())!r}" in card  # where the model really is
     assert "- distillation: from a teacher model" in card and "- data: sentiment.csv; 72 training examples" in card
+
+
+def test_the_command_line_lists_the_embedded_defaults_the_job_loads():
+    """``--help`` lists literal copies of the embedded defaults' names and what they are (it must not import
+    hf_flop); the copies are the application's own tables."""
+    from hf_flop_cli import choices
+
+    assert choices.MODELS == data.MODELS and choices.DATASETS == data.DATASETS

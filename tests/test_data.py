@@ -1,4 +1,4 @@
-"""Embedded defaults (hf_flop.data): the sentiment split, PTB, model folders, local datasets, preparation."""
+"""Embedded defaults (hf_flop.app.data): the sentiment split, PTB, model folders, local datasets, preparation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from hf_flop import data
+from hf_flop.app import data
 
 
 def _have(loader) -> bool:

@@ -12,7 +12,7 @@ from test_cli import _save_tiny, _tiny_sizes
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import hf_flop_cli as cli
-from hf_flop import data
+from hf_flop.app import data
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no"]

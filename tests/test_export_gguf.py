@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import hf_flop
 from hf_flop import FlopConfig, compact, export_gguf, get_flop_model, prune_oneshot
+from hf_flop.app.data import minilm_path
 from hf_flop.architectures import arch_spec, layer_layouts
-from hf_flop.data import minilm_path
 from hf_flop.modeling.factorized_embedding import FactorizedEmbedding
 
 gguf = pytest.importorskip("gguf")

@@ -28,7 +28,7 @@ import torch
 from tiny_models import LLAMA3_ROPE, VOCAB, tiny_bpe_tokenizer, tiny_llama, tiny_qwen2
 
 from hf_flop import FlopConfig, compact, export_gguf, get_flop_model, prune_oneshot
-from hf_flop.data import smollm2_gguf, smollm2_path
+from hf_flop.app.data import smollm2_gguf, smollm2_path
 from hf_flop.gguf_vocab import PRE_TOKENIZERS, vocabulary_from_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from tiny_models import tiny_bpe_tokenizer, tiny_mistral
 from transformers import AutoTokenizer
 
-from hf_flop.data import minilm_path
+from hf_flop.app.data import minilm_path
 
 pytest.importorskip("gguf")
 

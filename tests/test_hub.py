@@ -300,7 +300,7 @@ print("RESULT" + json.dumps({"printed": printed.getvalue(), "model": type(model)
 @pytest.fixture(scope="module")
 def labelled_folder(tmp_path_factory):
     """A tiny BERT classifier loaded with the dataset's label names, pruned and saved with a tokenizer."""
-    from hf_flop.data import load_task_model
+    from hf_flop.app.data import load_task_model
 
     root = tmp_path_factory.mktemp("labelled")
     TINY_BUILDERS["bert"]().save_pretrained(root / "base")
@@ -391,7 +391,7 @@ def test_card_snippet_names_the_repository_when_pushing(tmp_path):
 def test_minilm_default_card_license_and_base_model():
     from transformers import AutoModel
 
-    from hf_flop.data import minilm_path
+    from hf_flop.app.data import minilm_path
     from hf_flop.hub import base_model_license
 
     assert base_model_license(AutoModel.from_pretrained(minilm_path())) == "apache-2.0"

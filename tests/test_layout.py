@@ -1,5 +1,7 @@
 """The package's shape: no import cycles inside hf_flop and its command line ``hf_flop_cli``, a
-self-contained ``hf_flop/modeling``, and a command line that imports only the standard library until it runs.
+self-contained ``hf_flop/modeling``, and a command line that imports only the standard library until it runs;
+layers that import downwards only (the library, then the application layer ``hf_flop/app``, then the command
+line); no module over 450 lines and no class over 350.
 
 Imports are read with ``ast`` (nothing is executed), at every level: a function-level import that
 closes a cycle is still a cycle, only deferred. ``TYPE_CHECKING`` blocks count too.
@@ -116,3 +118,65 @@ def test_the_command_line_imports_only_the_standard_library_at_module_level():
                 continue
             for name in names:
                 assert name.split(".")[0] in sys.stdlib_module_names, f"{path.name} imports {name} at module level"
+
+
+# --- layers: the library <- the application layer (hf_flop/app) <- the command line (hf_flop_cli) ------------------
+# ``python -m hf_flop`` runs the command line: hf_flop/__main__.py is its entry point, which nothing imports
+ENTRY_POINT = "hf_flop.__main__"
+
+
+def _in(package: str, name: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _layer(name: str) -> str:
+    if _in("hf_flop_cli", name):
+        return "command line"
+    if _in("hf_flop.app", name):
+        return "application"
+    return "entry point" if name == ENTRY_POINT else "library"
+
+
+def test_the_layers_see_their_real_imports():
+    """The layer rules below read real edges: the application imports the library, the command line the application."""
+    graph = _graph()
+    assert {"hf_flop.files", "hf_flop.app.options"} <= graph["hf_flop.app.job"]
+    assert "hf_flop.app.job" in graph["hf_flop_cli"] and "hf_flop_cli" in graph[ENTRY_POINT]
+    assert {_layer(name) for name in graph} == {"library", "application", "command line", "entry point"}
+
+
+def test_the_library_never_imports_the_application_layer_or_the_command_line():
+    """The library is usable, and testable, without either: what a CLI user sees is theirs to word."""
+    found = {name: sorted(t for t in targets if _layer(t) != "library") for name, targets in _graph().items()}
+    wrong = {name: above for name, above in found.items() if above and _layer(name) == "library"}
+    assert not wrong, f"the library imports layers above it: {wrong}"
+
+
+def test_the_application_layer_never_imports_the_command_line():
+    """The job takes typed options (JobOptions), which the command line builds from what it parsed."""
+    found = {
+        name: sorted(t for t in targets if _layer(t) in ("command line", "entry point"))
+        for name, targets in _graph().items()
+    }
+    wrong = {name: above for name, above in found.items() if above and _layer(name) == "application"}
+    assert not wrong, f"the application layer imports the command line: {wrong}"
+
+
+# --- size --------------------------------------------------------------------------------------------------------------
+MAX_MODULE_LINES = 450
+MAX_CLASS_LINES = 350
+
+
+def test_no_module_over_450_lines_and_no_class_over_350():
+    """One idea per file: a module or a class past these sizes holds several (a class from its first line to its last)."""
+    too_long = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        tree = ast.parse(text, filename=str(path))
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"module {name}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                too_long.append(f"class {name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "over the size limits: " + "; ".join(too_long)

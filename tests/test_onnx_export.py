@@ -98,7 +98,7 @@ def test_real_models_pruned_by_half_export(name, tmp_path):
     SmolLM2 is held to 1e-3 of its logits' scale: through its 30 layers float32 rounding alone moves
     logits by more than 1e-4 (PyTorch against itself with 1 and 2 threads, see hf_flop.onnx_export).
     """
-    from hf_flop.data import find_model, load_task_model
+    from hf_flop.app.data import find_model, load_task_model
 
     task = "seq-cls" if name == "minilm" else "causal-lm"
     model = load_task_model(find_model(name), task, num_labels=2)

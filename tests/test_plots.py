@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_flop.plots import plot_training
+from hf_flop.app.plots import plot_training
 
 
 def _logs(extra) -> list[dict]:

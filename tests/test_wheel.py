@@ -25,7 +25,7 @@ from test_cli import _save_tiny, _tiny_sizes
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import hf_flop
-from hf_flop import data
+from hf_flop.app import data
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("hf_flop", "hf_flop_cli")

@@ -21,7 +21,7 @@ __all__ = ["TASKS", "cpu_latency", "evaluate_model"]
 def evaluate_model(model: nn.Module, dataset, *, task: str, collator, batch_size: int = 32) -> dict[str, float]:
     """Accuracy (``task="seq-cls"``) or per-token perplexity (``"causal-lm"``) of ``model`` on ``dataset``.
 
-    ``dataset`` holds model inputs plus ``labels`` (as ``hf_flop.data.tokenize_classification`` /
+    ``dataset`` holds model inputs plus ``labels`` (as ``hf_flop.app.data.tokenize_classification`` /
     ``tokenize_lm`` make them); ``collator`` batches its rows. The model is put in eval mode, so a
     FLOP model uses its deterministic masks.
     """

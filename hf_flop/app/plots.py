@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .files import atomic_file
+from ..files import atomic_file
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
