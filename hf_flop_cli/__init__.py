@@ -83,8 +83,7 @@ def _fill_task_defaults(args) -> None:
 
 def _flop_config(args):
     """The options' FlopConfig. FlopConfig checks the values; its error becomes one line naming the option."""
-    from hf_flop.app.interim import FlopConfigError, config_error_field
-    from hf_flop.config import FlopConfig
+    from hf_flop.config import FlopConfig, FlopConfigError
 
     try:
         return FlopConfig(
@@ -96,7 +95,7 @@ def _flop_config(args):
             uniform_shapes=args.uniform_shapes,
         )
     except FlopConfigError as err:
-        option, takes = PRUNING_OPTIONS.get(config_error_field(err), ("pruning options", "see --help"))
+        option, takes = PRUNING_OPTIONS.get(err.field, ("pruning options", "see --help"))
         raise CliError(f"invalid {option} ({takes}): {err}") from None
 
 

@@ -22,7 +22,7 @@ def _gguf_tokenizer(options: JobOptions) -> Path | None:
 
 def check_gguf_export(options: JobOptions, model, tokenizer, console) -> None:
     """What export_gguf would refuse about the model and its vocabulary (--export-gguf), refused before training."""
-    from .interim import check_exportable
+    from ..export_gguf import check_exportable
 
     with console.status("checking that llama.cpp can take the model (--export-gguf)"):
         try:
@@ -35,7 +35,7 @@ def export_model_gguf(job: JobState, small, path: Path) -> dict:
     """``model.gguf`` for llama.cpp; returns what the summary records (architecture, per-layer shapes, size)."""
     import gguf
 
-    from .interim import GGUFExportWarning, export_gguf, gguf_note
+    from ..export_gguf import GGUFExportWarning, export_gguf
 
     options = job.options
     with job.console.status("writing model.gguf for llama.cpp"), warnings.catch_warnings(record=True) as caught:
@@ -51,7 +51,7 @@ def export_model_gguf(job: JobState, small, path: Path) -> dict:
     # e.g. low-rank layers stored dense: a note, without the API's other choice (densify=False), no option here
     for warning in caught:
         if isinstance(warning.message, GGUFExportWarning):
-            job.console.print(f"[bold yellow]note:[/] {gguf_note(warning.message, OPTION_NAMES)}", highlight=False)
+            job.console.print(f"[bold yellow]note:[/] {warning.message.note}", highlight=False)
         else:  # not the exporter's: shown as it would have been
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     fields = gguf.GGUFReader(path).fields

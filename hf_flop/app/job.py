@@ -48,7 +48,7 @@ def run(options: JobOptions, flop_config, output_dir: Path) -> dict:
     import torch
     from rich.console import Console
 
-    from .interim import recommended_oneshot_score
+    from ..scores import recommended_oneshot_score
     from .progress import print_summary, quiet_libraries
 
     if options.oneshot_score is None:  # not given: what the library recommends for this configuration
@@ -170,8 +170,7 @@ def _fine_tune_dense(job: JobState, model):
 def _prune(job: JobState, model, dense, flop_config) -> tuple[Any, list[dict]]:
     """Inject FLOP and train to the target with PruningTrainer; returns the FLOP model and the training logs."""
     from .. import get_flop_model
-    from ..trainer import PruningArguments, PruningTrainer
-    from .interim import ignore_missed_target, missed_target_message
+    from ..trainer import PruningArguments, PruningTrainer, TargetMissedWarning
     from .progress import train_with_progress
 
     options = job.options
@@ -202,13 +201,13 @@ def _prune(job: JobState, model, dense, flop_config) -> tuple[Any, list[dict]]:
     )
     with warnings.catch_warnings():
         # the job reports a missed target itself, in its own option names (below and in the summary)
-        ignore_missed_target()
+        warnings.simplefilter("ignore", TargetMissedWarning)
         job.times["pruning"] = train_with_progress(trainer, job.console, "pruning")
     job.training = trainer.training_facts()
     check = trainer.target_check
     job.target = {**asdict(check), "met": check.met}
     if not check.met:
-        job.target["message"] = missed_target_message(trainer, CLI_NAMES)
+        job.target["message"] = trainer.missed_target_message(CLI_NAMES, prefix="")
         job.console.print(f"[bold yellow]warning:[/] {job.target['message']}", highlight=False)
     return model, trainer.state.log_history
 
