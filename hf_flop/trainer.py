@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .accounting import TargetCheck, check_reachable, check_target, expected_sparsity, sparsity_report
 from .constraint import CONSTRAINTS
 from .hub import save_compacted
-from .model import find_flop_model
+from .lookup import find_flop_model
 from .oneshot import fix_masks_at_target
 from .training import checkpoint
 from .training.arguments import PruningArguments
