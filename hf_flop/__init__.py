@@ -4,23 +4,26 @@
 FlopConfig(...))`` and ``PeftModel.from_pretrained`` work, and the compacted models' classes, so
 ``AutoModel*.from_pretrained`` loads them without ``trust_remote_code``.
 
-Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports acyclic):
+Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports acyclic and the
+library apart from its application layer ``app`` and its command line ``hf_flop_cli``;
+``docs/architecture.md`` has the full map):
 
-* ``config`` FlopConfig; ``gates`` the gate types; ``counting`` the counting rules;
+* ``config`` FlopConfig and the vocabularies; ``gates`` the gate types; ``counting`` the counting rules;
 * ``gated`` the verbs every gated module answers; ``layers`` the gated linear; the levels:
   ``rank``, ``blocks``, ``groups`` (head, row), ``embedding``; ``architectures`` the one table of
   supported layouts; ``linear`` GPT-2's Conv1D orientation;
-* ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
-  ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning, and fixing trained masks at
-  the target (``oneshot.fix_masks_at_target``); ``constraint`` the sparsity constraint; ``trainer``
-  PruningTrainer, wiring the parts of a run in ``training`` (arguments, schedule, phases, optimizer
-  groups, distillation, compacted recovery, checkpoint state, outcome);
-  ``preflight`` the checks before training (injection and target on a weightless copy); ``uniform`` the
-  same heads and FFN width in every layer (``FlopConfig.uniform_shapes``: stock classes after compaction);
-  ``hub`` saving, cards, publishing; ``onnx_export`` the ONNX export (ONNX Runtime);
-  ``export_gguf`` (vocabulary in ``gguf_vocab``) GGUF files for llama.cpp;
-  ``modeling`` the compacted models (self-contained remote code);
-  ``registration`` what ``import hf_flop`` registers.
+* ``lookup`` find_flop_model; ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report;
+  ``compact`` compaction; ``uniform`` the same heads and FFN width in every layer;
+* ``calibration`` calibration batches and the hook runner; ``scores`` the score registry (``obs``
+  math in ``obs``); ``oneshot`` / ``ranking`` pruning to a target; ``reconstruction`` the refit
+  (math in ``refit``);
+* ``constraint`` the sparsity constraint; ``trainer`` PruningTrainer, wiring the parts of a run in
+  ``training`` (arguments, schedule, phases, optimizer groups, distillation, compacted recovery,
+  calibration data, checkpoint state, outcome); ``preflight`` the checks before training;
+* ``hub`` saving, cards, publishing; ``onnx_export`` ONNX; ``export_gguf`` / ``gguf_file`` /
+  ``gguf_vocab`` GGUF for llama.cpp; ``naming`` parameters in the caller's words;
+* ``modeling`` the compacted models (self-contained remote code); ``registration`` what
+  ``import hf_flop`` registers; ``app`` what ``hf-flop prune`` runs (never imported by the rest).
 """
 
 from __future__ import annotations

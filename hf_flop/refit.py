@@ -88,6 +88,24 @@ def _damped_cholesky(block: torch.Tensor, ridge: float) -> torch.Tensor:
     )
 
 
+def _damped_solve(gram: torch.Tensor, n: int, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``gram^-1 rhs`` with ``_ridge`` on the first ``n`` rows and columns, raised tenfold while it is singular.
+
+    With ``ridge=0`` (exact refits) and features that repeat or never vary, the Gram matrix is
+    singular; as in ``_damped_cholesky``, a little damping picks one of the equally good fits.
+    """
+    for damping in (ridge, *(max(ridge, 1e-6) * 10**k for k in range(1, 6))):
+        damped = gram.clone()
+        damped[:n, :n] = _ridge(gram[:n, :n], damping)
+        solved, info = torch.linalg.solve_ex(damped, rhs)
+        if int(info) == 0 and bool(torch.isfinite(solved).all()):
+            return solved
+    raise ValueError(
+        "the calibration inputs' second moments are singular even with a relative ridge of 0.1; the calibration "
+        "data is degenerate (too few tokens, or constant features): pass more varied batches."
+    )
+
+
 def fit_columns(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -109,13 +127,11 @@ def fit_columns(
     if len(kept) == 0 and not fit_bias:  # nothing left to refit: the layer adds only its bias
         return Fit(torch.zeros_like(w), b if bias is not None else None)
     cols = torch.cat([kept, torch.tensor([dim], device=w.device)]) if fit_bias else kept
-    gram = moments[cols][:, cols].clone()
     n = len(kept)
-    gram[:n, :n] = _ridge(gram[:n, :n], ridge)
     rhs = target @ moments[:, cols]  # E[y z^T]
     if not fit_bias:  # the fixed bias is not for the kept columns to explain
         rhs = rhs - b[:, None] * moments[dim, cols][None, :]
-    solved = torch.linalg.solve(gram, rhs.t()).t()  # rhs @ gram^-1 (gram symmetric)
+    solved = _damped_solve(moments[cols][:, cols], n, rhs.t(), ridge).t()  # rhs @ gram^-1 (gram symmetric)
     new_w = torch.zeros_like(w)
     new_w[:, kept] = solved[:, :n]
     new_b = solved[:, n] if fit_bias else (b if bias is not None else None)

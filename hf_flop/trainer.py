@@ -36,6 +36,7 @@ from .constraint import CONSTRAINTS
 from .hub import save_compacted
 from .lookup import find_flop_model
 from .oneshot import fix_masks_at_target
+from .scores import recommended_oneshot_score
 from .training import checkpoint
 from .training.arguments import PruningArguments
 from .training.calibration_data import checked_calibration_data, sample_training_batches
@@ -151,6 +152,12 @@ class PruningTrainer(Trainer):
         return self.schedule.target_at(self.state.global_step)
 
     @property
+    def oneshot_score(self) -> str | None:
+        """``PruningArguments.oneshot_score``, with ``"auto"`` resolved for this model's ``FlopConfig``."""
+        score = self.args.oneshot_score
+        return recommended_oneshot_score(self.flop_config) if score == "auto" else score
+
+    @property
     def teacher_model(self) -> nn.Module | None:
         return self.distillation.teacher if self.distillation is not None else None
 
@@ -179,7 +186,7 @@ class PruningTrainer(Trainer):
 
     def _prepare_gates(self) -> None:
         """Before the first step of a fresh run: one-shot masks or warm-started gates (``GatePhases.prepare``)."""
-        self.phases.prepare(self.args, self.state.global_step)
+        self.phases.prepare(self.args, self.state.global_step, self.oneshot_score)
 
     def _broadcast(self, model: nn.Module) -> None:
         if under_ddp(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # The default job must finish in under ~15 minutes on 2 CPU cores (measured 6.4 min, see the
-# README): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
+# benchmarks/README.md): all 8,072 training sentences, batch 16, one dense epoch, then two pruning epochs.
 TASK_DEFAULTS = {
     "seq-cls": {
         "model": "minilm",
@@ -28,7 +28,7 @@ TASK_DEFAULTS = {
         "dense_epochs": 0.0,
         "epochs": 1.0,
         # recovery after a one-shot prune of a pretrained LM: SmolLM2 at 50 %, 160 steps, perplexity 89.0 at
-        # 5e-5 and 63.3 at 2e-4 (Torch-Pruning's model 135.0 and 85.6): README, "Equal budget"
+        # 5e-5 and 63.3 at 2e-4 (Torch-Pruning's model 135.0 and 85.6): benchmarks/README.md, "Equal budget"
         "learning_rate": 2e-4,
     },
 }

@@ -104,7 +104,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="Keep the same heads (KV groups) and FFN width in every layer, so the compacted model is the stock "
         "transformers class (no remote code; llama.cpp's 'llama'). Levels head and/or row; heads only where "
         "the stock config states the head size (Llama-family, not BERT or GPT-2: use --levels row there). "
-        "On SmolLM2 at 50 %% it also gave the lower perplexity (README, 'Equal budget').",
+        "On SmolLM2 at 50 %% it also gave the lower perplexity (benchmarks/README.md, 'Equal budget').",
     )
     parser.add_argument(
         "--target-modules",
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--learning-rate",
         type=_positive(float),
-        help="Model learning rate. Default: 5e-5 for seq-cls, 2e-4 for causal-lm (measured, README 'Equal budget').",
+        help="Model learning rate. Default: 5e-5 for seq-cls, 2e-4 for causal-lm (measured, benchmarks/README.md, 'Equal budget').",
     )
     train.add_argument(
         "--gate-learning-rate", type=_positive(float), help="Gate learning rate. Default: PruningArguments' default."
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--oneshot-score",
         choices=SCORES,
         help="Score that sets the one-shot masks (--pruning-phase 0) or starts the gates (below 1). Default: obs; "
-        "activation with --uniform-shapes (measured on SmolLM2: 63.3 against 74.8; README 'Equal budget').",
+        "activation with --uniform-shapes (measured on SmolLM2: 63.3 against 74.8; benchmarks/README.md, 'Equal budget').",
     )
     train.add_argument(
         "--calibration-batches",
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         help="CPU threads (torch.set_num_threads) for training and evaluation. Default: $OMP_NUM_THREADS if set, "
         f"else every CPU this process may use ({default_threads()} here). On a machine other jobs share, fewer "
-        "threads than cores are faster (see the README).",
+        "threads than cores are faster (see docs/cli.md).",
     )
 
     out = prune.add_argument_group("output")

@@ -106,6 +106,7 @@ def test_training_facts_name_the_schedule():
         schedule = PruningSchedule(0.0, 0.5, 0.5, max_steps=12)
         state = type("State", (), {"global_step": 12})
         distillation, compacted_recovery, calibration_data, uniform_fix, target_check = None, True, [], None, None
+        oneshot_score = "obs"
 
     facts = training_facts(Trainer())
     assert facts["schedule"].startswith("one-shot: masks set at the target by obs scores")

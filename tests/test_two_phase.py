@@ -217,8 +217,8 @@ def test_pruning_phase_zero_sets_the_masks_one_shot_before_the_first_step(tmp_pa
     trainer = make_trainer(
         tmp_path, model, steps=20, pruning_phase=0.0, logging_steps=5, reconstruction_data=_calibration()
     )
-    assert trainer.args.oneshot_score == "obs"  # the default
-    reference = prune_oneshot(untrained, None, _calibration(), trainer.args.oneshot_score, reconstruct=False)
+    assert trainer.args.oneshot_score == "auto" and trainer.oneshot_score == "obs"  # the default, resolved
+    reference = prune_oneshot(untrained, None, _calibration(), trainer.oneshot_score, reconstruct=False)
     capture = _Capture(trainer, 1)
     trainer.add_callback(capture)
     trainer.train()

@@ -87,14 +87,15 @@ class PruningArguments(TrainingArguments):
         },
     )
     oneshot_score: str | None = field(
-        default="obs",
+        default="auto",
         metadata={
-            "help": "Score of every gated unit on PruningTrainer's reconstruction_data (see hf_flop.scores: "
-            f"{', '.join(SCORES)}). With pruning_phase=0 it chooses the masks; with 0 < pruning_phase < 1 it "
+            "help": "Score of every gated unit on PruningTrainer's calibration data (see hf_flop.scores: "
+            f"{', '.join(SCORES)}), or 'auto' (the default): hf_flop.scores.recommended_oneshot_score(FlopConfig), "
+            "the score the command line uses too: 'obs', which measured best on MiniLM and tied 'activation' on "
+            "SmolLM2, and 'activation' with FlopConfig(uniform_shapes=True), which measured better there "
+            "(benchmarks/README.md). With pruning_phase=0 it chooses the masks; with 0 < pruning_phase < 1 it "
             "warm-starts the gates (hf_flop.warm_start_gates: important units start more open). None: gates start "
-            "fully open. Unused without reconstruction_data or with pruning_phase=1. 'obs' (the default) measured "
-            "best on MiniLM and tied 'activation' on SmolLM2; with FlopConfig(uniform_shapes=True) 'activation' "
-            "measured better on SmolLM2 (the CLI then picks it)."
+            "fully open. Unused without calibration data or with pruning_phase=1."
         },
     )
     compact_recovery: bool = field(
@@ -139,9 +140,10 @@ class PruningArguments(TrainingArguments):
             raise ValueError(
                 f"PruningArguments.calibration_batches={self.calibration_batches!r} must be an integer >= 0 (0 = none)."
             )
-        if self.oneshot_score is not None and self.oneshot_score not in SCORES:
+        if self.oneshot_score not in (None, "auto", *SCORES):
             raise ValueError(
-                f"PruningArguments.oneshot_score={self.oneshot_score!r} is not a score; use one of {list(SCORES)} or None."
+                f"PruningArguments.oneshot_score={self.oneshot_score!r} is not a score; use one of {list(SCORES)}, "
+                "'auto' (the recommended one for the model's FlopConfig) or None."
             )
         if not isinstance(self.compact_recovery, bool):
             raise ValueError(f"PruningArguments.compact_recovery={self.compact_recovery!r} must be True or False.")

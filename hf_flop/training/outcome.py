@@ -121,7 +121,7 @@ def training_facts(trainer) -> dict[str, str]:
     recovery_steps = max(schedule.max_steps - schedule.pruning_steps, 0)
     if schedule.kind == "one-shot":
         facts["schedule"] = (
-            f"one-shot: masks set at the target by {args.oneshot_score} scores on calibration data and the "
+            f"one-shot: masks set at the target by {trainer.oneshot_score} scores on calibration data and the "
             f"kept weights refit before training, gates frozen, {schedule.max_steps:,} recovery steps"
             + (" on the compacted model" if trainer.compacted_recovery else "")
         )

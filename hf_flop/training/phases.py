@@ -67,16 +67,16 @@ class GatePhases(TrainerCallback):
         return self.phase == RECOVERY
 
     # --- verbs -------------------------------------------------------------------------------------
-    def prepare(self, args, step: int) -> None:
-        """Before the first step of a fresh run: one-shot masks (``pruning_phase=0``) or warm-started gates."""
+    def prepare(self, args, step: int, score: str | None) -> None:
+        """Before the first step of a fresh run: one-shot masks (``pruning_phase=0``) or gates warm-started by ``score``."""
         data, schedule = self.calibration_data, self._schedule()
-        if data is None or args.oneshot_score is None or not schedule.has_recovery:
+        if data is None or score is None or not schedule.has_recovery:
             return
         if schedule.kind == "two-phase":
-            warm_start_gates(self.gated_model, compute_scores(self.gated_model, data, args.oneshot_score))
+            warm_start_gates(self.gated_model, compute_scores(self.gated_model, data, score))
             return
         before = sparsity_report(self.gated_model)
-        prune_oneshot(self.gated_model, None, data, args.oneshot_score, reconstruct=False)
+        prune_oneshot(self.gated_model, None, data, score, reconstruct=False)
         report = reconstruct(self.gated_model, data, progress=not args.disable_tqdm)
         self._broadcast(self.gated_model)
         budget = before.prunable_params * (1 - self.flop_model.flop_config.target_sparsity)
