@@ -11,21 +11,35 @@ Vocabulary: a *layer* is one transformer layer (an entry of ``model.encoder.laye
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from .linear import linear_shape
 from .modeling import TYPE_PREFIX
 
+PROJECTIONS = ("q", "k", "v")  # what a projection norm may normalise
+HEAD_COUNTS = ("heads", "kv_heads", "q_width")  # what an attention attribute may count
+
 
 @dataclass(frozen=True)
 class ArchSpec:
     """Layout of one architecture, in names relative to a transformer layer.
 
-    ``q``/``k``/``v`` may name the same module with different offsets (GPT-2's fused ``c_attn``).
+    ``q``/``k``/``v`` may name the same module (``fused_qkv``: GPT-2's ``c_attn``, Phi-3's ``qkv_proj``,
+    ModernBERT's ``Wqkv``); the slices' offsets then follow from each layer's head counts.
     ``up`` lists every FFN producer whose output rows are the intermediate neurons (gate and up
-    projections for gated MLPs); ``down`` consumes them.
+    projections for gated MLPs); ``down`` consumes them. A producer may hold several equal chunks of
+    those rows (``up_chunks``: Phi-3's ``gate_up_proj`` is ``[gate; up]``).
+
+    Norms inside the attention: a norm over one head's ``head_dim`` (Qwen3's, Gemma 3's ``q_norm`` and
+    ``k_norm``) is shared by every head, so nothing of it is cut and it needs no field. An RMS norm
+    over a whole projection's width (OLMo-2's) is listed in ``projection_norms``: its weight is cut
+    with the heads, and its mean of squares covers the heads compaction keeps (``hf_flop.projection_norms``).
+
+    ``attention_head_attrs`` names what compaction rewrites on each attention module (``"heads"``,
+    ``"kv_heads"`` or ``"q_width"``); a dotted name such as ``"config.num_attention_heads"`` gives that
+    module its own view of the config with the value changed (Phi-3 slices ``qkv_proj`` by the config).
     """
 
     layers: str  # regex matched (as a suffix) against the name of the ModuleList of transformer layers
@@ -40,13 +54,35 @@ class ArchSpec:
     kv_heads_attr: str | None  # None: as many KV heads as query heads
     hidden_attr: str
     head_dim_attr: str | None = None  # None: hidden // heads
-    fused_qkv: bool = False  # q, k, v are slices of one module's output (q first, then k, then v)
+    # q, k, v are consecutive slices of one module's output: q (heads * head_dim), then k and v
+    # (kv_heads * head_dim each), offsets computed per layer from its head counts
+    fused_qkv: bool = False
+    up_chunks: int = 1  # each `up` module's output is this many equal chunks of the FFN rows ([gate; up])
+    projection_norms: dict[str, str] = field(default_factory=dict)  # RMS norm over a whole projection -> "q"/"k"
     attention_head_attrs: dict[str, str] = field(default_factory=dict)  # attr -> what it counts
     embeddings: tuple[str, ...] = ()  # input embedding module name(s), for level "embedding"
     intermediate_attr: str | None = None  # config attribute of the FFN width (compaction to a stock config)
     # the llama.cpp tensor layout that computes this architecture (a key of export_gguf.GGUF_TENSORS); None: no
     # GGUF export. Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
     gguf: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.up_chunks < 1:
+            raise ValueError(
+                f"ArchSpec.up_chunks must be at least 1 (chunks of FFN rows per up module), got {self.up_chunks}."
+            )
+        bad = {norm: proj for norm, proj in self.projection_norms.items() if proj not in PROJECTIONS}
+        if bad:
+            raise ValueError(
+                f"ArchSpec.projection_norms maps each norm to the projection it normalises, one of "
+                f"{sorted(PROJECTIONS)}; got {bad}."
+            )
+        what = set(self.attention_head_attrs.values()) - set(HEAD_COUNTS)
+        if what:
+            raise ValueError(
+                f"ArchSpec.attention_head_attrs values say what an attribute counts, one of {list(HEAD_COUNTS)}; "
+                f"got {sorted(what)}."
+            )
 
     def default_targets(self) -> list[str]:
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
@@ -95,6 +131,12 @@ _LLAMA = ArchSpec(
     gguf="llama",
 )
 
+
+def _fused_qkv(module: str) -> dict:
+    """The fields of q, k and v as consecutive slices of one module's output (``[q; k; v]``)."""
+    return {"q": module, "k": module, "v": module, "fused_qkv": True}
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -116,22 +158,45 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         layers=r"h",
         attention="attn",
-        q="attn.c_attn",
-        k="attn.c_attn",
-        v="attn.c_attn",
+        **_fused_qkv("attn.c_attn"),
         o="attn.c_proj",
         up=("mlp.c_fc",),
         down="mlp.c_proj",
         heads_attr="n_head",
         kv_heads_attr=None,
         hidden_attr="n_embd",
-        fused_qkv=True,
         attention_head_attrs={"num_heads": "heads", "split_size": "q_width", "embed_dim": "q_width"},
         intermediate_attr="n_inner",
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
+    "olmo2": replace(_LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None),
+    # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at
+    # config.num_attention_heads * head_dim and its own num_key_value_heads
+    "phi3": replace(
+        _LLAMA,
+        **_fused_qkv("self_attn.qkv_proj"),
+        up=("mlp.gate_up_proj",),
+        up_chunks=2,
+        attention_head_attrs={"config.num_attention_heads": "heads", "num_key_value_heads": "kv_heads"},
+        gguf=None,
+    ),
+    # the encoder: Wqkv is [q; k; v] (equal thirds), Wi is [input; gate] (a GLU); local and global layers alike
+    "modernbert": ArchSpec(
+        layers=r"layers",
+        attention="attn",
+        **_fused_qkv("attn.Wqkv"),
+        o="attn.Wo",
+        up=("mlp.Wi",),
+        up_chunks=2,
+        down="mlp.Wo",
+        heads_attr="num_attention_heads",
+        kv_heads_attr=None,
+        hidden_attr="hidden_size",
+        intermediate_attr="intermediate_size",
+    ),
 }
 
 
@@ -208,4 +273,3 @@ def layer_layouts(model: nn.Module, spec: ArchSpec) -> list[LayerLayout]:
             )
         )
     return layouts
-

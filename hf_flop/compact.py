@@ -3,9 +3,10 @@
 Every gated module is cut to what its gates keep, with the eval-mask values folded in:
 
 * head / row (``hf_flop.groups``): a closed head group (a KV group under GQA) loses its Q/K/V
-  output rows and the output projection's input columns, a closed FFN neuron its up/gate rows and
-  the down projection's column; the gate value is folded into the kept columns. These cuts reach
-  each linear as a ``Cut``;
+  output rows and the output projection's input columns (and its features of a norm over the whole
+  projection, ``hf_flop.projection_norms``), a closed FFN neuron its up/gate rows and the down
+  projection's column; the gate value is folded into the kept columns. These cuts reach each linear
+  as a ``Cut``;
 * each gated module then compacts itself (its ``compact`` verb): rank (``hf_flop.rank``), block
   (``hf_flop.blocks``), embedding (``hf_flop.embedding``), or the plain cut linear.
 
@@ -35,7 +36,8 @@ from .gated import Cut
 from .groups import StructureCuts
 from .linear import dense_weight, set_dense_weight
 from .lookup import find_flop_model
-from .modeling import compacted_config_class, compacted_model_class, locate
+from .modeling import compacted_config_class, compacted_model_class, locate, read_attribute
+from .projection_norms import cut_projection_norms
 from .uniform import uneven_levels
 
 # config entries that describe a saved file, not the architecture
@@ -92,6 +94,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         layer_tensors.update({f"{name}.{k}": v for k, v in compacted.tensors.items()})
         overrides.update(compacted.config)
     state.update(layer_tensors)
+    modules.update(cut_projection_norms(cuts.norms, state, relative))
 
     old_plan = getattr(task_model.config, "flop_plan", None) or {}  # compacting an already compacted model
     plan = {
@@ -151,8 +154,9 @@ def write_back(model: nn.Module, compacted: PreTrainedModel) -> None:
     its bias take the compacted values; its pruned rows and columns, which the eval masks hide, are
     set to 0, so the gated model is a function of ``compacted`` and its masks alone (a run resumed
     from a compacted checkpoint ends with the same gated model). Every other parameter (embeddings,
-    norms, the task head) is copied one to one. Afterwards ``compact(model)`` holds exactly the
-    weights of ``compacted``.
+    norms, the task head) is copied one to one, a norm over a whole projection
+    (``ArchSpec.projection_norms``) into its kept heads' features. Afterwards ``compact(model)`` holds
+    exactly the weights of ``compacted``.
     """
     flop_model = find_flop_model(model)
     slices, layers = kept_slices(model), flop_model.gated_layers()
@@ -177,24 +181,29 @@ def write_back(model: nn.Module, compacted: PreTrainedModel) -> None:
             bias[rows.to(bias.device)] = target.bias.to(bias)
             base.bias.copy_(bias)
     counterparts = gated_counterparts(model, compacted)
+    norms = _structure_cuts(flop_model).norms  # norms over a projection: their kept features
     for name, param in compacted.named_parameters():
-        if name.rsplit(".", 1)[0] not in slices:
+        module = name.rsplit(".", 1)[0]
+        if module in norms:
+            counterparts[name][norms[module].to(param.device)] = param.to(counterparts[name])
+        elif module not in slices:
             counterparts[name].copy_(param)
 
 
 def gated_counterparts(model: nn.Module, compacted: PreTrainedModel) -> dict[str, nn.Parameter]:
     """For each parameter of ``compacted`` (``compact(model)``), the parameter of the gated ``model`` it
     was cut or copied from: ``<linear>.base_layer.weight`` / ``.bias`` for a cut linear, the parameter
-    of the same name for every other (levels ``head`` and ``row``; other levels compact to other
-    module types and are refused)."""
+    of the same name for every other (wider for a norm over a projection, cut with the heads) (levels
+    ``head`` and ``row``; other levels compact to other module types and are refused)."""
     flop_model = find_flop_model(model)
     gated = flop_model.gated_layers()
+    cut = {*gated, *_structure_cuts(flop_model).norms}  # modules whose shapes differ (norms: cut with heads)
     params = dict(flop_model.model.named_parameters())
     found = {}
     for name, param in compacted.named_parameters():
         module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         source = f"{module}.base_layer.{leaf}" if module in gated else name
-        if source not in params or (module not in gated and params[source].shape != param.shape):
+        if source not in params or (module not in cut and params[source].shape != param.shape):
             raise ValueError(
                 f"{name} of the compacted model has no counterpart in the gated model (looked for {source}); "
                 "only levels head and row compact to the same module types."
@@ -219,7 +228,7 @@ def _check_uniform_masks(flop_model, round_to: int) -> None:
 
 def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict):
     """A stock config of ``stock_class`` that builds exactly these shapes, or ``None`` if none does."""
-    if any(spec["kind"] not in ("linear", "conv1d") for spec in plan["modules"].values()):
+    if any(spec["kind"] not in ("linear", "conv1d", "norm") for spec in plan["modules"].values()):
         return None
     overrides = {}
     if plan["layers"]:
@@ -248,6 +257,6 @@ def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict)
         return None
     for path, attrs in plan["attributes"].items():
         module = locate(candidate, path)[1]
-        if any(getattr(module, attr, None) != value for attr, value in attrs.items()):
+        if any(read_attribute(module, attr) != value for attr, value in attrs.items()):
             return None
     return config

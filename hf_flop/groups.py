@@ -15,7 +15,7 @@ the *producers* (Q/K/V, or up/gate), which accounting and compaction read throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ class StructureGroup:
     consumer: str
     consumer_unit: int
     producers: list[Segment]
+    norms: list[Segment] = field(default_factory=list)  # RMS norms over a whole producer's width, cut with it
 
     def kept_units(self, gate: Gate, deterministic: bool, round_to: int):
         """Units compaction keeps (an int tensor), or their differentiable expectation."""
@@ -66,17 +67,21 @@ def structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list
         if "head" in levels:
             hd, gs, kv = layout.head_dim, layout.group_size, layout.kv_heads
             q_width = layout.heads * hd
-            if spec.fused_qkv:  # GPT-2: q, k, v are consecutive slices of one output
+            units = {"q": gs * hd, "k": hd, "v": hd}  # rows of one KV group in each projection
+            if spec.fused_qkv:  # q, k, v are consecutive slices of one output (GPT-2, Phi-3, ModernBERT)
                 producers = [
-                    Segment(f"{p}.{spec.q}", gs * hd, 0),
-                    Segment(f"{p}.{spec.k}", hd, q_width),
-                    Segment(f"{p}.{spec.v}", hd, q_width + kv * hd),
+                    Segment(f"{p}.{spec.q}", units["q"], 0),
+                    Segment(f"{p}.{spec.k}", units["k"], q_width),
+                    Segment(f"{p}.{spec.v}", units["v"], q_width + kv * hd),
                 ]
             else:
-                producers = [Segment(f"{p}.{spec.q}", gs * hd), Segment(f"{p}.{spec.k}", hd), Segment(f"{p}.{spec.v}", hd)]
-            groups.append(StructureGroup(f"head_{i}", "head", p, kv, f"{p}.{spec.o}", gs * hd, producers))
+                producers = [Segment(f"{p}.{getattr(spec, n)}", units[n]) for n in ("q", "k", "v")]
+            norms = [Segment(f"{p}.{norm}", units[proj]) for norm, proj in spec.projection_norms.items()]
+            groups.append(StructureGroup(f"head_{i}", "head", p, kv, f"{p}.{spec.o}", gs * hd, producers, norms))
         if "row" in levels:
-            producers = [Segment(f"{p}.{up}", 1) for up in spec.up]
+            # a fused producer ([gate; up]) holds its chunks one after the other, each cut the same way
+            width = layout.intermediate
+            producers = [Segment(f"{p}.{up}", 1, chunk * width) for up in spec.up for chunk in range(spec.up_chunks)]
             groups.append(StructureGroup(f"row_{i}", "row", p, layout.intermediate, f"{p}.{spec.down}", 1, producers))
     return groups
 
@@ -129,6 +134,7 @@ class StructureCuts:
         self.segments: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # producer -> (start, length, rows)
         self.attributes: dict[str, dict[str, int]] = {}  # attention module -> {attribute: new value}
         self.layers: dict[str, dict[str, int]] = {}  # transformer layer -> kept heads / kv heads / FFN width
+        self.norms: dict[str, torch.Tensor] = {}  # projection norm -> its kept features
         if not groups:
             return
         spec = arch_spec(model.config.model_type)
@@ -145,6 +151,8 @@ class StructureCuts:
                 self.segments.setdefault(seg.module, []).append(
                     (seg.offset, seg.unit * group.n_units, unit_features(units, seg.unit))
                 )
+            for seg in group.norms:
+                self.norms[seg.module] = unit_features(units, seg.unit)
             layout = layouts[group.layer]
             before = {"heads": layout.heads, "kv_heads": layout.kv_heads, "intermediate": layout.intermediate}
             counts = self.layers.setdefault(group.layer, {**before, **{f"{k}_before": v for k, v in before.items()}})

@@ -27,6 +27,7 @@ from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
 from .lookup import FlopModelBase
 from .lookup import find_flop_model as find_flop_model  # its old home: hf_flop.model.find_flop_model
+from .projection_norms import KeptHeadsStatistic, removes_projection_norm_heads
 from .uniform import check_uniform_shapes
 
 
@@ -174,8 +175,12 @@ class FlopModel(FlopModelBase, BaseTuner):
                     self.structure_groups.append(group)
             modules = dict(model.named_modules())
             for group in self.structure_groups:
-                hook = InputMask(self.flop_structure_gates[group.key], group.consumer_unit)
+                gate = self.flop_structure_gates[group.key]
+                hook = InputMask(gate, group.consumer_unit)
                 self._hook_handles.append(modules[group.consumer].register_forward_pre_hook(hook))
+                for norm in group.norms:  # the statistic of a norm over the whole projection: kept heads only
+                    hook = KeptHeadsStatistic(gate, group, norm.unit, config.round_to)
+                    self._hook_handles.append(modules[norm.module].register_forward_hook(hook))
         if "embedding" in config.levels:
             inject_embedding(model, config, functools.partial(build_gate, config))
         self._mark_only_adapters_as_trainable(model)
@@ -240,6 +245,12 @@ class FlopModel(FlopModelBase, BaseTuner):
 
         ``hf_flop.compact`` is what makes the model smaller; this is PEFT's merge verb.
         """
+        if removes_projection_norm_heads(self.structure_groups, self.flop_structure_gates, self.flop_config.round_to):
+            raise ValueError(
+                "merge_and_unload keeps the closed heads' Q/K rows, but this architecture's norms over the whole "
+                "Q/K projection (ArchSpec.projection_norms) would average over them again, so the merged model "
+                "would compute something else. Use hf_flop.compact(model), which removes those heads exactly."
+            )
         masks = {
             g.consumer: (self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
             for g in self.structure_groups

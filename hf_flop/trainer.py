@@ -162,8 +162,7 @@ class PruningTrainer(Trainer):
         return self.distillation.teacher if self.distillation is not None else None
 
     @property
-    def reconstruction_data(self):
-        """The calibration batches (the name of the argument they came from); see ``calibration_data``."""
+    def reconstruction_data(self):  # the name of the argument the calibration batches may come from
         return self.calibration_data
 
     @property
@@ -247,11 +246,7 @@ class PruningTrainer(Trainer):
         return None if check is None or check.met else TargetMiss.of(check, self.schedule, self.args)
 
     def missed_target_message(self, names: dict[str, str] | None = None, prefix: str = "PruningTrainer: ") -> str:
-        """What ``train()`` warns when the size missed the target: by how much, and what to change.
-
-        ``names`` maps ``PruningArguments`` fields (and ``"max_steps / num_train_epochs"``) to what the
-        caller's interface calls them, e.g. command-line options; ``prefix`` starts the sentence.
-        """
+        """What ``train()`` warns when the size missed the target, in the caller's ``names`` (``TargetMiss.message``)."""
         check = self.target_check or check_target(self.gated_model)
         return TargetMiss.of(check, self.schedule, self.args).message(names, prefix)
 

@@ -25,9 +25,9 @@ from hf_flop.gates import HardConcreteGate
 from hf_flop.layers import FlopLinear
 from hf_flop.modeling import FlopCompactedMixin, LowRankLinear
 
+ENCODERS = ("bert", "roberta", "distilbert", "modernbert")  # the tiny sequence classifiers
 AUTO = {
-    arch: AutoModelForSequenceClassification if arch in ("bert", "roberta", "distilbert") else AutoModelForCausalLM
-    for arch in ARCH_BUILDERS
+    arch: AutoModelForSequenceClassification if arch in ENCODERS else AutoModelForCausalLM for arch in ARCH_BUILDERS
 }
 LEVELS = [["rank"], ["head"], ["row"], ["head", "row"], ["rank", "head", "row"]]
 

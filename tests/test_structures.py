@@ -13,7 +13,15 @@ import torch
 from tiny_models import ARCH_BUILDERS, VOCAB
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hf_flop import FlopConfig, FlopLinear, UnsupportedArchitectureError, compact, get_flop_model
+from hf_flop import (
+    FlopConfig,
+    FlopLinear,
+    UnsupportedArchitectureError,
+    compact,
+    get_flop_model,
+    prune_oneshot,
+    sparsity_report,
+)
 from hf_flop.architectures import ARCHITECTURES, arch_spec
 from hf_flop.architectures import layer_layouts as block_layouts
 from hf_flop.layers import dense_weight
@@ -99,7 +107,11 @@ def test_structure_groups_cover_the_right_modules(arch):
         assert head.consumer_unit == (heads // kv_heads) * layout.head_dim
         assert {s.module for s in head.producers} == {f"{layout.prefix}.{n}" for n in (spec.q, spec.k, spec.v)}
         assert row.n_units == ffn and row.consumer == f"{layout.prefix}.{spec.down}" and row.consumer_unit == 1
-        assert [s.module for s in row.producers] == [f"{layout.prefix}.{n}" for n in spec.up]
+        # a fused producer ([gate; up]) appears once per chunk, its chunks one after the other
+        assert [s.module for s in row.producers] == [
+            f"{layout.prefix}.{n}" for n in spec.up for _ in range(spec.up_chunks)
+        ]
+        assert [s.offset for s in row.producers] == [c * ffn for _ in spec.up for c in range(spec.up_chunks)]
         for group in (head, row):
             # every producer segment lies inside its module and the units tile the consumer's input
             assert layers[group.consumer].in_features == group.n_units * group.consumer_unit
@@ -142,6 +154,21 @@ def test_closed_units_own_exactly_their_rows(arch):
         _scramble_rows(layers[seg.module], start, start + seg.unit)
         changed = _last_hidden(peft_model, inputs)
         assert (changed - after).abs().max().item() > 1e-2, f"{group.key}: an open unit's rows do not matter"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_oneshot_with_refit_removes_heads_and_rows_and_compacts_exactly(arch):
+    model = ARCH_BUILDERS[arch]().eval()
+    data = [_inputs(model, batch=4, length=16) for _ in range(4)]  # 256 tokens: enough for the refit
+    config = FlopConfig(levels=["head", "row"], target_sparsity=0.5)
+    peft_model = prune_oneshot(model, config, data, "activation", reconstruct_options={"progress": False}).eval()
+    kept = sparsity_report(peft_model).structures.values()  # per layer: {level: (kept, units)}
+    assert any(levels["head"][0] < levels["head"][1] for levels in kept)  # heads did go
+    assert any(levels["row"][0] < levels["row"][1] for levels in kept)
+    small = compact(peft_model)
+    inputs = _inputs(model)
+    inputs["attention_mask"][0, -2:] = 0
+    torch.testing.assert_close(_last_hidden(small, inputs), _last_hidden(peft_model, inputs), atol=1e-4, rtol=0)
 
 
 def _last_hidden(model, inputs) -> torch.Tensor:
@@ -213,8 +240,10 @@ def test_gqa_compacted_keeps_the_query_kv_ratio_and_caches_correctly(arch):
     kv_per_block = []
     for layout in block_layouts(small, spec):
         attention = small.get_submodule(f"{layout.prefix}.{spec.attention}")
-        q_rows = small.get_submodule(f"{layout.prefix}.{spec.q}").out_features // layout.head_dim
+        q_rows = small.get_submodule(f"{layout.prefix}.{spec.o}").in_features // layout.head_dim
         kv_rows = small.get_submodule(f"{layout.prefix}.{spec.k}").out_features // layout.head_dim
+        if spec.fused_qkv:  # [q; k; v] in one module
+            kv_rows = (kv_rows - q_rows) // 2
         assert q_rows == ratio * kv_rows and attention.num_key_value_groups == ratio
         kv_per_block.append(kv_rows)
     assert kv_per_block == [1, 2]

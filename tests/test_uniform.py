@@ -24,9 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in test_trainer, 
 # what a stock config can hold: heads only where it states the head size (Llama family)
 LEVELS = {"llama": ["head", "row"], "mistral": ["head", "row"], "qwen2": ["head", "row"], "gpt2": ["row"]}
 LEVELS |= {"bert": ["row"], "roberta": ["row"], "distilbert": ["row"]}
-ENCODERS = ("bert", "roberta", "distilbert")  # classifiers: their calibration labels are class ids
+LEVELS |= {"olmo2": ["head", "row"], "phi3": ["head", "row"], "modernbert": ["row"]}  # ModernBERT derives head_dim
+ENCODERS = ("bert", "roberta", "distilbert", "modernbert")  # classifiers: their calibration labels are class ids
 # rows alone reach at most about half of a tiny model's linears (its FFN is half of them)
-TARGETS = {"bert": 0.3, "roberta": 0.3, "distilbert": 0.3, "gpt2": 0.4}
+TARGETS = {"bert": 0.3, "roberta": 0.3, "distilbert": 0.3, "gpt2": 0.4, "modernbert": 0.3}
+# the families whose saved uniform model is read back by plain transformers (one fresh process for all)
+STOCK_RELOAD = [*sorted(TINY_BUILDERS), "modernbert", "olmo2", "phi3"]
 
 
 def _uniform(arch: str, target: float | None = None, **config):
@@ -133,8 +136,8 @@ def test_fixing_trained_masks_makes_them_uniform_keeping_the_firmest_units():
 
 def test_saved_uniform_models_load_with_plain_transformers(tmp_path):
     cases = []
-    for arch in sorted(TINY_BUILDERS):
-        model = prune_oneshot(_uniform(arch), None, calibration(arch), "activation")
+    for arch in STOCK_RELOAD:
+        model = prune_oneshot(_uniform(arch), None, _calibration(arch), "activation")
         small = compact(model)
         folder = tmp_path / arch
         small.save_pretrained(folder)
@@ -145,7 +148,7 @@ def test_saved_uniform_models_load_with_plain_transformers(tmp_path):
         inputs = tiny_inputs()
         torch.testing.assert_close(logits(reloaded, **inputs), logits(small, **inputs), atol=1e-5, rtol=0)
         torch.save((inputs, logits(model, **inputs)), tmp_path / f"{arch}.pt")
-        auto = "AutoModelForSequenceClassification" if arch == "bert" else "AutoModelForCausalLM"
+        auto = "AutoModelForSequenceClassification" if arch in ENCODERS else "AutoModelForCausalLM"
         reference = str(tmp_path / f"{arch}.pt")
         cases.append({"name": arch, "dir": str(folder), "ref": reference, "auto": auto, "stock": True})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -181,7 +184,7 @@ def test_pruning_trainer_ends_with_uniform_shapes(tmp_path, pruning_phase):
 # --- what cannot be uniform: clear errors ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "distilbert"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "distilbert", "modernbert"])
 def test_heads_of_architectures_that_derive_the_head_size_are_refused(arch):
     config = FlopConfig(levels=["head", "row"], uniform_shapes=True)
     with pytest.raises(ValueError, match=r"cannot prune heads.*derives the head size.*levels=\['row'\]"):

@@ -14,6 +14,12 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     RobertaConfig,
@@ -23,20 +29,22 @@ from transformers import (
 VOCAB = 97
 
 
+# the tiny sequence classifiers' sizes (BERT's config names)
+_ENCODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    num_labels=2,
+)
+
+
 def tiny_bert(**overrides) -> BertForSequenceClassification:
     """``overrides``: other BertConfig values (e.g. dropout 0 where two routes must see the same forward)."""
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        **overrides,
-    )
-    return BertForSequenceClassification(config)
+    return BertForSequenceClassification(BertConfig(**_ENCODER, **overrides))
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -60,6 +68,12 @@ def _gqa_kwargs() -> dict:
         eos_token_id=0,
         pad_token_id=0,
     )
+
+
+def _tiny_gqa(model_class: type, config_class: type):
+    """A tiny causal LM of a Llama-like family with grouped-query attention (``_gqa_kwargs``)."""
+    torch.manual_seed(0)
+    return model_class(config_class(**_gqa_kwargs()))
 
 
 def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
@@ -93,14 +107,30 @@ def tiny_distilbert() -> DistilBertForSequenceClassification:
 
 def tiny_mistral() -> MistralForCausalLM:
     """Mistral with grouped-query attention (4 query heads, 2 KV heads)."""
-    torch.manual_seed(0)
-    return MistralForCausalLM(MistralConfig(**_gqa_kwargs()))
+    return _tiny_gqa(MistralForCausalLM, MistralConfig)
 
 
 def tiny_qwen2() -> Qwen2ForCausalLM:
     """Qwen2 with grouped-query attention (4 query heads, 2 KV heads) and biased Q/K/V projections."""
+    return _tiny_gqa(Qwen2ForCausalLM, Qwen2Config)
+
+
+def tiny_olmo2() -> Olmo2ForCausalLM:
+    """OLMo-2 with grouped-query attention; its q_norm/k_norm are RMS norms over the whole Q/K projections."""
+    return _tiny_gqa(Olmo2ForCausalLM, Olmo2Config)
+
+
+def tiny_phi3() -> Phi3ForCausalLM:
+    """Phi-3 with grouped-query attention: fused qkv_proj ([q; k; v]) and gate_up_proj ([gate; up])."""
+    return _tiny_gqa(Phi3ForCausalLM, Phi3Config)
+
+
+def tiny_modernbert() -> ModernBertForSequenceClassification:
+    """ModernBERT: fused Wqkv, GLU Wi ([input; gate]); layer 0 global attention, layer 1 a 4-token local window."""
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(**_gqa_kwargs()))
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)
+    config = ModernBertConfig(**_ENCODER, global_attn_every_n_layers=2, local_attention=4, **ids)
+    return ModernBertForSequenceClassification(config)
 
 
 # a static RoPE scaling (Llama 3's) for a tiny model: high frequencies kept, low ones divided by 8
@@ -121,6 +151,9 @@ ARCH_BUILDERS = {
     "distilbert": tiny_distilbert,
     "mistral": tiny_mistral,
     "qwen2": tiny_qwen2,
+    "olmo2": tiny_olmo2,
+    "phi3": tiny_phi3,
+    "modernbert": tiny_modernbert,
 }
 
 

@@ -18,6 +18,7 @@ from .modeling_flop import (
     auto_class_names,
     compacted_model_class,
     locate,
+    read_attribute,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "compacted_config_class",
     "compacted_model_class",
     "locate",
+    "read_attribute",
 ]

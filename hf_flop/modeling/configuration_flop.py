@@ -6,9 +6,10 @@ This file is copied next to the weights as remote code, so it imports only ``tra
 
 * ``"modules"``: module path -> ``{"kind": "linear" | "conv1d" | "low_rank" | "block_sparse", "in": int,
   "out": int, "rank": int (low_rank), "block_size", "blocks": int (block_sparse), "bias": bool}``; the
-  model rebuilds these modules with these shapes;
+  model rebuilds these modules with these shapes (``{"kind": "norm", "width": int}``: the stock norm
+  module, its parameters ``width`` wide);
 * ``"attributes"``: module path -> ``{attribute: value}`` rewritten after the rebuild (per-layer
-  head counts of attention modules);
+  head counts of attention modules; ``"config.x"``: ``x`` in that module's own view of the config);
 * ``"layers"``: transformer layer path -> ``{"heads", "kv_heads", "intermediate"}`` kept (and their
   ``*_before`` values), informative only (models compacted by older versions call it ``"blocks"``).
 

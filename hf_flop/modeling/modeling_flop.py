@@ -10,7 +10,9 @@ This file is copied next to the weights as remote code, so it imports only ``tor
 ``LowRankLinear`` (two Linear layers, in -> rank -> out) for a factorized layer, a
 ``BlockSparseLinear`` (``block_sparse.py``) for a block-pruned one, or a ``FactorizedEmbedding``
 and its ``TiedFactorizedHead`` (``factorized_embedding.py``) for a pruned embedding. Attention modules
-get their per-layer head counts rewritten from the plan. Everything else -- forward, caching,
+get their per-layer head counts rewritten from the plan (a dotted attribute such as
+``config.num_attention_heads`` through a per-module ``ConfigView``), and a norm over a projection
+cut with its heads (kind ``"norm"``) gets parameters of its kept width. Everything else -- forward, caching,
 ``generate()``, attention masks -- is the stock code, so the model behaves as the stock one does.
 """
 
@@ -65,6 +67,62 @@ def build_module(spec: dict) -> nn.Module:
     )
 
 
+class ConfigView:
+    """One module's view of the shared model config: every value the config's own, but a few per layer.
+
+    Stock code that reads a head count from ``self.config`` (Phi-3's attention slices ``qkv_proj`` at
+    ``config.num_attention_heads * head_dim``) then sees its layer's count, while everything else,
+    ``_attn_implementation`` included, stays the live shared config's.
+    """
+
+    def __init__(self, config, overrides: dict) -> None:
+        object.__setattr__(self, "_flop_config", config)
+        object.__setattr__(self, "_flop_overrides", dict(overrides))
+
+    def __getattr__(self, name: str):
+        if name.startswith(("__", "_flop_")):  # copy/pickle probe these before the instance is set up
+            raise AttributeError(name)
+        if name in self._flop_overrides:
+            return self._flop_overrides[name]
+        return getattr(self._flop_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._flop_overrides:
+            self._flop_overrides[name] = value
+        else:
+            setattr(self._flop_config, name, value)
+
+
+def read_attribute(module: nn.Module, name: str):
+    """``module.<name>``, following a dotted name (``"config.num_attention_heads"``); ``None`` if missing."""
+    for part in name.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def write_attribute(module: nn.Module, name: str, value) -> None:
+    """Set ``module.<name>``; a dotted name changes the value in the module's own view of that object (``ConfigView``)."""
+    owner, _, leaf = name.rpartition(".")
+    if not owner:
+        setattr(module, name, value)
+        return
+    if "." in owner:
+        raise ValueError(f"flop_plan attribute {name!r}: only one level of nesting (e.g. 'config.x') is supported.")
+    shared = getattr(module, owner)
+    if isinstance(shared, ConfigView):
+        shared._flop_overrides[leaf] = value
+    else:
+        setattr(module, owner, ConfigView(shared, {leaf: value}))
+
+
+def resize_norm(module: nn.Module, width: int) -> None:
+    """Give a norm module parameters of ``width`` features (a norm over a projection cut with its heads)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(param.detach()[:width].clone(), requires_grad=param.requires_grad))
+    if hasattr(module, "normalized_shape"):
+        module.normalized_shape = (width,)
+
+
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module] | None:
     """``(root, module)`` for a plan path; ``None`` when this class has no such module (another task head)."""
     for root in (model.base_model, model):
@@ -80,7 +138,9 @@ def apply_flop_plan(model: nn.Module, plan: dict | None) -> None:
     plan = plan or {}
     for path, spec in plan.get("modules", {}).items():
         found = locate(model, path)
-        if found is not None:
+        if found is not None and spec["kind"] == "norm":
+            resize_norm(found[1], spec["width"])
+        elif found is not None:
             parent_path, _, child = path.rpartition(".")
             setattr(found[0].get_submodule(parent_path), child, build_module(spec))
     for path, spec in plan.get("modules", {}).items():
@@ -89,7 +149,7 @@ def apply_flop_plan(model: nn.Module, plan: dict | None) -> None:
     for path, attrs in plan.get("attributes", {}).items():
         found = locate(model, path)
         for name, value in attrs.items() if found is not None else ():
-            setattr(found[1], name, value)
+            write_attribute(found[1], name, value)
 
 
 def auto_class_names(model_type: str) -> dict[str, str]:
