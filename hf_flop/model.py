@@ -16,7 +16,7 @@ import peft
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .architectures import ARCHITECTURES, UnsupportedArchitectureError, arch_spec, base_model_type
+from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError, arch_spec, base_model_type
 from .blocks import check_block_shapes
 from .config import FlopConfig
 from .embedding import check_embedding_level, inject_embedding
@@ -32,8 +32,31 @@ def _model_type(model: nn.Module) -> str | None:
     return base_model_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
-def _check_groups(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
-    arch_spec(_model_type(model))  # raises a clear error for unknown layouts
+def _gated_groups(model: nn.Module, spec: ArchSpec, levels: set[str], targeted: set[str]) -> list[StructureGroup]:
+    """The head/row groups that get a gate: every module a group cuts must be targeted (a FlopLinear)."""
+    groups = structure_groups(model, spec, levels)
+    return [g for g in groups if g.consumer in targeted and all(s.module in targeted for s in g.producers)]
+
+
+def _check_group_level(level: str, model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    """A head/row level must be able to remove something: a gate in some layer, with more than one unit."""
+    spec = arch_spec(_model_type(model))
+    groups = _gated_groups(model, spec, {level}, set(targets))
+    modules = [spec.q, spec.k, spec.v, spec.o] if level == "head" else [*spec.up, spec.down]
+    if not groups:
+        raise ValueError(
+            f"level {level!r} can remove nothing: its gate in a layer needs all of {modules} targeted, and "
+            "target_modules / exclude_modules leave no layer so. Target them, or drop the level."
+        )
+    if all(g.n_units <= 1 for g in groups) and level == "head":
+        raise ValueError(
+            "level 'head' can remove nothing from this model: every layer has a single KV head (multi-query "
+            "attention), and a head unit is a KV group with the query heads that share it, so the one group is the "
+            "whole attention. Use levels=['row'] (with 'rank' if you like); removing query heads within a KV "
+            "group is planned."
+        )
+    if all(g.n_units <= 1 for g in groups):
+        raise ValueError(f"level {level!r} can remove nothing: every layer has a single unit of it. Drop the level.")
 
 
 def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
@@ -42,8 +65,8 @@ def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> N
 
 # level -> check run before anything is replaced: (model, config, targeted module names) -> None or raise
 LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
-    "head": _check_groups,
-    "row": _check_groups,
+    "head": functools.partial(_check_group_level, "head"),
+    "row": functools.partial(_check_group_level, "row"),
     "block": _check_blocks,
     "embedding": check_embedding_level,
 }
@@ -76,6 +99,14 @@ def unknown_layout_message(
     )
 
 
+def _unmatched_targets(model: nn.Module, config: FlopConfig) -> list[str]:
+    """Entries of a ``target_modules`` list that name no module (PEFT's rule: the name or its last parts)."""
+    if not isinstance(config.target_modules, (list, tuple, set)):
+        return []  # one regex: matching nothing at all is the error
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
 def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "target_modules") -> list[str]:
     """Every check injection makes before it replaces anything, on ``model`` left untouched.
 
@@ -83,8 +114,9 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     ``UnsupportedArchitectureError`` (architecture missing from the table while ``target_modules`` is
     None or the levels include head/row; the message lists every condition at once, ``option``
     naming the target-modules setting in the caller's interface), ``ValueError`` (no module
-    matched, a level's own check, or what ``uniform_shapes`` needs: ``hf_flop.uniform``), ``TypeError``
-    (a matched module is not a linear).
+    matched, a ``target_modules`` entry matches no module, a level's own check, e.g. a level that can
+    remove nothing, or what ``uniform_shapes`` needs: ``hf_flop.uniform``), ``TypeError`` (a matched
+    module is not a linear).
     """
     model_type = _model_type(model)
     if model_type not in ARCHITECTURES and (config.target_modules is None or set(config.levels) & set(GROUP_LEVELS)):
@@ -97,6 +129,12 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
         raise ValueError(
             f"FlopConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
             f"Linear layers it has (by suffix): {_linear_suffixes(model)}."
+        )
+    unmatched = _unmatched_targets(model, config)
+    if unmatched:
+        raise ValueError(
+            f"FlopConfig.{option} entries {unmatched} match no module of {type(model).__name__} (the others do). "
+            f"Correct or remove them; linear layers it has (by suffix): {_linear_suffixes(model)[:12]}."
         )
     bad = {n: type(m).__name__ for n, m in model.named_modules() if n in matched and not is_linear(m)}
     if bad:
@@ -164,12 +202,9 @@ class FlopModel(BaseTuner):
         self._hook_handles = []
         levels = set(config.levels) & set(GROUP_LEVELS)
         if levels:
-            targeted = set(self.flop_layers())
-            for group in structure_groups(model, arch_spec(_model_type(model)), levels):
-                # a group needs every module it cuts to be a FlopLinear (targeted)
-                if group.consumer in targeted and all(s.module in targeted for s in group.producers):
-                    self.flop_structure_gates[group.key] = build_gate(config, group.n_units)
-                    self.structure_groups.append(group)
+            for group in _gated_groups(model, arch_spec(_model_type(model)), levels, set(self.flop_layers())):
+                self.flop_structure_gates[group.key] = build_gate(config, group.n_units)
+                self.structure_groups.append(group)
             modules = dict(model.named_modules())
             for group in self.structure_groups:
                 hook = InputMask(self.flop_structure_gates[group.key], group.consumer_unit)
@@ -272,7 +307,7 @@ def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "de
     """Inject FLOP into ``model`` and return a ``peft.PeftModel`` around it (same as ``peft.get_peft_model``).
 
     In eval mode the returned model computes what ``model`` computed (within float rounding)
-    until its gates are trained.
+    until its gates are trained. It comes back in the mode ``model`` was in (``model.training``).
     """
     if not isinstance(config, FlopConfig):
         raise TypeError(f"get_flop_model needs a FlopConfig, got {type(config).__name__}.")
@@ -280,4 +315,5 @@ def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "de
         raise ValueError(
             "this model is already a PeftModel; FLOP cannot be injected twice. Pass the original transformers model."
         )
-    return peft.get_peft_model(model, config, adapter_name=adapter_name)
+    training = model.training  # PEFT leaves the new gated modules in training mode
+    return peft.get_peft_model(model, config, adapter_name=adapter_name).train(training)

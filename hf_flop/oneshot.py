@@ -399,9 +399,10 @@ def prune_oneshot(
     to within half a unit's parameters (``ranking`` and ``protect_layers`` are explained there).
     With ``reconstruct`` (the default) the kept weights are then refit layer by layer on the same
     calibration data (``hf_flop.reconstruct``; ``reconstruct_options`` are its keyword arguments);
-    without calibration data there is nothing to refit on, and a warning says so.
-    ``hf_flop.compact(model)`` then writes the smaller model.
+    without calibration data there is nothing to refit on, and a warning says so. The model comes back in
+    the mode it came in (``model.training``); ``hf_flop.compact(model)`` then writes the smaller model.
     """
+    training = model.training  # scoring and the refit switch modes; the caller's is restored at the end
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not known; use one of {list(SCORES)}.")
     if score != "magnitude" and calibration_data is None:
@@ -426,7 +427,7 @@ def prune_oneshot(
         )
     elif reconstruct:
         reconstruct_layers(model, calibration_data, max_batches=max_batches, **(reconstruct_options or {}))
-    return model
+    return model.train(training)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import ARCH_BUILDERS, VOCAB
+from tiny_models import ARCH_BUILDERS, VOCAB, tiny_llama
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_flop import FlopConfig, FlopLinear, UnsupportedArchitectureError, compact, get_flop_model
@@ -249,3 +249,19 @@ def test_unknown_architecture_without_targets_and_rank_with_targets():
     # rank pruning needs no table entry when the targets are named
     peft_model = get_flop_model(_tiny_neox(), FlopConfig(levels=["rank"], target_modules=["dense_h_to_4h"]))
     assert len(_flop(peft_model).flop_layers()) == 1
+
+
+def _unchanged(model) -> bool:
+    return not hasattr(model, "peft_config") and not any(isinstance(m, FlopLinear) for m in model.modules())
+
+
+def test_a_level_that_removes_nothing_is_refused_before_any_work():
+    mqa = tiny_llama(num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"'head' can remove nothing.*single KV head.*levels=\['row'\]"):
+        get_flop_model(mqa, FlopConfig(levels=["head", "row"]))
+    assert _unchanged(mqa)
+    assert len(_flop(get_flop_model(mqa, FlopConfig(levels=["row"]))).structure_groups) == 2
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"'head' can remove nothing: its gate in a layer needs all of"):
+        get_flop_model(model, FlopConfig(levels=["head"], target_modules=["q_proj", "k_proj", "v_proj"]))
+    assert _unchanged(model)

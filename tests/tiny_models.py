@@ -62,10 +62,11 @@ def _gqa_kwargs() -> dict:
     )
 
 
-def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
-    """Llama with grouped-query attention: 4 query heads sharing 2 KV heads."""
+def tiny_llama(tie_word_embeddings: bool = False, **overrides) -> LlamaForCausalLM:
+    """Llama with grouped-query attention: 4 query heads sharing 2 KV heads (``overrides``: other config values)."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**_gqa_kwargs(), tie_word_embeddings=tie_word_embeddings))
+    config = LlamaConfig(**{**_gqa_kwargs(), **overrides}, tie_word_embeddings=tie_word_embeddings)
+    return LlamaForCausalLM(config)
 
 
 def tiny_roberta() -> RobertaForSequenceClassification:
