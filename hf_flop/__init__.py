@@ -9,7 +9,8 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
 * ``config`` FlopConfig; ``gates`` the gate types; ``counting`` the counting rules;
 * ``gated`` the verbs every gated module answers; ``layers`` the gated linear; the levels:
   ``rank``, ``blocks``, ``groups`` (head, row), ``embedding``; ``architectures`` the one table of
-  supported layouts; ``linear`` GPT-2's Conv1D orientation;
+  supported layouts, ``recognition`` the layouts read from a model the table lacks, ``layout_check``
+  their verification on a small copy; ``linear`` GPT-2's Conv1D orientation;
 * ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report; ``compact`` compaction;
   ``scores`` / ``oneshot`` / ``reconstruction`` (math in ``refit``) one-shot pruning, and fixing trained masks at
   the target (``oneshot.fix_masks_at_target``); ``constraint`` the sparsity constraint; ``trainer``
@@ -20,7 +21,7 @@ Where each idea lives (one home each; ``tests/test_layout.py`` keeps the imports
   ``hub`` saving, cards, publishing; ``onnx_export`` the ONNX export (ONNX Runtime);
   ``export_gguf`` (vocabulary in ``gguf_vocab``) GGUF files for llama.cpp;
   ``modeling`` the compacted models (self-contained remote code);
-  ``registration`` what ``import hf_flop`` registers.
+  ``registration`` what ``import hf_flop`` registers (PEFT method, Auto classes, the layout check).
 """
 
 from __future__ import annotations

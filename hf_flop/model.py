@@ -25,6 +25,7 @@ from .gates import Gate, build_gate
 from .groups import GROUP_LEVELS, InputMask, StructureGroup, structure_groups
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
+from .recognition import spec_for
 from .uniform import check_uniform_shapes
 
 
@@ -99,6 +100,24 @@ def unknown_layout_message(
     )
 
 
+def _layout(
+    model: nn.Module, config: FlopConfig, *, verify: bool = False, option: str = "target_modules"
+) -> ArchSpec | None:
+    """The layout the default targets or the head/row levels need (None when neither does), from the table or
+    recognised (``hf_flop.recognition``; with ``verify``, verified for those levels), or the error saying why not."""
+    grouped = set(config.levels) & set(GROUP_LEVELS)
+    if config.target_modules is not None and not grouped:
+        return None
+    try:
+        return spec_for(model, grouped if verify else None, uniform_shapes=config.uniform_shapes)
+    except UnsupportedArchitectureError as err:
+        model_type = _model_type(model)
+        if model_type in ARCHITECTURES:  # an entry the user added, which failed its verification: it says so
+            raise
+        message = unknown_layout_message(model, model_type, config.levels, option=option)
+        raise UnsupportedArchitectureError(f"{message} {err}") from None
+
+
 def _unmatched_targets(model: nn.Module, config: FlopConfig) -> list[str]:
     """Entries of a ``target_modules`` list that name no module (PEFT's rule: the name or its last parts)."""
     if not isinstance(config.target_modules, (list, tuple, set)):
@@ -111,19 +130,18 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     """Every check injection makes before it replaces anything, on ``model`` left untouched.
 
     Returns the names of the modules FLOP would replace. Raises what ``get_flop_model`` would raise:
-    ``UnsupportedArchitectureError`` (architecture missing from the table while ``target_modules`` is
-    None or the levels include head/row; the message lists every condition at once, ``option``
-    naming the target-modules setting in the caller's interface), ``ValueError`` (no module
-    matched, a ``target_modules`` entry matches no module, a level's own check, e.g. a level that can
-    remove nothing, or what ``uniform_shapes`` needs: ``hf_flop.uniform``), ``TypeError`` (a matched
-    module is not a linear).
+    ``UnsupportedArchitectureError`` (no layout while ``target_modules`` is None or the levels include
+    head/row: the architecture is missing from the table and could not be recognised, or a layout
+    hf_flop does not ship failed its verification on a small copy, ``hf_flop.recognition``; the
+    message lists every condition at once, ``option`` naming the target-modules setting in the
+    caller's interface), ``ValueError`` (a ``target_modules`` entry matches no module, a level's
+    own check, e.g. a level that can remove nothing, or what ``uniform_shapes`` needs:
+    ``hf_flop.uniform``), ``TypeError`` (a matched module is not a linear).
     """
-    model_type = _model_type(model)
-    if model_type not in ARCHITECTURES and (config.target_modules is None or set(config.levels) & set(GROUP_LEVELS)):
-        raise UnsupportedArchitectureError(unknown_layout_message(model, model_type, config.levels, option=option))
+    spec = _layout(model, config, option=option)
     if config.target_modules is None:  # a copy: the caller's config is not filled in
         config = copy.copy(config)
-        config.target_modules = ARCHITECTURES[model_type].default_targets()
+        config.target_modules = spec.default_targets()
     matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not matched:
         raise ValueError(
@@ -146,6 +164,7 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
         if level in LEVEL_CHECKS:
             LEVEL_CHECKS[level](model, config, matched)
     check_uniform_shapes(model, config, matched)
+    _layout(model, config, verify=True, option=option)  # last: the other checks are cheaper and say more
     return matched
 
 
@@ -168,10 +187,7 @@ class FlopModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: FlopConfig, model_config: dict) -> FlopConfig:
         if peft_config.target_modules is None:
-            model_type = base_model_type(model_config.get("model_type"))
-            if model_type not in ARCHITECTURES:
-                raise UnsupportedArchitectureError(unknown_layout_message(self.model, model_type, peft_config.levels))
-            peft_config.target_modules = ARCHITECTURES[model_type].default_targets()
+            peft_config.target_modules = _layout(self.model, peft_config).default_targets()
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: FlopConfig, adapter_name: str) -> None:

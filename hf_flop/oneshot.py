@@ -22,10 +22,11 @@ from peft import PeftModel
 from torch import nn
 
 from .accounting import sparsity_report
-from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
+from .architectures import UnsupportedArchitectureError, find_layers
 from .config import FlopConfig
 from .gated import GatedUnits
 from .model import find_flop_model, get_flop_model
+from .recognition import spec_for
 from .reconstruction import reconstruct as reconstruct_layers
 from .scores import SCORES, compute_scores, find_gated_units, reusable_batches
 from .uniform import uneven_levels, uniform_slices
@@ -140,7 +141,7 @@ def _frozen_gates(flop_model, units: list[GatedUnits], protect_layers: Sequence[
     if not protect_layers:
         return frozenset()
     try:
-        names = find_layers(flop_model.model, arch_spec(base_model_type(flop_model.model.config.model_type)))
+        names = find_layers(flop_model.model, spec_for(flop_model.model, None))
     except UnsupportedArchitectureError as err:
         raise ValueError(f"protect_layers needs a known architecture to find the transformer layers: {err}") from None
     bad = [i for i in protect_layers if not isinstance(i, int) or not -len(names) <= i < len(names)]

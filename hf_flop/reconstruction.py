@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
+from .architectures import UnsupportedArchitectureError, find_layers
 from .model import find_flop_model
+from .recognition import spec_for
 from .refit import Moments, output_error
 from .scores import iter_calibration
 
@@ -336,8 +337,7 @@ def reconstruct(
     model.eval()
     try:
         try:
-            spec = arch_spec(base_model_type(flop_model.model.config.model_type))
-            layer_names = find_layers(flop_model.model, spec)
+            layer_names = find_layers(flop_model.model, spec_for(flop_model.model, None))
         except (UnsupportedArchitectureError, AttributeError):
             layer_names = None
         if layer_names is None:
