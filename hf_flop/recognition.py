@@ -130,8 +130,7 @@ def _no_layers(base: nn.Module) -> str:
     name, layers = lists[0]
     return (
         f"the attention projections: no child of {name}.0 holds linears named {QUERY}, {KEY}, {VALUE} and "
-        f"{'/'.join(OUTPUT_NAMES)} (its linears: {_linear_names(layers[0])}; fused projections have no standard "
-        "names to read)"
+        f"{'/'.join(OUTPUT_NAMES)} (its linears: {_linear_names(layers[0])})"
     )
 
 
