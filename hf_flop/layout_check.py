@@ -5,12 +5,14 @@ to ``ARCHITECTURES`` by the user -- may name the right modules and still be wron
 whole projection width, an attention module keeps a head count the spec does not rewrite, the
 forward code slices a projection by config values. Each such mistake would surface as a shape error
 or a silently different output of the compacted model. ``verify_layout`` finds them first, on a copy
-of the model's own class with a small config (two layers, two KV groups of at most two query heads,
-a short MLP and vocabulary; the head size and every other setting as in the model) and weights drawn
-at unit scale, so that attention is far from uniform and a misplaced row shows. For each level it:
-closes some units (one head unit, every third FFN row; ``uniform_shapes``: the same in every layer), checks that this changed the
-output (the gates sit on the forward path), compacts, and checks that the compacted copy runs and
-computes the gated copy's output (to 1e-4 relative), as the stock class when shapes are uniform.
+of the model's own class with a small config (two layers, of different kinds where the model mixes
+them, e.g. sliding and full attention; two KV groups of at most two query heads; a short MLP and
+vocabulary; the head size and every other setting as in the model) and weights drawn at unit scale,
+so that attention is far from uniform and a misplaced row shows. For each level it closes some units
+(one head unit, every third FFN row; under ``uniform_shapes`` the same in every layer), checks that
+this changed the output (the gates sit on the forward path), compacts, and checks that the compacted
+copy runs and computes the gated copy's output (to 1e-4 relative), as the stock class when shapes
+are uniform.
 
 A weightless (``meta``) copy, as ``hf_flop.preflight`` uses, cannot verify this: it has no values to
 compare, and compaction picks the kept units from the gates' values.
@@ -43,8 +45,11 @@ def _small_config_values(model: nn.Module, spec: ArchSpec) -> dict:
     small = {}
     layer_attr = next((a for a in LAYERS if values.get(a) == layers), None)
     if layer_attr and layers > 2:
+        # per-layer lists (layer_types, no_rope_layers): the first layer and the first that differs from it
+        per_layer = {k: v for k, v in values.items() if isinstance(v, list) and len(v) == layers}
+        other = next((i for i in range(1, layers) if any(v[i] != v[0] for v in per_layer.values())), 1)
         small[layer_attr] = 2
-        small |= {k: v[:2] for k, v in values.items() if isinstance(v, list) and len(v) == layers}  # layer_types
+        small |= {k: [v[0], v[other]] for k, v in per_layer.items()}
     heads = getattr(config, spec.heads_attr)
     kv = (getattr(config, spec.kv_heads_attr) if spec.kv_heads_attr else None) or heads
     head_dim = layer_layouts(model, spec)[0].head_dim
