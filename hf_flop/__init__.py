@@ -11,7 +11,8 @@ library apart from its application layer ``app`` and its command line ``hf_flop_
 * ``config`` FlopConfig and the vocabularies; ``gates`` the gate types; ``counting`` the counting rules;
 * ``gated`` the verbs every gated module answers; ``layers`` the gated linear; the levels:
   ``rank``, ``blocks``, ``groups`` (head, row), ``embedding``; ``architectures`` the one table of
-  supported layouts; ``linear`` GPT-2's Conv1D orientation;
+  supported layouts, ``recognition`` the layouts read from a model the table lacks, ``layout_check``
+  their verification on a small copy; ``linear`` GPT-2's Conv1D orientation;
 * ``lookup`` find_flop_model; ``model`` the PEFT tuner (injection); ``accounting`` sparsity_report;
   ``compact`` compaction; ``uniform`` the same heads and FFN width in every layer;
 * ``calibration`` calibration batches and the hook runner; ``scores`` the score registry (``obs``

@@ -1,8 +1,12 @@
 """Where each supported architecture keeps its attention heads and FFN rows: the one architecture table.
 
 Everything architecture-specific in hf_flop reads this table; no other module tests ``model_type``.
-To add an architecture, add one ``ArchSpec`` to ``ARCHITECTURES`` (names are relative to one
-transformer layer) and run the test suite's per-architecture checks with a tiny config of it.
+A model whose ``model_type`` is missing here gets its layout recognised from its modules and config
+(``hf_flop.recognition``, which keeps what it found in ``RECOGNISED``); the table holds what
+recognition cannot know (the GGUF graph, what a stock config needs). To add an architecture, add one
+``ArchSpec`` to ``ARCHITECTURES`` (names are relative to one transformer layer): hf_flop verifies an
+entry it does not ship on a small copy before using it, and the test suite's per-architecture checks
+take a tiny config of it.
 
 Vocabulary: a *layer* is one transformer layer (an entry of ``model.encoder.layer`` or
 ``model.layers``); MLPruning's weight *blocks* (level ``"block"``) are another thing entirely.
@@ -200,26 +204,38 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+# the entries hf_flop ships, checked by its test suite; any other spec is verified before use (hf_flop.recognition)
+BUILT_IN: dict[str, ArchSpec] = dict(ARCHITECTURES)
+# layouts recognised from a model in this process, by model_type (filled by hf_flop.recognition.spec_for)
+RECOGNISED: dict[str, ArchSpec] = {}
+
+
 class UnsupportedArchitectureError(ValueError):
-    """Raised for a model whose layout is not in the structure table."""
+    """Raised for a model whose layout is not in the structure table and could not be recognised or verified."""
 
 
 def base_model_type(model_type: str | None) -> str | None:
     """``model_type`` itself, or for a model compacted by hf_flop (``"flop_llama"``) the one it came from."""
-    if model_type and model_type.startswith(TYPE_PREFIX) and model_type[len(TYPE_PREFIX) :] in ARCHITECTURES:
+    if model_type and model_type.startswith(TYPE_PREFIX):
         return model_type[len(TYPE_PREFIX) :]
     return model_type
 
 
 def arch_spec(model_type: str | None) -> ArchSpec:
-    """The table entry of ``model_type``, or a clear error listing what is supported."""
+    """The table entry of ``model_type`` (or the layout recognised for it in this process), or a clear error.
+
+    For a model at hand, ``hf_flop.recognition.spec_for(model)`` also recognises and verifies layouts.
+    """
     model_type = base_model_type(model_type)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    if model_type in RECOGNISED:
+        return RECOGNISED[model_type]
     raise UnsupportedArchitectureError(
         f"hf_flop does not know the layout of model_type={model_type!r}. Supported: "
         f"{sorted(ARCHITECTURES)}. For rank pruning of other models pass explicit `target_modules`; "
-        "for head/row pruning add an ArchSpec for it to hf_flop/architectures.py (ARCHITECTURES)."
+        "for head/row pruning pass the model to hf_flop.recognition.spec_for (it recognises Llama-shaped layouts), "
+        "or add an ArchSpec for it to hf_flop/architectures.py (ARCHITECTURES)."
     )
 
 

@@ -16,7 +16,7 @@ import peft
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .architectures import ARCHITECTURES, UnsupportedArchitectureError, arch_spec, base_model_type
+from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError, arch_spec, base_model_type
 from .blocks import check_block_shapes
 from .config import FlopConfig
 from .embedding import check_embedding_level, inject_embedding
@@ -28,6 +28,7 @@ from .linear import is_linear, scale_inputs_
 from .lookup import FlopModelBase
 from .lookup import find_flop_model as find_flop_model  # its old home: hf_flop.model.find_flop_model
 from .projection_norms import KeptHeadsStatistic, removes_projection_norm_heads
+from .recognition import spec_for
 from .uniform import check_uniform_shapes
 
 
@@ -35,8 +36,31 @@ def _model_type(model: nn.Module) -> str | None:
     return base_model_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
-def _check_groups(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
-    arch_spec(_model_type(model))  # raises a clear error for unknown layouts
+def _gated_groups(model: nn.Module, spec: ArchSpec, levels: set[str], targeted: set[str]) -> list[StructureGroup]:
+    """The head/row groups that get a gate: every module a group cuts must be targeted (a FlopLinear)."""
+    groups = structure_groups(model, spec, levels)
+    return [g for g in groups if g.consumer in targeted and all(s.module in targeted for s in g.producers)]
+
+
+def _check_group_level(level: str, model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    """A head/row level must be able to remove something: a gate in some layer, with more than one unit."""
+    spec = arch_spec(_model_type(model))
+    groups = _gated_groups(model, spec, {level}, set(targets))
+    modules = [spec.q, spec.k, spec.v, spec.o] if level == "head" else [*spec.up, spec.down]
+    if not groups:
+        raise ValueError(
+            f"level {level!r} can remove nothing: its gate in a layer needs all of {modules} targeted, and "
+            "target_modules / exclude_modules leave no layer so. Target them, or drop the level."
+        )
+    if all(g.n_units <= 1 for g in groups) and level == "head":
+        raise ValueError(
+            "level 'head' can remove nothing from this model: every layer has a single KV head (multi-query "
+            "attention), and a head unit is a KV group with the query heads that share it, so the one group is the "
+            "whole attention. Use levels=['row'] (with 'rank' if you like); removing query heads within a KV "
+            "group is planned."
+        )
+    if all(g.n_units <= 1 for g in groups):
+        raise ValueError(f"level {level!r} can remove nothing: every layer has a single unit of it. Drop the level.")
 
 
 def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
@@ -45,8 +69,8 @@ def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> N
 
 # level -> check run before anything is replaced: (model, config, targeted module names) -> None or raise
 LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
-    "head": _check_groups,
-    "row": _check_groups,
+    "head": functools.partial(_check_group_level, "head"),
+    "row": functools.partial(_check_group_level, "row"),
     "block": _check_blocks,
     "embedding": check_embedding_level,
 }
@@ -79,27 +103,59 @@ def unknown_layout_message(
     )
 
 
+def _layout(
+    model: nn.Module, config: FlopConfig, *, verify: bool = False, option: str = "target_modules"
+) -> ArchSpec | None:
+    """The layout the default targets or the head/row levels need (None when neither does), from the table or
+    recognised (``hf_flop.recognition``; with ``verify``, verified for those levels), or the error saying why not."""
+    grouped = set(config.levels) & set(GROUP_LEVELS)
+    if config.target_modules is not None and not grouped:
+        return None
+    try:
+        return spec_for(model, grouped if verify else None, uniform_shapes=config.uniform_shapes)
+    except UnsupportedArchitectureError as err:
+        model_type = _model_type(model)
+        if model_type in ARCHITECTURES:  # an entry the user added, which failed its verification: it says so
+            raise
+        message = unknown_layout_message(model, model_type, config.levels, option=option)
+        raise UnsupportedArchitectureError(f"{message} {err}") from None
+
+
+def _unmatched_targets(model: nn.Module, config: FlopConfig) -> list[str]:
+    """Entries of a ``target_modules`` list that name no module (PEFT's rule: the name or its last parts)."""
+    if not isinstance(config.target_modules, (list, tuple, set)):
+        return []  # one regex: matching nothing at all is the error
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
 def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "target_modules") -> list[str]:
     """Every check injection makes before it replaces anything, on ``model`` left untouched.
 
     Returns the names of the modules FLOP would replace. Raises what ``get_flop_model`` would raise:
-    ``UnsupportedArchitectureError`` (architecture missing from the table while ``target_modules`` is
-    None or the levels include head/row; the message lists every condition at once, ``option``
-    naming the target-modules setting in the caller's interface), ``ValueError`` (no module
-    matched, a level's own check, or what ``uniform_shapes`` needs: ``hf_flop.uniform``), ``TypeError``
-    (a matched module is not a linear).
+    ``UnsupportedArchitectureError`` (no layout while ``target_modules`` is None or the levels include
+    head/row: the architecture is missing from the table and could not be recognised, or a layout
+    hf_flop does not ship failed its verification on a small copy, ``hf_flop.recognition``; the
+    message lists every condition at once, ``option`` naming the target-modules setting in the
+    caller's interface), ``ValueError`` (a ``target_modules`` entry matches no module, a level's
+    own check, e.g. a level that can remove nothing, or what ``uniform_shapes`` needs:
+    ``hf_flop.uniform``), ``TypeError`` (a matched module is not a linear).
     """
-    model_type = _model_type(model)
-    if model_type not in ARCHITECTURES and (config.target_modules is None or set(config.levels) & set(GROUP_LEVELS)):
-        raise UnsupportedArchitectureError(unknown_layout_message(model, model_type, config.levels, option=option))
+    spec = _layout(model, config, option=option)
     if config.target_modules is None:  # a copy: the caller's config is not filled in
         config = copy.copy(config)
-        config.target_modules = ARCHITECTURES[model_type].default_targets()
+        config.target_modules = spec.default_targets()
     matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not matched:
         raise ValueError(
             f"FlopConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
             f"Linear layers it has (by suffix): {_linear_suffixes(model)}."
+        )
+    unmatched = _unmatched_targets(model, config)
+    if unmatched:
+        raise ValueError(
+            f"FlopConfig.{option} entries {unmatched} match no module of {type(model).__name__} (the others do). "
+            f"Correct or remove them; linear layers it has (by suffix): {_linear_suffixes(model)[:12]}."
         )
     bad = {n: type(m).__name__ for n, m in model.named_modules() if n in matched and not is_linear(m)}
     if bad:
@@ -111,6 +167,7 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
         if level in LEVEL_CHECKS:
             LEVEL_CHECKS[level](model, config, matched)
     check_uniform_shapes(model, config, matched)
+    _layout(model, config, verify=True, option=option)  # last: the other checks are cheaper and say more
     return matched
 
 
@@ -133,10 +190,7 @@ class FlopModel(FlopModelBase, BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: FlopConfig, model_config: dict) -> FlopConfig:
         if peft_config.target_modules is None:
-            model_type = base_model_type(model_config.get("model_type"))
-            if model_type not in ARCHITECTURES:
-                raise UnsupportedArchitectureError(unknown_layout_message(self.model, model_type, peft_config.levels))
-            peft_config.target_modules = ARCHITECTURES[model_type].default_targets()
+            peft_config.target_modules = _layout(self.model, peft_config).default_targets()
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: FlopConfig, adapter_name: str) -> None:
@@ -167,12 +221,9 @@ class FlopModel(FlopModelBase, BaseTuner):
         self._hook_handles = []
         levels = set(config.levels) & set(GROUP_LEVELS)
         if levels:
-            targeted = set(self.flop_layers())
-            for group in structure_groups(model, arch_spec(_model_type(model)), levels):
-                # a group needs every module it cuts to be a FlopLinear (targeted)
-                if group.consumer in targeted and all(s.module in targeted for s in group.producers):
-                    self.flop_structure_gates[group.key] = build_gate(config, group.n_units)
-                    self.structure_groups.append(group)
+            for group in _gated_groups(model, arch_spec(_model_type(model)), levels, set(self.flop_layers())):
+                self.flop_structure_gates[group.key] = build_gate(config, group.n_units)
+                self.structure_groups.append(group)
             modules = dict(model.named_modules())
             for group in self.structure_groups:
                 gate = self.flop_structure_gates[group.key]
@@ -271,7 +322,7 @@ def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "de
     """Inject FLOP into ``model`` and return a ``peft.PeftModel`` around it (same as ``peft.get_peft_model``).
 
     In eval mode the returned model computes what ``model`` computed (within float rounding)
-    until its gates are trained.
+    until its gates are trained. It comes back in the mode ``model`` was in (``model.training``).
     """
     if not isinstance(config, FlopConfig):
         raise TypeError(f"get_flop_model needs a FlopConfig, got {type(config).__name__}.")
@@ -279,4 +330,5 @@ def get_flop_model(model: nn.Module, config: FlopConfig, adapter_name: str = "de
         raise ValueError(
             "this model is already a PeftModel; FLOP cannot be injected twice. Pass the original transformers model."
         )
-    return peft.get_peft_model(model, config, adapter_name=adapter_name)
+    training = model.training  # PEFT leaves the new gated modules in training mode
+    return peft.get_peft_model(model, config, adapter_name=adapter_name).train(training)

@@ -252,9 +252,10 @@ def prune_oneshot(
     to within half a unit's parameters (``ranking`` and ``protect_layers`` are explained there).
     With ``reconstruct`` (the default) the kept weights are then refit layer by layer on the same
     calibration data (``hf_flop.reconstruct``; ``reconstruct_options`` are its keyword arguments);
-    without calibration data there is nothing to refit on, and a warning says so.
-    ``hf_flop.compact(model)`` then writes the smaller model.
+    without calibration data there is nothing to refit on, and a warning says so. The model comes back in
+    the mode it came in (``model.training``); ``hf_flop.compact(model)`` then writes the smaller model.
     """
+    training = model.training  # scoring and the refit switch modes; the caller's is restored at the end
     flop_config, inject = _pruning_config(model, config)
     if score is None:
         score = recommended_oneshot_score(flop_config)
@@ -286,7 +287,7 @@ def prune_oneshot(
         )
     elif reconstruct:
         reconstruct_layers(model, calibration_data, max_batches=max_batches, **(reconstruct_options or {}))
-    return model
+    return model.train(training)
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@ A job that fine-tunes the dense model first (the CLI) only injects FLOP after th
 unsupported architecture or an unreachable target would surface after minutes of training. These
 checks run what ``get_flop_model`` and ``PruningTrainer`` check, on the model as it is, without
 changing it and without copying its weights: the injection runs on a copy whose tensors live on
-PyTorch's ``meta`` device (shapes only, no memory, no arithmetic).
+PyTorch's ``meta`` device (shapes only, no memory, no arithmetic). A layout hf_flop does not ship
+is verified by those same checks (``hf_flop.recognition.spec_for``), on a small copy built from the
+config (``hf_flop.layout_check``): a weightless copy has no outputs to compare.
 """
 
 from __future__ import annotations

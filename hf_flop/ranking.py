@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
+from .architectures import UnsupportedArchitectureError, find_layers
 from .gated import GatedUnits
+from .recognition import spec_for
 from .uniform import uniform_slices
 
 
@@ -100,7 +101,7 @@ def frozen_gates(flop_model, units: list[GatedUnits], protect_layers: Sequence[i
     if not protect_layers:
         return frozenset()
     try:
-        names = find_layers(flop_model.model, arch_spec(base_model_type(flop_model.model.config.model_type)))
+        names = find_layers(flop_model.model, spec_for(flop_model.model, None))
     except UnsupportedArchitectureError as err:
         raise ValueError(f"protect_layers needs a known architecture to find the transformer layers: {err}") from None
     bad = [i for i in protect_layers if not isinstance(i, int) or not -len(names) <= i < len(names)]

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import UnsupportedArchitectureError, arch_spec, base_model_type, find_layers
+from .architectures import UnsupportedArchitectureError, find_layers
 from .calibration import CalibrationSplit, InputObserver, StopForward, eval_mode
 from .lookup import find_flop_model
+from .recognition import spec_for
 from .refit import Moments, output_error
 
 
@@ -292,7 +293,7 @@ def reconstruct(
     options = {"ridge": ridge, "add_bias": add_bias}
     with eval_mode(model):
         try:
-            spec = arch_spec(base_model_type(flop_model.model.config.model_type))
+            spec = spec_for(flop_model.model, None)
             layer_names = find_layers(flop_model.model, spec)
         except (UnsupportedArchitectureError, AttributeError):
             layer_names = None

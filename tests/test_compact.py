@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import ARCH_BUILDERS, TINY_BUILDERS, VOCAB, tiny_inputs
+from tiny_models import ALL_BUILDERS, ARCH_BUILDERS, RECOGNISED_BUILDERS, TINY_BUILDERS, VOCAB, tiny_inputs
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -27,7 +27,7 @@ from hf_flop.modeling import FlopCompactedMixin, LowRankLinear
 
 ENCODERS = ("bert", "roberta", "distilbert", "modernbert")  # the tiny sequence classifiers
 AUTO = {
-    arch: AutoModelForSequenceClassification if arch in ENCODERS else AutoModelForCausalLM for arch in ARCH_BUILDERS
+    arch: AutoModelForSequenceClassification if arch in ENCODERS else AutoModelForCausalLM for arch in ALL_BUILDERS
 }
 LEVELS = [["rank"], ["head"], ["row"], ["head", "row"], ["rank", "head", "row"]]
 
@@ -44,7 +44,7 @@ def prune_randomly(peft_model, seed: int = 0) -> None:
 
 
 def pruned(arch: str, levels: list[str], seed: int = 0, **config):
-    model = get_flop_model(ARCH_BUILDERS[arch](), FlopConfig(levels=levels, **config)).eval()
+    model = get_flop_model(ALL_BUILDERS[arch](), FlopConfig(levels=levels, **config)).eval()
     prune_randomly(model, seed)
     return model
 
@@ -66,6 +66,7 @@ def pruned_linear_params(model, names) -> int:
 CASES = [(arch, levels, 1) for arch in sorted(TINY_BUILDERS) for levels in LEVELS]
 CASES += [(arch, ["rank", "head", "row"], 4) for arch in sorted(TINY_BUILDERS)]  # rounded ranks and rows
 CASES += [(arch, ["rank", "head", "row"], 1) for arch in sorted(set(ARCH_BUILDERS) - set(TINY_BUILDERS))]
+CASES += [(arch, ["rank", "head", "row"], 1) for arch in sorted(RECOGNISED_BUILDERS)]  # layouts recognised
 
 
 @pytest.mark.parametrize("arch, levels, round_to", CASES, ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
@@ -220,16 +221,16 @@ def saved(tmp_path_factory):
     """Pruned tiny models, compacted and saved, with reference inputs and logits; plus dense copies."""
     root = tmp_path_factory.mktemp("compacted")
     cases = []
-    models = {arch: pruned(arch, ["rank", "head", "row"], seed=2) for arch in ARCH_BUILDERS}
+    models = {arch: pruned(arch, ["rank", "head", "row"], seed=2) for arch in ALL_BUILDERS}
     stock = get_flop_model(TINY_BUILDERS["llama"](), FlopConfig(levels=["head", "row"])).eval()
     _close_uniformly(stock, heads=1, rows=16)
     models["llama_stock"] = stock
     models["gpt2_block"] = pruned("gpt2", ["block"], block_size=8, seed=2)
     for name, model in models.items():
-        arch = name.split("_")[0]
+        arch = name if name in ALL_BUILDERS else name.rsplit("_", 1)[0]  # "gemma3_text", "llama_stock"
         folder = root / name
         compact(model).save_pretrained(folder)
-        ARCH_BUILDERS[arch]().save_pretrained(root / f"{name}_dense")
+        ALL_BUILDERS[arch]().save_pretrained(root / f"{name}_dense")
         inputs = tiny_inputs()
         torch.save((inputs, logits(model, **inputs)), root / f"{name}.pt")
         stock_config = "flop_plan" not in json.loads((folder / "config.json").read_text())

@@ -8,7 +8,7 @@ from tiny_models import TINY_BUILDERS, tiny_inputs, tiny_llama
 from transformers import BertConfig, BertModel
 
 import hf_flop
-from hf_flop import FlopConfig, FlopLinear, get_flop_model, sparsity_report
+from hf_flop import FlopConfig, FlopLinear, get_flop_model, prune_oneshot, sparsity_report
 from hf_flop.architectures import arch_spec
 
 LEVEL_SETS = [["rank"], ["rank", "head", "row"], ["head", "row"]]
@@ -135,6 +135,23 @@ def test_target_modules_matching_nothing_lists_candidates():
     with pytest.raises(ValueError, match=r"matches no module.*q_proj"):
         get_flop_model(model, FlopConfig(target_modules=["attn.query"]))
     _assert_unchanged(model, snapshot)
+
+
+def test_a_target_name_matching_nothing_is_refused_even_when_others_match():
+    model = tiny_llama()
+    snapshot = _state(model)
+    with pytest.raises(ValueError, match=r"entries \['qq_proj', 'mlp.upp'\] match no module.*'q_proj'"):
+        get_flop_model(model, FlopConfig(target_modules=["q_proj", "qq_proj", "mlp.upp", "mlp.up_proj"]))
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_get_flop_model_and_prune_oneshot_return_the_model_in_the_mode_it_came_in(training):
+    model = get_flop_model(tiny_llama().train(training), FlopConfig(levels=["rank", "head", "row"]))
+    assert {m.training for m in model.modules()} == {training}
+    data = [{"input_ids": tiny_inputs(length=16)["input_ids"]} for _ in range(4)]
+    pruned = prune_oneshot(tiny_llama().train(training), FlopConfig(levels=["head", "row"]), data, "activation")
+    assert {m.training for m in pruned.modules()} == {training}
 
 
 def test_non_linear_target_is_refused():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from test_compact import prune_randomly
-from tiny_models import ARCH_BUILDERS, TINY_BUILDERS, VOCAB, tiny_bert
+from tiny_models import ALL_BUILDERS, TINY_BUILDERS, VOCAB, tiny_bert
 from transformers import AutoModelForCausalLM, BertModel
 
 import hf_flop
@@ -27,7 +27,7 @@ SHAPES = ((1, 11), (5, 4))
 
 def non_uniform(arch: str, levels=("head", "row"), seed: int = 0) -> torch.nn.Module:
     """A gated tiny model whose layer 1 keeps half the head groups and layer 0 two thirds of the FFN rows."""
-    model = get_flop_model(ARCH_BUILDERS[arch](), FlopConfig(levels=list(levels))).eval()
+    model = get_flop_model(ALL_BUILDERS[arch](), FlopConfig(levels=list(levels))).eval()
     prune_randomly(model, seed)  # rank gates (and heads and rows, set next)
     gates = model.base_model.flop_structure_gates
     for layer, (heads, rows) in enumerate([(1.0, 2 / 3), (0.5, 1.0)]):
@@ -82,8 +82,8 @@ def test_onnx_runtime_matches_the_compacted_model(arch, tmp_path):
     assert small.training is False
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(set(ARCH_BUILDERS) - set(TINY_BUILDERS)))
+@pytest.mark.slow  # 20-50 s each on a shared 2-core machine
+@pytest.mark.parametrize("arch", sorted(set(ALL_BUILDERS) - set(TINY_BUILDERS)))  # with the recognised layouts
 def test_the_other_architectures_export_too(arch, tmp_path):
     small = compact(non_uniform(arch, ("rank", "head", "row")))
     path = export_onnx(small, tmp_path / "model.onnx")

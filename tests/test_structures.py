@@ -1,16 +1,20 @@
 """Issue 5: the structure table is right for every architecture it lists (tiny random configs).
 
-For each entry of ``hf_flop.structures.ARCHITECTURES``: injection with rank+head+row keeps the
-outputs, a few training steps run, the head/row gates sit on the right modules and rows (checked
-functionally: rows of a closed unit can be scrambled without changing the output), padding
-behaves with closed gates, and an unknown architecture gets a clear error.
+For each entry of ``hf_flop.architectures.ARCHITECTURES``, and each family whose layout is recognised
+instead (``tiny_models.RECOGNISED_BUILDERS``): injection with rank+head+row keeps the outputs, a few
+training steps run, the head/row gates sit on the right modules and rows (checked functionally: rows
+of a closed unit can be scrambled without changing the output), padding behaves with closed gates,
+and an unknown architecture gets a clear error.
 """
 
 import copy
+import dataclasses
+import logging
+import re
 
 import pytest
 import torch
-from tiny_models import ARCH_BUILDERS, VOCAB
+from tiny_models import ALL_BUILDERS, ARCH_BUILDERS, RECOGNISED_BUILDERS, VOCAB, tiny_llama, tiny_qwen3
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_flop import (
@@ -20,13 +24,19 @@ from hf_flop import (
     compact,
     get_flop_model,
     prune_oneshot,
+    recognition,
     sparsity_report,
 )
-from hf_flop.architectures import ARCHITECTURES, arch_spec
+from hf_flop.architectures import ARCHITECTURES, RECOGNISED, arch_spec
 from hf_flop.architectures import layer_layouts as block_layouts
 from hf_flop.layers import dense_weight
+from hf_flop.preflight import check_before_training
+from hf_flop.recognition import spec_for
 
 ARCHS = sorted(ARCHITECTURES)
+FAMILIES = sorted(ALL_BUILDERS)  # the table's and the recognised ones
+# families with grouped-query attention (every recognised one)
+GQA_FAMILIES = [a for a in FAMILIES if a in RECOGNISED_BUILDERS or arch_spec(a).kv_heads_attr]
 
 
 def _inputs(model, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
@@ -47,14 +57,14 @@ def _flop(peft_model):
 
 
 def test_every_architecture_has_a_tiny_builder():
-    assert set(ARCH_BUILDERS) == set(ARCHITECTURES)
-    for model_type, build in ARCH_BUILDERS.items():
+    assert set(ARCH_BUILDERS) == set(ARCHITECTURES) and not set(RECOGNISED_BUILDERS) & set(ARCHITECTURES)
+    for model_type, build in ALL_BUILDERS.items():
         assert build().config.model_type == model_type
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_all_levels_keep_outputs_and_train(arch):
-    model = ARCH_BUILDERS[arch]().eval()
+    model = ALL_BUILDERS[arch]().eval()
     inputs = _inputs(model)
     inputs["attention_mask"][0, -2:] = 0  # some padding too
     with torch.no_grad():
@@ -82,10 +92,10 @@ def test_all_levels_keep_outputs_and_train(arch):
         assert torch.isfinite(peft_model(**inputs).logits).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_structure_groups_cover_the_right_modules(arch):
-    model = ARCH_BUILDERS[arch]()
-    spec = arch_spec(arch)
+    model = ALL_BUILDERS[arch]()
+    spec = spec_for(model)
     config = model.config
     heads = getattr(config, spec.heads_attr)
     kv_heads = getattr(config, spec.kv_heads_attr) if spec.kv_heads_attr else heads
@@ -127,14 +137,14 @@ def _scramble_rows(layer: FlopLinear, start: int, stop: int, scale: float = 3.0)
             layer.bias[start:stop] += scale
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_closed_units_own_exactly_their_rows(arch):
     """Scrambling a closed unit's Q/K/V (or up/gate) rows changes nothing; an open unit's rows matter.
 
     This checks every Segment of the table against the real forward code: compaction removes
     exactly these rows, so a wrong offset or unit width would show here first.
     """
-    model = ARCH_BUILDERS[arch]()
+    model = ALL_BUILDERS[arch]()
     inputs = _inputs(model)
     peft_model = get_flop_model(model, FlopConfig(levels=["head", "row"])).eval()
     flop = _flop(peft_model)
@@ -187,9 +197,9 @@ def _close_some(peft_model) -> None:
             layer.gate.close(torch.arange(layer.rank - 5, layer.rank))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_padding_gives_the_same_logits_as_each_example_alone(arch):
-    model = ARCH_BUILDERS[arch]()
+    model = ALL_BUILDERS[arch]()
     peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"]))
     _close_some(peft_model)
     peft_model.eval()
@@ -210,9 +220,9 @@ def test_padding_gives_the_same_logits_as_each_example_alone(arch):
             assert (got - alone).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if arch_spec(a).kv_heads_attr])
+@pytest.mark.parametrize("arch", GQA_FAMILIES)
 def test_gqa_gated_generate_with_cache_matches_no_cache(arch):
-    model = ARCH_BUILDERS[arch]()
+    model = ALL_BUILDERS[arch]()
     peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"]))
     _close_some(peft_model)
     peft_model.eval()
@@ -224,10 +234,10 @@ def test_gqa_gated_generate_with_cache_matches_no_cache(arch):
     assert cached.shape[1] == 10 and torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if arch_spec(a).kv_heads_attr])
+@pytest.mark.parametrize("arch", GQA_FAMILIES)
 def test_gqa_compacted_keeps_the_query_kv_ratio_and_caches_correctly(arch):
     """Block 0 loses one of its two KV groups, block 1 keeps both: per-layer head counts differ."""
-    model = ARCH_BUILDERS[arch]()
+    model = ALL_BUILDERS[arch]()
     config = model.config
     ratio = config.num_attention_heads // config.num_key_value_heads
     peft_model = get_flop_model(model, FlopConfig(levels=["rank", "head", "row"]))
@@ -236,7 +246,7 @@ def test_gqa_compacted_keeps_the_query_kv_ratio_and_caches_correctly(arch):
     flop.flop_structure_gates["row_1"].close(torch.arange(0, 64, 2))
     peft_model.eval()
     small = compact(peft_model)
-    spec = arch_spec(arch)
+    spec = spec_for(model)
     kv_per_block = []
     for layout in block_layouts(small, spec):
         attention = small.get_submodule(f"{layout.prefix}.{spec.attention}")
@@ -270,6 +280,8 @@ def test_unknown_architecture_gets_a_clear_error(levels):
     message = str(err.value)
     assert "gpt_neox" in message and "architectures.py" in message
     assert all(arch in message for arch in ARCHS)
+    # the part recognition could not find, and the fused module it saw instead
+    assert "could not recognise the attention projections" in message and "query_key_value" in message
 
 
 def test_unknown_architecture_without_targets_and_rank_with_targets():
@@ -278,3 +290,57 @@ def test_unknown_architecture_without_targets_and_rank_with_targets():
     # rank pruning needs no table entry when the targets are named
     peft_model = get_flop_model(_tiny_neox(), FlopConfig(levels=["rank"], target_modules=["dense_h_to_4h"]))
     assert len(_flop(peft_model).flop_layers()) == 1
+
+
+# --- layouts recognised from the model, and specs hf_flop does not ship, verified before use ----------------
+
+
+@pytest.fixture
+def fresh_recognition(monkeypatch):
+    """No layout recognised or verified yet in this process (restored afterwards)."""
+    for model_type in list(RECOGNISED):
+        monkeypatch.delitem(RECOGNISED, model_type)
+    monkeypatch.setattr(recognition, "_verified", {})
+
+
+def test_a_recognised_layout_is_verified_once_and_noted(fresh_recognition, caplog):
+    with caplog.at_level(logging.INFO, logger="hf_flop"):
+        get_flop_model(tiny_qwen3(), FlopConfig(levels=["head", "row"]))
+        get_flop_model(tiny_qwen3(), FlopConfig(levels=["row"]))  # verified already: no second note
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("hf_flop")]
+    assert len(notes) == 1 and "'qwen3'" in notes[0] and "verified for head, row on a small copy" in notes[0]
+    assert RECOGNISED["qwen3"].q == "self_attn.q_proj" and RECOGNISED["qwen3"].up == ("mlp.gate_proj", "mlp.up_proj")
+
+
+def _unchanged(model) -> bool:
+    return not hasattr(model, "peft_config") and not any(isinstance(m, FlopLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "wrong, level, part",
+    [
+        ({"up": ("mlp.up_proj",)}, "row", "the MLP rows (mlp.up_proj -> mlp.down_proj)"),  # gate_proj left uncut
+        ({"head_dim_attr": None}, "head", "the attention heads"),  # head size taken as hidden / heads: 8, not 16
+    ],
+)
+def test_a_wrong_user_spec_is_refused_before_any_work(fresh_recognition, monkeypatch, wrong, level, part):
+    monkeypatch.setitem(ARCHITECTURES, "qwen3", dataclasses.replace(ARCHITECTURES["llama"], **wrong))
+    model = tiny_qwen3(head_dim=16)
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"could not verify {part}")) as err:
+        get_flop_model(model, FlopConfig(levels=[level]))
+    assert "levels=['rank'], target_modules=" in str(err.value)  # the rank fallback
+    assert _unchanged(model)
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"could not verify {part}")):
+        check_before_training(model, FlopConfig(levels=[level]))  # the CLI's checks before training say it too
+
+
+def test_a_level_that_removes_nothing_is_refused_before_any_work():
+    mqa = tiny_llama(num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"'head' can remove nothing.*single KV head.*levels=\['row'\]"):
+        get_flop_model(mqa, FlopConfig(levels=["head", "row"]))
+    assert _unchanged(mqa)
+    assert len(_flop(get_flop_model(mqa, FlopConfig(levels=["row"]))).structure_groups) == 2
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"'head' can remove nothing: its gate in a layer needs all of"):
+        get_flop_model(model, FlopConfig(levels=["head"], target_modules=["q_proj", "k_proj", "v_proj"]))
+    assert _unchanged(model)

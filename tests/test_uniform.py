@@ -10,7 +10,7 @@ import torch
 from test_compact import _load_in_fresh_process, logits
 from test_scores import calibration
 from test_trainer import flop_llama, make_trainer
-from tiny_models import ARCH_BUILDERS, TINY_BUILDERS, tiny_inputs
+from tiny_models import ALL_BUILDERS, RECOGNISED_BUILDERS, TINY_BUILDERS, tiny_inputs
 from tiny_task import CountingTask
 
 from hf_flop import FlopConfig, compact, compute_scores, get_flop_model, prune_oneshot, prune_to_target, sparsity_report
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in test_trainer, 
 LEVELS = {"llama": ["head", "row"], "mistral": ["head", "row"], "qwen2": ["head", "row"], "gpt2": ["row"]}
 LEVELS |= {"bert": ["row"], "roberta": ["row"], "distilbert": ["row"]}
 LEVELS |= {"olmo2": ["head", "row"], "phi3": ["head", "row"], "modernbert": ["row"]}  # ModernBERT derives head_dim
+LEVELS |= {arch: ["head", "row"] for arch in RECOGNISED_BUILDERS}  # a stock config takes head_dim (stated or not)
 ENCODERS = ("bert", "roberta", "distilbert", "modernbert")  # classifiers: their calibration labels are class ids
 # rows alone reach at most about half of a tiny model's linears (its FFN is half of them)
 TARGETS = {"bert": 0.3, "roberta": 0.3, "distilbert": 0.3, "gpt2": 0.4, "modernbert": 0.3}
@@ -34,7 +35,7 @@ STOCK_RELOAD = [*sorted(TINY_BUILDERS), "modernbert", "olmo2", "phi3"]
 
 def _uniform(arch: str, target: float | None = None, **config):
     config = {"levels": LEVELS[arch], "target_sparsity": target or TARGETS.get(arch, 0.5), **config}
-    return get_flop_model(ARCH_BUILDERS[arch]().eval(), FlopConfig(uniform_shapes=True, **config)).eval()
+    return get_flop_model(ALL_BUILDERS[arch]().eval(), FlopConfig(uniform_shapes=True, **config)).eval()
 
 
 def _calibration(arch: str) -> list[dict[str, torch.Tensor]]:
@@ -85,7 +86,7 @@ def test_oneshot_gives_the_same_shapes_in_every_layer_at_the_target(arch):
     assert abs(report.deterministic_sparsity - target) <= largest_unit_params(model) / report.prunable_params / 2
     assert check_target(model).met
     small = compact(model)
-    assert type(small) is type(ARCH_BUILDERS[arch]())  # the stock class, not FlopX
+    assert type(small) is type(ALL_BUILDERS[arch]())  # the stock class, not FlopX
     assert "flop_plan" not in small.config.to_dict() and type(small.config).__module__.startswith("transformers.")
     torch.testing.assert_close(logits(small), logits(model), atol=1e-4, rtol=0)
 
@@ -135,8 +136,11 @@ def test_fixing_trained_masks_makes_them_uniform_keeping_the_firmest_units():
 
 
 def test_saved_uniform_models_load_with_plain_transformers(tmp_path):
+    """One-shot with the refit, uniform shapes, and the stock class reads the folder, here and in a process
+    without hf_flop: every config value a family adds (head_dim, layer_types, query_pre_attn_scalar,
+    multipliers) must round-trip."""
     cases = []
-    for arch in STOCK_RELOAD:
+    for arch in [*STOCK_RELOAD, *sorted(RECOGNISED_BUILDERS)]:
         model = prune_oneshot(_uniform(arch), None, _calibration(arch), "activation")
         small = compact(model)
         folder = tmp_path / arch
@@ -188,9 +192,9 @@ def test_pruning_trainer_ends_with_uniform_shapes(tmp_path, pruning_phase):
 def test_heads_of_architectures_that_derive_the_head_size_are_refused(arch):
     config = FlopConfig(levels=["head", "row"], uniform_shapes=True)
     with pytest.raises(ValueError, match=r"cannot prune heads.*derives the head size.*levels=\['row'\]"):
-        get_flop_model(ARCH_BUILDERS[arch](), config)
+        get_flop_model(ALL_BUILDERS[arch](), config)
     with pytest.raises(ValueError, match="cannot prune heads"):  # and before training, on a weightless copy
-        check_before_training(ARCH_BUILDERS[arch](), config)
+        check_before_training(ALL_BUILDERS[arch](), config)
 
 
 def test_a_layer_left_without_gates_is_refused():

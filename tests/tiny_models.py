@@ -8,8 +8,14 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -22,8 +28,12 @@ from transformers import (
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 VOCAB = 97
@@ -76,10 +86,11 @@ def _tiny_gqa(model_class: type, config_class: type):
     return model_class(config_class(**_gqa_kwargs()))
 
 
-def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
-    """Llama with grouped-query attention: 4 query heads sharing 2 KV heads."""
+def tiny_llama(tie_word_embeddings: bool = False, **overrides) -> LlamaForCausalLM:
+    """Llama with grouped-query attention: 4 query heads sharing 2 KV heads (``overrides``: other config values)."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**_gqa_kwargs(), tie_word_embeddings=tie_word_embeddings))
+    config = LlamaConfig(**{**_gqa_kwargs(), **overrides}, tie_word_embeddings=tie_word_embeddings)
+    return LlamaForCausalLM(config)
 
 
 def tiny_roberta() -> RobertaForSequenceClassification:
@@ -133,6 +144,50 @@ def tiny_modernbert() -> ModernBertForSequenceClassification:
     return ModernBertForSequenceClassification(config)
 
 
+# --- families hf_flop's table lacks: their layouts are recognised from the modules (hf_flop.recognition) ---
+# each config sets what its family adds to Llama away from its default, so compaction and reload must carry it
+
+
+def tiny_qwen3(head_dim: int = 8) -> Qwen3ForCausalLM:
+    """Qwen3: per-head q_norm/k_norm (shared across heads), a stated head size."""
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(**_gqa_kwargs(), head_dim=head_dim))
+
+
+def tiny_gemma2() -> Gemma2ForCausalLM:
+    """Gemma 2: scaled embeddings, soft-capping, query_pre_attn_scalar, sliding and full layers (window 4 < the inputs)."""
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(**_gqa_kwargs(), head_dim=8, query_pre_attn_scalar=16, sliding_window=4))
+
+
+def tiny_gemma3_text() -> Gemma3ForCausalLM:
+    """Gemma 3 (text): per-head norms, query_pre_attn_scalar, explicit layer_types (one sliding, one full)."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        **_gqa_kwargs(),
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def tiny_granite() -> GraniteForCausalLM:
+    """Granite: embedding, residual, attention and logit multipliers (none at its default of 1)."""
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        **_gqa_kwargs(), embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0
+    )
+    return GraniteForCausalLM(config)
+
+
+def tiny_smollm3() -> SmolLM3ForCausalLM:
+    """SmolLM3: a layer without RoPE (no_rope_layers); the config derives the head size."""
+    torch.manual_seed(0)
+    return SmolLM3ForCausalLM(SmolLM3Config(**_gqa_kwargs(), no_rope_layers=[1, 0]))
+
+
 # a static RoPE scaling (Llama 3's) for a tiny model: high frequencies kept, low ones divided by 8
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -144,7 +199,7 @@ LLAMA3_ROPE = {
 }
 
 TINY_BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
-# every architecture of hf_flop.structures.ARCHITECTURES, by model_type (the per-architecture checks)
+# every architecture of hf_flop.architectures.ARCHITECTURES, by model_type (the per-architecture checks)
 ARCH_BUILDERS = {
     **TINY_BUILDERS,
     "roberta": tiny_roberta,
@@ -155,6 +210,15 @@ ARCH_BUILDERS = {
     "phi3": tiny_phi3,
     "modernbert": tiny_modernbert,
 }
+# families outside the table whose recognised layout the per-architecture checks cover too
+RECOGNISED_BUILDERS = {
+    "qwen3": tiny_qwen3,
+    "gemma2": tiny_gemma2,
+    "gemma3_text": tiny_gemma3_text,
+    "granite": tiny_granite,
+    "smollm3": tiny_smollm3,
+}
+ALL_BUILDERS = {**ARCH_BUILDERS, **RECOGNISED_BUILDERS}
 
 
 def tiny_inputs(batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
