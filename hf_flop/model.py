@@ -22,7 +22,7 @@ from .config import FlopConfig
 from .embedding import check_embedding_level, inject_embedding
 from .gated import GatedLayer
 from .gates import Gate, build_gate
-from .groups import GROUP_LEVELS, InputMask, StructureGroup, structure_groups
+from .groups import GROUP_LEVELS, InputMask, StructureGroup, check_heads_removable, structure_groups
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
 from .lookup import FlopModelBase
@@ -39,13 +39,19 @@ def _check_groups(model: nn.Module, config: FlopConfig, targets: list[str]) -> N
     arch_spec(_model_type(model))  # raises a clear error for unknown layouts
 
 
+def _check_heads(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    _check_groups(model, config, targets)
+    check_heads_removable(model, config.levels)  # MQA with 'head', no grouping with 'query_head'
+
+
 def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
     check_block_shapes(model, targets, config.block_size)
 
 
 # level -> check run before anything is replaced: (model, config, targeted module names) -> None or raise
 LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
-    "head": _check_groups,
+    "head": _check_heads,
+    "query_head": _check_heads,
     "row": _check_groups,
     "block": _check_blocks,
     "embedding": check_embedding_level,
@@ -176,7 +182,7 @@ class FlopModel(FlopModelBase, BaseTuner):
             modules = dict(model.named_modules())
             for group in self.structure_groups:
                 gate = self.flop_structure_gates[group.key]
-                hook = InputMask(gate, group.consumer_unit)
+                hook = InputMask(gate, group)
                 self._hook_handles.append(modules[group.consumer].register_forward_pre_hook(hook))
                 for norm in group.norms:  # the statistic of a norm over the whole projection: kept heads only
                     hook = KeptHeadsStatistic(gate, group, norm.unit, config.round_to)
@@ -252,7 +258,7 @@ class FlopModel(FlopModelBase, BaseTuner):
                 "would compute something else. Use hf_flop.compact(model), which removes those heads exactly."
             )
         masks = {
-            g.consumer: (self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
+            g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
             for g in self.structure_groups
         }
         for handle in self._hook_handles:
@@ -262,8 +268,8 @@ class FlopModel(FlopModelBase, BaseTuner):
                 module.unload(self.model, merge=True)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         modules = dict(model.named_modules())
-        for name, (mask, unit) in masks.items():
-            scale_inputs_(modules[name], mask.repeat_interleave(unit))
+        for name, mask in masks.items():
+            scale_inputs_(modules[name], mask)
         return model
 
 
