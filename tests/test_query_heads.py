@@ -8,11 +8,13 @@ import pytest
 import torch
 from test_compact import logits
 from test_scores import calibration
+from test_trainer import make_trainer
 from tiny_models import tiny_inputs, tiny_llama, tiny_mqa_llama, tiny_olmo2, tiny_phi3
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_flop import FlopConfig, compact, compute_scores, get_flop_model, prune_oneshot, sparsity_report
 from hf_flop.architectures import ARCHITECTURES, arch_spec, layer_layouts
+from hf_flop.compact import write_back
 from hf_flop.config import FlopConfigError
 from hf_flop.layers import FlopLinear
 from hf_flop.lookup import find_flop_model
@@ -195,3 +197,30 @@ def test_an_architecture_without_a_group_size_attribute_is_refused(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "llama", replace(ARCHITECTURES["llama"], attention_head_attrs={}))
     with pytest.raises(ValueError, match="attention_head_attrs value 'group_size'"):
         get_flop_model(tiny_llama(), FlopConfig(levels=["query_head"]))
+
+
+# --- training and the write-back ---------------------------------------------------------------------
+
+
+def test_write_back_of_the_compacted_weights_round_trips():
+    model = _gated(tiny_mqa_llama)
+    _close(model, {0: [1, 3], 1: [2]})
+    small = compact(model)
+    with torch.no_grad():
+        for param in small.parameters():
+            param.add_(0.01)
+    write_back(model, small)
+    again = compact(model)
+    for name, param in small.state_dict().items():
+        assert torch.equal(param, again.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("pruning_phase", [0.0, 0.5])  # one-shot + recovery, two phases
+def test_pruning_trainer_prunes_query_heads_to_the_target_and_compacts_exactly(tmp_path, pruning_phase):
+    config = FlopConfig(levels=["query_head"], target_modules=["q_proj", "o_proj"], target_sparsity=0.5)
+    model = get_flop_model(tiny_mqa_llama(), config)
+    make_trainer(tmp_path, model, steps=4, pruning_phase=pruning_phase).train()
+    model.eval()
+    assert sparsity_report(model).deterministic_sparsity == 0.5
+    inputs = tiny_inputs()
+    assert (logits(compact(model), **inputs) - logits(model, **inputs)).abs().max() < 1e-4
