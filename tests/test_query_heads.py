@@ -224,3 +224,13 @@ def test_pruning_trainer_prunes_query_heads_to_the_target_and_compacts_exactly(t
     assert sparsity_report(model).deterministic_sparsity == 0.5
     inputs = tiny_inputs()
     assert (logits(compact(model), **inputs) - logits(model, **inputs)).abs().max() < 1e-4
+
+
+def test_merge_and_unload_folds_the_query_head_masks():
+    model = _gated(lambda: tiny_mqa_llama(2))
+    _close(model, {0: [1], 1: [0]})
+    inputs = tiny_inputs()
+    expected = logits(model, **inputs)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, FlopLinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, **inputs), expected, atol=1e-5, rtol=0)
