@@ -23,7 +23,7 @@ from .linear import linear_shape
 from .modeling import TYPE_PREFIX
 
 PROJECTIONS = ("q", "k", "v")  # what a projection norm may normalise
-HEAD_COUNTS = ("heads", "kv_heads", "q_width")  # what an attention attribute may count
+HEAD_COUNTS = ("heads", "kv_heads", "q_width", "group_size")  # what an attention attribute may count
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class ArchSpec:
     with the heads, and its mean of squares covers the heads compaction keeps (``hf_flop.projection_norms``).
 
     ``attention_head_attrs`` names what compaction rewrites on each attention module (``"heads"``,
-    ``"kv_heads"`` or ``"q_width"``); a dotted name such as ``"config.num_attention_heads"`` gives that
+    ``"kv_heads"``, ``"q_width"`` or ``"group_size"``, the query heads per KV head, which level
+    ``"query_head"`` changes); a dotted name such as ``"config.num_attention_heads"`` gives that
     module its own view of the config with the value changed (Phi-3 slices ``qkv_proj`` by the config).
     """
 
@@ -130,7 +131,7 @@ _LLAMA = ArchSpec(
     kv_heads_attr="num_key_value_heads",
     hidden_attr="hidden_size",
     head_dim_attr="head_dim",
-    attention_head_attrs={},
+    attention_head_attrs={"num_key_value_groups": "group_size"},  # repeat_kv's factor
     intermediate_attr="intermediate_size",
     gguf="llama",
 )
@@ -184,7 +185,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         **_fused_qkv("self_attn.qkv_proj"),
         up=("mlp.gate_up_proj",),
         up_chunks=2,
-        attention_head_attrs={"config.num_attention_heads": "heads", "num_key_value_heads": "kv_heads"},
+        attention_head_attrs={
+            "config.num_attention_heads": "heads",
+            "num_key_value_heads": "kv_heads",
+            "num_key_value_groups": "group_size",
+        },
         gguf=None,
     ),
     # the encoder: Wqkv is [q; k; v] (equal thirds), Wi is [input; gate] (a GLU); local and global layers alike
@@ -267,8 +272,6 @@ def layer_layouts(model: nn.Module, spec: ArchSpec) -> list[LayerLayout]:
     """Per-layer head counts and widths, read from the modules themselves (so compacted models work too)."""
     config = model.config
     heads = getattr(config, spec.heads_attr)
-    kv_heads = getattr(config, spec.kv_heads_attr) if spec.kv_heads_attr else heads
-    kv_heads = kv_heads or heads
     hidden = getattr(config, spec.hidden_attr)
     head_dim = getattr(config, spec.head_dim_attr, None) if spec.head_dim_attr else None
     head_dim = head_dim or hidden // heads
@@ -279,11 +282,15 @@ def layer_layouts(model: nn.Module, spec: ArchSpec) -> list[LayerLayout]:
         down = modules[f"{prefix}.{spec.down}"]
         q_width = linear_shape(o)[1]
         layer_heads = q_width // head_dim
+        layer_kv_heads = layer_heads
+        if spec.kv_heads_attr:  # from K's rows: query heads may have gone while every KV head stayed
+            k_rows = linear_shape(modules[f"{prefix}.{spec.k}"])[0]
+            layer_kv_heads = (k_rows - q_width) // 2 // head_dim if spec.fused_qkv else k_rows // head_dim
         layouts.append(
             LayerLayout(
                 prefix=prefix,
                 heads=layer_heads,
-                kv_heads=max(1, layer_heads * kv_heads // heads),
+                kv_heads=max(1, layer_kv_heads),
                 head_dim=head_dim,
                 intermediate=linear_shape(down)[1],
             )

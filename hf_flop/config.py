@@ -10,11 +10,11 @@ from peft import PeftConfig
 from .peft_type import flop_peft_type
 
 # FlopConfig.levels entries: the structures that get gates (hf_flop.model injects each level's modules)
-LEVELS = ("rank", "head", "row", "block", "embedding")
+LEVELS = ("rank", "head", "query_head", "row", "block", "embedding")
 # FlopConfig.gate values: the gate types (hf_flop.gates.GATE_TYPES builds them)
 GATES = ("hard_concrete", "topk")
 # the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
-UNIFORM_LEVELS = ("head", "row")
+UNIFORM_LEVELS = ("head", "query_head", "row")
 
 
 class FlopConfigError(ValueError):
@@ -40,7 +40,9 @@ class FlopConfig(PeftConfig):
 
     Each targeted linear layer is re-parametrised as ``W = P diag(z) Q`` (level ``"rank"``) with one
     gate ``z_k`` per rank-1 component; ``"head"`` and ``"row"`` add one gate per attention head (per
-    KV group under grouped-query attention) and per FFN intermediate neuron. The trainer drives the
+    KV group under grouped-query attention) and per FFN intermediate neuron; ``"query_head"`` (grouped-
+    or multi-query attention) removes query heads and keeps every KV head, the same number from each
+    KV group of a layer. The trainer drives the
     expected fraction of removed prunable parameters to ``target_sparsity``.
     """
 
@@ -97,7 +99,7 @@ class FlopConfig(PeftConfig):
         metadata={
             "help": "Keep the same number of heads (KV groups under GQA) and the same FFN width (rounded to "
             "round_to) in every transformer layer, so compaction returns the stock transformers class with a "
-            f"stock config (no remote code). Levels {list(UNIFORM_LEVELS)} only; 'head' only where the stock "
+            f"stock config (no remote code). Levels {list(UNIFORM_LEVELS)} only; heads only where the stock "
             "config states the head size (hf_flop.uniform)."
         },
     )
@@ -133,6 +135,13 @@ class FlopConfig(PeftConfig):
                 "levels",
                 "FlopConfig.levels cannot combine 'rank' and 'block' in one step: blocks live in dense "
                 "matrices. Run 'rank'/'head'/'row' first, compact, then 'block' (the two-step pipeline).",
+            )
+        if "head" in self.levels and "query_head" in self.levels:
+            raise FlopConfigError(
+                "levels",
+                "FlopConfig.levels cannot combine 'head' and 'query_head': both gate the attention output. Use "
+                "'head' to remove whole KV groups (a KV head and its query heads), or 'query_head' to remove query "
+                "heads and keep every KV head (the only choice with one KV head, multi-query attention).",
             )
         _check_choice("gate", "gate", self.gate, GATES)
         self._check_uniform_shapes()

@@ -1,13 +1,21 @@
-"""Levels ``"head"`` and ``"row"``: one gate over the attention heads, or the FFN rows, of a layer.
+"""Levels ``"head"``, ``"query_head"`` and ``"row"``: one gate over the attention heads, or the FFN rows, of a layer.
 
 A *structure group* (``StructureGroup``) is one such gate with the modules it shrinks, built from
 the architecture table (``hf_flop.architectures``). The gate masks the *consumer*'s input (the
 attention output projection, or the FFN down projection) unit by unit: a head whose attention
 output never reaches the output projection can have its Q/K/V rows removed exactly, and likewise
-an FFN neuron that never reaches the down projection. Under grouped-query attention a unit is a KV
-group (its KV head and the query heads sharing it).
+an FFN neuron that never reaches the down projection. Under grouped-query attention a unit of level
+``"head"`` is a KV group (its KV head and the query heads sharing it).
 
-The gates live in the model (``FlopModel.flop_structure_gates``, keys ``head_<i>`` / ``row_<i>``),
+Level ``"query_head"`` keeps every KV head and removes query heads inside the KV groups, so a
+multi-query model (one KV head) can lose attention width too. The stock attention repeats each KV
+head over the same number of query heads (``num_key_value_groups``), so every KV group of a layer
+must keep as many query heads: a unit is a query-head *slot*, the ``j``-th query head of every KV
+group (``StructureGroup.tiles`` = the KV heads: the slot's features repeat once per group). Its only
+producer is Q (K and V are untouched); compaction rewrites the group size, and stays exact.
+
+The gates live in the model (``FlopModel.flop_structure_gates``, keys ``head_<i>`` / ``query_head_<i>`` /
+``row_<i>``),
 not in one layer: they cut the kept input features of the consumer and the kept output features of
 the *producers* (Q/K/V, or up/gate), which accounting and compaction read through
 ``kept_features`` and ``StructureCuts``.
@@ -20,18 +28,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, arch_spec, layer_layouts
+from .architectures import ArchSpec, LayerLayout, arch_spec, layer_layouts
 from .counting import compacted_count, expected_kept_count, kept_unit_indices, unit_features
 from .gated import GatedUnits
 from .gates import Gate
 
-GROUP_LEVELS = ("head", "row")
+GROUP_LEVELS = ("head", "query_head", "row")
 ROUNDED_LEVELS = ("row",)  # FlopConfig.round_to applies to FFN widths, not to head counts
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``[offset + u * unit, offset + (u + 1) * unit)`` of ``module``'s output belong to unit ``u``."""
+    """Rows ``[offset + u * unit, offset + (u + 1) * unit)`` of ``module``'s output belong to unit ``u``
+    (in each of the group's ``tiles`` blocks of ``n_units * unit`` rows)."""
 
     module: str
     unit: int
@@ -50,6 +59,17 @@ class StructureGroup:
     consumer_unit: int
     producers: list[Segment]
     norms: list[Segment] = field(default_factory=list)  # RMS norms over a whole producer's width, cut with it
+    # the units' features repeat in this many consecutive blocks (query-head slots: once per KV group)
+    tiles: int = 1
+
+    def features(self, units: torch.Tensor, width: int) -> torch.Tensor:
+        """Sorted feature indices of ``units`` in a span where each unit owns ``width`` features per tile."""
+        blocks = torch.arange(self.tiles)[:, None] * (self.n_units * width)
+        return (blocks + unit_features(units, width)).flatten()
+
+    def feature_mask(self, mask: torch.Tensor, width: int) -> torch.Tensor:
+        """A value per feature from a value per unit (``mask``), over the whole span."""
+        return mask.repeat_interleave(width).repeat(self.tiles)
 
     def kept_units(self, gate: Gate, deterministic: bool, round_to: int):
         """Units compaction keeps (an int tensor), or their differentiable expectation."""
@@ -78,12 +98,29 @@ def structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list
                 producers = [Segment(f"{p}.{getattr(spec, n)}", units[n]) for n in ("q", "k", "v")]
             norms = [Segment(f"{p}.{norm}", units[proj]) for norm, proj in spec.projection_norms.items()]
             groups.append(StructureGroup(f"head_{i}", "head", p, kv, f"{p}.{spec.o}", gs * hd, producers, norms))
+        if "query_head" in levels:
+            groups.append(_query_head_group(f"query_head_{i}", layout, spec))
         if "row" in levels:
             # a fused producer ([gate; up]) holds its chunks one after the other, each cut the same way
             width = layout.intermediate
             producers = [Segment(f"{p}.{up}", 1, chunk * width) for up in spec.up for chunk in range(spec.up_chunks)]
             groups.append(StructureGroup(f"row_{i}", "row", p, layout.intermediate, f"{p}.{spec.down}", 1, producers))
     return groups
+
+
+def _query_head_group(key: str, layout: LayerLayout, spec: ArchSpec) -> StructureGroup:
+    """The query-head slots of one layer: unit ``j`` is the ``j``-th query head of every KV group.
+
+    Q's rows are ``[group 0: its query heads; group 1: ...]``, as the output projection's columns, so
+    one slot is ``head_dim`` features in each of the ``kv_heads`` blocks; with fused q/k/v, Q is the
+    first slice. A norm over Q's whole width is cut with the query heads; K's norm is untouched.
+    """
+    p, hd = layout.prefix, layout.head_dim
+    norms = [Segment(f"{p}.{norm}", hd) for norm, proj in spec.projection_norms.items() if proj == "q"]
+    producers = [Segment(f"{p}.{spec.q}", hd)]
+    return StructureGroup(
+        key, "query_head", p, layout.group_size, f"{p}.{spec.o}", hd, producers, norms, tiles=layout.kv_heads
+    )
 
 
 class InputMask:
@@ -93,12 +130,12 @@ class InputMask:
     teacher) carries a hook bound to the copied gate.
     """
 
-    def __init__(self, gate: Gate, unit: int) -> None:
+    def __init__(self, gate: Gate, group: StructureGroup) -> None:
         self.gate = gate
-        self.unit = unit
+        self.group = group
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        mask = self.gate().repeat_interleave(self.unit)
+        mask = self.group.feature_mask(self.gate(), self.group.consumer_unit)
         return (args[0] * mask.to(args[0].dtype), *args[1:])
 
 
@@ -110,10 +147,10 @@ def kept_features(groups: list[StructureGroup], gates, deterministic: bool, roun
     """
     kept_in, kept_out = {}, {}
     for group in groups:
-        units = group.kept_units(gates[group.key], deterministic, round_to)
+        units = group.kept_units(gates[group.key], deterministic, round_to) * group.tiles
         kept_in[group.consumer] = units * group.consumer_unit
         for seg in group.producers:
-            kept_out.setdefault(seg.module, []).append((units * seg.unit, seg.unit * group.n_units))
+            kept_out.setdefault(seg.module, []).append((units * seg.unit, seg.unit * group.n_units * group.tiles))
     return kept_in, kept_out
 
 
@@ -144,23 +181,28 @@ class StructureCuts:
             count = int(group.kept_units(gates[group.key], True, round_to))
             units = kept_unit_indices(mask, count)
             self.cols[group.consumer] = (
-                unit_features(units, group.consumer_unit),
-                mask[units].repeat_interleave(group.consumer_unit),
+                group.features(units, group.consumer_unit),
+                group.feature_mask(mask[units], group.consumer_unit),
             )
             for seg in group.producers:
                 self.segments.setdefault(seg.module, []).append(
-                    (seg.offset, seg.unit * group.n_units, unit_features(units, seg.unit))
+                    (seg.offset, seg.unit * group.n_units * group.tiles, group.features(units, seg.unit))
                 )
             for seg in group.norms:
-                self.norms[seg.module] = unit_features(units, seg.unit)
+                self.norms[seg.module] = group.features(units, seg.unit)
             layout = layouts[group.layer]
             before = {"heads": layout.heads, "kv_heads": layout.kv_heads, "intermediate": layout.intermediate}
             counts = self.layers.setdefault(group.layer, {**before, **{f"{k}_before": v for k, v in before.items()}})
-            if group.level == "head":
-                heads = {"heads": count * layout.group_size, "kv_heads": count}
+            if group.level in ("head", "query_head"):
+                if group.level == "head":  # whole KV groups go: the group size stays
+                    heads = {"heads": count * layout.group_size, "kv_heads": count}
+                    counted = {a: w for a, w in spec.attention_head_attrs.items() if w != "group_size"}
+                else:  # query heads go, every KV head stays
+                    heads = {"heads": count * layout.kv_heads, "kv_heads": layout.kv_heads, "group_size": count}
+                    counted = spec.attention_head_attrs
                 heads["q_width"] = heads["heads"] * layout.head_dim
-                counts.update(heads=heads["heads"], kv_heads=count)
-                attrs = {attr: heads[what] for attr, what in spec.attention_head_attrs.items()}
+                counts.update(heads=heads["heads"], kv_heads=heads["kv_heads"])
+                attrs = {attr: heads[what] for attr, what in counted.items()}
                 if attrs:
                     self.attributes[f"{group.layer}.{spec.attention}"] = attrs
             else:
@@ -186,25 +228,68 @@ def group_units(groups: list[StructureGroup], gates, layers: dict) -> list[Gated
         consumer = layers[group.consumer]
         columns = consumer.folded_weight().float()
         rows = torch.zeros(group.n_units, device=columns.device)
-        unit_params = group.consumer_unit * consumer.out_features
+        unit_params = group.consumer_unit * group.tiles * consumer.out_features
         for seg in group.producers:
             producer = layers[seg.module]
             weight = producer.folded_weight().float()
-            block = weight[seg.offset : seg.offset + group.n_units * seg.unit]
-            rows += block.reshape(group.n_units, -1).pow(2).sum(1)
-            unit_params += seg.unit * producer.in_features
+            block = weight[seg.offset : seg.offset + group.n_units * seg.unit * group.tiles]
+            rows += block.reshape(group.tiles, group.n_units, -1).pow(2).sum((0, 2))
+            unit_params += seg.unit * group.tiles * producer.in_features
+        # a unit's features, unit-major (a query-head slot's lie in every KV group's block)
+        index = None
+        if group.tiles > 1:
+            index = torch.cat([group.features(torch.tensor([u]), group.consumer_unit) for u in range(group.n_units)])
+        column_sq_norms = columns.pow(2).sum(0)
+        if index is not None:
+            column_sq_norms = column_sq_norms[index.to(column_sq_norms.device)]
         found.append(
             GatedUnits(
                 key=group.key,
                 level=group.level,
                 gate=gates[group.key],
                 n_units=group.n_units,
-                unit=group.consumer_unit,
+                unit=group.consumer_unit * group.tiles,
                 unit_params=unit_params,
                 observed=consumer,
-                column_sq_norms=columns.pow(2).sum(0),
+                column_sq_norms=column_sq_norms,
                 row_sq_norms=rows,
+                feature_index=index,
                 module=group.layer,
             )
         )
     return found
+
+
+def check_heads_removable(model: nn.Module, levels: list[str]) -> None:
+    """Refuse, before any work, a head level that could remove nothing from this model.
+
+    Level ``"head"`` removes whole KV groups, so a model with one KV head per layer (multi-query
+    attention) keeps it; level ``"query_head"`` removes query heads inside a KV group, so a model
+    with one query head per KV head (no grouping) has none to remove, and an architecture whose
+    attention states no group size (``ArchSpec.attention_head_attrs``) could not be compacted.
+    """
+    spec = arch_spec(model.config.model_type)
+    layouts = layer_layouts(model, spec)
+    model_type = model.config.model_type
+    if "head" in levels and all(layout.kv_heads == 1 for layout in layouts):
+        raise ValueError(
+            f"level 'head' can remove nothing from this {model_type!r} model: every layer has a single KV head "
+            "(multi-query attention: one KV head per layer), and a head unit is a KV group with the query heads "
+            "that share it, so the head level could remove nothing. Use level 'query_head' instead (it removes "
+            "query heads and keeps the KV head), or levels=['row']."
+        )
+    if "query_head" not in levels:
+        return
+    if all(layout.group_size == 1 for layout in layouts):
+        raise ValueError(
+            f"level 'query_head' removes query heads inside a KV group, but every layer of this {model_type!r} "
+            "model has one query head per KV head (no grouped-query attention), so it could remove nothing. Use "
+            "level 'head': it removes whole heads with their key and value rows."
+        )
+    if "group_size" not in spec.attention_head_attrs.values():
+        raise ValueError(
+            f"level 'query_head' changes how many query heads share a KV head, but the ArchSpec of {model_type!r} "
+            "names no attention attribute holding that number (attention_head_attrs value 'group_size', e.g. "
+            "{'num_key_value_groups': 'group_size'}), so the compacted attention would repeat K/V wrongly. Add it "
+            "to the ArchSpec, or use level 'head'."
+        )

@@ -330,6 +330,7 @@ def base_model_license(model: nn.Module) -> str | None:
 
 _LEVEL_WORDS = {
     "head": "attention heads",
+    "query_head": "query heads (every KV head kept)",
     "row": "FFN neurons (rows)",
     "block": "weight blocks",
     "embedding": "vocabulary clusters of the embedding",

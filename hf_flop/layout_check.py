@@ -99,7 +99,7 @@ def _close_some(flop_model, level: str, uniform: bool) -> None:
     groups = [g for g in flop_model.structure_groups if g.level == level]
     for i, group in enumerate(groups):
         first = i == 0 or uniform
-        if level == "head":
+        if level in ("head", "query_head"):
             units = torch.tensor([group.n_units - 1]) if first else torch.zeros(0, dtype=torch.long)
         else:
             units = torch.arange(1, group.n_units, 3 if first else 4)
@@ -109,6 +109,8 @@ def _close_some(flop_model, level: str, uniform: bool) -> None:
 def _part(spec: ArchSpec, level: str) -> str:
     if level == "head":
         return f"attention heads ({spec.q}, {spec.k}, {spec.v} -> {spec.o})"
+    if level == "query_head":
+        return f"query heads ({spec.q} -> {spec.o})"
     return f"MLP rows ({', '.join(spec.up)} -> {spec.down})"
 
 

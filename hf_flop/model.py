@@ -22,7 +22,7 @@ from .config import FlopConfig
 from .embedding import check_embedding_level, inject_embedding
 from .gated import GatedLayer
 from .gates import Gate, build_gate
-from .groups import GROUP_LEVELS, InputMask, StructureGroup, structure_groups
+from .groups import GROUP_LEVELS, InputMask, StructureGroup, check_heads_removable, structure_groups
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
 from .lookup import FlopModelBase
@@ -46,21 +46,19 @@ def _check_group_level(level: str, model: nn.Module, config: FlopConfig, targets
     """A head/row level must be able to remove something: a gate in some layer, with more than one unit."""
     spec = arch_spec(_model_type(model))
     groups = _gated_groups(model, spec, {level}, set(targets))
-    modules = [spec.q, spec.k, spec.v, spec.o] if level == "head" else [*spec.up, spec.down]
+    modules = {"head": [spec.q, spec.k, spec.v, spec.o], "query_head": [spec.q, spec.o]}.get(level, [*spec.up, spec.down])
     if not groups:
         raise ValueError(
             f"level {level!r} can remove nothing: its gate in a layer needs all of {modules} targeted, and "
             "target_modules / exclude_modules leave no layer so. Target them, or drop the level."
         )
-    if all(g.n_units <= 1 for g in groups) and level == "head":
-        raise ValueError(
-            "level 'head' can remove nothing from this model: every layer has a single KV head (multi-query "
-            "attention), and a head unit is a KV group with the query heads that share it, so the one group is the "
-            "whole attention. Use levels=['row'] (with 'rank' if you like); removing query heads within a KV "
-            "group is planned."
-        )
     if all(g.n_units <= 1 for g in groups):
         raise ValueError(f"level {level!r} can remove nothing: every layer has a single unit of it. Drop the level.")
+
+
+def _check_heads(level: str, model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    check_heads_removable(model, config.levels)  # MQA with 'head', no grouping with 'query_head'
+    _check_group_level(level, model, config, targets)
 
 
 def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
@@ -69,7 +67,8 @@ def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> N
 
 # level -> check run before anything is replaced: (model, config, targeted module names) -> None or raise
 LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
-    "head": functools.partial(_check_group_level, "head"),
+    "head": functools.partial(_check_heads, "head"),
+    "query_head": functools.partial(_check_heads, "query_head"),
     "row": functools.partial(_check_group_level, "row"),
     "block": _check_blocks,
     "embedding": check_embedding_level,
@@ -227,7 +226,7 @@ class FlopModel(FlopModelBase, BaseTuner):
             modules = dict(model.named_modules())
             for group in self.structure_groups:
                 gate = self.flop_structure_gates[group.key]
-                hook = InputMask(gate, group.consumer_unit)
+                hook = InputMask(gate, group)
                 self._hook_handles.append(modules[group.consumer].register_forward_pre_hook(hook))
                 for norm in group.norms:  # the statistic of a norm over the whole projection: kept heads only
                     hook = KeptHeadsStatistic(gate, group, norm.unit, config.round_to)
@@ -303,7 +302,7 @@ class FlopModel(FlopModelBase, BaseTuner):
                 "would compute something else. Use hf_flop.compact(model), which removes those heads exactly."
             )
         masks = {
-            g.consumer: (self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
+            g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
             for g in self.structure_groups
         }
         for handle in self._hook_handles:
@@ -313,8 +312,8 @@ class FlopModel(FlopModelBase, BaseTuner):
                 module.unload(self.model, merge=True)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         modules = dict(model.named_modules())
-        for name, (mask, unit) in masks.items():
-            scale_inputs_(modules[name], mask.repeat_interleave(unit))
+        for name, mask in masks.items():
+            scale_inputs_(modules[name], mask)
         return model
 
 

@@ -44,7 +44,7 @@ class KeptHeadsStatistic:
         units = kept_unit_indices(mask, int(self.group.kept_units(self.gate, True, self.round_to)))
         keep = torch.zeros(self.gate.n, dtype=torch.bool, device=mask.device)
         keep[units] = True
-        return keep.repeat_interleave(self.unit)
+        return self.group.feature_mask(keep, self.unit)
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         keep = self.kept_features().to(output.device)

@@ -58,6 +58,7 @@ ATTENTION_COUNTS = {
     "num_attention_heads": "heads",
     "num_key_value_heads": "kv_heads",
     "num_kv_heads": "kv_heads",
+    "num_key_value_groups": "group_size",  # repeat_kv's factor, for level query_head
 }
 
 RANK_FALLBACK = (

@@ -85,7 +85,7 @@ def _input_scales(flop_model) -> dict[str, torch.Tensor]:
     scales = {}
     for group in flop_model.structure_groups:
         mask = flop_model.flop_structure_gates[group.key].deterministic_mask().detach().float()
-        scales[group.consumer] = mask.repeat_interleave(group.consumer_unit).cpu()
+        scales[group.consumer] = group.feature_mask(mask, group.consumer_unit).cpu()
     return scales
 
 

@@ -236,8 +236,11 @@ def obs_scores(
     if grouped:
         moments = _consumer_moments(model, grouped, calibration_data, max_batches)
         for s in grouped:
-            weight, bias = s.observed.folded_weight(), s.observed.bias
-            costs = greedy_costs(weight, bias, moments[s.key], s.unit, rounds=rounds, ridge=ridge, name=s.key)
+            weight, bias, moment = s.observed.folded_weight(), s.observed.bias, moments[s.key]
+            if s.feature_index is not None:  # a unit's features apart (query-head slots): put them unit-major
+                index = s.feature_index.to(weight.device)
+                weight, moment = weight[:, index], moment[index.to(moment.device)][:, index.to(moment.device)]
+            costs = greedy_costs(weight, bias, moment, s.unit, rounds=rounds, ridge=ridge, name=s.key)
             scores[s.key] = costs.sqrt().float().cpu()
     return scores
 

@@ -33,7 +33,7 @@ def check_uniform_shapes(model: nn.Module, config: FlopConfig, targets: list[str
         return
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     spec = arch_spec(model_type)
-    if "head" in config.levels and not spec.stock_head_pruning:
+    if {"head", "query_head"} & set(config.levels) and not spec.stock_head_pruning:
         able = sorted(name for name, s in ARCHITECTURES.items() if s.stock_head_pruning)
         raise ValueError(
             f"FlopConfig(uniform_shapes=True) cannot prune heads of model_type={model_type!r}: its stock config "

@@ -89,7 +89,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=_levels,
         default="head,row",
         help=f"Structures to gate, {_TAKES['--levels']}: rank = FLOP low-rank components, head = attention "
-        "heads, row = FFN neurons, block = weight blocks (not with rank), embedding = vocabulary clusters.",
+        "heads (whole KV groups), query_head = query heads inside KV groups (GQA/MQA; KV heads kept), row = FFN "
+        "neurons, block = weight blocks (not with rank), embedding = vocabulary clusters.",
     )
     parser.add_argument("--gate", choices=GATES, default="hard_concrete", help="Gate type.")
     parser.add_argument(
@@ -102,7 +103,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--uniform-shapes",
         action="store_true",
         help="Keep the same heads (KV groups) and FFN width in every layer, so the compacted model is the stock "
-        "transformers class (no remote code; llama.cpp's 'llama'). Levels head and/or row; heads only where "
+        "transformers class (no remote code; llama.cpp's 'llama'). Levels head, query_head and/or row; heads only where "
         "the stock config states the head size (Llama-family, not BERT or GPT-2: use --levels row there). "
         "On SmolLM2 at 50 %% it also gave the lower perplexity (benchmarks/README.md, 'Equal budget').",
     )

@@ -28,7 +28,10 @@ def test_round_trip(tmp_path):
         ({"target_modules": "q_proj("}, "not a valid regex"),
         ({"embedding_cutoffs": [100, 50]}, "strictly increasing"),
         ({"uniform_shapes": "yes", "levels": ["row"]}, "uniform_shapes='yes' must be True or False"),
-        ({"uniform_shapes": True}, r"uniform_shapes=True allows levels \['head', 'row'\] only, got \['rank'\]"),
+        (
+            {"uniform_shapes": True},
+            r"uniform_shapes=True allows levels \['head', 'query_head', 'row'\] only, got \['rank'\]",
+        ),
         ({"uniform_shapes": True, "levels": ["head", "block"]}, r"got \['block'\].*uniform_shapes=False"),
         ({"uniform_shapes": True, "levels": ["row", "embedding"]}, r"got \['embedding'\]"),
     ],

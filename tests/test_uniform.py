@@ -10,7 +10,7 @@ import torch
 from test_compact import _load_in_fresh_process, logits
 from test_scores import calibration
 from test_trainer import flop_llama, make_trainer
-from tiny_models import ALL_BUILDERS, RECOGNISED_BUILDERS, TINY_BUILDERS, tiny_inputs
+from tiny_models import ALL_BUILDERS, RECOGNISED_BUILDERS, TINY_BUILDERS, tiny_inputs, tiny_mqa_llama
 from tiny_task import CountingTask
 
 from hf_flop import FlopConfig, compact, compute_scores, get_flop_model, prune_oneshot, prune_to_target, sparsity_report
@@ -36,6 +36,14 @@ STOCK_RELOAD = [*sorted(TINY_BUILDERS), "modernbert", "olmo2", "phi3"]
 def _uniform(arch: str, target: float | None = None, **config):
     config = {"levels": LEVELS[arch], "target_sparsity": target or TARGETS.get(arch, 0.5), **config}
     return get_flop_model(ALL_BUILDERS[arch]().eval(), FlopConfig(uniform_shapes=True, **config)).eval()
+
+
+def _stock_reload_cases():
+    """(name, gated model, calibration) of every family in STOCK_RELOAD, and a multi-query Llama losing query heads."""
+    for arch in [*STOCK_RELOAD, *sorted(RECOGNISED_BUILDERS)]:
+        yield arch, _uniform(arch), _calibration(arch)
+    config = FlopConfig(levels=["query_head"], target_modules=["q_proj", "o_proj"], uniform_shapes=True)
+    yield "llama_mqa_query_heads", get_flop_model(tiny_mqa_llama().eval(), config).eval(), _calibration("llama")
 
 
 def _calibration(arch: str) -> list[dict[str, torch.Tensor]]:
@@ -140,9 +148,11 @@ def test_saved_uniform_models_load_with_plain_transformers(tmp_path):
     without hf_flop: every config value a family adds (head_dim, layer_types, query_pre_attn_scalar,
     multipliers) must round-trip."""
     cases = []
-    for arch in [*STOCK_RELOAD, *sorted(RECOGNISED_BUILDERS)]:
-        model = prune_oneshot(_uniform(arch), None, _calibration(arch), "activation")
+    for arch, gated, data in _stock_reload_cases():
+        model = prune_oneshot(gated, None, data, "activation")
         small = compact(model)
+        if arch == "llama_mqa_query_heads":  # 2 of the 4 query heads in every layer, the one KV head kept
+            assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
         folder = tmp_path / arch
         small.save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())

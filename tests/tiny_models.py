@@ -93,6 +93,12 @@ def tiny_llama(tie_word_embeddings: bool = False, **overrides) -> LlamaForCausal
     return LlamaForCausalLM(config)
 
 
+def tiny_mqa_llama(num_key_value_heads: int = 1) -> LlamaForCausalLM:
+    """Llama with multi-query attention: 4 query heads sharing one KV head (or ``num_key_value_heads``)."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**_gqa_kwargs(), "num_key_value_heads": num_key_value_heads}))
+
+
 def tiny_roberta() -> RobertaForSequenceClassification:
     torch.manual_seed(0)
     config = RobertaConfig(
