@@ -37,12 +37,9 @@ WHOLE = {
     "uniform reload, no hf_flop": ["test_uniform::test_saved_uniform_models_load_with_plain_transformers"],
 }
 REFUSED = {  # families outside the table whose layout recognition cannot read (yet): config class, model class
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 32}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
-    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", {}),
     "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", {}),
 }
 
