@@ -71,6 +71,11 @@ def _ridge(block: torch.Tensor, ridge: float) -> torch.Tensor:
     return block + damp * torch.eye(len(block), dtype=block.dtype, device=block.device)
 
 
+def _rising_dampings(ridge: float) -> tuple[float, ...]:
+    """``ridge``, then tenfold steps from at least 1e-6 up to 0.1: what a singular fit tries next."""
+    return (ridge, *(max(ridge, 1e-6) * 10**k for k in range(1, 6)))
+
+
 def _damped_cholesky(block: torch.Tensor, ridge: float) -> torch.Tensor:
     """The Cholesky factor of ``_ridge(block, ridge)``, the damping raised tenfold until it factors.
 
@@ -78,7 +83,7 @@ def _damped_cholesky(block: torch.Tensor, ridge: float) -> torch.Tensor:
     tiny negative eigenvalues (cancellation in ``E[x x^T] - mean mean^T``) that the relative ridge
     does not cover; more damping only makes the fit a little more conservative.
     """
-    for damping in (ridge, *(max(ridge, 1e-6) * 10**k for k in range(1, 6))):
+    for damping in _rising_dampings(ridge):
         chol, info = torch.linalg.cholesky_ex(_ridge(block, damping))
         if int(info) == 0:
             return chol
@@ -94,7 +99,7 @@ def _damped_solve(gram: torch.Tensor, n: int, rhs: torch.Tensor, ridge: float) -
     With ``ridge=0`` (exact refits) and features that repeat or never vary, the Gram matrix is
     singular; as in ``_damped_cholesky``, a little damping picks one of the equally good fits.
     """
-    for damping in (ridge, *(max(ridge, 1e-6) * 10**k for k in range(1, 6))):
+    for damping in _rising_dampings(ridge):
         damped = gram.clone()
         damped[:n, :n] = _ridge(gram[:n, :n], damping)
         solved, info = torch.linalg.solve_ex(damped, rhs)

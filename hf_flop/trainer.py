@@ -239,12 +239,6 @@ class PruningTrainer(Trainer):
             warnings.warn(TargetMissedWarning(miss), stacklevel=2)
         return output
 
-    @property
-    def target_miss(self) -> TargetMiss | None:
-        """The facts of a missed target after ``train()`` (None when it was met or before training)."""
-        check = self.target_check
-        return None if check is None or check.met else TargetMiss.of(check, self.schedule, self.args)
-
     def missed_target_message(self, names: dict[str, str] | None = None, prefix: str = "PruningTrainer: ") -> str:
         """What ``train()`` warns when the size missed the target, in the caller's ``names`` (``TargetMiss.message``)."""
         check = self.target_check or check_target(self.gated_model)
