@@ -33,6 +33,16 @@ import common  # noqa: E402
 from smollm2_rows import EMBEDDING_CLUSTERS, LEVELS, LONG_BUDGET, ROWS, SETTINGS, TARGET, SmolLM2Row  # noqa: E402
 
 
+def _model(settings: dict):
+    """The benchmark's pretrained model and tokenizer (``settings["model"]``: SmolLM2 unless a row set says so)."""
+    return common.causal_lm(settings.get("model", "smollm2"))
+
+
+def _levels(settings: dict, row: SmolLM2Row) -> list[str]:
+    """hf_flop's levels: the row's own, else the model's (heads and rows; query heads for a multi-query model)."""
+    return list(row.levels or settings.get("levels", LEVELS))
+
+
 def _args(out: Path, settings: dict, **extra):
     from hf_flop.trainer import PruningArguments
 
@@ -89,7 +99,7 @@ def _pretrained_stats(root: Path) -> dict:
 
 
 def phase_pretrained(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
-    model, tokenizer = common.smollm2()
+    model, tokenizer = _model(settings)
     _, test, _ = common.ptb_blocks(settings, tokenizer)
     embedding = model.get_input_embeddings().weight.numel()
     return {
@@ -105,7 +115,7 @@ def phase_pretrained(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> 
 def phase_dense(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
     from transformers import Trainer, default_data_collator
 
-    model, tokenizer = common.smollm2()
+    model, tokenizer = _model(settings)
     train, test, _ = common.ptb_blocks(settings, tokenizer)
     trainer = Trainer(model=model, args=_args(out, settings), train_dataset=train, data_collator=default_data_collator)
     wall = _train(trainer)
@@ -141,10 +151,10 @@ def phase_learned(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dic
     from hf_flop.trainer import PruningTrainer
 
     pretrained_stats = _pretrained_stats(root)
-    model, tokenizer = common.smollm2()
+    model, tokenizer = _model(settings)
     train, test, calibration = common.ptb_blocks(settings, tokenizer)
     teacher = copy.deepcopy(model)  # the distillation teacher, then the dense side of the latency ratio
-    levels = LEVELS + (["embedding"] if row.embedding else [])
+    levels = _levels(settings, row) + (["embedding"] if row.embedding else [])
     extra = _embedding_clusters(model, train) if row.embedding else {}
     config = FlopConfig(levels=levels, target_sparsity=TARGET, **extra)
     model = get_flop_model(model, config)
@@ -194,7 +204,7 @@ def _recover(out: Path, settings: dict, model, teacher, train, **extra) -> float
     return _train(trainer)
 
 
-def _hf_flop_oneshot(row: SmolLM2Row, model, calibration, train, pretrained_stats: dict):
+def _hf_flop_oneshot(row: SmolLM2Row, model, calibration, train, pretrained_stats: dict, levels: list[str]):
     """hf_flop's one-shot: gates closed by ``row.score``, then compaction to a plain smaller model.
 
     With ``row.embedding``: level 'embedding' too, at the total size of the head+row rows.
@@ -202,7 +212,7 @@ def _hf_flop_oneshot(row: SmolLM2Row, model, calibration, train, pretrained_stat
     from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, sparsity_report
 
     extra = _embedding_clusters(model, train) if row.embedding else {}
-    levels = LEVELS + (["embedding"] if row.embedding else [])
+    levels = levels + (["embedding"] if row.embedding else [])
     gated = get_flop_model(model, FlopConfig(levels=levels, target_sparsity=TARGET, **extra))
     target = _flop_budget(gated, pretrained_stats, row.embedding)
     gated = prune_oneshot(gated, None, calibration, row.score, target_sparsity=target)
@@ -214,9 +224,10 @@ def _torch_pruning_ffn(model, calibration, importance: str, target: float = TARG
     """Torch-Pruning's FFN channel pruning, the ratio set so the linears lose ``target`` of their weights."""
     from torch_pruning_baseline import prune_ffn_with_torch_pruning
 
-    from hf_flop.architectures import arch_spec, layer_layouts
+    from hf_flop.architectures import layer_layouts
+    from hf_flop.recognition import spec_for
 
-    spec = arch_spec(model.config.model_type)
+    spec = spec_for(model)
     modules = dict(model.named_modules())
     layouts = layer_layouts(model, spec)
     ffn = sum(modules[f"{layout.prefix}.{n}"].weight.numel() for layout in layouts for n in (*spec.up, spec.down))
@@ -228,12 +239,12 @@ def _torch_pruning_ffn(model, calibration, importance: str, target: float = TARG
 def phase_prune_then_recover(row: SmolLM2Row, out: Path, settings: dict, root: Path) -> dict:
     """One-shot pruning (hf_flop or Torch-Pruning, ``row.pruner``), then the shared recovery budget."""
     pretrained_stats = _pretrained_stats(root)
-    model, tokenizer = common.smollm2()
+    model, tokenizer = _model(settings)
     train, test, calibration = common.ptb_blocks(settings, tokenizer)
     teacher = copy.deepcopy(model).eval()
     start = time.perf_counter()
     if row.pruner == "hf_flop":
-        small, details = _hf_flop_oneshot(row, model, calibration, train, pretrained_stats)
+        small, details = _hf_flop_oneshot(row, model, calibration, train, pretrained_stats, _levels(settings, row))
     else:
         small, details = _torch_pruning_ffn(model, calibration, row.score)
     prune_time = time.perf_counter() - start
@@ -255,7 +266,7 @@ def phase_no_training(row: SmolLM2Row, out: Path, settings: dict, root: Path) ->
     from hf_flop import FlopConfig, compact, get_flop_model, prune_oneshot, reconstruct, sparsity_report
 
     pretrained_stats = _pretrained_stats(root)
-    model, tokenizer = common.smollm2()
+    model, tokenizer = _model(settings)
     _, test, _ = common.ptb_blocks(settings, tokenizer)
     sequences = settings["cost_sequences" if row.cost else "oneshot_sequences"]
     calibration = common.ptb_calibration(tokenizer, sequences, settings["oneshot_block"])
@@ -269,7 +280,7 @@ def phase_no_training(row: SmolLM2Row, out: Path, settings: dict, root: Path) ->
         small, details = _torch_pruning_ffn(model, calibration, row.score, row.target)
         result.update(details, prune_time_s=time.perf_counter() - start, perplexity=_perplexity(small, test))
         return {**result, **_sizes(small, pretrained_stats["linear_params"])}
-    config = FlopConfig(levels=LEVELS, target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
+    config = FlopConfig(levels=_levels(settings, row), target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
     gated = get_flop_model(model, config)
     if row.pruner == "flap":
         from flap_baseline import prune_flap
@@ -304,7 +315,7 @@ def phase_equal_budget(row: SmolLM2Row, out: Path, settings: dict, root: Path) -
     from hf_flop.trainer import PruningTrainer
 
     pretrained_stats = _pretrained_stats(root)
-    model, tokenizer = common.smollm2()
+    model, tokenizer = _model(settings)
     train, test, _ = common.ptb_blocks(settings, tokenizer)
     calibration = common.ptb_calibration(tokenizer, settings["oneshot_sequences"], settings["oneshot_block"])
     teacher = copy.deepcopy(model).eval()
@@ -325,7 +336,7 @@ def phase_equal_budget(row: SmolLM2Row, out: Path, settings: dict, root: Path) -
         result["learning_rate"] = row.learning_rate
         if row.pruner == "hf_flop":
             result["score"] = row.score
-            config = FlopConfig(levels=LEVELS, target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
+            config = FlopConfig(levels=_levels(settings, row), target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
             gated = get_flop_model(model, config)
             prune_oneshot(gated, None, calibration, row.score, reconstruct_options={"progress": False})
             result["deterministic_sparsity"] = sparsity_report(gated).deterministic_sparsity
@@ -338,7 +349,7 @@ def phase_equal_budget(row: SmolLM2Row, out: Path, settings: dict, root: Path) -
         _recover(out, settings, model, teacher, train, seed=row.seed, learning_rate=row.learning_rate)
         small = model.eval()
     else:  # learned: PruningTrainer warm-starts the gates from activation scores of the calibration data
-        model = get_flop_model(model, FlopConfig(levels=LEVELS, target_sparsity=row.target))
+        model = get_flop_model(model, FlopConfig(levels=_levels(settings, row), target_sparsity=row.target))
         trainer = PruningTrainer(
             model=model,
             args=_args(out, settings, **row.trainer_args),
@@ -381,20 +392,30 @@ def main() -> None:
     run_benchmark(__file__, "smollm2", ROWS, SETTINGS, run_phase, summarize)
 
 
-def summarize(root: Path, mode: str) -> None:
+def summarize(
+    root: Path,
+    mode: str,
+    *,
+    rows: dict[str, SmolLM2Row] = ROWS,
+    name: str = "bench_smollm2",
+    settings: dict = SETTINGS,
+    title: str = "SmolLM2-135M",
+) -> None:
+    """Every measured row of ``rows`` into ``<name>.json`` and ``<name>.png`` (another model: bench_gemma3.py)."""
     from phase_runner import read_results, write_summary
 
-    results = read_results(root, ROWS)
+    declared = rows
+    results = read_results(root, declared)
     pretrained = results.get("pretrained", {})
     rows, oneshot = [], []
-    for name, row in ROWS.items():
-        r = results.get(name)
+    for run, row in declared.items():
+        r = results.get(run)
         if r is None or row.kind == "pretrained":
             continue
         if row.kind == "no_training":
             oneshot.append(
                 {
-                    "run": name,
+                    "run": run,
                     "target": r["target_sparsity"],
                     "linear_sparsity": r.get("linear_sparsity"),
                     "perplexity_plain": r.get("perplexity_plain"),
@@ -410,7 +431,7 @@ def summarize(root: Path, mode: str) -> None:
             continue
         rows.append(
             {
-                "run": name,
+                "run": run,
                 "perplexity": r["perplexity"],
                 "perplexity_before_recovery": r.get("perplexity_oneshot", r.get("perplexity_before_recovery")),
                 "total_params": r.get("total_params"),
@@ -425,14 +446,15 @@ def summarize(root: Path, mode: str) -> None:
         )
     summary = {
         "mode": mode,
-        "settings": SETTINGS[mode],
+        "model": title,
+        "settings": settings[mode],
         "target": TARGET,
-        "levels": LEVELS,
+        "levels": settings[mode].get("levels", LEVELS),
         "pretrained": pretrained,
         "rows": rows,
         "oneshot_rows": oneshot,
     }
-    write_summary("bench_smollm2", summary, _plot)
+    write_summary(name, summary, _plot)
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -461,7 +483,7 @@ def _plot(summary: dict, path: Path) -> None:
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
     ax.set(
         ylabel="PTB test perplexity (log)",
-        title=f"SmolLM2-135M on PTB, target: 50% of the linears removed (removed in brackets; {summary['mode']})",
+        title=f"{summary.get('model', 'SmolLM2-135M')} on PTB, target: 50% of the linears removed (removed in brackets; {summary['mode']})",
     )
     ax.legend()
     if oneshot:

