@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from .gguf_graphs import GRAPHS
 from .linear import linear_shape
 from .modeling import TYPE_PREFIX
 
@@ -67,8 +68,8 @@ class ArchSpec:
     attention_head_attrs: dict[str, str] = field(default_factory=dict)  # attr -> what it counts
     embeddings: tuple[str, ...] = ()  # input embedding module name(s), for level "embedding"
     intermediate_attr: str | None = None  # config attribute of the FFN width (compaction to a stock config)
-    # the llama.cpp tensor layout that computes this architecture (a key of export_gguf.GGUF_TENSORS); None: no
-    # GGUF export. Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
+    # the llama.cpp graph that computes this architecture (a key of gguf_graphs.GRAPHS); None: no GGUF export.
+    # Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
     gguf: str | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +83,8 @@ class ArchSpec:
                 f"ArchSpec.projection_norms maps each norm to the projection it normalises, one of "
                 f"{sorted(PROJECTIONS)}; got {bad}."
             )
+        if self.gguf is not None and self.gguf not in GRAPHS:
+            raise ValueError(f"ArchSpec.gguf names a llama.cpp graph of {sorted(GRAPHS)}, got {self.gguf!r}.")
         what = set(self.attention_head_attrs.values()) - set(HEAD_COUNTS)
         if what:
             raise ValueError(
@@ -176,6 +179,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # Llama with per-head q_norm/k_norm (over head_dim, shared by the heads: nothing of them is cut)
+    "qwen3": replace(_LLAMA, gguf="qwen3"),
+    # Llama-shaped with Gemma's norms around each sublayer (over the hidden size: not cut), scaled embeddings,
+    # soft-capping and sliding-window layers; Gemma 3 adds Qwen3's per-head q/k norms
+    "gemma2": replace(_LLAMA, gguf="gemma2"),
+    "gemma3_text": replace(_LLAMA, gguf="gemma3"),
     # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
     "olmo2": replace(_LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None),
     # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at

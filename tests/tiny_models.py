@@ -150,8 +150,9 @@ def tiny_modernbert() -> ModernBertForSequenceClassification:
     return ModernBertForSequenceClassification(config)
 
 
-# --- families hf_flop's table lacks: their layouts are recognised from the modules (hf_flop.recognition) ---
-# each config sets what its family adds to Llama away from its default, so compaction and reload must carry it
+# --- Llama-shaped families beyond Llama (table entries for their GGUF graphs) and families hf_flop's table lacks
+# (their layouts are recognised from the modules, hf_flop.recognition): each config sets what its family adds to
+# Llama away from its default, so compaction and reload must carry it
 
 
 def tiny_qwen3(head_dim: int = 8) -> Qwen3ForCausalLM:
@@ -215,12 +216,12 @@ ARCH_BUILDERS = {
     "olmo2": tiny_olmo2,
     "phi3": tiny_phi3,
     "modernbert": tiny_modernbert,
-}
-# families outside the table whose recognised layout the per-architecture checks cover too
-RECOGNISED_BUILDERS = {
     "qwen3": tiny_qwen3,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3_text,
+}
+# families outside the table whose recognised layout the per-architecture checks cover too
+RECOGNISED_BUILDERS = {
     "granite": tiny_granite,
     "smollm3": tiny_smollm3,
 }
