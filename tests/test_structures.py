@@ -115,7 +115,10 @@ def test_structure_groups_cover_the_right_modules(arch):
         assert head.n_units == kv_heads
         assert head.consumer == f"{layout.prefix}.{spec.o}"
         assert head.consumer_unit == (heads // kv_heads) * layout.head_dim
-        assert {s.module for s in head.producers} == {f"{layout.prefix}.{n}" for n in (spec.q, spec.k, spec.v)}
+        extras = {f"{layout.prefix}.{m}" for m in spec.head_extra_producers} & set(dict(model.named_modules()))
+        qkv = {f"{layout.prefix}.{n}" for n in (spec.q, spec.k, spec.v)}
+        assert {s.module for s in head.producers} == qkv | extras  # and DeBERTa's position projections
+        assert bool(extras) == (arch == "deberta-v2")
         assert row.n_units == ffn and row.consumer == f"{layout.prefix}.{spec.down}" and row.consumer_unit == 1
         # a fused producer ([gate; up]) appears once per chunk, its chunks one after the other
         assert [s.module for s in row.producers] == [
