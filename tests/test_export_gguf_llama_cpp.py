@@ -198,8 +198,8 @@ def test_an_f16_file_matches_the_model_rounded_to_f16(llama_cpp, tmp_path, token
     assert_same_greedy(llama_cpp, rounded, path, PROMPT, atol=1e-2)
 
 
-# llama.cpp's GELU (gemma2, gemma3) reads a table of f16 values: about 1e-3 of the activations, as in an f16 file
-GRAPH_CASES = [(tiny_qwen3, "qwen3", 1e-4), (tiny_gemma2, "gemma2", 1e-2), (tiny_gemma3_text, "gemma3", 1e-2)]
+# llama.cpp's GELU (gemma2, gemma3) reads a table of f16 values: the logits differ by about 4e-5 of their largest here
+GRAPH_CASES = [(tiny_qwen3, "qwen3", 1e-4), (tiny_gemma2, "gemma2", 1e-3), (tiny_gemma3_text, "gemma3", 1e-3)]
 
 
 @pytest.mark.parametrize("builder, graph, atol", GRAPH_CASES, ids=[graph for _, graph, _ in GRAPH_CASES])
