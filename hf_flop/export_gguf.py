@@ -53,7 +53,7 @@ from transformers import PreTrainedModel
 
 from .architectures import ARCHITECTURES, arch_spec, find_layers
 from .gguf_graphs import GGUF_ARCHITECTURES, GRAPHS, GGUFExportWarning, GGUFGraph, llama_cpp_query_scale
-from .gguf_hparams import check_config, rope, sliding_layers, window_and_caps
+from .gguf_hparams import check_config, check_levels, rope, sliding_layers, window_and_caps
 from .modeling import LowRankLinear
 from .modeling.block_sparse import BlockSparseLinear
 from .modeling.factorized_embedding import FactorizedEmbedding, TiedFactorizedHead
@@ -166,16 +166,22 @@ def check_exportable(
     tokenizer_gguf: str | os.PathLike | None = None,
     tokenizer_pre: str | None = None,
     names: Mapping[str, str] | None = None,
+    flop_config=None,
 ) -> None:
     """What ``export_gguf`` would refuse about ``model``'s architecture, config and vocabulary, refused now.
 
     Needs no trained weights, so the CLI calls it before training; the layer shapes pruning will give
-    are not known yet (a non-uniform model is written as ``deci``, never refused for its shapes).
+    are not known yet (a non-uniform Llama is written as ``deci``, never refused for its shapes). With
+    the ``FlopConfig`` pruning will use (``flop_config``), what its levels would give that the model's
+    graph cannot run is refused too: per-layer shapes where no per-layer graph computes the family
+    (Qwen3, Gemma), a cluster-factorized embedding where the graph scales embeddings (Gemma).
     ``names`` is ``export_gguf``'s.
     """
     from .gguf_vocab import vocabulary
 
-    _check_model(model)
+    layout = _check_model(model)
+    if flop_config is not None:
+        check_levels(GRAPHS[layout], layout, flop_config)
     vocabulary(
         _vocab_rows(model),
         tokenizer=tokenizer,
@@ -200,7 +206,15 @@ def _check_model(model: nn.Module) -> str:
             f"export_gguf writes causal language models (an LM head); {type(model).__name__} has none: load the model "
             "with AutoModelForCausalLM."
         )
-    check_config(GRAPHS[spec.gguf], spec.gguf, model.config, _head_dim(model.config))
+    graph = GRAPHS[spec.gguf]
+    check_config(graph, spec.gguf, model.config, _head_dim(model.config))
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = isinstance(head, TiedFactorizedHead) or getattr(head, "weight", None) is getattr(embedding, "weight", 0)
+    if graph.tied_output and not tied:
+        raise ValueError(
+            f"export_gguf: this model's LM head is not tied to its token embedding; llama.cpp's {spec.gguf} graph always "
+            "computes the output with the token embedding (tie_word_embeddings=True)."
+        )
     return spec.gguf
 
 
@@ -282,11 +296,6 @@ def _embeddings(
         output = head.weight
     else:
         raise ValueError(f"export_gguf: the LM head is a {type(head).__name__}; it writes nn.Linear heads.")
-    if output is not None and graph.tied_output:
-        raise ValueError(
-            "export_gguf: this model's LM head is not tied to its token embedding; llama.cpp's graph for it always "
-            "computes the output with the token embedding (tie_word_embeddings=True)."
-        )
     if getattr(head, "bias", None) is not None:
         raise ValueError("export_gguf: the LM head has a bias, which llama.cpp's llama and deci graphs do not add.")
     return matrix, output

@@ -57,6 +57,23 @@ def check_config(graph: GGUFGraph, name: str, config, head_dim: int) -> None:
         warnings.warn(GGUFExportWarning(note, note=note), stacklevel=4)
 
 
+def check_levels(graph: GGUFGraph, layout: str, flop_config) -> None:
+    """What ``flop_config``'s pruning would give that llama.cpp's ``graph`` (``layout``) cannot run, refused."""
+    levels = set(flop_config.levels)
+    shaped = sorted(levels & {"head", "query_head", "row"})
+    if shaped and graph.per_layer is None and not flop_config.uniform_shapes:
+        raise ValueError(
+            f"levels {shaped} give each layer its own shapes, and llama.cpp's {layout} graph runs the same shapes in "
+            f"every layer only ('deci', which reads per-layer shapes, lacks this family's {graph.extras}). Prune "
+            "with uniform shapes: FlopConfig(uniform_shapes=True) (command line: --uniform-shapes)."
+        )
+    if "embedding" in levels and graph.scaled_embedding:
+        raise ValueError(
+            f"level 'embedding' factorizes the token embedding, and llama.cpp's {layout} graph scales the embeddings "
+            "itself, which a factorized embedding does not. Drop level 'embedding' for a GGUF file."
+        )
+
+
 def sliding_layers(config, blocks: int) -> list[bool]:
     """Per layer, whether it attends within ``config.sliding_window`` (``layer_types``; all of them without)."""
     window = getattr(config, "sliding_window", None)

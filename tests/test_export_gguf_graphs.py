@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_export_gguf import batches, read
-from tiny_models import tiny_bpe_tokenizer, tiny_gemma2, tiny_gemma3_text, tiny_qwen3
+from tiny_models import tiny_bpe_tokenizer, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_qwen3
 
 from hf_flop import FlopConfig, compact, export_gguf, get_flop_model, prune_oneshot
 
@@ -171,3 +171,20 @@ def test_an_untied_gemma2_head_and_a_llama3_rope_on_qwen3_are_refused(tmp_path, 
     qwen3.config.rope_parameters = dict(LLAMA3_ROPE)
     with pytest.raises(ValueError, match="this model's RoPE is 'llama3'"):
         export_gguf(qwen3, tmp_path / "m.gguf", tokenizer=tokenizer)
+
+
+def test_check_exportable_refuses_per_layer_pruning_of_these_families_before_training(tokenizer):
+    from hf_flop.export_gguf import check_exportable
+
+    per_layer_config = FlopConfig(levels=["head", "row"])
+    with pytest.raises(ValueError, match=r"llama.cpp's gemma3 graph runs the same shapes in every layer only") as err:
+        check_exportable(tiny_gemma3_text(), tokenizer=tokenizer, flop_config=per_layer_config)
+    assert "--uniform-shapes" in str(err.value) and "FlopConfig(uniform_shapes=True)" in str(err.value)
+    with pytest.raises(ValueError, match="level 'embedding' factorizes the token embedding"):
+        check_exportable(tiny_gemma2(), tokenizer=tokenizer, flop_config=FlopConfig(levels=["embedding"]))
+    # what these graphs run, and what deci runs for the Llama family, passes
+    check_exportable(
+        tiny_qwen3(), tokenizer=tokenizer, flop_config=FlopConfig(levels=["head", "row"], uniform_shapes=True)
+    )
+    check_exportable(tiny_qwen3(), tokenizer=tokenizer, flop_config=FlopConfig(levels=["rank"]))
+    check_exportable(tiny_llama(), tokenizer=tokenizer, flop_config=per_layer_config)
