@@ -188,3 +188,17 @@ def test_check_exportable_refuses_per_layer_pruning_of_these_families_before_tra
     )
     check_exportable(tiny_qwen3(), tokenizer=tokenizer, flop_config=FlopConfig(levels=["rank"]))
     check_exportable(tiny_llama(), tokenizer=tokenizer, flop_config=per_layer_config)
+
+
+def test_a_62_layer_gemma3_is_scaled_as_llama_cpp_scales_gemma_3_27b(tmp_path, tokenizer):
+    # llama.cpp takes a 62-layer gemma3 file for Gemma 3 27B and scales queries by (hidden // heads)^-0.5 of the
+    # file's own head count: with 2 of 4 heads left that is 16^-0.5, transformers' query_pre_attn_scalar 16 exactly
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = {**tiny_gemma3_text().config.to_dict(), "num_hidden_layers": 62, "layer_types": None}
+    small = uniform(Gemma3ForCausalLM(Gemma3TextConfig.from_dict(config)))
+    fields, tensors = read(export_gguf(small, tmp_path / "m.gguf", tokenizer=tokenizer))
+    assert fields["gemma3.block_count"] == 62 and fields["gemma3.attention.head_count"] == 2
+    q_norm = small.state_dict()["model.layers.0.self_attn.q_norm.weight"] + 1  # no factor: the scales agree
+    torch.testing.assert_close(tensors["blk.0.attn_q_norm.weight"][0], q_norm)
+    assert fields["gemma3.attention.sliding_window_pattern"][:6] == [True] * 5 + [False]  # Gemma 3's default pattern
