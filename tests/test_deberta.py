@@ -136,3 +136,23 @@ def test_onnx_runtime_computes_the_compacted_logits(share_att_key, tmp_path):
     small = compact(per_layer_pruned(share_att_key))
     path = export_onnx(small, tmp_path / "model.onnx")
     assert_onnx_runtime_matches(path, small, onnx_export.input_names(small))
+
+
+def test_content_to_position_only_has_just_pos_key_proj_to_cut():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config.from_dict({**tiny_deberta_v2().config.to_dict(), "pos_att_type": ["c2p"]})
+    torch.manual_seed(0)
+    model = get_flop_model(DebertaV2ForSequenceClassification(config).eval(), FlopConfig(levels=["head", "row"])).eval()
+    head = next(g for g in model.base_model.structure_groups if g.key == "head_1")
+    assert {s.module.rsplit(".", 1)[1] for s in head.producers} == {
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "pos_key_proj",
+    }
+    head_gate = model.base_model.flop_structure_gates["head_1"]
+    head_gate.set_mask(torch.tensor([True, False, False, True]))
+    small = compact(model)
+    assert (logits(small) - logits(model)).abs().max().item() < 1e-4
+    assert small.deberta.encoder.layer[1].attention.self.pos_key_proj.out_features == 16
