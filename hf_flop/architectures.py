@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from .gguf_graphs import GRAPHS
 from .linear import linear_shape
 from .modeling import TYPE_PREFIX
 
@@ -40,6 +41,12 @@ class ArchSpec:
     ``k_norm``) is shared by every head, so nothing of it is cut and it needs no field. An RMS norm
     over a whole projection's width (OLMo-2's) is listed in ``projection_norms``: its weight is cut
     with the heads, and its mean of squares covers the heads compaction keeps (``hf_flop.projection_norms``).
+
+    ``head_extra_producers`` lists further modules whose output rows are per-head slices of a
+    projection's, mapped to the projection (``"q"``, ``"k"`` or ``"v"``) whose slicing they follow:
+    they are cut with the heads. DeBERTa-v2's relative-position projections (``pos_query_proj`` like
+    q, ``pos_key_proj`` like k) are such; a layer without one (``share_att_key``) simply has nothing
+    extra to cut.
 
     ``attention_head_attrs`` names what compaction rewrites on each attention module (``"heads"``,
     ``"kv_heads"``, ``"q_width"`` or ``"group_size"``, the query heads per KV head, which level
@@ -64,11 +71,12 @@ class ArchSpec:
     fused_qkv: bool = False
     up_chunks: int = 1  # each `up` module's output is this many equal chunks of the FFN rows ([gate; up])
     projection_norms: dict[str, str] = field(default_factory=dict)  # RMS norm over a whole projection -> "q"/"k"
+    head_extra_producers: dict[str, str] = field(default_factory=dict)  # module cut with the heads -> "q"/"k"/"v"
     attention_head_attrs: dict[str, str] = field(default_factory=dict)  # attr -> what it counts
     embeddings: tuple[str, ...] = ()  # input embedding module name(s), for level "embedding"
     intermediate_attr: str | None = None  # config attribute of the FFN width (compaction to a stock config)
-    # the llama.cpp tensor layout that computes this architecture (a key of export_gguf.GGUF_TENSORS); None: no
-    # GGUF export. Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
+    # the llama.cpp graph that computes this architecture (a key of gguf_graphs.GRAPHS); None: no GGUF export.
+    # Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
     gguf: str | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +90,14 @@ class ArchSpec:
                 f"ArchSpec.projection_norms maps each norm to the projection it normalises, one of "
                 f"{sorted(PROJECTIONS)}; got {bad}."
             )
+        if self.gguf is not None and self.gguf not in GRAPHS:
+            raise ValueError(f"ArchSpec.gguf names a llama.cpp graph of {sorted(GRAPHS)}, got {self.gguf!r}.")
+        bad = {m: proj for m, proj in self.head_extra_producers.items() if proj not in PROJECTIONS}
+        if bad:
+            raise ValueError(
+                f"ArchSpec.head_extra_producers maps each module to the projection whose head slicing it follows, one "
+                f"of {sorted(PROJECTIONS)}; got {bad}."
+            )
         what = set(self.attention_head_attrs.values()) - set(HEAD_COUNTS)
         if what:
             raise ValueError(
@@ -89,8 +105,12 @@ class ArchSpec:
                 f"got {sorted(what)}."
             )
 
-    def default_targets(self) -> list[str]:
-        return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
+    def default_targets(self, model: nn.Module | None = None) -> list[str]:
+        """The projections pruned by default; with ``model``, the ``head_extra_producers`` it lacks left out."""
+        extras = set(self.head_extra_producers)
+        if model is not None:
+            extras = {e for e in extras if any(n.endswith(f".{e}") for n, _ in model.named_modules())}
+        return sorted({self.q, self.k, self.v, self.o, *self.up, self.down, *extras})
 
     @property
     def stock_head_pruning(self) -> bool:
@@ -176,6 +196,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # Llama with per-head q_norm/k_norm (over head_dim, shared by the heads: nothing of them is cut)
+    "qwen3": replace(_LLAMA, gguf="qwen3"),
+    # Llama-shaped with Gemma's norms around each sublayer (over the hidden size: not cut), scaled embeddings,
+    # soft-capping and sliding-window layers; Gemma 3 adds Qwen3's per-head q/k norms
+    "gemma2": replace(_LLAMA, gguf="gemma2"),
+    "gemma3_text": replace(_LLAMA, gguf="gemma3"),
     # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
     "olmo2": replace(_LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None),
     # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at
@@ -191,6 +217,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "num_key_value_groups": "group_size",
         },
         gguf=None,
+    ),
+    # BERT-shaped, with disentangled attention: relative-position projections of the shared relative embeddings,
+    # per head like q and k (absent with share_att_key, where the positions go through query_proj/key_proj)
+    "deberta-v2": replace(
+        _BERT,
+        q="attention.self.query_proj",
+        k="attention.self.key_proj",
+        v="attention.self.value_proj",
+        head_extra_producers={"attention.self.pos_query_proj": "q", "attention.self.pos_key_proj": "k"},
     ),
     # the encoder: Wqkv is [q; k; v] (equal thirds), Wi is [input; gate] (a GLU); local and global layers alike
     "modernbert": ArchSpec(

@@ -1,9 +1,12 @@
 """Export a Llama-family decoder, dense or compacted by hf_flop, to GGUF: the file llama.cpp runs.
 
-``export_gguf(model_or_folder, path)`` writes a model with the same heads, KV heads and FFN width in
-every layer as llama.cpp's ``llama`` architecture, and a non-uniform one as its ``deci`` architecture
-with per-layer arrays. What llama.cpp accepts, read in its source (the copy vendored by
-llama-cpp-python 0.3.36, llama.cpp commit 0c1e570, which the slow test builds and runs):
+``export_gguf(model_or_folder, path)`` writes a Llama, Mistral or Qwen2 model with the same heads, KV
+heads and FFN width in every layer as llama.cpp's ``llama`` architecture, and a non-uniform one as its
+``deci`` architecture with per-layer arrays. Qwen3 and Gemma 2/3 models are written as llama.cpp's
+``qwen3``, ``gemma2`` and ``gemma3`` graphs, which take uniform models only (``hf_flop.gguf_graphs``
+says what each graph computes; ``hf_flop.gguf_hparams`` writes their RoPE, window and soft-capping
+keys). What llama.cpp accepts, read in its source (the copy vendored by llama-cpp-python 0.3.36,
+llama.cpp commit 0c1e570, which the slow test builds and runs):
 
 * ``llama`` (src/models/llama.cpp) sizes every layer's tensors and graph from the head count, KV-head
   count and FFN width of layer 0 (``hparams.n_head()``, ``n_head_kv()``, ``n_ff()``): uniform models only.
@@ -29,7 +32,8 @@ change with the sequence length or scale attention (dynamic, yarn, longrope, ...
 bias; ``architecture="llama"`` for a non-uniform model (``FlopConfig(uniform_shapes=True)`` gives a
 uniform one); low-rank, block-sparse or cluster-factorized layers when ``densify=False`` -- by default they
 are multiplied back into the dense matrix they compute, with a warning, since GGUF has no factorized
-tensors for llama.cpp's graphs; tokenizers ``hf_flop.gguf_vocab`` cannot express. A sliding window
+tensors for llama.cpp's graphs; tokenizers ``hf_flop.gguf_vocab`` cannot express; per-layer shapes of a
+family whose graph ``deci`` cannot compute (Qwen3's q/k norms, Gemma's extra norms). A sliding window
 (Mistral) is warned about: llama.cpp's llama and deci graphs attend to the whole context.
 
 The file appears complete or not at all (``hf_flop.gguf_file``: a temporary file, then a rename).
@@ -48,53 +52,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import ARCHITECTURES, arch_spec, find_layers
+from .gguf_graphs import GGUF_ARCHITECTURES, GRAPHS, GGUFExportWarning, GGUFGraph, llama_cpp_query_scale
+from .gguf_hparams import check_config, check_levels, rope, sliding_layers, window_and_caps
 from .modeling import LowRankLinear
 from .modeling.block_sparse import BlockSparseLinear
 from .modeling.factorized_embedding import FactorizedEmbedding, TiedFactorizedHead
 from .naming import ParameterNames
 
-# llama.cpp architectures export_gguf writes: "llama" for uniform models, "deci" for per-layer shapes
-GGUF_ARCHITECTURES = ("llama", "deci")
 DTYPES = {"f32": torch.float32, "f16": torch.float16}  # of the matrices; vectors (norms, biases) stay f32
-
-# Per ArchSpec.gguf layout: module name -> llama.cpp tensor kind (a gguf.MODEL_TENSOR member name, whose
-# file name is gguf.TENSOR_NAMES[kind] + ".weight" / ".bias"). "layer": relative to one transformer layer;
-# "model": relative to the base model. The embeddings are found with get_input/output_embeddings().
-GGUF_TENSORS: dict[str, dict[str, dict[str, str]]] = {
-    "llama": {
-        "layer": {
-            "input_layernorm": "ATTN_NORM",
-            "self_attn.q_proj": "ATTN_Q",
-            "self_attn.k_proj": "ATTN_K",
-            "self_attn.v_proj": "ATTN_V",
-            "self_attn.o_proj": "ATTN_OUT",
-            "post_attention_layernorm": "FFN_NORM",
-            "mlp.gate_proj": "FFN_GATE",
-            "mlp.up_proj": "FFN_UP",
-            "mlp.down_proj": "FFN_DOWN",
-        },
-        "model": {"norm": "OUTPUT_NORM"},
-    }
-}
-# RoPE types whose frequencies do not depend on the sequence length (llama.cpp: a fixed rope_freqs tensor)
-STATIC_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class GGUFExportWarning(UserWarning):
-    """What ``export_gguf`` (or ``check_exportable``) warns about, as fields a caller can word for its users.
-
-    ``str(warning)`` is the full message. ``note`` says what happened in one full sentence fit to print
-    as a note (no ``export_gguf:`` prefix, no advice about parameters); ``parameter`` is the
-    ``export_gguf`` parameter that would avoid it (e.g. ``"densify"``), or None when none does.
-    """
-
-    def __init__(self, message: str, note: str | None = None, parameter: str | None = None) -> None:
-        super().__init__(message)
-        self.note = message if note is None else note
-        self.parameter = parameter
-
-    def __reduce__(self):  # pickles (e.g. across processes) with its fields
-        return type(self), (str(self), self.note, self.parameter)
 
 
 @dataclass
@@ -125,7 +90,8 @@ def export_gguf(
 
     Args:
         model_or_folder: a compacted model (``hf_flop.compact``), a FLOP model (compacted first), a
-            stock Llama / Mistral / Qwen2 causal LM, or a folder one was saved to (``save_compacted``).
+            stock Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 causal LM, or a folder one was saved to
+            (``save_compacted``).
         path: the file to write (replaced if it exists; written to a temporary file, then renamed).
         tokenizer: the model's transformers fast tokenizer or its folder; default: the folder's own.
             Byte-level BPE tokenizers only (see ``hf_flop.gguf_vocab``).
@@ -133,8 +99,9 @@ def export_gguf(
             e.g. ``hf_flop.app.data.smollm2_gguf()`` for models pruned from the embedded SmolLM2).
         tokenizer_pre: llama.cpp's pre-tokenizer name, when the tokenizer's is not recognised.
         dtype: ``"f32"`` or ``"f16"`` for the matrices.
-        architecture: ``None`` (``"llama"`` when every layer has the same shapes, else ``"deci"``),
-            ``"llama"`` (refused for per-layer shapes) or ``"deci"``.
+        architecture: ``None`` (the family's graph, ``"llama"`` for Llama / Mistral / Qwen2 when every
+            layer has the same shapes, else ``"deci"``), the family's graph (refused for per-layer
+            shapes), or ``"deci"`` for the Llama family.
         densify: store low-rank / block-sparse / cluster-factorized layers as the dense matrices they
             compute (with a warning); ``False`` refuses such a model instead.
         name: ``general.name`` in the file; default: the model's folder name.
@@ -151,21 +118,23 @@ def export_gguf(
     from .gguf_vocab import vocabulary
 
     layout = _check_model(model)
+    graph = GRAPHS[layout]
     vocab = vocabulary(
         _vocab_rows(model), tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, tokenizer_pre=tokenizer_pre, names=names
     )
     config = model.config
     head_dim = _head_dim(config)
-    rope_base, rope_factors = _rope(config, head_dim)
     densified: list[str] = []
-    embedding, output = _embeddings(model, densified)
-    layers = _layers(model, layout, head_dim, densified)
+    embedding, output = _embeddings(model, graph, densified)
+    layers = _layers(model, graph, head_dim, densified)
     if densified:
         _densify_or_refuse(densified, densify, names)
-    arch = _architecture(layers, architecture, names)
+    arch = _architecture(layers, architecture, layout, names)
+    sliding = sliding_layers(config, len(layers))
+    rope_keys, rope_factors = rope(graph, config, head_dim, sliding)
 
     def per_layer(values: list[int]) -> int | list[int]:
-        return values[0] if arch == "llama" else values  # deci: arrays (the loader takes either)
+        return values if GRAPHS[arch].arrays else values[0]  # deci: arrays (the loader takes either)
 
     hparams = {
         "context_length": config.max_position_embeddings,
@@ -177,13 +146,14 @@ def export_gguf(
         "key_length": head_dim,
         "value_length": head_dim,
         "rope_dimension_count": head_dim,
-        "rope_freq_base": rope_base,
+        **rope_keys,
         "layer_norm_rms_eps": float(config.rms_norm_eps),
         "vocab_size": int(embedding.shape[0]),
+        **window_and_caps(graph, config, sliding),
     }
     globals_ = {"TOKEN_EMBD": embedding, "OUTPUT": output, "ROPE_FREQS": rope_factors}
-    for module_name, kind in GGUF_TENSORS[layout]["model"].items():
-        globals_[kind] = model.base_model.get_submodule(module_name).weight
+    for module_name, kind in graph.model.items():
+        globals_[kind] = _norm(model.base_model.get_submodule(module_name), graph)
     label = name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model"
     tensors = named_tensors(globals_, [layer.tensors for layer in layers])
     return write_gguf(Path(path), arch, label, hparams, vocab, tensors, DTYPES[dtype])
@@ -196,16 +166,22 @@ def check_exportable(
     tokenizer_gguf: str | os.PathLike | None = None,
     tokenizer_pre: str | None = None,
     names: Mapping[str, str] | None = None,
+    flop_config=None,
 ) -> None:
     """What ``export_gguf`` would refuse about ``model``'s architecture, config and vocabulary, refused now.
 
     Needs no trained weights, so the CLI calls it before training; the layer shapes pruning will give
-    are not known yet (a non-uniform model is written as ``deci``, never refused for its shapes).
+    are not known yet (a non-uniform Llama is written as ``deci``, never refused for its shapes). With
+    the ``FlopConfig`` pruning will use (``flop_config``), what its levels would give that the model's
+    graph cannot run is refused too: per-layer shapes where no per-layer graph computes the family
+    (Qwen3, Gemma), a cluster-factorized embedding where the graph scales embeddings (Gemma).
     ``names`` is ``export_gguf``'s.
     """
     from .gguf_vocab import vocabulary
 
-    _check_model(model)
+    layout = _check_model(model)
+    if flop_config is not None:
+        check_levels(GRAPHS[layout], layout, flop_config)
     vocabulary(
         _vocab_rows(model),
         tokenizer=tokenizer,
@@ -222,26 +198,23 @@ def _check_model(model: nn.Module) -> str:
     if spec.gguf is None:
         supported = sorted(t for t, s in ARCHITECTURES.items() if s.gguf)
         raise ValueError(
-            f"export_gguf writes Llama-family decoders ({', '.join(supported)}), which llama.cpp's llama and deci "
-            f"graphs compute; model_type={model_type!r} has no such layout in hf_flop."
+            f"export_gguf writes Llama-family decoders ({', '.join(supported)}), which llama.cpp's "
+            f"{', '.join(GGUF_ARCHITECTURES)} graphs compute; model_type={model_type!r} has no such layout in hf_flop."
         )
     if model.get_output_embeddings() is None:
         raise ValueError(
             f"export_gguf writes causal language models (an LM head); {type(model).__name__} has none: load the model "
             "with AutoModelForCausalLM."
         )
-    config = model.config
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"llama.cpp's llama and deci graphs use SiLU in the FFN; this model's hidden_act is {act!r}.")
-    _rope(config, _head_dim(config))
-    window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings:
-        note = (
-            f"the model attends within a sliding window of {window} tokens; llama.cpp's llama and deci graphs attend "
-            "to the whole context, so outputs differ once a sequence is longer than the window."
+    graph = GRAPHS[spec.gguf]
+    check_config(graph, spec.gguf, model.config, _head_dim(model.config))
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = isinstance(head, TiedFactorizedHead) or getattr(head, "weight", None) is getattr(embedding, "weight", 0)
+    if graph.tied_output and not tied:
+        raise ValueError(
+            f"export_gguf: this model's LM head is not tied to its token embedding; llama.cpp's {spec.gguf} graph always "
+            "computes the output with the token embedding (tie_word_embeddings=True)."
         )
-        warnings.warn(GGUFExportWarning(note, note=note), stacklevel=2)
     return spec.gguf
 
 
@@ -284,27 +257,6 @@ def _vocab_rows(model: nn.Module) -> int:
     return embedding.num_embeddings
 
 
-def _rope(config, head_dim: int) -> tuple[float, torch.Tensor | None]:
-    """``(rope.freq_base, rope_freqs tensor or None)``: per rotary frequency, the factor llama.cpp divides it by."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in STATIC_ROPE_TYPES or params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(
-            f"export_gguf writes RoPE with fixed frequencies over the whole head ({', '.join(STATIC_ROPE_TYPES)}); this "
-            f"model's RoPE is {rope_type!r} (partial_rotary_factor {params.get('partial_rotary_factor', 1.0)})."
-        )
-    if rope_type == "default":
-        return base, None
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    inv_freq, attention_scale = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    if abs(float(attention_scale) - 1.0) > 1e-6:
-        raise ValueError(f"this model's RoPE ({rope_type}) scales attention by {attention_scale}; llama.cpp's is 1.")
-    default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    return base, (default / inv_freq.to(torch.float64)).to(torch.float32)
-
-
 def _dense(module: nn.Module, name: str, densified: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (out, in), bias)`` of a linear layer as one matrix; a factorized layer's name goes to ``densified``."""
     if isinstance(module, nn.Linear):
@@ -321,9 +273,17 @@ def _dense(module: nn.Module, name: str, densified: list[str]) -> tuple[torch.Te
     )
 
 
-def _embeddings(model: PreTrainedModel, densified: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _embeddings(
+    model: PreTrainedModel, graph: GGUFGraph, densified: list[str]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The token embedding matrix, and the output matrix (``None`` when tied: llama.cpp then reuses the embedding)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, FactorizedEmbedding) and graph.scaled_embedding:
+        raise ValueError(
+            "export_gguf: this model's embedding is cluster-factorized; llama.cpp's graph for it scales the token "
+            "embeddings by sqrt(hidden size) itself, which the factorized embedding does not. Prune without level "
+            "'embedding' for a GGUF file."
+        )
     if isinstance(embedding, FactorizedEmbedding):
         densified.append("the cluster-factorized embedding")
         with torch.no_grad():
@@ -341,23 +301,41 @@ def _embeddings(model: PreTrainedModel, densified: list[str]) -> tuple[torch.Ten
     return matrix, output
 
 
-def _layers(model: PreTrainedModel, layout: str, head_dim: int, densified: list[str]) -> list[_Layer]:
-    """Every transformer layer's shape and tensors, q and k rows interleaved for llama.cpp's RoPE."""
+def _norm(module: nn.Module, graph: GGUFGraph) -> torch.Tensor:
+    """A norm's weight as llama.cpp multiplies by it (Gemma's ``1 + weight`` has the 1 added)."""
+    return module.weight + graph.norm_offset if graph.norm_offset else module.weight
+
+
+def _layers(model: PreTrainedModel, graph: GGUFGraph, head_dim: int, densified: list[str]) -> list[_Layer]:
+    """Every transformer layer's shape and tensors, with transformers' query scale folded in and, for a graph
+    rotating consecutive pairs, q and k rows interleaved for llama.cpp's RoPE."""
     modules = dict(model.named_modules())
+    spec = arch_spec(model.config.model_type)
     hidden = model.config.hidden_size
+    prefixes = find_layers(model, spec)
     layers = []
-    for prefix in find_layers(model, arch_spec(model.config.model_type)):
+    for prefix in prefixes:
         tensors = {}
-        for module_name, kind in GGUF_TENSORS[layout]["layer"].items():
+        for module_name, kind in graph.layer.items():
             module = modules[f"{prefix}.{module_name}"]
             if kind.endswith("_NORM"):
-                tensors[kind] = (module.weight, None)
+                tensors[kind] = (_norm(module, graph), None)
             else:
                 tensors[kind] = _dense(module, f"{prefix}.{module_name}", densified)
         layer = _layer_shape(prefix, tensors, hidden, head_dim)
-        for kind, heads in (("ATTN_Q", layer.heads), ("ATTN_K", layer.kv_heads)):
+        # transformers scales queries by the attention's `scaling`; llama.cpp by its own factor: the ratio goes into
+        # the q norm's weight (after which nothing rescales q) or, without one, into q's rows
+        hf_scale = float(getattr(modules[f"{prefix}.{spec.attention}"], "scaling", head_dim**-0.5))
+        ratio = hf_scale / llama_cpp_query_scale(graph, len(prefixes), hidden, layer.heads, head_dim)
+        if abs(ratio - 1.0) > 1e-7:
+            kind = "ATTN_Q_NORM" if "ATTN_Q_NORM" in tensors else "ATTN_Q"
             weight, bias = tensors[kind]
-            tensors[kind] = (_pairs_per_head(weight, heads), None if bias is None else _pairs_per_head(bias, heads))
+            tensors[kind] = (weight * ratio, None if bias is None else bias * ratio)
+        if graph.rope_pairs:
+            for kind, heads in (("ATTN_Q", layer.heads), ("ATTN_K", layer.kv_heads)):
+                weight, bias = tensors[kind]
+                pairs = _pairs_per_head(weight, heads), None if bias is None else _pairs_per_head(bias, heads)
+                tensors[kind] = pairs
         layer.tensors = tensors
         layers.append(layer)
     return layers
@@ -414,16 +392,34 @@ def _densify_or_refuse(layers: list[str], densify: bool, names: ParameterNames) 
     warnings.warn(GGUFExportWarning(message, note=note, parameter="densify"), stacklevel=3)
 
 
-def _architecture(layers: list[_Layer], requested: str | None, names: ParameterNames) -> str:
-    shapes = {(layer.heads, layer.kv_heads, layer.ffn) for layer in layers}
-    if requested == "llama" and len(shapes) > 1:
-        heads = [layer.heads for layer in layers]
-        kv = [layer.kv_heads for layer in layers]
-        ffn = [layer.ffn for layer in layers]
+def _architecture(layers: list[_Layer], requested: str | None, layout: str, names: ParameterNames) -> str:
+    """The llama.cpp architecture of the file: the family's graph for uniform shapes, else its per-layer graph."""
+    graph = GRAPHS[layout]
+    choices = [layout] + ([graph.per_layer] if graph.per_layer else [])
+    if requested is not None and requested not in choices:
         raise ValueError(
-            f"export_gguf: {names('architecture')}='llama' needs the same heads, KV heads and FFN width in every layer "
-            f"(llama.cpp's llama graph sizes all layers from layer 0); this model has heads {heads}, KV heads {kv}, FFN "
-            f"widths {ffn}. Prune with FlopConfig(uniform_shapes=True) for a uniform model, or leave "
-            f"{names('architecture')}=None to write 'deci', which llama.cpp reads per layer."
+            f"export_gguf: {names('architecture')}={requested!r} does not compute this model; llama.cpp computes it "
+            f"as {' or '.join(map(repr, choices))}. Leave {names('architecture')}=None to choose by its shapes."
         )
-    return requested or ("llama" if len(shapes) == 1 else "deci")
+    shapes = {(layer.heads, layer.kv_heads, layer.ffn) for layer in layers}
+    if len(shapes) == 1:
+        return requested or layout
+    if graph.per_layer and requested in (None, graph.per_layer):
+        return graph.per_layer
+    heads = [layer.heads for layer in layers]
+    kv = [layer.kv_heads for layer in layers]
+    ffn = [layer.ffn for layer in layers]
+    shown = f"this model has heads {heads}, KV heads {kv}, FFN widths {ffn}"
+    if graph.per_layer:  # the family's graph was asked for by name
+        raise ValueError(
+            f"export_gguf: {names('architecture')}={layout!r} needs the same heads, KV heads and FFN width in every "
+            f"layer (llama.cpp's {layout} graph sizes all layers from layer 0); {shown}. Prune with "
+            f"FlopConfig(uniform_shapes=True) for a uniform model, or leave {names('architecture')}=None to write "
+            f"{graph.per_layer!r}, which llama.cpp reads per layer."
+        )
+    raise ValueError(
+        f"export_gguf: llama.cpp's {layout} graph sizes every layer from layer 0's heads, KV heads and FFN width; "
+        f"{shown}. llama.cpp's only graph that reads per-layer shapes, 'deci', computes a plain Llama layer, without "
+        f"this family's {graph.extras}, so it would compute another model. Prune with "
+        "FlopConfig(uniform_shapes=True): every layer then keeps the same shapes, which this graph runs."
+    )

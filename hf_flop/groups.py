@@ -82,6 +82,7 @@ class StructureGroup:
 def structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list[StructureGroup]:
     """The head and/or row groups of every transformer layer, layer by layer (heads first)."""
     groups = []
+    names = {name for name, _ in model.named_modules()} if spec.head_extra_producers else set()
     for i, layout in enumerate(layer_layouts(model, spec)):
         p = layout.prefix
         if "head" in levels:
@@ -96,10 +97,20 @@ def structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list
                 ]
             else:
                 producers = [Segment(f"{p}.{getattr(spec, n)}", units[n]) for n in ("q", "k", "v")]
+            # modules sliced per head like a projection (DeBERTa's position projections), where the layer has them
+            producers += [
+                Segment(f"{p}.{m}", units[proj]) for m, proj in spec.head_extra_producers.items() if f"{p}.{m}" in names
+            ]
             norms = [Segment(f"{p}.{norm}", units[proj]) for norm, proj in spec.projection_norms.items()]
             groups.append(StructureGroup(f"head_{i}", "head", p, kv, f"{p}.{spec.o}", gs * hd, producers, norms))
         if "query_head" in levels:
-            groups.append(_query_head_group(f"query_head_{i}", layout, spec))
+            group = _query_head_group(f"query_head_{i}", layout, spec)
+            group.producers += [
+                Segment(f"{p}.{m}", layout.head_dim)
+                for m, proj in spec.head_extra_producers.items()
+                if proj == "q" and f"{p}.{m}" in names
+            ]
+            groups.append(group)
         if "row" in levels:
             # a fused producer ([gate; up]) holds its chunks one after the other, each cut the same way
             width = layout.intermediate

@@ -143,7 +143,7 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     spec = _layout(model, config, option=option)
     if config.target_modules is None:  # a copy: the caller's config is not filled in
         config = copy.copy(config)
-        config.target_modules = spec.default_targets()
+        config.target_modules = spec.default_targets(model)
     matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not matched:
         raise ValueError(
@@ -189,7 +189,7 @@ class FlopModel(FlopModelBase, BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: FlopConfig, model_config: dict) -> FlopConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = _layout(self.model, peft_config).default_targets()
+            peft_config.target_modules = _layout(self.model, peft_config).default_targets(self.model)
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: FlopConfig, adapter_name: str) -> None:

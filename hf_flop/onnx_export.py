@@ -127,7 +127,8 @@ def _example_inputs(model: PreTrainedModel, names: list[str], batch: int, length
     values = {
         "input_ids": torch.randint(0, config.vocab_size, (batch, length), generator=g),
         "attention_mask": torch.ones(batch, length, dtype=torch.long),
-        "token_type_ids": torch.randint(0, getattr(config, "type_vocab_size", 1), (batch, length), generator=g),
+        # DeBERTa-v3 configs say type_vocab_size 0 (no token types): only needed when there are several
+        "token_type_ids": torch.randint(0, max(1, getattr(config, "type_vocab_size", 1)), (batch, length), generator=g),
     }
     values["attention_mask"][-1, -2:] = 0
     device = next(model.parameters()).device

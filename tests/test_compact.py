@@ -25,7 +25,7 @@ from hf_flop.gates import HardConcreteGate
 from hf_flop.layers import FlopLinear
 from hf_flop.modeling import FlopCompactedMixin, LowRankLinear
 
-ENCODERS = ("bert", "roberta", "distilbert", "modernbert")  # the tiny sequence classifiers
+ENCODERS = ("bert", "roberta", "distilbert", "modernbert", "deberta-v2")  # the tiny sequence classifiers
 AUTO = {
     arch: AutoModelForSequenceClassification if arch in ENCODERS else AutoModelForCausalLM for arch in ALL_BUILDERS
 }

@@ -10,8 +10,10 @@ Checked: llama.cpp's first 32 greedy tokens equal transformers' for compacted ti
 (per-layer shapes as ``deci``, uniform as ``llama``, low-rank layers and a cluster-factorized embedding
 multiplied back, tied embeddings, Qwen2 biases with a llama3 RoPE scaling, an f16 file) and for
 SmolLM2-135M, dense and pruned one-shot to 50 % of its heads and FFN rows (per layer, and with
-``uniform_shapes=True``); and that llama.cpp splits text as transformers does for every
-pre-tokenizer ``hf_flop.gguf_vocab.PRE_TOKENIZERS`` maps.
+``uniform_shapes=True``); for tiny Qwen3, Gemma 2 and Gemma 3 models pruned to uniform shapes, run as
+llama.cpp's qwen3 / gemma2 / gemma3 graphs (q/k norms, Gemma's norms, scaled embeddings, soft-capping
+and sliding windows shorter than the prompt); and that llama.cpp splits text as transformers does for
+every pre-tokenizer ``hf_flop.gguf_vocab.PRE_TOKENIZERS`` maps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_models import LLAMA3_ROPE, VOCAB, tiny_bpe_tokenizer, tiny_llama, tiny_qwen2
+from tiny_models import (
+    LLAMA3_ROPE,
+    VOCAB,
+    tiny_bpe_tokenizer,
+    tiny_gemma2,
+    tiny_gemma3_text,
+    tiny_llama,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
 from hf_flop import FlopConfig, compact, export_gguf, get_flop_model, prune_oneshot
 from hf_flop.app.data import smollm2_gguf, smollm2_path
@@ -185,6 +196,24 @@ def test_an_f16_file_matches_the_model_rounded_to_f16(llama_cpp, tmp_path, token
             if p.dim() > 1:
                 p.copy_(p.half().float())
     assert_same_greedy(llama_cpp, rounded, path, PROMPT, atol=1e-2)
+
+
+# llama.cpp's GELU (gemma2, gemma3) reads a table of f16 values: the logits differ by about 4e-5 of their largest here
+GRAPH_CASES = [(tiny_qwen3, "qwen3", 1e-4), (tiny_gemma2, "gemma2", 1e-3), (tiny_gemma3_text, "gemma3", 1e-3)]
+
+
+@pytest.mark.parametrize("builder, graph, atol", GRAPH_CASES, ids=[graph for _, graph, _ in GRAPH_CASES])
+def test_qwen3_and_gemma_graphs_run_pruned_to_uniform_shapes(llama_cpp, tmp_path, tokenizer, builder, graph, atol):
+    config = FlopConfig(levels=["head", "row"], target_sparsity=0.5, uniform_shapes=True)
+    model = sharpened(builder()).eval()
+    with torch.no_grad():  # norms away from their init (0 for Gemma's 1 + weight, 1 otherwise): a misplaced one shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    small = compact(prune_oneshot(model, config, batches(), "activation", reconstruct=False))
+    path = export_gguf(small, tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == graph
+    assert_same_greedy(llama_cpp, small, path, PROMPT * 3, atol=atol)  # 24 tokens: past Gemma's 4-token window
 
 
 # --- SmolLM2-135M ---------------------------------------------------------------------------------------------

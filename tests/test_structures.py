@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import ALL_BUILDERS, ARCH_BUILDERS, RECOGNISED_BUILDERS, VOCAB, tiny_llama, tiny_qwen3
+from tiny_models import ALL_BUILDERS, ARCH_BUILDERS, RECOGNISED_BUILDERS, VOCAB, tiny_granite, tiny_llama, tiny_qwen3
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_flop import (
@@ -115,7 +115,10 @@ def test_structure_groups_cover_the_right_modules(arch):
         assert head.n_units == kv_heads
         assert head.consumer == f"{layout.prefix}.{spec.o}"
         assert head.consumer_unit == (heads // kv_heads) * layout.head_dim
-        assert {s.module for s in head.producers} == {f"{layout.prefix}.{n}" for n in (spec.q, spec.k, spec.v)}
+        extras = {f"{layout.prefix}.{m}" for m in spec.head_extra_producers} & set(dict(model.named_modules()))
+        qkv = {f"{layout.prefix}.{n}" for n in (spec.q, spec.k, spec.v)}
+        assert {s.module for s in head.producers} == qkv | extras  # and DeBERTa's position projections
+        assert bool(extras) == (arch == "deberta-v2")
         assert row.n_units == ffn and row.consumer == f"{layout.prefix}.{spec.down}" and row.consumer_unit == 1
         # a fused producer ([gate; up]) appears once per chunk, its chunks one after the other
         assert [s.module for s in row.producers] == [
@@ -305,11 +308,12 @@ def fresh_recognition(monkeypatch):
 
 def test_a_recognised_layout_is_verified_once_and_noted(fresh_recognition, caplog):
     with caplog.at_level(logging.INFO, logger="hf_flop"):
-        get_flop_model(tiny_qwen3(), FlopConfig(levels=["head", "row"]))
-        get_flop_model(tiny_qwen3(), FlopConfig(levels=["row"]))  # verified already: no second note
+        get_flop_model(tiny_granite(), FlopConfig(levels=["head", "row"]))
+        get_flop_model(tiny_granite(), FlopConfig(levels=["row"]))  # verified already: no second note
     notes = [r.getMessage() for r in caplog.records if r.name.startswith("hf_flop")]
-    assert len(notes) == 1 and "'qwen3'" in notes[0] and "verified for head, row on a small copy" in notes[0]
-    assert RECOGNISED["qwen3"].q == "self_attn.q_proj" and RECOGNISED["qwen3"].up == ("mlp.gate_proj", "mlp.up_proj")
+    assert len(notes) == 1 and "'granite'" in notes[0] and "verified for head, row on a small copy" in notes[0]
+    granite = RECOGNISED["granite"]
+    assert granite.q == "self_attn.q_proj" and granite.up == ("mlp.gate_proj", "mlp.up_proj")
 
 
 def _unchanged(model) -> bool:

@@ -25,12 +25,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in test_trainer, 
 LEVELS = {"llama": ["head", "row"], "mistral": ["head", "row"], "qwen2": ["head", "row"], "gpt2": ["row"]}
 LEVELS |= {"bert": ["row"], "roberta": ["row"], "distilbert": ["row"]}
 LEVELS |= {"olmo2": ["head", "row"], "phi3": ["head", "row"], "modernbert": ["row"]}  # ModernBERT derives head_dim
-LEVELS |= {arch: ["head", "row"] for arch in RECOGNISED_BUILDERS}  # a stock config takes head_dim (stated or not)
-ENCODERS = ("bert", "roberta", "distilbert", "modernbert")  # classifiers: their calibration labels are class ids
+LEVELS |= {"deberta-v2": ["row"]}  # derives head_dim
+LEVELS |= {arch: ["head", "row"] for arch in ["qwen3", "gemma2", "gemma3_text", *RECOGNISED_BUILDERS]}  # a stock config takes head_dim (stated or not)
+ENCODERS = ("bert", "roberta", "distilbert", "modernbert", "deberta-v2")  # classifiers: their calibration labels are class ids
 # rows alone reach at most about half of a tiny model's linears (its FFN is half of them)
-TARGETS = {"bert": 0.3, "roberta": 0.3, "distilbert": 0.3, "gpt2": 0.4, "modernbert": 0.3}
+TARGETS = {"bert": 0.3, "roberta": 0.3, "distilbert": 0.3, "gpt2": 0.4, "modernbert": 0.3, "deberta-v2": 0.3}
 # the families whose saved uniform model is read back by plain transformers (one fresh process for all)
-STOCK_RELOAD = [*sorted(TINY_BUILDERS), "modernbert", "olmo2", "phi3"]
+STOCK_RELOAD = [*sorted(TINY_BUILDERS), "modernbert", "olmo2", "phi3", "gemma2", "gemma3_text", "qwen3"]
 
 
 def _uniform(arch: str, target: float | None = None, **config):

@@ -6,6 +6,8 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     Gemma2Config,
@@ -150,8 +152,31 @@ def tiny_modernbert() -> ModernBertForSequenceClassification:
     return ModernBertForSequenceClassification(config)
 
 
-# --- families hf_flop's table lacks: their layouts are recognised from the modules (hf_flop.recognition) ---
-# each config sets what its family adds to Llama away from its default, so compaction and reload must carry it
+def tiny_deberta_v2(share_att_key: bool = False) -> DebertaV2ForSequenceClassification:
+    """DeBERTa-v2/v3: disentangled attention with c2p and p2c relative positions (log buckets).
+
+    Without ``share_att_key`` the positions have their own projections (pos_key_proj, pos_query_proj), cut with
+    the heads; with it they go through key_proj and query_proj.
+    """
+    torch.manual_seed(0)
+    config = DebertaV2Config(
+        **_ENCODER,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        share_att_key=share_att_key,
+        position_buckets=8,
+        max_relative_positions=16,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=0,
+    )
+    return DebertaV2ForSequenceClassification(config)
+
+
+# --- Llama-shaped families beyond Llama (table entries for their GGUF graphs) and families hf_flop's table lacks
+# (their layouts are recognised from the modules, hf_flop.recognition): each config sets what its family adds to
+# Llama away from its default, so compaction and reload must carry it
 
 
 def tiny_qwen3(head_dim: int = 8) -> Qwen3ForCausalLM:
@@ -215,12 +240,13 @@ ARCH_BUILDERS = {
     "olmo2": tiny_olmo2,
     "phi3": tiny_phi3,
     "modernbert": tiny_modernbert,
-}
-# families outside the table whose recognised layout the per-architecture checks cover too
-RECOGNISED_BUILDERS = {
     "qwen3": tiny_qwen3,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3_text,
+    "deberta-v2": tiny_deberta_v2,
+}
+# families outside the table whose recognised layout the per-architecture checks cover too
+RECOGNISED_BUILDERS = {
     "granite": tiny_granite,
     "smollm3": tiny_smollm3,
 }

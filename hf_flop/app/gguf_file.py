@@ -20,13 +20,17 @@ def _gguf_tokenizer(options: JobOptions) -> Path | None:
     return Path(options.gguf_tokenizer).expanduser() if options.gguf_tokenizer else source_gguf(options.model)
 
 
-def check_gguf_export(options: JobOptions, model, tokenizer, console) -> None:
-    """What export_gguf would refuse about the model and its vocabulary (--export-gguf), refused before training."""
+def check_gguf_export(options: JobOptions, model, tokenizer, console, flop_config=None) -> None:
+    """What export_gguf would refuse about the model, its vocabulary and the pruning's shapes (--export-gguf),
+    refused before training."""
     from ..export_gguf import check_exportable
 
     with console.status("checking that llama.cpp can take the model (--export-gguf)"):
         try:
-            check_exportable(model, tokenizer=tokenizer, tokenizer_gguf=_gguf_tokenizer(options), names=OPTION_NAMES)
+            gguf = _gguf_tokenizer(options)
+            check_exportable(
+                model, tokenizer=tokenizer, tokenizer_gguf=gguf, names=OPTION_NAMES, flop_config=flop_config
+            )
         except ValueError as err:
             raise ValueError(f"--export-gguf: {err}") from None
 

@@ -73,7 +73,7 @@ def _run(options: JobOptions, flop_config, output_dir: Path, console, started: f
     tokenizer, data, model = _load(options, console)
     _check_before_training(model, flop_config, console)
     if options.export_gguf:
-        check_gguf_export(options, model, tokenizer, console)
+        check_gguf_export(options, model, tokenizer, console, flop_config)
     with (
         tempfile.TemporaryDirectory(prefix="hf-flop-trainer-") as workdir,
         atomic_folder(output_dir, overwrite=options.overwrite) as out,
