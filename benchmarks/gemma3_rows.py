@@ -25,6 +25,21 @@ ROWS: dict[str, SmolLM2Row] = declare(
         _no_training_row(50, "obs_uniform"),
         # FFN rows alone: the same units as the Torch-Pruning rows, chosen by obs with the refit
         replace(_no_training_row(50, "obs"), id="os50_obs_rows", label="hf_flop obs, FFN rows only", levels=("row",)),
+        # the shared 40-step budget (SmolLM2's budget rows), then the 4x equal-budget rows
+        SmolLM2Row(
+            id="oneshot_obs",
+            label="hf_flop one-shot obs + refit, query heads + rows, then recovery",
+            kind="prune_then_recover",
+            pruner="hf_flop",
+            score="obs",
+        ),
+        SmolLM2Row(
+            id="tp_taylor",
+            label="Torch-Pruning Taylor (FFN channels), then recovery",
+            kind="prune_then_recover",
+            pruner="torch_pruning",
+            score="taylor",
+        ),
         _equal_budget_row("oneshotobs", 20),
         _equal_budget_row("tptaylor", 20),
     ]
