@@ -64,6 +64,8 @@ class GatedUnits:
     feature_index: torch.Tensor | None = None  # (n_units * unit,) feature of each unit slot; None: identity
     entry: str | None = None  # report entry whose factorized-or-dense form the gate decides (rank, clusters)
     module: str = ""  # the module the units belong to (a linear, a transformer layer, the embedding)
+    min_kept: int = 0  # units that must stay open whatever the scores (a MoE layer's top-k experts)
+    routed: bool = False  # read only by the tokens routed to them (an expert's rows): a pass may not reach them
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Compacted:
     spec: dict
     tensors: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)
+    # what it changes outside itself (a MoE router): plan modules by path, state tensors by name, attributes by path
+    modules: dict[str, dict] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    attributes: dict[str, dict] = field(default_factory=dict)
 
 
 class GatedLayer:

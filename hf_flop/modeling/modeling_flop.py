@@ -123,6 +123,15 @@ def resize_norm(module: nn.Module, width: int) -> None:
         module.normalized_shape = (width,)
 
 
+def resize_parameters(module: nn.Module, shapes: dict) -> None:
+    """Give ``module`` fresh parameters of the planned shapes (a MoE layer's experts and router: fewer or
+    narrower experts); the weights are loaded afterwards."""
+    for name, shape in shapes.items():
+        param = getattr(module, name)
+        fresh = torch.empty(*shape, dtype=param.dtype, device=param.device)
+        setattr(module, name, nn.Parameter(fresh, requires_grad=param.requires_grad))
+
+
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module] | None:
     """``(root, module)`` for a plan path; ``None`` when this class has no such module (another task head)."""
     for root in (model.base_model, model):
@@ -140,6 +149,8 @@ def apply_flop_plan(model: nn.Module, plan: dict | None) -> None:
         found = locate(model, path)
         if found is not None and spec["kind"] == "norm":
             resize_norm(found[1], spec["width"])
+        elif found is not None and spec["kind"] == "parameters":
+            resize_parameters(found[1], spec["shapes"])
         elif found is not None:
             parent_path, _, child = path.rpartition(".")
             setattr(found[0].get_submodule(parent_path), child, build_module(spec))
