@@ -44,7 +44,8 @@ class ExpertsSpec:
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
     router_weight: str = "weight"
-    count_attr: str = "num_experts"  # config attribute: experts per MoE layer
+    # config attribute: experts per MoE layer (the stored name: Qwen3-MoE and Mixtral map num_experts to it)
+    count_attr: str = "num_local_experts"
     width_attr: str = "moe_intermediate_size"  # config attribute: each expert's FFN width
     top_k_attr: str = "num_experts_per_tok"
     renormalise: str | bool = "norm_topk_prob"  # config attribute, or True / False
@@ -248,9 +249,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # every layer a MoE; the routing weights always renormalised, kept in float32
     "mixtral": replace(
         _LLAMA,
-        experts=ExpertsSpec(
-            count_attr="num_local_experts", width_attr="intermediate_size", renormalise=True, weights_in_logits_dtype=False
-        ),
+        experts=ExpertsSpec(width_attr="intermediate_size", renormalise=True, weights_in_logits_dtype=False),
         intermediate_attr=None,
         gguf=None,
     ),

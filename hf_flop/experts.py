@@ -168,7 +168,9 @@ class FlopExperts(nn.Module, GatedLayer):
         gate_up, down, act = self.gate_up_weight(), self.down_weight(), self.base_layer.act_fn
         out = torch.zeros_like(hidden_states)
         watched = bool(self.flop_routing_tap._forward_pre_hooks)
-        norms = hidden_states.new_zeros(hidden_states.shape[0], self.n_experts, dtype=torch.float32) if watched else None
+        norms = (
+            hidden_states.new_zeros(hidden_states.shape[0], self.n_experts, dtype=torch.float32) if watched else None
+        )
         with torch.no_grad():
             hit = [e for e in torch.unique(top_k_index).tolist() if e < self.n_experts]
         for e in hit:
@@ -204,7 +206,9 @@ class FlopExperts(nn.Module, GatedLayer):
 
     def kept_width(self, round_to: int) -> int:
         """The width every kept expert compacts to: the widest kept expert's (the 3-D weights share one)."""
-        widths = [compacted_count(int((self.row_values(e) != 0).sum()), self.width, round_to) for e in range(self.n_experts)]
+        widths = [
+            compacted_count(int((self.row_values(e) != 0).sum()), self.width, round_to) for e in range(self.n_experts)
+        ]
         kept = self.kept_experts().tolist()
         return max((widths[e] for e in kept), default=0)
 
@@ -226,7 +230,9 @@ class FlopExperts(nn.Module, GatedLayer):
             alive, width = self.expert_values() != 0, self.kept_width(round_to)
             for e in range(self.n_experts):
                 rows = 3 * width + 1 if alive[e] else 0
-                entries[f".expert_{e}"] = ModuleSparsity(full, (rows, self.hidden), None, None, rows * self.hidden, False)
+                entries[f".expert_{e}"] = ModuleSparsity(
+                    full, (rows, self.hidden), None, None, rows * self.hidden, False
+                )
             return entries
         if self.flop_expert_gate is not None:
             alive = self.flop_expert_gate.keep_probability()
@@ -346,7 +352,7 @@ class FlopExperts(nn.Module, GatedLayer):
             for e in range(self.n_experts):
                 down[e] *= (self.row_values(e) * values[e]).to(down)[None, :]
         self._router_hook.remove()
-        for name, module in model.named_modules():
+        for module in model.modules():
             for child_name, child in module.named_children():
                 if child is self:
                     setattr(module, child_name, self.base_layer)

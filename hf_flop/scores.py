@@ -45,8 +45,8 @@ from torch import nn
 from .calibration import eval_mode, iter_calibration, model_device, observe_inputs
 from .calibration import reusable_batches as reusable_batches  # its old home: hf_flop.scores.reusable_batches
 from .config import FlopConfig
-from .gated import GatedUnits
 from .experts import EXPERT_ROW_LEVEL
+from .gated import GatedUnits
 from .groups import GROUP_LEVELS, group_units
 from .lookup import find_flop_model
 from .obs import greedy_costs
