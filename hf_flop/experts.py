@@ -289,6 +289,12 @@ class FlopExperts(nn.Module, GatedLayer):
             },
         )
 
+    def unit_slices(self, round_to: int) -> dict[str, tuple[float, float]]:
+        # an expert, or one row of one; under uniform shapes a row slice is round_to rows of every expert
+        expert = float(self.expert_params(self.width))
+        row = 3.0 * self.hidden
+        return {EXPERT_LEVEL: (expert, expert), EXPERT_ROW_LEVEL: (row, row * round_to * self.n_experts)}
+
     def scored_units(self, name: str) -> list[GatedUnits]:
         gate_up, down = self.gate_up_weight().detach().float(), self.down_weight().detach().float()
         found = []

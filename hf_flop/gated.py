@@ -118,6 +118,11 @@ class GatedLayer:
     def scored_units(self, name: str) -> list[GatedUnits]:
         return []
 
+    def unit_slices(self, round_to: int) -> dict[str, tuple[float, float]]:
+        """Per level of the units its gates hold that ``shape`` does not cover: the parameters of one unit and of
+        this module's part of a uniform slice; ``{}``: none (see ``accounting.largest_unit_params``)."""
+        return {}
+
     def refit(self, moments: torch.Tensor, scale: torch.Tensor, *, fit_bias: bool, ridge: float):
         """A ``hf_flop.refit.Fit`` of what the gates keep to what the unpruned module computes, or None
         when this module cannot be refit. ``moments``: the second moments of its (unmasked) input;

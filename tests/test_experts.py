@@ -20,6 +20,7 @@ from tiny_models import VOCAB, tiny_mixtral, tiny_qwen3_moe
 from transformers import AutoModelForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM
 
 from hf_flop import FlopConfig, compact, get_flop_model, sparsity_report
+from hf_flop.accounting import check_target
 from hf_flop.experts import FlopExperts
 from hf_flop.oneshot import prune_oneshot
 from hf_flop.reconstruction import reconstruct
@@ -68,6 +69,24 @@ def test_injection_keeps_outputs_and_counts_the_experts(arch):
     assert f"{first}.expert" in gates and f"{first}.row_0" in gates
     # the experts' weights and router rows are prunable parameters, next to every targeted linear
     assert sparsity_report(peft_model).prunable_params == n_experts + routers + linears
+
+
+def test_training_steps_reach_the_expert_and_row_gates():
+    model = tiny_qwen3_moe()
+    inputs = _inputs()
+    peft_model = get_flop_model(model, FlopConfig(levels=["row", "expert"])).train()
+    experts = next(iter(_experts(peft_model).values()))
+    gates = [experts.flop_expert_gate.log_alpha, experts.flop_row_gates[0].log_alpha]
+    before = [g.detach().clone() for g in gates]
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+        loss = loss + sparsity_report(peft_model, differentiable=True).expected_kept_params * 1e-6
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert all(not torch.equal(b, g) for b, g in zip(before, gates))
 
 
 def _close(peft_model, experts=None, rows=None) -> None:
@@ -217,6 +236,7 @@ def test_oneshot_with_refit_compacts_exactly(arch):
     peft_model = prune_oneshot(model, config, _data(4), reconstruct_options={"progress": False}).eval()
     report = sparsity_report(peft_model)
     assert abs(report.deterministic_sparsity - 0.4) < 0.02
+    assert check_target(peft_model).met
     assert all(len(m.kept_experts()) >= m.top_k for m in _experts(peft_model).values())
     inputs = _inputs()
     compacted = compact(peft_model)
