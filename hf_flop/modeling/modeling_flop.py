@@ -12,7 +12,8 @@ This file is copied next to the weights as remote code, so it imports only ``tor
 and its ``TiedFactorizedHead`` (``factorized_embedding.py``) for a pruned embedding. Attention modules
 get their per-layer head counts rewritten from the plan (a dotted attribute such as
 ``config.num_attention_heads`` through a per-module ``ConfigView``), and a norm over a projection
-cut with its heads (kind ``"norm"``) gets parameters of its kept width. Everything else -- forward, caching,
+cut with its heads (kind ``"norm"``) gets parameters of its kept width, and a mixture-of-experts layer's
+experts and router (kind ``"parameters"``) get parameters of their planned shapes (fewer, narrower experts). Everything else -- forward, caching,
 ``generate()``, attention masks -- is the stock code, so the model behaves as the stock one does.
 """
 
