@@ -33,7 +33,7 @@ from hf_flop.layers import dense_weight
 from hf_flop.preflight import check_before_training
 from hf_flop.recognition import spec_for
 
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = sorted(ARCH_BUILDERS)  # the table's entries but the MoE ones (tests/test_experts.py)
 FAMILIES = sorted(ALL_BUILDERS)  # the table's and the recognised ones
 # families with grouped-query attention (every recognised one)
 GQA_FAMILIES = [a for a in FAMILIES if a in RECOGNISED_BUILDERS or arch_spec(a).kv_heads_attr]
