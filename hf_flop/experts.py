@@ -342,18 +342,23 @@ class FlopExperts(nn.Module, GatedLayer):
                 found[f"{name}.flop_taps.{e}"] = (self.flop_taps[e], values)
         return found
 
+    def merge_refusal(self) -> str | None:
+        closed = (self.expert_values() == 0).nonzero().squeeze(1).tolist()
+        if not closed:
+            return None
+        return (
+            f"merge_and_unload cannot remove experts {closed} of {self.router_name}: a closed expert changes the "
+            "routing of every token, which no weight of the same shape expresses. Use hf_flop.compact(model), which "
+            "drops the experts and their router rows."
+        )
+
     @torch.no_grad()
     def unload(self, model: nn.Module, merge: bool) -> None:
         """Put the stock experts module back (with ``merge``: the row masks and gate values folded into
         the down projections; a closed expert cannot be folded into weights, since it changes the routing)."""
         if merge:
-            closed = (self.expert_values() == 0).nonzero().squeeze(1).tolist()
-            if closed:
-                raise ValueError(
-                    f"merge_and_unload cannot remove experts {closed} of {self.router_name}: a closed expert changes "
-                    "the routing of every token, which no weight of the same shape expresses. Use hf_flop.compact(model), "
-                    "which drops the experts and their router rows."
-                )
+            if self.merge_refusal():
+                raise ValueError(self.merge_refusal())
             values, down = self.expert_values(), self.down_weight()
             for e in range(self.n_experts):
                 down[e] *= (self.row_values(e) * values[e]).to(down)[None, :]

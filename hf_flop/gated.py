@@ -133,6 +133,10 @@ class GatedLayer:
         """Write a ``refit`` result into the module (the eval masks keep exactly the same units)."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    def merge_refusal(self) -> str | None:
+        """Why the eval masks cannot be folded into weights of the same shapes (``merge_and_unload``), or None."""
+        return None
+
     def unload(self, model: nn.Module, merge: bool) -> None:
         """Put the original module back into ``model`` (folding the eval masks in when ``merge``).
 

@@ -318,6 +318,9 @@ class FlopModel(FlopModelBase, BaseTuner):
                 "Q/K projection (ArchSpec.projection_norms) would average over them again, so the merged model "
                 "would compute something else. Use hf_flop.compact(model), which removes those heads exactly."
             )
+        refusals = [r for r in (m.merge_refusal() for m in self.gated_layers().values()) if r]
+        if refusals:  # before anything is unloaded
+            raise ValueError(refusals[0])
         masks = {
             g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
             for g in self.structure_groups

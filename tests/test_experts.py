@@ -329,3 +329,44 @@ def test_a_target_needing_fewer_experts_than_top_k_is_refused_before_any_work():
 
         get_flop_model(tiny_llama(), FlopConfig(levels=["expert"]))
     assert MixtralForCausalLM is type(model)
+
+
+def test_pruning_trainer_one_shot_and_recovery_on_a_moe_model(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+    from tiny_task import CountingTask
+
+    from hf_flop import PruningArguments, PruningTrainer
+
+    config = FlopConfig(levels=["head", "row", "expert"], target_sparsity=0.4)
+    model = get_flop_model(tiny_qwen3_moe(vocab_size=64), config)
+    args = PruningArguments(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=16,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    PruningTrainer(model=model, args=args, train_dataset=CountingTask()).train()  # one-shot masks, refit, recovery
+    model.eval()
+    assert check_target(model).met
+    assert all(len(m.kept_experts()) >= m.top_k for m in _experts(model).values())
+    ids = CountingTask()[0]["input_ids"][None]
+    assert (_logits(compact(model), {"input_ids": ids}) - _logits(model, {"input_ids": ids})).abs().max() < ATOL
+
+
+def test_merge_and_unload_folds_rows_and_refuses_removed_experts():
+    model = tiny_mixtral().eval()
+    inputs = _inputs()
+    peft_model = get_flop_model(copy.deepcopy(model), FlopConfig(levels=["row", "expert"], target_sparsity=0.2)).eval()
+    _close(peft_model, rows={"model.layers.0.mlp.experts": {1: [0, 3, 9]}})
+    gated = _logits(peft_model, inputs)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    assert not merged.model.layers[0].mlp.gate._forward_hooks  # the routing hook is gone with the gates
+    assert (_logits(merged, inputs) - gated).abs().max().item() < ATOL
+    _close(peft_model, experts={"model.layers.1.mlp.experts": [2]})
+    with pytest.raises(ValueError, match=r"cannot remove experts \[2\].*compact"):
+        peft_model.merge_and_unload()
+    assert (_logits(peft_model, inputs) - _logits(merged, inputs)).abs().max().item() > 1e-4  # still gated, intact
