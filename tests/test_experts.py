@@ -321,6 +321,9 @@ def test_a_target_needing_fewer_experts_than_top_k_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"fewer than num_experts_per_tok=2 experts"):
         get_flop_model(model, FlopConfig(levels=["expert"], target_sparsity=0.6))
     assert not any(isinstance(m, FlopExperts) for m in model.modules())  # nothing was replaced
+    with pytest.raises(ValueError, match=r"fewer than num_experts_per_tok=2 experts"):  # a one-shot target too
+        prune_oneshot(model, FlopConfig(levels=["expert"], target_sparsity=0.1), _data(2), target_sparsity=0.6)
+    assert not any(isinstance(m, FlopExperts) for m in model.modules())
     get_flop_model(copy.deepcopy(model), FlopConfig(levels=["expert", "row", "head"], target_sparsity=0.6))  # reachable
     with pytest.raises(ValueError, match=r"level 'expert' can remove nothing"):
         get_flop_model(tiny_mixtral(num_local_experts=2), FlopConfig(levels=["expert"]))
