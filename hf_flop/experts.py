@@ -47,7 +47,8 @@ EXPERT_ROW_LEVEL = "expert_row"  # the GatedUnits level of one expert's row gate
 
 
 class ExpertTap(nn.Module):
-    """Identity on what reaches one expert's down projection; hooks on it see that expert's routed tokens.
+    """Called on what one expert's down projection reads, times the routing weights (the part of the layer's
+    output it makes, as the down projection is linear); hooks on it see that expert's routed tokens only.
 
     It is also a refit target (``hf_flop.reconstruction``): the expert's down projection, as a linear
     ``(hidden, width)`` without a bias that reads this tap's input.
@@ -176,11 +177,13 @@ class FlopExperts(nn.Module, GatedLayer):
         for e in hit:
             token, position = torch.where(top_k_index == e)
             gate, up = F.linear(hidden_states[token], gate_up[e]).chunk(2, dim=-1)
-            # the routing weight before the down projection (linear, so the same sum): the tap sees what reaches it
-            x = self.flop_taps[e](act(gate) * up * top_k_weights[token, position, None])
+            x, weight = act(gate) * up, top_k_weights[token, position, None]
+            tap = self.flop_taps[e]
+            if tap._forward_pre_hooks:  # observed (scores, refit): what reaches the output, weight times neurons
+                tap(x * weight)
             if rows is not None:
                 x = x * rows[e].to(x.dtype)
-            y = F.linear(x, down[e])
+            y = F.linear(x, down[e]) * weight  # the stock order: the weight after the down projection
             if watched:
                 norms[token, e] = y.detach().float().norm(dim=-1)
             out.index_add_(0, token, y.to(out.dtype))

@@ -373,3 +373,17 @@ def test_merge_and_unload_folds_rows_and_refuses_removed_experts():
     with pytest.raises(ValueError, match=r"cannot remove experts \[2\].*compact"):
         peft_model.merge_and_unload()
     assert (_logits(peft_model, inputs) - _logits(merged, inputs)).abs().max().item() > 1e-4  # still gated, intact
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_half_precision_computes_as_the_stock_experts(arch):
+    # the gated experts keep the stock order of operations (Mixtral's float32 routing weights included)
+    model = BUILDERS[arch]().to(torch.bfloat16).eval()
+    inputs = _inputs()
+    peft_model = get_flop_model(copy.deepcopy(model), FlopConfig(levels=["row", "expert"], target_sparsity=0.2)).eval()
+    assert torch.equal(_logits(peft_model, inputs), _logits(model, inputs))
+    name = "model.layers.1.mlp.experts"
+    _close(peft_model, experts={name: [1]}, rows={name: {0: [1, 2]}})
+    compacted = compact(peft_model)
+    assert compacted.dtype == torch.bfloat16
+    assert (_logits(compacted, inputs).float() - _logits(peft_model, inputs).float()).abs().max().item() < 1e-2
