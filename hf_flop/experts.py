@@ -146,10 +146,12 @@ class FlopExperts(nn.Module, GatedLayer):
         """The router's output with the closed experts taken out of the routing (their logits ``-inf``)."""
         values = self.flop_expert_gate() if self.flop_expert_gate is not None else None
         self._routed = values  # one sample per forward: the experts scale by the same values
-        if values is None or not bool((values == 0).any()):
+        closed = values == 0 if values is not None else None
+        # all closed (a training sample can do that): no routing is left, and the zero values silence the layer
+        if closed is None or not bool(closed.any()) or bool(closed.all()):
             return output
         logits = output[0]
-        masked = logits.masked_fill((values == 0).to(logits.device), float("-inf"))
+        masked = logits.masked_fill(closed.to(logits.device), float("-inf"))
         probs = F.softmax(masked.float(), dim=-1)
         top, index = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalise:

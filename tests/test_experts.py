@@ -387,3 +387,17 @@ def test_half_precision_computes_as_the_stock_experts(arch):
     compacted = compact(peft_model)
     assert compacted.dtype == torch.bfloat16
     assert (_logits(compacted, inputs).float() - _logits(peft_model, inputs).float()).abs().max().item() < 1e-2
+
+
+def test_a_layer_with_every_expert_closed_adds_nothing():
+    model = tiny_mixtral().eval()
+    inputs = _inputs()
+    peft_model = get_flop_model(copy.deepcopy(model), FlopConfig(levels=["expert"], target_sparsity=0.1)).eval()
+    _close(peft_model, experts={"model.layers.1.mlp.experts": [0, 1, 2, 3]})
+    gated = _logits(peft_model, inputs)
+    by_hand = copy.deepcopy(model)
+    with torch.no_grad():
+        by_hand.model.layers[1].mlp.experts.down_proj.zero_()
+    assert torch.isfinite(gated).all() and (gated - _logits(by_hand, inputs)).abs().max().item() < ATOL
+    with pytest.raises(ValueError, match=r"keep 0 experts, fewer than the 2 the router picks"):
+        compact(peft_model)
