@@ -171,8 +171,12 @@ def largest_unit_params(model: nn.Module) -> float:
         out_f, in_f = layer.shape
         for gate in layer.gates().values():
             largest = max(largest, out_f * in_f / max(gate.n, 1))
-    layers = flop_model.flop_layers()
     slices: dict[str, float] = {}
+    for layer in flop_model.gated_layers().values():  # units beyond (out, in) shapes: a MoE layer's experts
+        for level, (unit, part) in layer.unit_slices(config.round_to).items():
+            largest = max(largest, unit)
+            slices[level] = slices.get(level, 0.0) + part
+    layers = flop_model.flop_layers()
     for group in flop_model.structure_groups:
         modules = {group.consumer, *(s.module for s in group.producers)}  # GPT-2: q, k, v share one module
         unit = sum(layers[m].shape[0] * layers[m].shape[1] for m in modules) / max(group.n_units, 1)

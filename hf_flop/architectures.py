@@ -25,6 +25,42 @@ from .modeling import TYPE_PREFIX
 
 PROJECTIONS = ("q", "k", "v")  # what a projection norm may normalise
 HEAD_COUNTS = ("heads", "kv_heads", "q_width", "group_size")  # what an attention attribute may count
+EXPERT_COUNTS = ("experts", "width")  # what an experts or router attribute may count
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """Where a mixture-of-experts layer keeps its experts and router (names relative to a transformer layer).
+
+    The experts are one module holding 3-D parameters: ``gate_up`` of shape ``(experts, 2 * width, hidden)``
+    (each expert's gate rows, then its up rows) and ``down`` of shape ``(experts, hidden, width)``; it is
+    called as ``experts(hidden, top_k_index, top_k_weights)``. The router holds ``router_weight``
+    ``(experts, hidden)``; it takes the softmax of its logits, then the top ``top_k_attr`` experts, whose
+    weights it renormalises to sum 1 when ``renormalise`` says so (a config attribute, or always / never).
+    A layer without the experts module (``mlp_only_layers``, ``decoder_sparse_step``) is a dense layer.
+    """
+
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    router_weight: str = "weight"
+    # config attribute: experts per MoE layer (the stored name: Qwen3-MoE and Mixtral map num_experts to it)
+    count_attr: str = "num_local_experts"
+    width_attr: str = "moe_intermediate_size"  # config attribute: each expert's FFN width
+    top_k_attr: str = "num_experts_per_tok"
+    renormalise: str | bool = "norm_topk_prob"  # config attribute, or True / False
+    weights_in_logits_dtype: bool = True  # the routing weights are cast back to the logits' dtype
+    # attributes compaction rewrites on the experts module and on the router -> what they count
+    experts_attrs: dict[str, str] = field(default_factory=lambda: {"num_experts": "experts", "intermediate_dim": "width"})
+    router_attrs: dict[str, str] = field(default_factory=lambda: {"num_experts": "experts"})
+
+    def __post_init__(self) -> None:
+        what = (set(self.experts_attrs.values()) | set(self.router_attrs.values())) - set(EXPERT_COUNTS)
+        if what:
+            raise ValueError(
+                f"ExpertsSpec attribute maps say what an attribute counts, one of {list(EXPERT_COUNTS)}; got {sorted(what)}."
+            )
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,8 @@ class ArchSpec:
     # the llama.cpp graph that computes this architecture (a key of gguf_graphs.GRAPHS); None: no GGUF export.
     # Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
     gguf: str | None = None
+    # mixture-of-experts layers (hf_flop.experts): levels "expert" and "row" inside the experts; None: no MoE
+    experts: ExpertsSpec | None = None
 
     def __post_init__(self) -> None:
         if self.up_chunks < 1:
@@ -241,6 +279,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         hidden_attr="hidden_size",
         intermediate_attr="intermediate_size",
     ),
+    # Qwen3 attention (per-head q/k norms, nothing to cut); MoE MLPs, dense ones in mlp_only_layers
+    "qwen3_moe": replace(_LLAMA, experts=ExpertsSpec(), gguf=None),
+    # every layer a MoE; the routing weights always renormalised, kept in float32
+    "mixtral": replace(
+        _LLAMA,
+        experts=ExpertsSpec(width_attr="intermediate_size", renormalise=True, weights_in_logits_dtype=False),
+        intermediate_attr=None,
+        gguf=None,
+    ),
 }
 
 
@@ -287,7 +334,7 @@ class LayerLayout:
     heads: int
     kv_heads: int
     head_dim: int
-    intermediate: int
+    intermediate: int  # the dense FFN width; 0 in a mixture-of-experts layer (hf_flop.experts)
 
     @property
     def group_size(self) -> int:
@@ -314,7 +361,7 @@ def layer_layouts(model: nn.Module, spec: ArchSpec) -> list[LayerLayout]:
     modules = dict(model.named_modules())
     for prefix in find_layers(model, spec):
         o = modules[f"{prefix}.{spec.o}"]
-        down = modules[f"{prefix}.{spec.down}"]
+        down = modules.get(f"{prefix}.{spec.down}")  # None in a mixture-of-experts layer
         q_width = linear_shape(o)[1]
         layer_heads = q_width // head_dim
         layer_kv_heads = layer_heads
@@ -327,7 +374,7 @@ def layer_layouts(model: nn.Module, spec: ArchSpec) -> list[LayerLayout]:
                 heads=layer_heads,
                 kv_heads=max(1, layer_kv_heads),
                 head_dim=head_dim,
-                intermediate=linear_shape(down)[1],
+                intermediate=linear_shape(down)[1] if down is not None else 0,
             )
         )
     return layouts

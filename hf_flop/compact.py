@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import arch_spec
+from .experts_injection import uneven_experts
 from .gated import Cut
 from .groups import StructureCuts
 from .linear import dense_weight, set_dense_weight
@@ -82,7 +83,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     relative = _relative_paths(task_model)
     names = {module: name for name, module in task_model.named_modules()}
     state = task_model.state_dict()
-    modules, layer_tensors, overrides = {}, {}, {}
+    modules, layer_tensors, overrides, attributes = {}, {}, {}, {}
     for name, layer in flop_model.gated_layers().items():
         out_f, in_f = layer.shape
         cols, scale = cuts.columns(name, in_f)
@@ -93,13 +94,20 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
             del state[key]
         layer_tensors.update({f"{name}.{k}": v for k, v in compacted.tensors.items()})
         overrides.update(compacted.config)
+        modules.update(compacted.modules)  # what it changes outside itself (a MoE layer's router)
+        layer_tensors.update(compacted.state)
+        attributes.update(compacted.attributes)
     state.update(layer_tensors)
     modules.update(cut_projection_norms(cuts.norms, state, relative))
 
     old_plan = getattr(task_model.config, "flop_plan", None) or {}  # compacting an already compacted model
     plan = {
         "modules": {**old_plan.get("modules", {}), **modules},
-        "attributes": {**old_plan.get("attributes", {}), **{relative(k): v for k, v in cuts.attributes.items()}},
+        "attributes": {
+            **old_plan.get("attributes", {}),
+            **{relative(k): v for k, v in cuts.attributes.items()},
+            **attributes,
+        },
         "layers": {**plan_layers(old_plan), **{relative(k): v for k, v in cuts.layers.items()}},
     }
     stock_class = getattr(type(task_model), "flop_stock_class", None) or type(task_model)
@@ -113,6 +121,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     elif flop_model.flop_config.uniform_shapes:  # the injection checks make this unreachable: a bug
         raise RuntimeError("uniform_shapes=True, yet no stock config describes these shapes; please report this.")
     config._attn_implementation = task_model.config._attn_implementation
+    config._experts_implementation = getattr(task_model.config, "_experts_implementation", None)  # MoE models
 
     compacted = model_class(config).to(task_model.dtype)
     missing, unexpected = compacted.load_state_dict(state, strict=False)
@@ -217,6 +226,7 @@ def _check_uniform_masks(flop_model, round_to: int) -> None:
     if not flop_model.flop_config.uniform_shapes:
         return
     uneven = uneven_levels(flop_model.structure_groups, flop_model.flop_structure_gates, round_to)
+    uneven.update(uneven_experts(flop_model, round_to))
     if uneven:
         found = "; ".join(f"{level} kept per layer: {counts}" for level, counts in uneven.items())
         raise ValueError(
@@ -228,7 +238,7 @@ def _check_uniform_masks(flop_model, round_to: int) -> None:
 
 def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict):
     """A stock config of ``stock_class`` that builds exactly these shapes, or ``None`` if none does."""
-    if any(spec["kind"] not in ("linear", "conv1d", "norm") for spec in plan["modules"].values()):
+    if any(spec["kind"] not in ("linear", "conv1d", "norm", "parameters") for spec in plan["modules"].values()):
         return None
     overrides = {}
     if plan["layers"]:
@@ -241,7 +251,9 @@ def _stock_config(stock_class: type, config_dict: dict, plan: dict, state: dict)
             ("kv_heads", spec.kv_heads_attr),
             ("intermediate", spec.intermediate_attr),
         ):
-            values = {layer[key] for layer in plan["layers"].values()}
+            values = {layer[key] for layer in plan["layers"].values() if layer.get(key)}  # 0: no dense FFN (MoE)
+            if not values:
+                continue
             if len(values) != 1:
                 return None
             if attr is not None:

@@ -64,6 +64,8 @@ class GatedUnits:
     feature_index: torch.Tensor | None = None  # (n_units * unit,) feature of each unit slot; None: identity
     entry: str | None = None  # report entry whose factorized-or-dense form the gate decides (rank, clusters)
     module: str = ""  # the module the units belong to (a linear, a transformer layer, the embedding)
+    min_kept: int = 0  # units that must stay open whatever the scores (a MoE layer's top-k experts)
+    routed: bool = False  # read only by the tokens routed to them (an expert's rows): a pass may not reach them
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Compacted:
     spec: dict
     tensors: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)
+    # what it changes outside itself (a MoE router): plan modules by path, state tensors by name, attributes by path
+    modules: dict[str, dict] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    attributes: dict[str, dict] = field(default_factory=dict)
 
 
 class GatedLayer:
@@ -112,6 +118,11 @@ class GatedLayer:
     def scored_units(self, name: str) -> list[GatedUnits]:
         return []
 
+    def unit_slices(self, round_to: int) -> dict[str, tuple[float, float]]:
+        """Per level of the units its gates hold that ``shape`` does not cover: the parameters of one unit and of
+        this module's part of a uniform slice; ``{}``: none (see ``accounting.largest_unit_params``)."""
+        return {}
+
     def refit(self, moments: torch.Tensor, scale: torch.Tensor, *, fit_bias: bool, ridge: float):
         """A ``hf_flop.refit.Fit`` of what the gates keep to what the unpruned module computes, or None
         when this module cannot be refit. ``moments``: the second moments of its (unmasked) input;
@@ -121,6 +132,10 @@ class GatedLayer:
     def apply_fit(self, fit, scale: torch.Tensor) -> None:
         """Write a ``refit`` result into the module (the eval masks keep exactly the same units)."""
         raise NotImplementedError  # pragma: no cover - interface
+
+    def merge_refusal(self) -> str | None:
+        """Why the eval masks cannot be folded into weights of the same shapes (``merge_and_unload``), or None."""
+        return None
 
     def unload(self, model: nn.Module, merge: bool) -> None:
         """Put the original module back into ``model`` (folding the eval masks in when ``merge``).

@@ -34,7 +34,8 @@ from .gated import GatedUnits
 from .gates import Gate
 
 GROUP_LEVELS = ("head", "query_head", "row")
-ROUNDED_LEVELS = ("row",)  # FlopConfig.round_to applies to FFN widths, not to head counts
+# FlopConfig.round_to applies to FFN widths (dense, and each expert's: "expert_row"), not to head counts
+ROUNDED_LEVELS = ("row", "expert_row")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def structure_groups(model: nn.Module, spec: ArchSpec, levels: set[str]) -> list
                 if proj == "q" and f"{p}.{m}" in names
             ]
             groups.append(group)
-        if "row" in levels:
+        if "row" in levels and layout.intermediate:  # a MoE layer's rows are its experts' (hf_flop.experts)
             # a fused producer ([gate; up]) holds its chunks one after the other, each cut the same way
             width = layout.intermediate
             producers = [Segment(f"{p}.{up}", 1, chunk * width) for up in spec.up for chunk in range(spec.up_chunks)]

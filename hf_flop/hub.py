@@ -334,6 +334,7 @@ _LEVEL_WORDS = {
     "row": "FFN neurons (rows)",
     "block": "weight blocks",
     "embedding": "vocabulary clusters of the embedding",
+    "expert": "whole experts of the mixture-of-experts layers (with their router rows)",
 }
 
 

@@ -20,6 +20,7 @@ from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 from .blocks import check_block_shapes
 from .config import FlopConfig
 from .embedding import check_embedding_level, inject_embedding
+from .experts_injection import EXPERT_LEVELS, check_expert_level, has_moe_rows, inject_experts
 from .gated import GatedLayer
 from .gates import Gate, build_gate
 from .groups import GROUP_LEVELS, InputMask, StructureGroup, check_heads_removable, structure_groups
@@ -56,6 +57,12 @@ def _check_group_level(level: str, model: nn.Module, config: FlopConfig, targets
         raise ValueError(f"level {level!r} can remove nothing: every layer has a single unit of it. Drop the level.")
 
 
+def _check_rows(model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
+    """Level ``"row"`` removes something when it reaches a MoE layer's experts, else as any head/row level."""
+    if not has_moe_rows(model, config):
+        _check_group_level("row", model, config, targets)
+
+
 def _check_heads(level: str, model: nn.Module, config: FlopConfig, targets: list[str]) -> None:
     check_heads_removable(model, config.levels)  # MQA with 'head', no grouping with 'query_head'
     _check_group_level(level, model, config, targets)
@@ -69,9 +76,10 @@ def _check_blocks(model: nn.Module, config: FlopConfig, targets: list[str]) -> N
 LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
     "head": functools.partial(_check_heads, "head"),
     "query_head": functools.partial(_check_heads, "query_head"),
-    "row": functools.partial(_check_group_level, "row"),
+    "row": _check_rows,
     "block": _check_blocks,
     "embedding": check_embedding_level,
+    "expert": check_expert_level,
 }
 
 
@@ -120,6 +128,13 @@ def _layout(
         raise UnsupportedArchitectureError(f"{message} {err}") from None
 
 
+def _default_targets(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """The architecture's default targets that name some module (a model whose layers are all MoE layers has
+    no dense FFN projections: its experts get their gates apart, ``hf_flop.experts``)."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in spec.default_targets(model) if any(n == t or n.endswith(f".{t}") for n in names)]
+
+
 def _unmatched_targets(model: nn.Module, config: FlopConfig) -> list[str]:
     """Entries of a ``target_modules`` list that name no module (PEFT's rule: the name or its last parts)."""
     if not isinstance(config.target_modules, (list, tuple, set)):
@@ -143,7 +158,7 @@ def check_flop_config(model: nn.Module, config: FlopConfig, *, option: str = "ta
     spec = _layout(model, config, option=option)
     if config.target_modules is None:  # a copy: the caller's config is not filled in
         config = copy.copy(config)
-        config.target_modules = spec.default_targets(model)
+        config.target_modules = _default_targets(model, spec)
     matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not matched:
         raise ValueError(
@@ -189,7 +204,7 @@ class FlopModel(FlopModelBase, BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: FlopConfig, model_config: dict) -> FlopConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = _layout(self.model, peft_config).default_targets(self.model)
+            peft_config.target_modules = _default_targets(self.model, _layout(self.model, peft_config))
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: FlopConfig, adapter_name: str) -> None:
@@ -231,6 +246,8 @@ class FlopModel(FlopModelBase, BaseTuner):
                 for norm in group.norms:  # the statistic of a norm over the whole projection: kept heads only
                     hook = KeptHeadsStatistic(gate, group, norm.unit, config.round_to)
                     self._hook_handles.append(modules[norm.module].register_forward_hook(hook))
+        if set(config.levels) & set(EXPERT_LEVELS):  # a MoE layer's experts and router (hf_flop.experts)
+            inject_experts(model, config, functools.partial(build_gate, config))
         if "embedding" in config.levels:
             inject_embedding(model, config, functools.partial(build_gate, config))
         self._mark_only_adapters_as_trainable(model)
@@ -301,6 +318,9 @@ class FlopModel(FlopModelBase, BaseTuner):
                 "Q/K projection (ArchSpec.projection_norms) would average over them again, so the merged model "
                 "would compute something else. Use hf_flop.compact(model), which removes those heads exactly."
             )
+        refusals = [r for r in (m.merge_refusal() for m in self.gated_layers().values()) if r]
+        if refusals:  # before anything is unloaded
+            raise ValueError(refusals[0])
         masks = {
             g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
             for g in self.structure_groups

@@ -12,6 +12,7 @@ so every layer keeps the same heads and FFN width.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
@@ -26,7 +27,7 @@ from .calibration import reusable_batches
 from .config import FlopConfig
 from .gated import GatedUnits
 from .lookup import find_flop_model
-from .model import get_flop_model
+from .model import check_flop_config, get_flop_model
 from .ranking import check_scores, keep_masks, removal_order, removal_path
 from .reconstruction import reconstruct as reconstruct_layers
 from .scores import SCORE_TYPES, compute_scores, find_gated_units, recommended_oneshot_score, score_type
@@ -223,6 +224,12 @@ def _pruning_config(model: nn.Module, config: FlopConfig | None) -> tuple[FlopCo
     return config, True
 
 
+def _with_target(config: FlopConfig, target_sparsity: float) -> FlopConfig:
+    checked = copy.copy(config)
+    checked.target_sparsity = target_sparsity
+    return checked
+
+
 def prune_oneshot(
     model: nn.Module,
     config: FlopConfig | None = None,
@@ -266,6 +273,8 @@ def prune_oneshot(
                 "with 'input_ids'), or score='magnitude', which needs none."
             )
     score_type(score, calibration_data)  # a known score, with the data it needs; checked before injecting
+    if inject and target_sparsity is not None:  # the levels' checks of this target (MoE: top-k experts), before any work
+        check_flop_config(model, _with_target(flop_config, target_sparsity))
     calibration_data = reusable_batches(calibration_data)  # read twice: by the scores and by the refit
     if inject:
         model = get_flop_model(model, flop_config)

@@ -88,7 +88,7 @@ def removal_order(
     candidate = []
     for s in units:
         free = torch.ones(s.n_units, dtype=torch.bool)
-        free[torch.argsort(scores[s.key], descending=True, stable=True)[:protect]] = False
+        free[torch.argsort(scores[s.key], descending=True, stable=True)[: max(protect, s.min_kept)]] = False
         if s.key in frozen:
             free[:] = False
         candidate.append(free)

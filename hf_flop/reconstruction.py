@@ -34,6 +34,7 @@ from torch import nn
 
 from .architectures import UnsupportedArchitectureError, find_layers
 from .calibration import CalibrationSplit, InputObserver, StopForward, eval_mode
+from .experts_injection import expert_refit_targets
 from .lookup import find_flop_model
 from .recognition import spec_for
 from .refit import Moments, output_error
@@ -140,6 +141,9 @@ class _Recorder:
 def _refit_module(name: str, layer: nn.Module, recorder: _Recorder, scales: dict, options: dict) -> LayerRefit:
     """Fit, compare with plain removal on the held-out moments, apply the refit if it is better."""
     scale = scales.get(name, torch.ones(layer.in_features))
+    if not (recorder.fit[name].tokens and recorder.held[name].tokens):  # an expert the batches barely reach
+        nan = float("nan")
+        return LayerRefit(name, int((scale != 0).sum()), len(scale), None, nan, nan, False)
     fit_m, held_m = recorder.fit[name].matrix(), recorder.held[name].matrix()
     reference, bias = layer.reference()
     plain = layer.folded_weight().to(torch.float64).cpu() * scale.to(torch.float64)[None, :]
@@ -233,7 +237,11 @@ def _stages(layer: nn.Module, names: list[str], modules: dict, hidden: list, cal
     finally:
         probe.remove()
     order = list(dict.fromkeys(probe.calls))
-    missing = [n for n in names if n not in order]
+    # an expert's tap sees only its routed tokens (possibly none in the probe's batch): the experts of a
+    # layer are one stage, each read apart (hf_flop.experts)
+    routed = [n for n in names if getattr(modules[n], "refit_stage", False)]
+    order = [n for n in order if n not in routed]
+    missing = [n for n in names if n not in order and n not in routed]
     if missing:
         raise RuntimeError(f"the calibration forward never reached {missing}; are these modules used by the model?")
     stages: list[list[str]] = []
@@ -244,7 +252,7 @@ def _stages(layer: nn.Module, names: list[str], modules: dict, hidden: list, cal
             stages[-1].append(name)
         else:
             stages.append([name])
-    return stages
+    return stages + ([routed] if routed else [])
 
 
 @torch.no_grad()
@@ -281,6 +289,8 @@ def reconstruct(
     calib = CalibrationSplit(model, calibration_data, max_batches, holdout)
     scales = _input_scales(flop_model)
     targets = _targets(flop_model, scales)
+    for name, (tap, values) in expert_refit_targets(flop_model).items():  # each expert's down, on its tokens
+        targets[name], scales[name] = tap, values
     report = ReconstructionReport(fit_tokens=calib.tokens(False), heldout_tokens=calib.tokens(True))
     widest = max((m.in_features for m in targets.values()), default=0)
     if report.fit_tokens < widest:

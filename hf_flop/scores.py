@@ -45,6 +45,7 @@ from torch import nn
 from .calibration import eval_mode, iter_calibration, model_device, observe_inputs
 from .calibration import reusable_batches as reusable_batches  # its old home: hf_flop.scores.reusable_batches
 from .config import FlopConfig
+from .experts import EXPERT_ROW_LEVEL
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS, group_units
 from .lookup import find_flop_model
@@ -52,6 +53,8 @@ from .obs import greedy_costs
 from .refit import Moments
 
 ScoreFunction = Callable[..., dict[str, torch.Tensor]]
+# the gates whose units have a consumer to refit (score "obs"): heads, FFN rows, and each expert's rows
+OBS_LEVELS = (*GROUP_LEVELS, EXPERT_ROW_LEVEL)
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data
     observe_inputs(model, {s.key: s.observed for s in units}, calibration_data, record, max_batches=max_batches)
     mean_sq, mean = {}, {}
     for s in units:
+        if s.key not in sq_sums and s.routed:  # an expert no calibration token was routed to: it carries nothing
+            sq_sums[s.key] = sums[s.key] = torch.zeros(s.n_units * s.unit, device=s.column_sq_norms.device)
         if s.key not in sq_sums:
             raise RuntimeError(f"the calibration forward never reached {s.key}'s module; is it used by the model?")
         n = max(tokens[s.key], 1)
@@ -229,13 +234,16 @@ def obs_scores(
         raise ValueError(f"ridge={ridge!r} must be >= 0.")
     calibration_data = reusable_batches(calibration_data)  # read twice with rank, block or embedding gates
     units = find_gated_units(model)
-    grouped = [s for s in units if s.level in GROUP_LEVELS]
+    grouped = [s for s in units if s.level in OBS_LEVELS]
     scores = {}
     if len(grouped) < len(units):  # rank, block, embedding gates: nothing to refit around them
         scores = activation_scores(model, calibration_data, max_batches=max_batches)
     if grouped:
         moments = _consumer_moments(model, grouped, calibration_data, max_batches)
         for s in grouped:
+            if moments[s.key] is None:  # an expert no calibration token was routed to: removing it costs nothing
+                scores[s.key] = torch.zeros(s.n_units)
+                continue
             weight, bias, moment = s.observed.folded_weight(), s.observed.bias, moments[s.key]
             if s.feature_index is not None:  # a unit's features apart (query-head slots): put them unit-major
                 index = s.feature_index.to(weight.device)
@@ -255,9 +263,9 @@ def _consumer_moments(model: nn.Module, units: list[GatedUnits], calibration_dat
     # units already closed read zeros (the input masks act first) and cost nothing
     observe_inputs(model, {s.key: s.observed for s in units}, calibration_data, record, max_batches=max_batches)
     for s in units:
-        if found[s.key].tokens == 0:
+        if found[s.key].tokens == 0 and not s.routed:
             raise RuntimeError(f"the calibration forward never reached {s.key}'s consumer; is it used by the model?")
-    return {key: m.matrix() for key, m in found.items()}
+    return {key: m.matrix() if m.tokens else None for key, m in found.items()}
 
 
 @register_score("sensitivity", needs_data=True, needs_labels=True)

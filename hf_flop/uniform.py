@@ -96,7 +96,8 @@ def uniform_slices(
                 f"uniform shapes need every layer to start with the same {level} count; this model has {sizes}."
             )
         n = sizes[0]
-        counts = uniform_counts(n, round_to if level in ROUNDED_LEVELS else 1, min_count)
+        floor = max(min_count, *(getattr(s, "min_kept", 0) for _, s in gates))  # a MoE layer keeps its top-k experts
+        counts = uniform_counts(n, round_to if level in ROUNDED_LEVELS else 1, floor)
         ascending = [start + torch.argsort(priority[start : start + n], stable=True) for start, _ in gates]
         queues[level] = [torch.cat([a[n - hi : n - lo] for a in ascending]) for hi, lo in zip(counts, counts[1:])]
     slices = []

@@ -253,6 +253,35 @@ RECOGNISED_BUILDERS = {
 ALL_BUILDERS = {**ARCH_BUILDERS, **RECOGNISED_BUILDERS}
 
 
+# --- mixture-of-experts families (hf_flop.experts): tested in tests/test_experts.py, not by the generic checks ---
+
+
+def tiny_qwen3_moe(**overrides):
+    """Qwen3-MoE: 3 layers, layer 0 a dense MLP (mlp_only_layers), layers 1-2 with 6 experts of width 16, top-2
+    renormalised, eager experts (the default grouped_mm needs wider tensors) (``overrides``: other config values)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    kwargs = {**_gqa_kwargs(), "num_hidden_layers": 3, "head_dim": 8, "num_experts": 6, "num_experts_per_tok": 2}
+    kwargs.update(moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[0], experts_implementation="eager")
+    kwargs.update(overrides)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs))
+
+
+def tiny_mixtral(**overrides):
+    """Mixtral: every layer a MoE of 4 experts of width 16, top-2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    kwargs = {**_gqa_kwargs(), "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16}
+    kwargs["experts_implementation"] = "eager"  # the default grouped_mm needs wider tensors than a tiny model's
+    return MixtralForCausalLM(MixtralConfig(**{**kwargs, **overrides}))
+
+
+# the MoE entries of hf_flop.architectures.ARCHITECTURES
+MOE_BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral}
+
+
 def tiny_inputs(batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return {"input_ids": torch.randint(1, VOCAB, (batch, length), generator=g)}

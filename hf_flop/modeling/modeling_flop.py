@@ -12,7 +12,8 @@ This file is copied next to the weights as remote code, so it imports only ``tor
 and its ``TiedFactorizedHead`` (``factorized_embedding.py``) for a pruned embedding. Attention modules
 get their per-layer head counts rewritten from the plan (a dotted attribute such as
 ``config.num_attention_heads`` through a per-module ``ConfigView``), and a norm over a projection
-cut with its heads (kind ``"norm"``) gets parameters of its kept width. Everything else -- forward, caching,
+cut with its heads (kind ``"norm"``) gets parameters of its kept width, and a mixture-of-experts layer's
+experts and router (kind ``"parameters"``) get parameters of their planned shapes (fewer, narrower experts). Everything else -- forward, caching,
 ``generate()``, attention masks -- is the stock code, so the model behaves as the stock one does.
 """
 
@@ -123,6 +124,15 @@ def resize_norm(module: nn.Module, width: int) -> None:
         module.normalized_shape = (width,)
 
 
+def resize_parameters(module: nn.Module, shapes: dict) -> None:
+    """Give ``module`` fresh parameters of the planned shapes (a MoE layer's experts and router: fewer or
+    narrower experts); the weights are loaded afterwards."""
+    for name, shape in shapes.items():
+        param = getattr(module, name)
+        fresh = torch.empty(*shape, dtype=param.dtype, device=param.device)
+        setattr(module, name, nn.Parameter(fresh, requires_grad=param.requires_grad))
+
+
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module] | None:
     """``(root, module)`` for a plan path; ``None`` when this class has no such module (another task head)."""
     for root in (model.base_model, model):
@@ -140,6 +150,8 @@ def apply_flop_plan(model: nn.Module, plan: dict | None) -> None:
         found = locate(model, path)
         if found is not None and spec["kind"] == "norm":
             resize_norm(found[1], spec["width"])
+        elif found is not None and spec["kind"] == "parameters":
+            resize_parameters(found[1], spec["shapes"])
         elif found is not None:
             parent_path, _, child = path.rpartition(".")
             setattr(found[0].get_submodule(parent_path), child, build_module(spec))
