@@ -70,6 +70,17 @@ class ArchSpec:
     # the llama.cpp tensor layout that computes this architecture (a key of export_gguf.GGUF_TENSORS); None: no
     # GGUF export. Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
     gguf: str | None = None
+    # each sublayer (attention, FFN) adds its output to a residual stream that no norm follows inside the layer
+    # (pre-norm decoders, Gemma's and OLMo-2's norms on the branch itself): a zero branch is exactly the sublayer
+    # skipped, so level "layer" can remove a sublayer alone. False for post-norm layers (BERT's LayerNorm(h + f(h)))
+    pre_norm_residual: bool = False
+    # the modules whose outputs are the attention and the FFN residual branches (what is added to the stream),
+    # where a sublayer gate multiplies; None: the output projections ``o`` and ``down``. A norm on the branch
+    # (Gemma's post_attention_layernorm) must be named: gating its input would be normalised away
+    branch_outputs: tuple[str, str] | None = None
+    # config flags that make a layer compute with its own index (GPT-2's scale_attn_by_inverse_layer_idx): when
+    # set, removing layers would change the layers after them, so compaction refuses it
+    layer_index_flags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.up_chunks < 1:
@@ -91,6 +102,17 @@ class ArchSpec:
 
     def default_targets(self) -> list[str]:
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
+
+    @property
+    def branches(self) -> tuple[str, str]:
+        """The attention and FFN residual-branch outputs (``branch_outputs``, or ``o`` and ``down``)."""
+        return self.branch_outputs or (self.o, self.down)
+
+    @property
+    def ffn(self) -> str:
+        """The FFN module (the common parent of ``up`` and ``down``), or "" when they sit in the layer itself."""
+        parents = {name.rpartition(".")[0] for name in (*self.up, self.down)}
+        return parents.pop() if len(parents) == 1 else ""
 
     @property
     def stock_head_pruning(self) -> bool:
@@ -134,6 +156,7 @@ _LLAMA = ArchSpec(
     attention_head_attrs={"num_key_value_groups": "group_size"},  # repeat_kv's factor
     intermediate_attr="intermediate_size",
     gguf="llama",
+    pre_norm_residual=True,
 )
 
 
@@ -172,12 +195,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         hidden_attr="n_embd",
         attention_head_attrs={"num_heads": "heads", "split_size": "q_width", "embed_dim": "q_width"},
         intermediate_attr="n_inner",
+        pre_norm_residual=True,
+        layer_index_flags=("scale_attn_by_inverse_layer_idx",),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
-    "olmo2": replace(_LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None),
+    "olmo2": replace(
+        _LLAMA,
+        projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"},
+        gguf=None,
+        branch_outputs=("post_attention_layernorm", "post_feedforward_layernorm"),
+    ),
     # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at
     # config.num_attention_heads * head_dim and its own num_key_value_heads
     "phi3": replace(
@@ -205,6 +235,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         kv_heads_attr=None,
         hidden_attr="hidden_size",
         intermediate_attr="intermediate_size",
+        pre_norm_residual=True,
     ),
 }
 
