@@ -198,7 +198,9 @@ def check_foldable(flop_model) -> None:
     if gate is None:
         return
     mask = gate.deterministic_mask().detach()
-    soft = [u.layer + ("" if u.part == "layer" else f" ({u.part})") for u in units_of(flop_model) if 0 < mask[u.index] < 1]
+    soft = [
+        u.layer + ("" if u.part == "layer" else f" ({u.part})") for u in units_of(flop_model) if 0 < mask[u.index] < 1
+    ]
     if soft:
         raise ValueError(
             f"the depth gate keeps {soft[:3]}{' ...' if len(soft) > 3 else ''} at eval values between 0 and 1, which "

@@ -50,9 +50,7 @@ def layers_attribute(config) -> str:
     return getattr(config, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
 
 
-def remove_depth(
-    flop_model, state: dict, plan: dict, config_dict: dict, relative: Callable[[str], str]
-) -> None:
+def remove_depth(flop_model, state: dict, plan: dict, config_dict: dict, relative: Callable[[str], str]) -> None:
     """Remove what the depth gate closed from ``state`` (absolute keys), ``plan`` (relative paths) and
     ``config_dict``, in place (see the module docstring). Nothing without level ``"layer"``."""
     if not units_of(flop_model):
@@ -79,9 +77,11 @@ def remove_depth(
         path = relative(u.replaced)
         for section in ("modules", "attributes"):
             plan[section] = {k: v for k, v in plan[section].items() if not _under(k, path)}
-        entry = {"kind": "skipped_attention", "layer_idx": new_index[u.position]} if u.part == "attention" else {
-            "kind": "skipped_ffn"
-        }
+        entry = (
+            {"kind": "skipped_attention", "layer_idx": new_index[u.position]}
+            if u.part == "attention"
+            else {"kind": "skipped_ffn"}
+        )
         skipped[path] = entry
     plan["modules"].update(skipped)
 

@@ -33,7 +33,9 @@ def llama4(**overrides):
 
 def gpt2_4():
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -42,7 +44,10 @@ def gemma3_4():
     torch.manual_seed(0)
     types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     config = Gemma3TextConfig(
-        **{**_gqa_kwargs(), "num_hidden_layers": 4}, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+        **{**_gqa_kwargs(), "num_hidden_layers": 4},
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
         layer_types=types,
     )
     return Gemma3ForCausalLM(config).eval()
@@ -95,9 +100,11 @@ def close(model, keep: list[bool], key: str = "layer"):
 def test_a_closed_layer_gate_is_the_layer_skipped(build):
     model = build()
     x = tiny_inputs(length=9)
-    expected = without_layer(model, 1)(**x, use_cache=False).logits if build is not bert4 else without_layer(
-        model, 1
-    )(**x).logits
+    expected = (
+        without_layer(model, 1)(**x, use_cache=False).logits
+        if build is not bert4
+        else without_layer(model, 1)(**x).logits
+    )
     dense = model(**x).logits
     gated = get_flop_model(model, FlopConfig(levels=["layer"])).eval()
     torch.testing.assert_close(gated(**x).logits, dense, atol=1e-5, rtol=0)  # starts as the dense model
@@ -294,8 +301,9 @@ def test_sublayer_block_influence_follows_the_residual_stream():
     layer = gated.base_model.model.model.layers[1]
     seen = {}
     hooks = [
-        layer.register_forward_pre_hook(lambda m, a, k: seen.update(h0=k.get("hidden_states", a[0] if a else None)),
-                                        with_kwargs=True),
+        layer.register_forward_pre_hook(
+            lambda m, a, k: seen.update(h0=k.get("hidden_states", a[0] if a else None)), with_kwargs=True
+        ),
         layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.update(attn=o)),
         layer.register_forward_hook(lambda m, a, o: seen.update(h2=o)),
     ]
