@@ -334,6 +334,7 @@ _LEVEL_WORDS = {
     "row": "FFN neurons (rows)",
     "block": "weight blocks",
     "embedding": "vocabulary clusters of the embedding",
+    "layer": "whole transformer layers or their sublayers (depth)",
 }
 
 
