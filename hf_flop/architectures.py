@@ -81,6 +81,9 @@ class ArchSpec:
     # config flags that make a layer compute with its own index (GPT-2's scale_attn_by_inverse_layer_idx): when
     # set, removing layers would change the layers after them, so compaction refuses it
     layer_index_flags: tuple[str, ...] = ()
+    # layers built unlike the others by position (ModernBERT's layer 0 has no attention norm): renumbering could not
+    # rebuild them, so level "layer" gives them no unit (indices into the layer list)
+    fixed_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.up_chunks < 1:
@@ -236,6 +239,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         hidden_attr="hidden_size",
         intermediate_attr="intermediate_size",
         pre_norm_residual=True,
+        fixed_layers=(0,),
     ),
 }
 

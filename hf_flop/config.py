@@ -44,7 +44,8 @@ class FlopConfig(PeftConfig):
     gate ``z_k`` per rank-1 component; ``"head"`` and ``"row"`` add one gate per attention head (per
     KV group under grouped-query attention) and per FFN intermediate neuron; ``"query_head"`` (grouped-
     or multi-query attention) removes query heads and keeps every KV head, the same number from each
-    KV group of a layer. The trainer drives the
+    KV group of a layer; ``"layer"`` gates whole transformer layers (or, with ``layer_granularity="sublayer"``,
+    their attention and FFN sublayers apart; ``hf_flop.depth``). The trainer drives the
     expected fraction of removed prunable parameters to ``target_sparsity``.
     """
 

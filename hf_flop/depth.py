@@ -52,11 +52,15 @@ class DepthUnit:
 
 
 def depth_units(model: nn.Module, spec: ArchSpec, granularity: str) -> list[DepthUnit]:
-    """The depth units of ``model``, layer by layer (attention before FFN)."""
+    """The depth units of ``model``, layer by layer (attention before FFN); none in ``ArchSpec.fixed_layers``."""
     units = []
-    for position, layer in enumerate(find_layers(model, spec)):
+    names = find_layers(model, spec)
+    fixed = {i % len(names) for i in spec.fixed_layers}
+    for position, layer in enumerate(names):
+        if position in fixed:
+            continue
         if granularity == "layer":
-            units.append(DepthUnit("layer", position, layer, position, "layer", layer, (layer,)))
+            units.append(DepthUnit("layer", len(units), layer, position, "layer", layer, (layer,)))
             continue
         attention = tuple(dict.fromkeys(f"{layer}.{m}" for m in (spec.q, spec.k, spec.v, spec.o)))
         ffn = tuple(dict.fromkeys(f"{layer}.{m}" for m in (*spec.up, spec.down)))
@@ -121,6 +125,11 @@ def check_depth_level(model: nn.Module, config, targets: list[str]) -> None:
                 f"FFN projections {list(spec.up) + [spec.down]} share no parent module. Use layer_granularity='layer'."
             )
     units = depth_units(model, spec, config.layer_granularity)
+    if not units:
+        raise ValueError(
+            f"level 'layer' can remove nothing from this {model_type!r} model: its only layers are built unlike the "
+            f"others by position (ArchSpec.fixed_layers={list(spec.fixed_layers)}), so none can go. Drop the level."
+        )
     if not any(u.covers_module(name) for u in units for name in targets):
         raise ValueError(
             "level 'layer' can remove nothing: no targeted module lies in a transformer layer, so removing one would "

@@ -89,7 +89,7 @@ def unknown_layout_message(
 ) -> str:
     """Why a model whose architecture is missing from ``ARCHITECTURES`` cannot be pruned as configured, with
     every condition to meet at once (``option`` names the target-modules setting in the caller's interface)."""
-    grouped = [lvl for lvl in levels if lvl in GROUP_LEVELS]
+    grouped = [lvl for lvl in levels if lvl in LAYOUT_LEVELS]
     linears = ", ".join(_linear_suffixes(model)) or "none found"
     known = f"hf_flop does not know the layout of model_type={model_type!r} (supported: {sorted(ARCHITECTURES)})"
     if grouped:

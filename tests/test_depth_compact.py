@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 from test_depth import calibration, close, gemma3_4, gpt2_4, llama4
-from tiny_models import _gqa_kwargs, tiny_bpe_tokenizer, tiny_inputs
+from tiny_models import ALL_BUILDERS, _gqa_kwargs, tiny_bpe_tokenizer, tiny_inputs
 from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
 from hf_flop import FlopConfig, compact, export_gguf, export_onnx, get_flop_model, prune_oneshot, sparsity_report
+from hf_flop.recognition import spec_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -215,3 +216,32 @@ def test_gguf_of_a_depth_pruned_uniform_llama_is_plain_llama(tmp_path):
     # blk.1 is the old layer 2
     down = torch.from_numpy(weights["blk.1.ffn_down.weight"].data.astype("float32").reshape(32, 48))
     torch.testing.assert_close(down, small.model.layers[1].mlp.down_proj.weight.detach(), atol=1e-6, rtol=0)
+
+
+# --- every architecture -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["layer", "sublayer"])
+@pytest.mark.parametrize("arch", sorted(ALL_BUILDERS))
+def test_every_architecture_compacts_removed_layers_exactly(arch, granularity):
+    """The first removable layer (or its attention, and the next layer's FFN) goes; post-norm layouts refuse sublayers."""
+    model = ALL_BUILDERS[arch]().eval()
+    config = FlopConfig(levels=["layer", "row"], layer_granularity=granularity)
+    if granularity == "sublayer" and not spec_for(model, None).pre_norm_residual:
+        with pytest.raises(ValueError, match="post-norm"):
+            get_flop_model(model, config)
+        return
+    gated = get_flop_model(model, config).eval()
+    gate = gated.base_model.flop_structure_gates[granularity]
+    keep = torch.ones(gate.n, dtype=torch.bool)
+    keep[0] = False
+    if gate.n > 2:
+        keep[3] = False
+    gate.set_mask(keep)
+    x = tiny_inputs(length=9)
+    small = compact(gated)
+    torch.testing.assert_close(small(**x).logits, gated(**x).logits, atol=1e-4, rtol=0)
+    assert small.config.num_hidden_layers == (1 if granularity == "layer" else 2)
+    if small.can_generate():
+        ids = x["input_ids"][:1]
+        assert torch.equal(greedy(small, ids, steps=4), greedy(gated, ids, steps=4))

