@@ -231,6 +231,14 @@ def _check_model(model: nn.Module) -> str:
             "with AutoModelForCausalLM."
         )
     config = model.config
+    plan = getattr(config, "flop_plan", None) or {}
+    skipped = sorted(p for p, m in plan.get("modules", {}).items() if m.get("kind", "").startswith("skipped_"))
+    if skipped:
+        raise ValueError(
+            f"export_gguf writes layers with both an attention and an FFN, but this model's layers lost sublayers "
+            f"({', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}: FlopConfig(layer_granularity='sublayer')). "
+            "Prune whole layers (layer_granularity='layer') for a GGUF file, or export with export_onnx."
+        )
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"llama.cpp's llama and deci graphs use SiLU in the FFN; this model's hidden_act is {act!r}.")

@@ -245,3 +245,11 @@ def test_every_architecture_compacts_removed_layers_exactly(arch, granularity):
     if small.can_generate():
         ids = x["input_ids"][:1]
         assert torch.equal(greedy(small, ids, steps=4), greedy(gated, ids, steps=4))
+
+
+def test_gguf_refuses_removed_sublayers_clearly(tmp_path):
+    pytest.importorskip("gguf")
+    small = compact(depth_pruned(llama4, [True, False, True, True, True, True, True, True], "sublayer"))
+    with pytest.raises(ValueError, match="layer_granularity='layer'"):
+        export_gguf(small, tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer())
+    assert not (tmp_path / "m.gguf").exists()
