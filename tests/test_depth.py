@@ -100,11 +100,8 @@ def close(model, keep: list[bool], key: str = "layer"):
 def test_a_closed_layer_gate_is_the_layer_skipped(build):
     model = build()
     x = tiny_inputs(length=9)
-    expected = (
-        without_layer(model, 1)(**x, use_cache=False).logits
-        if build is not bert4
-        else without_layer(model, 1)(**x).logits
-    )
+    cache = {} if build is bert4 else {"use_cache": False}  # the copy's attention keeps its old layer_idx
+    expected = without_layer(model, 1)(**x, **cache).logits
     dense = model(**x).logits
     gated = get_flop_model(model, FlopConfig(levels=["layer"])).eval()
     torch.testing.assert_close(gated(**x).logits, dense, atol=1e-5, rtol=0)  # starts as the dense model
