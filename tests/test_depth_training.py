@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_flop import FlopConfig, PruningArguments, PruningTrainer, compact, get_flop_model, sparsity_report
 
@@ -39,6 +40,34 @@ def test_the_lagrangian_learns_layer_gates_to_the_target(tmp_path):
     assert len(report.layers_removed) == 2 and trainer.target_check.met
     small = compact(trainer.model)
     assert small.config.num_hidden_layers == 2
+
+
+def test_the_lagrangian_learns_sublayer_gates_and_the_result_compacts(tmp_path):
+    config = FlopConfig(levels=["layer", "row"], layer_granularity="sublayer", target_sparsity=0.5)
+    model = get_flop_model(tiny_llama(layers=4), config)
+    args = PruningArguments(
+        output_dir=str(tmp_path),
+        max_steps=120,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        logging_steps=20,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        pruning_phase=1.0,
+    )
+    trainer = PruningTrainer(model=model, args=args, train_dataset=CountingTask())
+    trainer.train()
+    logged = [h["expected_sparsity"] for h in trainer.state.log_history if "expected_sparsity" in h]
+    assert abs(logged[-1] - 0.5) <= 0.05, logged
+    assert trainer.target_check.met, trainer.target_check.describe()
+    report = sparsity_report(trainer.model)
+    assert report.sublayers_removed and abs(report.deterministic_sparsity - 0.5) <= trainer.target_check.tolerance
+    gated = trainer.model.eval()
+    small = compact(gated)
+    ids = CountingTask()[0]["input_ids"][None]
+    torch.testing.assert_close(small(input_ids=ids).logits, gated(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 def test_the_command_line_takes_level_layer():
