@@ -355,3 +355,14 @@ def test_the_refit_runs_after_the_layers_are_removed():
     report = hf_flop.reconstruct(gated, batches, progress=False)
     refit = [r.name for r in report.layers]
     assert "model.layers.2.mlp.down_proj" in refit and not [n for n in refit if n.startswith("model.layers.1.")]
+
+
+def test_the_config_round_trips_and_older_configs_load(tmp_path):
+    config = FlopConfig(levels=["layer", "row"], layer_granularity="sublayer", target_sparsity=0.3)
+    config.save_pretrained(tmp_path)
+    loaded = FlopConfig.from_pretrained(tmp_path)
+    assert loaded.levels == ["layer", "row"] and loaded.layer_granularity == "sublayer"
+    raw = (tmp_path / "adapter_config.json").read_text().replace('"layer_granularity": "sublayer",', "")
+    assert "layer_granularity" not in raw
+    (tmp_path / "adapter_config.json").write_text(raw)
+    assert FlopConfig.from_pretrained(tmp_path).layer_granularity == "layer"  # saved before the field existed
