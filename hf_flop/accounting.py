@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .depth import depth_factors, depth_structures
 from .gated import ModuleSparsity
 from .groups import ROUNDED_LEVELS, kept_features, output_features
 from .lookup import find_flop_model
@@ -45,6 +46,9 @@ class SparsityReport:
     modules: dict[str, ModuleSparsity] = field(default_factory=dict)
     # head/row groups: transformer layer -> level -> (kept units, units)
     structures: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    # level "layer": the transformer layers the eval mask removes, and removed sublayers ("<layer>.attention"/".ffn")
+    layers_removed: list[str] = field(default_factory=list)
+    sublayers_removed: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -69,6 +73,9 @@ class SparsityReport:
         for layer, levels in self.structures.items():
             kept = ", ".join(f"{lvl} {k}/{t}" for lvl, (k, t) in levels.items())
             lines.append(f"{layer[-48:]:<48} {kept}")
+        for what, removed in (("layers", self.layers_removed), ("sublayers", self.sublayers_removed)):
+            if removed:
+                lines.append(f"{what} removed ({len(removed)}): {', '.join(removed)}")
         return "\n".join(lines)
 
 
@@ -76,6 +83,8 @@ def _count_all(flop_model, deterministic: bool) -> dict[str, ModuleSparsity]:
     """Every gated module's report entries, by entry name."""
     gates, round_to = flop_model.flop_structure_gates, flop_model.flop_config.round_to
     kept_in, kept_out = kept_features(flop_model.structure_groups, gates, deterministic, round_to)
+    # a module inside a removed layer keeps nothing: its count times the layer's keep value (0/1, or P(z != 0))
+    factors = depth_factors(flop_model, deterministic)
     entries = {}
     for name, layer in flop_model.gated_layers().items():
         out_f, in_f = layer.shape
@@ -84,6 +93,11 @@ def _count_all(flop_model, deterministic: bool) -> dict[str, ModuleSparsity]:
         if deterministic:
             k_in, k_out = torch.tensor(int(k_in)), torch.tensor(int(k_out))
         counted = layer.count(k_in, k_out, deterministic=deterministic, round_to=round_to)
+        if name in factors:
+            for entry in counted.values():
+                entry.kept_params = entry.kept_params * factors[name]
+                if deterministic and not factors[name]:
+                    entry.kept_shape = (0, 0)
         entries.update({name + suffix: entry for suffix, entry in counted.items()})
     return entries
 
@@ -119,6 +133,8 @@ def sparsity_report(model: nn.Module, *, differentiable: bool = False) -> Sparsi
         target_sparsity=flop_model.flop_config.target_sparsity,
         modules=deterministic,
         structures=structures,
+        layers_removed=depth_structures(flop_model)["layers"],
+        sublayers_removed=depth_structures(flop_model)["sublayers"],
     )
 
 
@@ -132,6 +148,7 @@ def min_reachable_kept_params(model: nn.Module) -> int:
     flop_model = find_flop_model(model)
     grouped = {g.consumer for g in flop_model.structure_groups}
     grouped |= {s.module for g in flop_model.structure_groups for s in g.producers}
+    grouped |= {name for name, units in getattr(flop_model, "depth_cover", {}).items() if units}  # removable layers
     floor = 0
     for name, layer in flop_model.flop_layers().items():
         if layer.gates() or name in grouped:
@@ -183,6 +200,13 @@ def largest_unit_params(model: nn.Module) -> float:
         largest = max(largest, unit)
         width = config.round_to if group.level in ROUNDED_LEVELS else 1
         slices[group.level] = slices.get(group.level, 0.0) + unit * width
+    depth: dict[int, float] = {}  # level "layer": a unit is every gated module of its layer (or sublayer)
+    gated = flop_model.gated_layers()
+    for name, units in getattr(flop_model, "depth_cover", {}).items():
+        out_f, in_f = gated[name].shape
+        for u in units:
+            depth[u.index] = depth.get(u.index, 0.0) + out_f * in_f
+    largest = max(largest, *depth.values(), 0.0)
     if config.uniform_shapes:
         largest = max(largest, *slices.values(), 0.0)
     return largest

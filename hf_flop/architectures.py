@@ -116,6 +116,23 @@ class ArchSpec:
     gguf: str | None = None
     # mixture-of-experts layers (hf_flop.experts): levels "expert" and "row" inside the experts; None: no MoE
     experts: ExpertsSpec | None = None
+    # each sublayer (attention, FFN) adds its output to a residual stream that no norm follows inside the layer
+    # (pre-norm decoders, Gemma's and OLMo-2's norms on the branch itself): a zero branch is exactly the sublayer
+    # skipped, so level "layer" can remove a sublayer alone. False for post-norm layers (BERT's LayerNorm(h + f(h)))
+    pre_norm_residual: bool = False
+    # the modules whose outputs are the attention and the FFN residual branches (what is added to the stream),
+    # where a sublayer gate multiplies; None: the output projections ``o`` and ``down``. A norm on the branch
+    # (Gemma's post_attention_layernorm) must be named: gating its input would be normalised away
+    branch_outputs: tuple[str, str] | None = None
+    # config flags that make a layer compute with its own index (GPT-2's scale_attn_by_inverse_layer_idx): when
+    # set, removing layers would change the layers after them, so compaction refuses it
+    layer_index_flags: tuple[str, ...] = ()
+    # layers built unlike the others by position (ModernBERT's layer 0 has no attention norm): renumbering could not
+    # rebuild them, so level "layer" gives them no unit (indices into the layer list)
+    fixed_layers: tuple[int, ...] = ()
+    # config lists with one entry per layer, cut to the kept layers when level "layer" removes some (a list that
+    # only happens to be as long as the layers, such as DeBERTa's pos_att_type, is not one)
+    layer_lists: tuple[str, ...] = ("layer_types", "no_rope_layers")
 
     def __post_init__(self) -> None:
         if self.up_chunks < 1:
@@ -149,6 +166,17 @@ class ArchSpec:
         if model is not None:
             extras = {e for e in extras if any(n.endswith(f".{e}") for n, _ in model.named_modules())}
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down, *extras})
+
+    @property
+    def branches(self) -> tuple[str, str]:
+        """The attention and FFN residual-branch outputs (``branch_outputs``, or ``o`` and ``down``)."""
+        return self.branch_outputs or (self.o, self.down)
+
+    @property
+    def ffn(self) -> str:
+        """The FFN module (the common parent of ``up`` and ``down``), or "" when they sit in the layer itself."""
+        parents = {name.rpartition(".")[0] for name in (*self.up, self.down)}
+        return parents.pop() if len(parents) == 1 else ""
 
     @property
     def stock_head_pruning(self) -> bool:
@@ -192,6 +220,7 @@ _LLAMA = ArchSpec(
     attention_head_attrs={"num_key_value_groups": "group_size"},  # repeat_kv's factor
     intermediate_attr="intermediate_size",
     gguf="llama",
+    pre_norm_residual=True,
 )
 
 
@@ -230,6 +259,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         hidden_attr="n_embd",
         attention_head_attrs={"num_heads": "heads", "split_size": "q_width", "embed_dim": "q_width"},
         intermediate_attr="n_inner",
+        pre_norm_residual=True,
+        layer_index_flags=("scale_attn_by_inverse_layer_idx",),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -241,7 +272,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": replace(_LLAMA, gguf="gemma2"),
     "gemma3_text": replace(_LLAMA, gguf="gemma3"),
     # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
-    "olmo2": replace(_LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None),
+    "olmo2": replace(
+        _LLAMA,
+        projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"},
+        gguf=None,
+        branch_outputs=("post_attention_layernorm", "post_feedforward_layernorm"),
+    ),
     # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at
     # config.num_attention_heads * head_dim and its own num_key_value_heads
     "phi3": replace(
@@ -278,6 +314,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         kv_heads_attr=None,
         hidden_attr="hidden_size",
         intermediate_attr="intermediate_size",
+        pre_norm_residual=True,
+        fixed_layers=(0,),
     ),
     # Qwen3 attention (per-head q/k norms, nothing to cut); MoE MLPs, dense ones in mlp_only_layers
     "qwen3_moe": replace(_LLAMA, experts=ExpertsSpec(), gguf=None),

@@ -32,6 +32,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import arch_spec
+from .depth import check_foldable
+from .depth_compact import remove_depth
 from .experts_injection import uneven_experts
 from .gated import Cut
 from .groups import StructureCuts
@@ -79,6 +81,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         )
     round_to = flop_model.flop_config.round_to
     _check_uniform_masks(flop_model, round_to)
+    check_foldable(flop_model)  # depth-gate values strictly between 0 and 1 compact to nothing exact
     cuts = _structure_cuts(flop_model)
     relative = _relative_paths(task_model)
     names = {module: name for name, module in task_model.named_modules()}
@@ -113,6 +116,7 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     stock_class = getattr(type(task_model), "flop_stock_class", None) or type(task_model)
     config_dict = {k: v for k, v in task_model.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     config_dict.update(overrides)
+    remove_depth(flop_model, state, plan, config_dict, relative)  # level "layer": fewer layers, renumbered
     config = compacted_config_class(stock_class.config_class).from_dict({**config_dict, "flop_plan": plan})
     model_class = compacted_model_class(stock_class)
     stock_config = _stock_config(stock_class, config_dict, plan, state)

@@ -10,11 +10,13 @@ from peft import PeftConfig
 from .peft_type import flop_peft_type
 
 # FlopConfig.levels entries: the structures that get gates (hf_flop.model injects each level's modules)
-LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert")
+LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert", "layer")
 # FlopConfig.gate values: the gate types (hf_flop.gates.GATE_TYPES builds them)
 GATES = ("hard_concrete", "topk")
+# FlopConfig.layer_granularity values: what one gate of level "layer" removes (hf_flop.depth)
+LAYER_GRANULARITIES = ("layer", "sublayer")
 # the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
-UNIFORM_LEVELS = ("head", "query_head", "row", "expert")
+UNIFORM_LEVELS = ("head", "query_head", "row", "expert", "layer")
 
 
 class FlopConfigError(ValueError):
@@ -42,7 +44,8 @@ class FlopConfig(PeftConfig):
     gate ``z_k`` per rank-1 component; ``"head"`` and ``"row"`` add one gate per attention head (per
     KV group under grouped-query attention) and per FFN intermediate neuron; ``"query_head"`` (grouped-
     or multi-query attention) removes query heads and keeps every KV head, the same number from each
-    KV group of a layer. The trainer drives the
+    KV group of a layer; ``"layer"`` gates whole transformer layers (or, with ``layer_granularity="sublayer"``,
+    their attention and FFN sublayers apart; ``hf_flop.depth``). The trainer drives the
     expected fraction of removed prunable parameters to ``target_sparsity``.
     """
 
@@ -103,6 +106,13 @@ class FlopConfig(PeftConfig):
             "config states the head size (hf_flop.uniform)."
         },
     )
+    layer_granularity: str = field(
+        default="layer",
+        metadata={
+            "help": "What a gate of level 'layer' removes: 'layer' (a whole transformer layer) or 'sublayer' (its "
+            "attention or its FFN alone; pre-norm residual layouts only, compacts to the saved remote code)."
+        },
+    )
     embedding_cutoffs: list[int] | None = field(
         default=None,
         metadata={
@@ -144,6 +154,13 @@ class FlopConfig(PeftConfig):
                 "heads and keep every KV head (the only choice with one KV head, multi-query attention).",
             )
         _check_choice("gate", "gate", self.gate, GATES)
+        _check_choice("layer_granularity", "layer_granularity", self.layer_granularity, LAYER_GRANULARITIES)
+        if self.layer_granularity != "layer" and "layer" not in self.levels:
+            raise FlopConfigError(
+                "layer_granularity",
+                f"FlopConfig.layer_granularity={self.layer_granularity!r} applies to level 'layer', which levels="
+                f"{self.levels} lacks. Add 'layer' to levels, or leave layer_granularity at 'layer'.",
+            )
         self._check_uniform_shapes()
         if not isinstance(self.target_sparsity, (int, float)) or not 0.0 <= self.target_sparsity < 1.0:
             raise FlopConfigError(
@@ -194,6 +211,13 @@ class FlopConfig(PeftConfig):
                 "uniform_shapes", f"FlopConfig.uniform_shapes={self.uniform_shapes!r} must be True or False."
             )
         other = [level for level in self.levels if level not in UNIFORM_LEVELS]
+        if self.uniform_shapes and "layer" in self.levels and self.layer_granularity == "sublayer":
+            raise FlopConfigError(
+                "uniform_shapes",
+                "FlopConfig.uniform_shapes=True with layer_granularity='sublayer': a layer without its attention or "
+                "its FFN is a shape no stock transformers config describes. Use layer_granularity='layer' (whole "
+                "layers go, the stock config just has fewer), or uniform_shapes=False (remote code).",
+            )
         if self.uniform_shapes and other:
             # a stock config has no place for low-rank factors, block-sparse weights or clustered embeddings
             raise FlopConfigError(

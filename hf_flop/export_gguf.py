@@ -206,6 +206,14 @@ def _check_model(model: nn.Module) -> str:
             f"export_gguf writes causal language models (an LM head); {type(model).__name__} has none: load the model "
             "with AutoModelForCausalLM."
         )
+    plan = getattr(model.config, "flop_plan", None) or {}
+    skipped = sorted(p for p, m in plan.get("modules", {}).items() if m.get("kind", "").startswith("skipped_"))
+    if skipped:
+        raise ValueError(
+            f"export_gguf writes layers with both an attention and an FFN, but this model's layers lost sublayers "
+            f"({', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}: FlopConfig(layer_granularity='sublayer')). "
+            "Prune whole layers (layer_granularity='layer') for a GGUF file, or export with export_onnx."
+        )
     graph = GRAPHS[spec.gguf]
     check_config(graph, spec.gguf, model.config, _head_dim(model.config))
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()

@@ -335,6 +335,7 @@ _LEVEL_WORDS = {
     "block": "weight blocks",
     "embedding": "vocabulary clusters of the embedding",
     "expert": "whole experts of the mixture-of-experts layers (with their router rows)",
+    "layer": "whole transformer layers or their sublayers (depth)",
 }
 
 

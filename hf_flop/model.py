@@ -19,6 +19,7 @@ from torch import nn
 from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError, arch_spec, base_model_type
 from .blocks import check_block_shapes
 from .config import FlopConfig
+from .depth import DEPTH_GATES, check_depth_level, depth_gate, inject_depth
 from .embedding import check_embedding_level, inject_embedding
 from .experts_injection import EXPERT_LEVELS, check_expert_level, has_moe_rows, inject_experts
 from .gated import GatedLayer
@@ -80,7 +81,11 @@ LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
     "block": _check_blocks,
     "embedding": check_embedding_level,
     "expert": check_expert_level,
+    "layer": check_depth_level,
 }
+
+# the levels that need the architecture's layout (the transformer layers and their parts) even with target_modules
+LAYOUT_LEVELS = (*GROUP_LEVELS, "layer")
 
 
 def _linear_suffixes(model: nn.Module) -> list[str]:
@@ -92,7 +97,7 @@ def unknown_layout_message(
 ) -> str:
     """Why a model whose architecture is missing from ``ARCHITECTURES`` cannot be pruned as configured, with
     every condition to meet at once (``option`` names the target-modules setting in the caller's interface)."""
-    grouped = [lvl for lvl in levels if lvl in GROUP_LEVELS]
+    grouped = [lvl for lvl in levels if lvl in LAYOUT_LEVELS]
     linears = ", ".join(_linear_suffixes(model)) or "none found"
     known = f"hf_flop does not know the layout of model_type={model_type!r} (supported: {sorted(ARCHITECTURES)})"
     if grouped:
@@ -116,7 +121,7 @@ def _layout(
     """The layout the default targets or the head/row levels need (None when neither does), from the table or
     recognised (``hf_flop.recognition``; with ``verify``, verified for those levels), or the error saying why not."""
     grouped = set(config.levels) & set(GROUP_LEVELS)
-    if config.target_modules is not None and not grouped:
+    if config.target_modules is not None and not set(config.levels) & set(LAYOUT_LEVELS):
         return None
     try:
         return spec_for(model, grouped if verify else None, uniform_shapes=config.uniform_shapes)
@@ -250,6 +255,9 @@ class FlopModel(FlopModelBase, BaseTuner):
             inject_experts(model, config, functools.partial(build_gate, config))
         if "embedding" in config.levels:
             inject_embedding(model, config, functools.partial(build_gate, config))
+        self.depth_units = []
+        if "layer" in config.levels:  # last: it records which gated modules each layer holds
+            self._hook_handles += inject_depth(self, model, config, functools.partial(build_gate, config))
         self._mark_only_adapters_as_trainable(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -296,12 +304,14 @@ class FlopModel(FlopModelBase, BaseTuner):
 
     def gates(self) -> dict[str, Gate]:
         """Every gate of the model by a readable name: ``<module>.rank`` / ``.block`` for the linears' own
-        gates, then ``head_<i>`` / ``row_<i>`` for the head/row groups, then ``<embedding>.embedding_<c>``."""
+        gates, then ``head_<i>`` / ``row_<i>`` for the head/row groups, ``layer`` / ``sublayer`` for the
+        depth gate, then ``<embedding>.embedding_<c>``."""
         linears = self.flop_layers()
         own = {f"{n}.{suffix}": g for n, m in self.gated_layers().items() for suffix, g in m.gates().items()}
         linear = {k: g for k, g in own.items() if k.rsplit(".", 1)[0] in linears}
         groups = {g.key: self.flop_structure_gates[g.key] for g in self.structure_groups}
-        return {**linear, **groups, **own}
+        depth = {k: self.flop_structure_gates[k] for k in DEPTH_GATES if k in self.flop_structure_gates}
+        return {**linear, **groups, **depth, **own}
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for gate in self.gates().values() for p in gate.parameters()]
@@ -321,6 +331,12 @@ class FlopModel(FlopModelBase, BaseTuner):
         refusals = [r for r in (m.merge_refusal() for m in self.gated_layers().values()) if r]
         if refusals:  # before anything is unloaded
             raise ValueError(refusals[0])
+        depth = depth_gate(self)
+        if depth is not None and not bool((depth.deterministic_mask() == 1).all()):
+            raise ValueError(
+                "merge_and_unload keeps every transformer layer, but the depth gate (level 'layer') closes or scales "
+                "some, which no dense weight folding expresses. Use hf_flop.compact(model), which removes them."
+            )
         masks = {
             g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)
             for g in self.structure_groups

@@ -78,11 +78,13 @@ def removal_order(
     ranking: str,
     protect: int = 0,
     frozen: frozenset[str] = frozenset(),
+    frozen_layers: frozenset[str] = frozenset(),
 ) -> torch.Tensor:
     """Flat unit ids (gates in order, units within), least important first, by ``priorities``.
 
-    The ``protect`` highest-scored units of each gate, and every unit of the gates in ``frozen``, are
-    left out (never removed). Ties keep the flat order, so the result is deterministic.
+    The ``protect`` highest-scored units of each gate, every unit of the gates in ``frozen``, and the
+    units of a gate spanning layers (level "layer") that lie in ``frozen_layers``, are left out (never
+    removed). Ties keep the flat order, so the result is deterministic.
     """
     priority = priorities(units, scores, ranking)
     candidate = []
@@ -91,6 +93,8 @@ def removal_order(
         free[torch.argsort(scores[s.key], descending=True, stable=True)[: max(protect, s.min_kept)]] = False
         if s.key in frozen:
             free[:] = False
+        for u, layer in enumerate(s.unit_layers or ()):
+            free[u] &= layer not in frozen_layers
         candidate.append(free)
     ids = torch.cat(candidate).nonzero().squeeze(1)
     return ids[torch.argsort(priority[ids], stable=True)]
@@ -98,6 +102,12 @@ def removal_order(
 
 def frozen_gates(flop_model, units: list[GatedUnits], protect_layers: Sequence[int]) -> frozenset[str]:
     """Gates whose units lie in the transformer layers ``protect_layers`` (indices; negative from the end)."""
+    prefixes = protected_layers(flop_model, protect_layers)
+    return frozenset(s.key for s in units if any(s.module == p or s.module.startswith(p + ".") for p in prefixes))
+
+
+def protected_layers(flop_model, protect_layers: Sequence[int]) -> frozenset[str]:
+    """The names of the transformer layers ``protect_layers`` (indices; negative from the end)."""
     if not protect_layers:
         return frozenset()
     try:
@@ -107,8 +117,7 @@ def frozen_gates(flop_model, units: list[GatedUnits], protect_layers: Sequence[i
     bad = [i for i in protect_layers if not isinstance(i, int) or not -len(names) <= i < len(names)]
     if bad:
         raise ValueError(f"protect_layers={list(protect_layers)} holds {bad}: the model has {len(names)} layers.")
-    prefixes = [names[i] for i in protect_layers]
-    return frozenset(s.key for s in units if any(s.module == p or s.module.startswith(p + ".") for p in prefixes))
+    return frozenset(names[i] for i in protect_layers)
 
 
 def keep_masks(units: list[GatedUnits], removed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,7 +169,9 @@ def removal_path(
     config = flop_model.flop_config
     if not config.uniform_shapes:
         frozen = frozen_gates(flop_model, units, protect_layers)
-        return RemovalPath.of_units(removal_order(units, scores, ranking, protect=min_units, frozen=frozen))
+        layers = protected_layers(flop_model, protect_layers)
+        order = removal_order(units, scores, ranking, protect=min_units, frozen=frozen, frozen_layers=layers)
+        return RemovalPath.of_units(order)
     if protect_layers:
         raise ValueError(
             f"protect_layers={list(protect_layers)} keeps every unit of those layers, so their shapes would differ "

@@ -61,6 +61,11 @@ ATTENTION_COUNTS = {
     "num_key_value_groups": "group_size",  # repeat_kv's factor, for level query_head
 }
 
+# norms on the residual branches themselves (Gemma 2/3, OLMo-2: h + norm(attention(...))), by their standard names;
+# a layer with both gates its sublayers after them (ArchSpec.branch_outputs). Llama's post_attention_layernorm
+# alone is the FFN's input norm, not a branch norm
+BRANCH_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
 RANK_FALLBACK = (
     "Rank pruning needs no layout: FlopConfig(levels=['rank'], target_modules=[...]) with the linear layers' names."
 )
@@ -184,6 +189,8 @@ def recognise(model: nn.Module) -> ArchSpec:
         head_dim_attr="head_dim",  # read when the config states it; stated in stock configs of fewer heads
         attention_head_attrs=counts,
         intermediate_attr=intermediate,
+        pre_norm_residual=True,  # the Llama shape: h + attention(norm(h)), then h + mlp(norm(h))
+        branch_outputs=BRANCH_NORMS if all(hasattr(layer, n) for n in BRANCH_NORMS) else None,
     )
     _check_shapes(model, spec)
     return spec

@@ -34,6 +34,7 @@ from torch import nn
 
 from .architectures import UnsupportedArchitectureError, find_layers
 from .calibration import CalibrationSplit, InputObserver, StopForward, eval_mode
+from .depth import removed_layer_names
 from .experts_injection import expert_refit_targets
 from .lookup import find_flop_model
 from .recognition import spec_for
@@ -92,9 +93,13 @@ def _input_scales(flop_model) -> dict[str, torch.Tensor]:
 
 def _targets(flop_model, scales: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
     """The linears that lost something a refit can make up for, in model order: consumers of removed
-    heads / FFN rows, and rank-gated layers with closed components."""
+    heads / FFN rows, and rank-gated layers with closed components; none inside a removed layer (level "layer"),
+    whose output no longer reaches the model."""
     found = {}
+    removed = removed_layer_names(flop_model)
     for name, layer in flop_model.flop_layers().items():
+        if any(name == r or name.startswith(r + ".") for r in removed):
+            continue
         lost_inputs = name in scales and bool((scales[name] == 0).any())
         rank_gate = layer.gates().get("rank")
         lost_rank = rank_gate is not None and int(rank_gate.l0(True)) < rank_gate.n

@@ -45,6 +45,8 @@ from torch import nn
 from .calibration import eval_mode, iter_calibration, model_device, observe_inputs
 from .calibration import reusable_batches as reusable_batches  # its old home: hf_flop.scores.reusable_batches
 from .config import FlopConfig
+from .depth import DEPTH_GATES, depth_gated_units
+from .depth_scores import block_influence, skip_losses
 from .experts import EXPERT_ROW_LEVEL
 from .gated import GatedUnits
 from .groups import GROUP_LEVELS, group_units
@@ -129,6 +131,7 @@ def find_gated_units(model: nn.Module) -> list[GatedUnits]:
     with torch.no_grad():
         linears = [u for name, layer in layers.items() for u in layer.scored_units(name)]
         groups = group_units(flop_model.structure_groups, flop_model.flop_structure_gates, layers)
+        groups += depth_gated_units(flop_model)
         others = [
             u
             for name, layer in flop_model.gated_layers().items()
@@ -161,10 +164,20 @@ def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
 def activation_scores(
     model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Wanda-like ``sqrt(sum_j ||C[:, j]||^2 E[x_j^2])`` per unit, from forward passes over calibration batches."""
-    units = find_gated_units(model)
+    """Wanda-like ``sqrt(sum_j ||C[:, j]||^2 E[x_j^2])`` per unit, from forward passes over calibration batches
+    (the depth gate: its Block Influence)."""
+    units, calibration_data = _observed_units(model, calibration_data)
     mean_sq, _ = _feature_moments(model, units, calibration_data, max_batches)
-    return {s.key: (s.column_sq_norms * mean_sq[s.key]).reshape(s.n_units, s.unit).sum(1).sqrt().cpu() for s in units}
+    scores = {s.key: (s.column_sq_norms * mean_sq[s.key]).reshape(s.n_units, s.unit).sum(1).sqrt().cpu() for s in units}
+    return {**scores, **block_influence(model, calibration_data, max_batches)}
+
+
+def _observed_units(model: nn.Module, calibration_data: Iterable) -> tuple[list[GatedUnits], Iterable]:
+    """The gates whose units have consumer columns to weigh (all but the depth gate), and the data made
+    reusable when the depth gate's Block Influence will read it once more."""
+    units = find_gated_units(model)
+    observed = [s for s in units if s.observed is not None]
+    return observed, reusable_batches(calibration_data) if len(observed) < len(units) else calibration_data
 
 
 @register_score("fluctuation", needs_data=True, needs_labels=False)
@@ -172,16 +185,17 @@ def fluctuation_scores(
     model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
     """FLAP's ``sum_j ||C[:, j]||^2 Var(x_j)`` per unit: what the unit's output varies, not its mean (which a bias
-    can stand in for, see ``hf_flop.reconstruct``)."""
-    units = find_gated_units(model)
+    can stand in for, see ``hf_flop.reconstruct``); the depth gate gets its Block Influence."""
+    units, calibration_data = _observed_units(model, calibration_data)
     mean_sq, mean = _feature_moments(model, units, calibration_data, max_batches)
-    return {
+    scores = {
         s.key: (s.column_sq_norms * (mean_sq[s.key] - mean[s.key] ** 2).clamp_min(0.0))
         .reshape(s.n_units, s.unit)
         .sum(1)
         .cpu()
         for s in units
     }
+    return {**scores, **block_influence(model, calibration_data, max_batches)}
 
 
 def _feature_moments(model: nn.Module, units: list[GatedUnits], calibration_data: Iterable, max_batches: int | None):
@@ -337,6 +351,29 @@ def _mask_gradients(model: nn.Module, calibration_data: Iterable, max_batches: i
     finally:
         for handle in handles:
             handle.remove()
+
+
+@register_score("block_influence", needs_data=True, needs_labels=False)
+def block_influence_scores(
+    model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Block Influence ``1 - cos(h_in, h_out)`` of each transformer layer (or sublayer) of the depth gate (level
+    ``"layer"``, ``hf_flop.depth_scores``); the other gates get their activation scores."""
+    return activation_scores(model, calibration_data, max_batches=max_batches)
+
+
+@register_score("skip_loss", needs_data=True, needs_labels=True)
+def skip_loss_scores(
+    model: nn.Module, calibration_data: Iterable, *, max_batches: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The calibration loss increase when a layer (or sublayer) of the depth gate is skipped, measured
+    (``hf_flop.depth_scores``); the other gates get its first-order estimate, their sensitivity scores."""
+    calibration_data = reusable_batches(calibration_data)
+    flop_model = find_flop_model(model)
+    scores = {}
+    if set(flop_model.gates()) - set(DEPTH_GATES):
+        scores = sensitivity_scores(model, calibration_data, max_batches=max_batches)
+    return {**scores, **skip_losses(model, calibration_data, max_batches)}
 
 
 # the built-in scores' names, in registration order (the command line keeps a literal copy for --help)

@@ -203,6 +203,7 @@ class PruningTrainer(Trainer):
         phase does: ``fix_masks_at_target`` sets the eval masks to the same heads and FFN width in
         every layer, at the target (``self.uniform_fix`` holds the sparsity before and after), so
         ``hf_flop.compact`` gives the stock class. A two-phase run's masks were fixed so at the boundary.
+        With level ``"layer"`` a one-phase run ends so too: every layer then is kept (1) or removed (0).
 
         Before anything, a DDP setup that could not freeze the gates is refused (``ddp_find_unused_parameters``).
         """
@@ -227,7 +228,8 @@ class PruningTrainer(Trainer):
             self.compacted_recovery = True
             with training_compacted(self, small):
                 output = super().train(*args, **kwargs)
-        if self.flop_config.uniform_shapes and not self.recovering:
+        # uniform shapes, and depth gates (a layer kept at 0 < z < 1 compacts to nothing exact), need fixed masks
+        if (self.flop_config.uniform_shapes or "layer" in self.flop_config.levels) and not self.recovering:
             before = sparsity_report(self.gated_model).deterministic_sparsity
             result = fix_masks_at_target(self.gated_model)
             self.uniform_fix = {"sparsity_before": before, "sparsity_after": result.deterministic_sparsity}

