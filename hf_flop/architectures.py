@@ -24,6 +24,7 @@ from .modeling import TYPE_PREFIX
 
 PROJECTIONS = ("q", "k", "v")  # what a projection norm may normalise
 HEAD_COUNTS = ("heads", "kv_heads", "q_width", "group_size")  # what an attention attribute may count
+NORM_KINDS = ("rms", "layer")  # what a residual norm computes (ArchSpec.norm_kind)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,15 @@ class ArchSpec:
     # the llama.cpp tensor layout that computes this architecture (a key of export_gguf.GGUF_TENSORS); None: no
     # GGUF export. Mistral and Qwen2 are Llama plus optional biases, which llama.cpp's llama/deci graphs load
     gguf: str | None = None
+    # level "hidden" (residual-stream channels, hf_flop.hidden); empty: the level is refused. Names relative to
+    # the base model (model.base_model) unless said: the embeddings whose outputs enter the residual stream
+    residual_embeddings: tuple[str, ...] = ()
+    residual_norms: tuple[str, ...] = ()  # per layer (relative to a layer): norms over the residual width
+    model_norms: tuple[str, ...] = ()  # norms over the residual width outside the layers, besides final_norm
+    final_norm: str | None = None  # the norm whose output the task head reads
+    residual_heads: tuple[str, ...] = ()  # task-model linears reading the residual stream (those the class has)
+    norm_kind: str = "rms"  # "rms" (x / RMS(x)) or "layer" (LayerNorm: centred, then divided by the std)
+    norm_eps_attr: str = "variance_epsilon"  # the norm modules' epsilon attribute
 
     def __post_init__(self) -> None:
         if self.up_chunks < 1:
@@ -82,12 +92,19 @@ class ArchSpec:
                 f"ArchSpec.projection_norms maps each norm to the projection it normalises, one of "
                 f"{sorted(PROJECTIONS)}; got {bad}."
             )
+        if self.norm_kind not in NORM_KINDS:
+            raise ValueError(f"ArchSpec.norm_kind must be one of {list(NORM_KINDS)}, got {self.norm_kind!r}.")
         what = set(self.attention_head_attrs.values()) - set(HEAD_COUNTS)
         if what:
             raise ValueError(
                 f"ArchSpec.attention_head_attrs values say what an attribute counts, one of {list(HEAD_COUNTS)}; "
                 f"got {sorted(what)}."
             )
+
+    @property
+    def hidden_pruning(self) -> bool:
+        """Whether level ``"hidden"`` knows this layout: its residual embeddings and norms are named."""
+        return bool(self.residual_embeddings and self.residual_norms)
 
     def default_targets(self) -> list[str]:
         return sorted({self.q, self.k, self.v, self.o, *self.up, self.down})
@@ -134,7 +151,13 @@ _LLAMA = ArchSpec(
     attention_head_attrs={"num_key_value_groups": "group_size"},  # repeat_kv's factor
     intermediate_attr="intermediate_size",
     gguf="llama",
+    residual_embeddings=("embed_tokens",),
+    residual_norms=("input_layernorm", "post_attention_layernorm"),
+    final_norm="norm",
+    residual_heads=("lm_head", "score"),
 )
+# what level "hidden" needs to be off for a Llama variant whose norms differ (OLMo-2's norms after each sublayer)
+_NO_HIDDEN = {"residual_embeddings": (), "residual_norms": (), "final_norm": None, "residual_heads": ()}
 
 
 def _fused_qkv(module: str) -> dict:
@@ -177,7 +200,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
-    "olmo2": replace(_LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None),
+    # (level "hidden" is off: a norm over a sublayer's output would undo the channel gate's values folded before it)
+    "olmo2": replace(
+        _LLAMA, projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"}, gguf=None, **_NO_HIDDEN
+    ),
     # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at
     # config.num_attention_heads * head_dim and its own num_key_value_heads
     "phi3": replace(

@@ -10,11 +10,11 @@ from peft import PeftConfig
 from .peft_type import flop_peft_type
 
 # FlopConfig.levels entries: the structures that get gates (hf_flop.model injects each level's modules)
-LEVELS = ("rank", "head", "query_head", "row", "block", "embedding")
+LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "hidden")
 # FlopConfig.gate values: the gate types (hf_flop.gates.GATE_TYPES builds them)
 GATES = ("hard_concrete", "topk")
 # the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
-UNIFORM_LEVELS = ("head", "query_head", "row")
+UNIFORM_LEVELS = ("head", "query_head", "row", "hidden")
 
 
 class FlopConfigError(ValueError):

@@ -23,6 +23,8 @@ from .embedding import check_embedding_level, inject_embedding
 from .gated import GatedLayer
 from .gates import Gate, build_gate
 from .groups import GROUP_LEVELS, InputMask, StructureGroup, check_heads_removable, structure_groups
+from .hidden import check_hidden_level, inject_hidden
+from .hidden_cuts import removes_channels
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
 from .lookup import FlopModelBase
@@ -72,6 +74,7 @@ LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
     "row": functools.partial(_check_group_level, "row"),
     "block": _check_blocks,
     "embedding": check_embedding_level,
+    "hidden": check_hidden_level,
 }
 
 
@@ -233,6 +236,9 @@ class FlopModel(FlopModelBase, BaseTuner):
                     self._hook_handles.append(modules[norm.module].register_forward_hook(hook))
         if "embedding" in config.levels:
             inject_embedding(model, config, functools.partial(build_gate, config))
+        if "hidden" in config.levels:
+            n = getattr(model.config, arch_spec(_model_type(model)).hidden_attr)
+            self._hook_handles += inject_hidden(model, config, build_gate(config, n), set(self.flop_layers()))
         self._mark_only_adapters_as_trainable(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -300,6 +306,12 @@ class FlopModel(FlopModelBase, BaseTuner):
                 "merge_and_unload keeps the closed heads' Q/K rows, but this architecture's norms over the whole "
                 "Q/K projection (ArchSpec.projection_norms) would average over them again, so the merged model "
                 "would compute something else. Use hf_flop.compact(model), which removes those heads exactly."
+            )
+        if removes_channels(self):
+            raise ValueError(
+                "merge_and_unload keeps the model's width, but level 'hidden' removes (or scales) residual channels, "
+                "whose norms then take their statistic over the kept channels only: the merged model would compute "
+                "something else. Use hf_flop.compact(model), which removes those channels exactly."
             )
         masks = {
             g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)

@@ -9,7 +9,7 @@ copies of them, and ``tests/test_vocabulary.py`` checks that each copy equals th
 from __future__ import annotations
 
 # copies of hf_flop.config.LEVELS (FlopConfig.levels entries) and hf_flop.config.GATES (FlopConfig.gate values)
-LEVELS = ("rank", "head", "query_head", "row", "block", "embedding")
+LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "hidden")
 GATES = ("hard_concrete", "topk")
 # a copy of hf_flop.scores.SCORES: the built-in one-shot scores (PruningArguments.oneshot_score takes one)
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
