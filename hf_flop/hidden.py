@@ -119,7 +119,7 @@ def _dense(module: nn.Module) -> torch.Tensor:
 class HiddenChannels(nn.Module, GatedLayer):
     """The residual-channel gate and what the hooks around the model ask of it (see the module docstring).
 
-    ``shape`` is ``(parameters one channel owns, channels)``, so ``check_target``'s unit size holds.
+    ``shape`` is ``(parameters one step of the kept count owns, channels)``, so ``check_target``'s unit size holds.
     """
 
     def __init__(self, gate: Gate, layout: HiddenLayout, unit_params: int, root: nn.Module, multiple: int = 1) -> None:
@@ -129,7 +129,9 @@ class HiddenChannels(nn.Module, GatedLayer):
         self.probe = nn.Identity()  # every norm's output passes it: the activation scores observe its input
         self.layout = layout
         self.n = layout.n
-        self.shape = (unit_params, layout.n)
+        self.unit_params = unit_params
+        # check_target's unit: the kept count moves in steps of `multiple` channels
+        self.shape = (unit_params * multiple, layout.n)
         self._root = (root,)  # a tuple: not registered as a submodule
         self._sample: torch.Tensor | None = None
         self._measuring: torch.Tensor | None = None  # kept channels while measuring the norm compensation
@@ -236,7 +238,7 @@ class HiddenChannels(nn.Module, GatedLayer):
                 gate=self.gate,
                 n_units=self.n,
                 unit=1,
-                unit_params=self.shape[0],
+                unit_params=self.unit_params,
                 observed=self.probe,
                 column_sq_norms=torch.ones(self.n),
                 row_sq_norms=weights,
@@ -273,9 +275,11 @@ class ScaleOutput:
 
 def hidden_channels(model_or_flop: nn.Module) -> HiddenChannels | None:
     """The channel gate module of a FLOP model (or of its task model), or None without level ``"hidden"``."""
-    task = getattr(model_or_flop, "model", model_or_flop)
-    found = getattr(task, HIDDEN_NAME, None)
-    return found if isinstance(found, HiddenChannels) else None
+    for owner in (model_or_flop, getattr(model_or_flop, "model", None)):  # the task model, or a FlopModel's
+        found = getattr(owner, HIDDEN_NAME, None) if isinstance(owner, nn.Module) else None
+        if isinstance(found, HiddenChannels):
+            return found
+    return None
 
 
 def check_hidden_level(model: nn.Module, config, targets: list[str]) -> None:
@@ -283,19 +287,19 @@ def check_hidden_level(model: nn.Module, config, targets: list[str]) -> None:
     model_type = base_model_type(getattr(model.config, "model_type", None))
     able = sorted(name for name, s in ARCHITECTURES.items() if s.hidden_pruning and s.head_dim_attr)
     spec = arch_spec(model_type)
-    if not spec.hidden_pruning:
-        raise ValueError(
-            f"level 'hidden' needs the layout of the residual stream, which the ArchSpec of {model_type!r} does not "
-            "name (residual_embeddings, residual_norms, final_norm, residual_heads in hf_flop/architectures.py; "
-            f"left empty where a norm after a sublayer would undo the channel gate). Families it knows: {able}. "
-            "Use the other levels for this model."
-        )
     if spec.head_dim_attr is None:
         raise ValueError(
             f"level 'hidden' is not supported for model_type={model_type!r}: its config derives the head size as "
             f"{spec.hidden_attr} / {spec.heads_attr}, so a narrower residual stream would change the head size of "
             f"every attention layer (BERT-family, GPT-2). Families whose config states head_dim: {able}. Use levels "
             "head/row for this model."
+        )
+    if not spec.hidden_pruning:
+        raise ValueError(
+            f"level 'hidden' needs the layout of the residual stream, which the ArchSpec of {model_type!r} does not "
+            "name (residual_embeddings, residual_norms, final_norm, residual_heads in hf_flop/architectures.py; "
+            f"left empty where a norm after a sublayer would undo the channel gate). Families it knows: {able}. "
+            "Use the other levels for this model."
         )
     clash = [level for level in config.levels if level in HIDDEN_EXCLUDES]
     if clash:
