@@ -27,5 +27,5 @@ PRUNING_OPTIONS = {
     "gate": ("--gate", f"one of {', '.join(GATES)}"),
     "round_to": ("--round-to", "a positive integer"),
     "target_modules": ("--target-modules", "a comma-separated list of linear layer names"),
-    "uniform_shapes": ("--uniform-shapes", "levels head, query_head and/or row only"),
+    "uniform_shapes": ("--uniform-shapes", "levels head, query_head, row and/or hidden only"),
 }

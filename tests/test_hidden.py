@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_compact import _load_in_fresh_process, logits
 from test_scores import calibration
-from tiny_models import tiny_bert, tiny_inputs, tiny_llama, tiny_olmo2
+from tiny_models import ARCH_BUILDERS, tiny_bert, tiny_inputs, tiny_llama, tiny_olmo2
 
 from hf_flop import FlopConfig, compact, compute_scores, get_flop_model, prune_oneshot, sparsity_report
 from hf_flop.accounting import expected_sparsity
@@ -68,6 +68,18 @@ def test_compaction_is_exact_with_soft_eval_values(levels, tied):
     assert sparsity_report(model).deterministic_kept_params == sum(p.numel() for p in small.parameters())
     if tied:
         assert small.lm_head.weight is small.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3"])
+def test_the_other_llama_family_tables_compact_exactly(arch):
+    model = get_flop_model(ARCH_BUILDERS[arch]().eval(), FlopConfig(levels=["hidden", "head", "row"])).eval()
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[::3] = False
+    channels(model).gate.set_mask(keep)
+    small = compact(model)
+    assert small.config.hidden_size == int(keep.sum())
+    inputs = tiny_inputs()
+    torch.testing.assert_close(logits(small, **inputs), logits(model, **inputs), atol=1e-4, rtol=0)
 
 
 def test_a_channel_costs_every_parameter_it_crosses():
@@ -218,3 +230,21 @@ def test_merge_and_unload_refuses_removed_channels():
     soft_mask(model)
     with pytest.raises(ValueError, match="compact"):
         model.merge_and_unload()
+
+
+@pytest.mark.parametrize("pruning_phase", [1.0, 0.0])
+def test_pruning_trainer_learns_or_sets_the_channels_and_compaction_stays_exact(tmp_path, pruning_phase):
+    """Learned gates (one phase) and one-shot masks with recovery: channels go, the compacted model is exact."""
+    from test_trainer import make_trainer
+    from tiny_task import VOCAB as TASK_VOCAB
+    from tiny_task import tiny_llama as task_llama
+
+    model = get_flop_model(task_llama(0), FlopConfig(levels=["hidden", "row"], target_sparsity=0.3))
+    trainer = make_trainer(tmp_path, model, steps=12, pruning_phase=pruning_phase, gate_learning_rate=2.0)
+    trainer.train()
+    model.eval()
+    assert int(channels(model).kept_channels().sum()) < 48  # the task model's hidden size
+    if pruning_phase == 0.0:  # one-shot masks at the target
+        assert abs(sparsity_report(model).deterministic_sparsity - 0.3) < 0.02
+    inputs = {"input_ids": torch.randint(0, TASK_VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))}
+    torch.testing.assert_close(logits(compact(model), **inputs), logits(model, **inputs), atol=1e-4, rtol=0)
