@@ -141,6 +141,20 @@ def test_activation_scores_read_the_norm_outputs_and_prune_oneshot_hits_the_targ
     torch.testing.assert_close(logits(compact(pruned), **inputs), logits(pruned, **inputs), atol=1e-4, rtol=0)
 
 
+def test_every_built_in_score_scores_the_channels_and_prune_oneshot_compacts_exactly():
+    from hf_flop.scores import SCORES
+
+    data = calibration("llama")
+    for score in SCORES:
+        model = gated(("hidden", "head", "row"), target_sparsity=0.4)
+        values = compute_scores(model, data, score)[f"{HIDDEN_NAME}.channels"]
+        assert values.shape == (N,) and torch.isfinite(values).all() and values.abs().sum() > 0, score
+        model = prune_oneshot(model, None, data, score)
+        assert abs(sparsity_report(model).deterministic_sparsity - 0.4) < 0.02, score
+        inputs = tiny_inputs()
+        torch.testing.assert_close(logits(compact(model), **inputs), logits(model, **inputs), atol=1e-4, rtol=0)
+
+
 def test_a_channel_with_a_large_activation_scores_highest():
     model = tiny_llama().eval()
     with torch.no_grad():

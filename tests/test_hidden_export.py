@@ -25,6 +25,7 @@ def narrow_llama(closed: int = 8, rows_closed: int = 16):
     return small
 
 
+@pytest.mark.slow  # about 25 s on a shared 2-core machine (torch's ONNX exporter)
 def test_onnx_runtime_runs_a_hidden_pruned_llama(tmp_path):
     pytest.importorskip("onnxruntime")
     small = narrow_llama()
