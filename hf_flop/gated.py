@@ -64,6 +64,7 @@ class GatedUnits:
     feature_index: torch.Tensor | None = None  # (n_units * unit,) feature of each unit slot; None: identity
     entry: str | None = None  # report entry whose factorized-or-dense form the gate decides (rank, clusters)
     module: str = ""  # the module the units belong to (a linear, a transformer layer, the embedding)
+    step: int = 1  # the kept count moves by this many units (uniform slices take as many; hidden channels)
 
 
 @dataclass

@@ -243,6 +243,7 @@ class HiddenChannels(nn.Module, GatedLayer):
                 column_sq_norms=torch.ones(self.n),
                 row_sq_norms=weights,
                 module=name,
+                step=self.multiple,
             )
         ]
 

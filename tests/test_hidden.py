@@ -193,6 +193,8 @@ def test_uniform_hidden_and_rows_compact_to_the_stock_class_and_reload_without_h
     small = compact(model)
     assert type(small).__name__ == "LlamaForCausalLM"
     assert small.config.hidden_size < N and small.config.hidden_size % small.config.num_attention_heads == 0
+    # whole multiples of the head count go: no closed channel is kept as padding
+    assert int((channels(model).gate.deterministic_mask() != 0).sum()) == small.config.hidden_size
     folder = tmp_path / "llama_hidden"
     small.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
