@@ -17,6 +17,7 @@ from torch import nn
 from .depth import depth_factors, depth_structures
 from .gated import ModuleSparsity
 from .groups import ROUNDED_LEVELS, kept_features, output_features
+from .hidden_cuts import narrowing, stream_linears
 from .lookup import find_flop_model
 
 __all__ = [
@@ -85,11 +86,13 @@ def _count_all(flop_model, deterministic: bool) -> dict[str, ModuleSparsity]:
     kept_in, kept_out = kept_features(flop_model.structure_groups, gates, deterministic, round_to)
     # a module inside a removed layer keeps nothing: its count times the layer's keep value (0/1, or P(z != 0))
     factors = depth_factors(flop_model, deterministic)
+    narrow = narrowing(flop_model, deterministic)  # level "hidden": the kept residual channels
     entries = {}
     for name, layer in flop_model.gated_layers().items():
         out_f, in_f = layer.shape
         k_in = kept_in.get(name, torch.tensor(float(in_f)))
         k_out = output_features(kept_out.get(name), out_f)
+        k_in, k_out = narrow(name, k_in, k_out)
         if deterministic:
             k_in, k_out = torch.tensor(int(k_in)), torch.tensor(int(k_out))
         counted = layer.count(k_in, k_out, deterministic=deterministic, round_to=round_to)
@@ -149,6 +152,7 @@ def min_reachable_kept_params(model: nn.Module) -> int:
     grouped = {g.consumer for g in flop_model.structure_groups}
     grouped |= {s.module for g in flop_model.structure_groups for s in g.producers}
     grouped |= {name for name, units in getattr(flop_model, "depth_cover", {}).items() if units}  # removable layers
+    grouped |= stream_linears(flop_model)
     floor = 0
     for name, layer in flop_model.flop_layers().items():
         if layer.gates() or name in grouped:

@@ -61,6 +61,7 @@ class ExpertsSpec:
             raise ValueError(
                 f"ExpertsSpec attribute maps say what an attribute counts, one of {list(EXPERT_COUNTS)}; got {sorted(what)}."
             )
+NORM_KINDS = ("rms", "layer")  # what a residual norm computes (ArchSpec.norm_kind)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,15 @@ class ArchSpec:
     # config lists with one entry per layer, cut to the kept layers when level "layer" removes some (a list that
     # only happens to be as long as the layers, such as DeBERTa's pos_att_type, is not one)
     layer_lists: tuple[str, ...] = ("layer_types", "no_rope_layers")
+    # level "hidden" (residual-stream channels, hf_flop.hidden); empty: the level is refused. Names relative to
+    # the base model (model.base_model) unless said: the embeddings whose outputs enter the residual stream
+    residual_embeddings: tuple[str, ...] = ()
+    residual_norms: tuple[str, ...] = ()  # per layer (relative to a layer): norms over the residual width
+    model_norms: tuple[str, ...] = ()  # norms over the residual width outside the layers, besides final_norm
+    final_norm: str | None = None  # the norm whose output the task head reads
+    residual_heads: tuple[str, ...] = ()  # task-model linears reading the residual stream (those the class has)
+    norm_kind: str = "rms"  # "rms" (x / RMS(x)) or "layer" (LayerNorm: centred, then divided by the std)
+    norm_eps_attr: str = "variance_epsilon"  # the norm modules' epsilon attribute
 
     def __post_init__(self) -> None:
         if self.up_chunks < 1:
@@ -153,6 +163,8 @@ class ArchSpec:
                 f"ArchSpec.head_extra_producers maps each module to the projection whose head slicing it follows, one "
                 f"of {sorted(PROJECTIONS)}; got {bad}."
             )
+        if self.norm_kind not in NORM_KINDS:
+            raise ValueError(f"ArchSpec.norm_kind must be one of {list(NORM_KINDS)}, got {self.norm_kind!r}.")
         what = set(self.attention_head_attrs.values()) - set(HEAD_COUNTS)
         if what:
             raise ValueError(
@@ -177,6 +189,11 @@ class ArchSpec:
         """The FFN module (the common parent of ``up`` and ``down``), or "" when they sit in the layer itself."""
         parents = {name.rpartition(".")[0] for name in (*self.up, self.down)}
         return parents.pop() if len(parents) == 1 else ""
+
+    @property
+    def hidden_pruning(self) -> bool:
+        """Whether level ``"hidden"`` knows this layout: its residual embeddings and norms are named."""
+        return bool(self.residual_embeddings and self.residual_norms)
 
     @property
     def stock_head_pruning(self) -> bool:
@@ -221,7 +238,14 @@ _LLAMA = ArchSpec(
     intermediate_attr="intermediate_size",
     gguf="llama",
     pre_norm_residual=True,
+    residual_embeddings=("embed_tokens",),
+    residual_norms=("input_layernorm", "post_attention_layernorm"),
+    final_norm="norm",
+    residual_heads=("lm_head", "score"),
 )
+# what level "hidden" needs to be off for a Llama variant whose norms differ (OLMo-2's norms after each sublayer)
+_GEMMA_BRANCHES = ("post_attention_layernorm", "post_feedforward_layernorm")  # the norms on the residual branches
+_NO_HIDDEN = {"residual_embeddings": (), "residual_norms": (), "final_norm": None, "residual_heads": ()}
 
 
 def _fused_qkv(module: str) -> dict:
@@ -269,14 +293,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": replace(_LLAMA, gguf="qwen3"),
     # Llama-shaped with Gemma's norms around each sublayer (over the hidden size: not cut), scaled embeddings,
     # soft-capping and sliding-window layers; Gemma 3 adds Qwen3's per-head q/k norms
-    "gemma2": replace(_LLAMA, gguf="gemma2"),
-    "gemma3_text": replace(_LLAMA, gguf="gemma3"),
+    # (level "hidden" is off: the norms on each sublayer's output would undo the channel gate's folded values, and
+    # the embedding scale sqrt(hidden_size) follows the config's width)
+    "gemma2": replace(_LLAMA, gguf="gemma2", branch_outputs=_GEMMA_BRANCHES, **_NO_HIDDEN),
+    "gemma3_text": replace(_LLAMA, gguf="gemma3", branch_outputs=_GEMMA_BRANCHES, **_NO_HIDDEN),
     # Llama with RMS norms over the whole q and k projections (and norms after each sublayer, not cut)
     "olmo2": replace(
         _LLAMA,
         projection_norms={"self_attn.q_norm": "q", "self_attn.k_norm": "k"},
         gguf=None,
         branch_outputs=("post_attention_layernorm", "post_feedforward_layernorm"),
+        **_NO_HIDDEN,
     ),
     # Llama with fused [q; k; v] and [gate; up] projections; its attention slices qkv_proj at
     # config.num_attention_heads * head_dim and its own num_key_value_heads

@@ -37,6 +37,7 @@ from .depth_compact import remove_depth
 from .experts_injection import uneven_experts
 from .gated import Cut
 from .groups import StructureCuts
+from .hidden_cuts import stream_cuts
 from .linear import dense_weight, set_dense_weight
 from .lookup import find_flop_model
 from .modeling import compacted_config_class, compacted_model_class, locate, read_attribute
@@ -86,13 +87,17 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     relative = _relative_paths(task_model)
     names = {module: name for name, module in task_model.named_modules()}
     state = task_model.state_dict()
+    stream = stream_cuts(flop_model)  # level "hidden": the residual channels
     modules, layer_tensors, overrides, attributes = {}, {}, {}, {}
     for name, layer in flop_model.gated_layers().items():
         out_f, in_f = layer.shape
         cols, scale = cuts.columns(name, in_f)
         cut = Cut(cuts.rows(name, out_f), cols, scale, round_to, path_of=lambda module: relative(names[module]))
+        cut = stream.narrow_cut(name, cut) if stream else cut
         compacted = layer.compact(cut)
-        modules[relative(name)] = compacted.spec
+        compacted = stream.fold_rows(name, compacted) if stream else compacted
+        if compacted.spec is not None:  # None: a gated module that rebuilds none of its own (the channel gate)
+            modules[relative(name)] = compacted.spec
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         layer_tensors.update({f"{name}.{k}": v for k, v in compacted.tensors.items()})
@@ -101,6 +106,8 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         layer_tensors.update(compacted.state)
         attributes.update(compacted.attributes)
     state.update(layer_tensors)
+    if stream:
+        stream.cut_stream(state)
     modules.update(cut_projection_norms(cuts.norms, state, relative))
 
     old_plan = getattr(task_model.config, "flop_plan", None) or {}  # compacting an already compacted model

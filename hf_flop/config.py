@@ -10,13 +10,13 @@ from peft import PeftConfig
 from .peft_type import flop_peft_type
 
 # FlopConfig.levels entries: the structures that get gates (hf_flop.model injects each level's modules)
-LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert", "layer")
+LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert", "layer", "hidden")
 # FlopConfig.gate values: the gate types (hf_flop.gates.GATE_TYPES builds them)
 GATES = ("hard_concrete", "topk")
 # FlopConfig.layer_granularity values: what one gate of level "layer" removes (hf_flop.depth)
 LAYER_GRANULARITIES = ("layer", "sublayer")
 # the levels whose compacted shapes a stock transformers config can describe (see uniform_shapes)
-UNIFORM_LEVELS = ("head", "query_head", "row", "expert", "layer")
+UNIFORM_LEVELS = ("head", "query_head", "row", "expert", "layer", "hidden")
 
 
 class FlopConfigError(ValueError):

@@ -67,6 +67,7 @@ class GatedUnits:
     min_kept: int = 0  # units that must stay open whatever the scores (a MoE layer's top-k experts)
     routed: bool = False  # read only by the tokens routed to them (an expert's rows): a pass may not reach them
     unit_layers: tuple[str, ...] | None = None  # a gate spanning layers (level "layer"): each unit's transformer layer
+    step: int = 1  # the kept count moves by this many units (uniform slices take as many; hidden channels)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from .experts_injection import EXPERT_LEVELS, check_expert_level, has_moe_rows, 
 from .gated import GatedLayer
 from .gates import Gate, build_gate
 from .groups import GROUP_LEVELS, InputMask, StructureGroup, check_heads_removable, structure_groups
+from .hidden import check_hidden_level, inject_hidden
+from .hidden_cuts import removes_channels
 from .layers import FlopLinear
 from .linear import is_linear, scale_inputs_
 from .lookup import FlopModelBase
@@ -82,6 +84,7 @@ LEVEL_CHECKS: dict[str, Callable[[nn.Module, FlopConfig, list[str]], None]] = {
     "embedding": check_embedding_level,
     "expert": check_expert_level,
     "layer": check_depth_level,
+    "hidden": check_hidden_level,
 }
 
 # the levels that need the architecture's layout (the transformer layers and their parts) even with target_modules
@@ -258,6 +261,9 @@ class FlopModel(FlopModelBase, BaseTuner):
         self.depth_units = []
         if "layer" in config.levels:  # last: it records which gated modules each layer holds
             self._hook_handles += inject_depth(self, model, config, functools.partial(build_gate, config))
+        if "hidden" in config.levels:
+            n = getattr(model.config, arch_spec(_model_type(model)).hidden_attr)
+            self._hook_handles += inject_hidden(model, config, build_gate(config, n), set(self.flop_layers()))
         self._mark_only_adapters_as_trainable(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -336,6 +342,12 @@ class FlopModel(FlopModelBase, BaseTuner):
             raise ValueError(
                 "merge_and_unload keeps every transformer layer, but the depth gate (level 'layer') closes or scales "
                 "some, which no dense weight folding expresses. Use hf_flop.compact(model), which removes them."
+            )
+        if removes_channels(self):
+            raise ValueError(
+                "merge_and_unload keeps the model's width, but level 'hidden' removes (or scales) residual channels, "
+                "whose norms then take their statistic over the kept channels only: the merged model would compute "
+                "something else. Use hf_flop.compact(model), which removes those channels exactly."
             )
         masks = {
             g.consumer: g.feature_mask(self.flop_structure_gates[g.key].deterministic_mask().detach(), g.consumer_unit)

@@ -26,6 +26,8 @@ from .accounting import sparsity_report
 from .calibration import reusable_batches
 from .config import FlopConfig
 from .gated import GatedUnits
+from .hidden import hidden_channels
+from .hidden_cuts import compensate_norms
 from .lookup import find_flop_model
 from .model import check_flop_config, get_flop_model
 from .ranking import check_scores, keep_masks, removal_order, removal_path
@@ -258,7 +260,8 @@ def prune_oneshot(
     ``sparsity_report(model).deterministic_sparsity`` is ``target_sparsity`` (default: the config's)
     to within half a unit's parameters (``ranking`` and ``protect_layers`` are explained there).
     With ``reconstruct`` (the default) the kept weights are then refit layer by layer on the same
-    calibration data (``hf_flop.reconstruct``; ``reconstruct_options`` are its keyword arguments);
+    calibration data (``hf_flop.reconstruct``; ``reconstruct_options`` are its keyword arguments), after
+    level ``"hidden"``'s norm compensation (``hf_flop.hidden_cuts.compensate_norms``);
     without calibration data there is nothing to refit on, and a warning says so. The model comes back in
     the mode it came in (``model.training``); ``hf_flop.compact(model)`` then writes the smaller model.
     """
@@ -295,6 +298,8 @@ def prune_oneshot(
             stacklevel=2,
         )
     elif reconstruct:
+        if hidden_channels(find_flop_model(model)) is not None:  # level "hidden": the norms over fewer channels keep their scale
+            compensate_norms(model, calibration_data, max_batches=max_batches)
         reconstruct_layers(model, calibration_data, max_batches=max_batches, **(reconstruct_options or {}))
     return model.train(training)
 

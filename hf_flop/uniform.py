@@ -78,7 +78,8 @@ def uniform_slices(
     ``units`` are head/row gates (one per transformer layer and level) and ``priority`` their units'
     removal priorities, flat in the order of ``units`` (lower: removed earlier). A slice of a level
     takes, from every gate of that level, its lowest-priority units down to the next count of
-    ``uniform_counts`` (one unit fewer; for rounded levels the next multiple of ``round_to``), never
+    ``uniform_counts`` (one unit fewer, or ``GatedUnits.step`` fewer; for rounded levels the next multiple of
+    ``round_to``), never
     below ``min_count``. The levels' slices are merged greedily: next comes the slice whose units have
     the lowest mean priority, the rule by which non-uniform pruning picks its next unit, applied to
     slices (ties: the level met first in ``units``). Removing any prefix of the result leaves every
@@ -97,7 +98,8 @@ def uniform_slices(
             )
         n = sizes[0]
         floor = max(min_count, *(getattr(s, "min_kept", 0) for _, s in gates))  # a MoE layer keeps its top-k experts
-        counts = uniform_counts(n, round_to if level in ROUNDED_LEVELS else 1, floor)
+        step = round_to if level in ROUNDED_LEVELS else max(getattr(s, "step", 1) for _, s in gates)
+        counts = uniform_counts(n, step, floor)
         ascending = [start + torch.argsort(priority[start : start + n], stable=True) for start, _ in gates]
         queues[level] = [torch.cat([a[n - hi : n - lo] for a in ascending]) for hi, lo in zip(counts, counts[1:])]
     slices = []

@@ -9,7 +9,7 @@ copies of them, and ``tests/test_vocabulary.py`` checks that each copy equals th
 from __future__ import annotations
 
 # copies of hf_flop.config.LEVELS (FlopConfig.levels entries) and hf_flop.config.GATES (FlopConfig.gate values)
-LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert", "layer")
+LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert", "layer", "hidden")
 GATES = ("hard_concrete", "topk")
 # a copy of hf_flop.scores.SCORES: the built-in one-shot scores (PruningArguments.oneshot_score takes one)
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher", "block_influence", "skip_loss")
@@ -27,5 +27,5 @@ PRUNING_OPTIONS = {
     "gate": ("--gate", f"one of {', '.join(GATES)}"),
     "round_to": ("--round-to", "a positive integer"),
     "target_modules": ("--target-modules", "a comma-separated list of linear layer names"),
-    "uniform_shapes": ("--uniform-shapes", "levels head, query_head, row and/or layer only"),
+    "uniform_shapes": ("--uniform-shapes", "levels head, query_head, row, layer and/or hidden only"),
 }

@@ -104,7 +104,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--uniform-shapes",
         action="store_true",
         help="Keep the same heads (KV groups) and FFN width in every layer, so the compacted model is the stock "
-        "transformers class (no remote code; llama.cpp's 'llama'). Levels head, query_head and/or row; heads only where "
+        "transformers class (no remote code; llama.cpp's 'llama'). Levels head, query_head, row and/or hidden; heads only where "
         "the stock config states the head size (Llama-family, not BERT or GPT-2: use --levels row there). "
         "On SmolLM2 at 50 %% it also gave the lower perplexity (benchmarks/README.md, 'Equal budget').",
     )
