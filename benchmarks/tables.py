@@ -23,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the row registries, also when imported
+import gemma3_rows  # noqa: E402
 import minilm_rows  # noqa: E402
 import smollm2_rows  # noqa: E402
 from common import RESULTS  # noqa: E402
@@ -409,6 +410,7 @@ README_TABLES: dict[str, Callable[[], str]] = {
     "equal_budget_goals": lambda: equal_budget_goals(_load("bench_minilm_equal_budget.json"), GOAL_COLUMNS),
     "equal_budget_all": lambda: equal_budget_table(_load("bench_minilm_equal_budget.json")),
     "smollm2_equal_budget": lambda: smollm2_equal_budget(_load("bench_smollm2.json")),
+    "gemma3_oneshot": lambda: oneshot_pivot(_load("bench_gemma3.json"), "perplexity", gemma3_rows.ROWS),
     "wall_time": lambda: wall_time_table(_load("minilm/wall_time.json")),
     "trainer_runs": lambda: trainer_runs_table(_load("bench_trainer.json")),
     "trainer_layers": lambda: trainer_layers_table(_load("bench_trainer.json")),

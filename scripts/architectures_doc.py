@@ -30,6 +30,14 @@ COLUMNS = {
         "test_onnx_export::test_onnx_runtime_matches_the_compacted_model",
         "test_onnx_export::test_the_other_architectures_export_too",
     ],
+    "layer (depth)": ["test_depth_compact::test_every_architecture_compacts_removed_layers_exactly"],
+    "hidden (width)": ["test_hidden::test_the_other_llama_family_tables_compact_exactly"],
+}
+# the mixture-of-experts families (their own tests): column -> tests
+MOE_COLUMNS = {
+    "inject, experts counted": ["test_experts::test_injection_keeps_outputs_and_counts_the_experts"],
+    "head + row + expert one-shot, compact exact": ["test_experts::test_oneshot_with_refit_compacts_exactly"],
+    "bf16 as the stock experts": ["test_experts::test_half_precision_computes_as_the_stock_experts"],
 }
 # tests that cover every family at once (one case): reload in a fresh process, with and without hf_flop
 WHOLE = {
@@ -37,19 +45,15 @@ WHOLE = {
     "uniform reload, no hf_flop": ["test_uniform::test_saved_uniform_models_load_with_plain_transformers"],
 }
 REFUSED = {  # families outside the table whose layout recognition cannot read (yet): config class, model class
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 32}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
-    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", {}),
 }
 
 
 def _run_tests() -> Path:
     out = Path(tempfile.mkdtemp()) / "architectures.xml"
-    files = sorted(
-        {f"tests/{name.split('::')[0]}.py" for names in [*COLUMNS.values(), *WHOLE.values()] for name in names}
-    )
-    functions = {name.split("::")[1].split("[")[0] for names in [*COLUMNS.values(), *WHOLE.values()] for name in names}
+    every = [*COLUMNS.values(), *WHOLE.values(), *MOE_COLUMNS.values()]
+    files = sorted({f"tests/{name.split('::')[0]}.py" for names in every for name in names})
+    functions = {name.split("::")[1].split("[")[0] for names in every for name in names}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "slow or not slow", "-k", " or ".join(sorted(functions))]
     subprocess.run([*command, *files, f"--junitxml={out}"], cwd=ROOT, check=False)
     return out
@@ -103,7 +107,7 @@ def _refusal(family: str) -> str:
 
 def main() -> None:
     from test_uniform import LEVELS
-    from tiny_models import ALL_BUILDERS, RECOGNISED_BUILDERS
+    from tiny_models import ALL_BUILDERS, MOE_BUILDERS, RECOGNISED_BUILDERS
 
     from hf_flop.architectures import ARCHITECTURES
 
@@ -122,9 +126,15 @@ def main() -> None:
         rows.append([family, layout, *cells])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    moe = ["| family | " + " | ".join(MOE_COLUMNS) + " |", "|" + "---|" * (len(MOE_COLUMNS) + 1)]
+    moe += [
+        f"| {family} | " + " | ".join(_family_cell(results, tests, family) for tests in MOE_COLUMNS.values()) + " |"
+        for family in sorted(MOE_BUILDERS)
+    ]
     refused = [f"| {family} | {_refusal(family)} |" for family in REFUSED]
     page = PAGE.read_text()
     page = _replace_section(page, "families", "\n".join(lines))
+    page = _replace_section(page, "experts", "\n".join(moe))
     page = _replace_section(page, "refused", "| family | why |\n|---|---|\n" + "\n".join(refused))
     PAGE.write_text(page)
     print(f"wrote {PAGE.relative_to(ROOT)}")

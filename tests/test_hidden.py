@@ -79,7 +79,7 @@ def test_compaction_is_exact_with_soft_eval_values(levels, tied):
         assert small.lm_head.weight is small.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_the_other_llama_family_tables_compact_exactly(arch):
     model = get_flop_model(ARCH_BUILDERS[arch]().eval(), FlopConfig(levels=["hidden", "head", "row"])).eval()
     keep = torch.ones(N, dtype=torch.bool)
