@@ -28,7 +28,9 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .accounting import sparsity_report
+from .accounting import SparsityReport, sparsity_report
 from .architectures import UnsupportedArchitectureError, find_layers
 from .calibration import iter_calibration
 from .checkpoint_io import CheckpointReader, ShardWriter
@@ -47,6 +49,7 @@ from .hub import CARD_TEMPLATE, render_card
 from .lookup import find_flop_model
 from .model import get_flop_model
 from .oneshot import open_all_gates, prune_to_target
+from .ranking import frozen_gates
 from .recognition import spec_for
 from .reconstruction import reconstruct
 from .scores import SCORE_TYPES, compute_scores, find_gated_units, recommended_oneshot_score, score_type
@@ -69,8 +72,11 @@ TOKENIZER_FILES = (
 )
 
 
-def _check_inputs(source, output_dir, config, calibration_data, score, allocation, reconstruct_options):
-    """Everything ``prune_checkpoint`` refuses, before any tensor is read. Returns the model config and the reader."""
+def _check_inputs(
+    source, output_dir, config, calibration_data, score, allocation, target_sparsity, max_batches, reconstruct_options
+):
+    """Everything ``prune_checkpoint`` refuses, before any tensor is read: the checked folders, model config,
+    reader, calibration batches and target."""
     folder = Path(source)
     if not folder.is_dir():
         raise ValueError(f"source {folder} is not a folder; pass the local folder of a saved checkpoint.")
@@ -103,19 +109,25 @@ def _check_inputs(source, output_dir, config, calibration_data, score, allocatio
             )
     if (reconstruct_options or {}).get("add_bias"):
         raise ValueError("reconstruct_options add_bias=True is not supported by streaming; leave it out.")
+    target = config.target_sparsity if target_sparsity is None else target_sparsity
+    if not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
+        raise ValueError(f"target_sparsity={target!r} must be in [0, 1), the fraction of prunable parameters removed.")
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    causal = {cls.__name__ for cls in MODEL_FOR_CAUSAL_LM_MAPPING.values()}
+    names = model_config.architectures or []
+    if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (names and not set(names) & causal):
         raise ValueError(
-            f"{folder} holds a {model_config.model_type!r} model, not a causal LM transformers knows; streaming "
+            f"{folder} holds a {model_config.model_type!r} model ({', '.join(names) or 'no architectures'}), not a "
+            "causal LM transformers knows; streaming "
             "prunes causal language models (AutoModelForCausalLM)."
         )
     reader = CheckpointReader(folder)
     if calibration_data is None:
         raise ValueError("prune_checkpoint needs calibration_data: a list of batches (dicts with 'input_ids').")
-    batches = list(iter_calibration(calibration_data))
+    batches = list(iter_calibration(calibration_data, max_batches=max_batches))
     if len(batches) < 2:
         raise ValueError(f"calibration_data has {len(batches)} batch(es); the refit needs at least 2.")
-    return folder, out, model_config, reader, batches
+    return folder, out, model_config, reader, batches, target
 
 
 def _meta_flop_model(model_config, flop_config: FlopConfig):
@@ -123,27 +135,35 @@ def _meta_flop_model(model_config, flop_config: FlopConfig):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     flop = get_flop_model(model, copy.deepcopy(flop_config))
-    for gate in _flop(flop).gates().values():  # small, and the ranking reads them: real tensors
+    for gate in find_flop_model(flop).gates().values():  # small, and the ranking reads them: real tensors
         gate.to_empty(device="cpu")
         gate.set_mask(torch.ones(gate.n, dtype=torch.bool))
     return flop
 
 
-def _flop(model):
-    return find_flop_model(model)
-
-
 def _full_names(one_layer, full_groups: dict, layer_prefix: str, full_prefix: str) -> dict[str, str]:
     """The one-layer FLOP model's gate names -> the full model's (``head_0`` of the one layer is ``head_<i>``)."""
     names = {}
-    for group in _flop(one_layer).structure_groups:
+    for group in find_flop_model(one_layer).structure_groups:
         if group.layer != layer_prefix or (full_prefix, group.level) not in full_groups:
             raise RuntimeError(f"gate {group.key} has no counterpart in layer {full_prefix}; please report this.")
         names[group.key] = full_groups[(full_prefix, group.level)]
-    missing = sorted(set(_flop(one_layer).gates()) - set(names))
+    missing = sorted(set(find_flop_model(one_layer).gates()) - set(names))
     if missing:
         raise RuntimeError(f"gates {missing[:3]} are not head/row gates of a layer; please report this.")
     return names
+
+
+@dataclass
+class StreamResult:
+    """What ``prune_checkpoint`` wrote and how."""
+
+    path: Path  # the output folder
+    keep: dict[str, torch.Tensor]  # gate name (of the whole model) -> bool mask of the kept units
+    report: SparsityReport  # sizes of the whole model with these masks
+    allocation: str
+    tensors_read: int  # tensors read from the checkpoint (each layer's once per pass)
+    seconds: float
 
 
 def _moved(path: str, old: str, new: str) -> str:
@@ -168,7 +188,7 @@ def prune_checkpoint(
     protect_layers: Sequence[int] = (),
     max_batches: int | None = None,
     reconstruct_options: dict | None = None,
-) -> Path:
+) -> StreamResult:
     """Prune the causal LM saved in ``source`` layer by layer into ``output_dir``, never holding the whole model.
 
     ``config`` is a ``FlopConfig`` with levels among ``head``, ``query_head``, ``row``; ``score`` defaults
@@ -178,28 +198,38 @@ def prune_checkpoint(
     ``reconstruct_options`` ``reconstruct``'s. Each layer and its batches go to ``device`` for the work
     (default: the CPU). The folder gets sharded safetensors, config.json (with the remote code when the
     shapes are per layer), generation_config.json, the source's tokenizer files and a model card; it is
-    written under a temporary name and renamed at the end. Returns its path.
+    written under a temporary name and renamed at the end. Returns a ``StreamResult`` (the folder in
+    ``path``, the masks in ``keep``).
     """
-    folder, out, model_config, reader, batches = _check_inputs(
-        source, output_dir, config, calibration_data, score, allocation, reconstruct_options
+    started = time.perf_counter()
+    folder, out, model_config, reader, batches, target = _check_inputs(
+        source,
+        output_dir,
+        config,
+        calibration_data,
+        score,
+        allocation,
+        target_sparsity,
+        max_batches,
+        reconstruct_options,
     )
-    if max_batches is not None:
-        batches = batches[:max_batches]
+    if protect_layers and allocation == "per_layer":
+        raise ValueError("protect_layers applies to allocation='global'; per_layer ranks each layer on its own.")
     score = score or recommended_oneshot_score(config)
-    target = config.target_sparsity if target_sparsity is None else target_sparsity
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = model_config.dtype or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     meta = _meta_flop_model(model_config, config)
-    task = _flop(meta).model
+    task = find_flop_model(meta).model
     try:
         spec_for(task, config.levels, uniform_shapes=config.uniform_shapes)
         full_layers = find_layers(task, spec_for(task, None))
     except UnsupportedArchitectureError as err:
         raise ValueError(f"{folder}: the layout of {type(task).__name__} is not known to hf_flop: {err}") from None
     stream = _Stream(reader, model_config, full_layers, batches, device, dtype, config, score, reconstruct_options)
-    stream.full_groups = {(g.layer, g.level): g.key for g in _flop(meta).structure_groups}
+    stream.full_groups = {(g.layer, g.level): g.key for g in find_flop_model(meta).structure_groups}
     stream.relative = _relative_paths(task)
+    frozen_gates(find_flop_model(meta), find_gated_units(meta), protect_layers)  # valid indices, before any work
     keep = None
     if allocation == "global":
         prune_to_target(
@@ -211,8 +241,6 @@ def prune_checkpoint(
             protect_layers=protect_layers,
         )
         keep = {s.key: s.gate.deterministic_mask().detach().cpu() != 0 for s in find_gated_units(meta)}
-    elif protect_layers:
-        raise ValueError("protect_layers applies to allocation='global'; per_layer ranks each layer on its own.")
     rest = [k for k in reader.keys() if not any(k.startswith(p + ".") for p in full_layers)]
     with atomic_folder(out, overwrite=False) as tmp:
         writer = ShardWriter(tmp, len(full_layers) + len(rest))
@@ -225,20 +253,21 @@ def prune_checkpoint(
             writer.write({key: tensor})
             del tensor
         writer.finish()
-        _finish_folder(folder, tmp, meta, stream, out)
-    return out
+        report = _finish_folder(folder, tmp, meta, stream, out)
+    return StreamResult(out, kept, report, allocation, len(reader.reads), time.perf_counter() - started)
 
 
-def _finish_folder(folder: Path, tmp: Path, meta, stream: _Stream, out: Path) -> None:
+def _finish_folder(folder: Path, tmp: Path, meta, stream: _Stream, out: Path) -> SparsityReport:
     """Check the written shapes against ``compact`` of the meta model; write its config (with code), the
     generation config, the source's tokenizer files and the model card."""
-    task, written = _flop(meta).model, stream.written
+    task, written = find_flop_model(meta).model, stream.written
     layers = tuple(p + "." for p in stream.full_layers)
     state = {k: v for k, v in task.state_dict().items() if not k.startswith(layers)}
     state.update({k: torch.empty(shape, device="meta") for k, shape in written.items() if k.startswith(layers)})
     plan = stream.plan
     # the config and shapes compact() gives the whole model, without its weights
-    compacted = build_compacted(task, _flop(meta).flop_config.uniform_shapes, plan, {}, state, on_meta=True)
+    report = sparsity_report(meta)
+    compacted = build_compacted(task, find_flop_model(meta).flop_config.uniform_shapes, plan, {}, state, on_meta=True)
     expected = {k: tuple(v.shape) for k, v in compacted.state_dict().items()}
     wrong = {k: (v, expected.get(k)) for k, v in written.items() if expected.get(k) != v}
     lacking = sorted(set(expected) - set(written) - _tied(compacted))
@@ -254,16 +283,17 @@ def _finish_folder(folder: Path, tmp: Path, meta, stream: _Stream, out: Path) ->
     for name in copied:
         shutil.copyfile(folder / name, tmp / name)
     card = render_card(
-        _flop(meta),
+        find_flop_model(meta),
         compacted,
         plan,
-        sparsity_report(meta),
+        report,
         template=CARD_TEMPLATE,
         model_id=out.name,
         load_from=str(out.absolute()),
         with_tokenizer=bool(copied),
     )
     card.save(tmp / "README.md")
+    return report
 
 
 def _tied(model) -> set[str]:
