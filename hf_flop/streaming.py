@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .accounting import SparsityReport, sparsity_report
 from .architectures import UnsupportedArchitectureError, find_layers
@@ -113,13 +113,13 @@ def _check_inputs(
     if not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
         raise ValueError(f"target_sparsity={target!r} must be in [0, 1), the fraction of prunable parameters removed.")
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    causal = {cls.__name__ for cls in MODEL_FOR_CAUSAL_LM_MAPPING.values()}
+    # class names only: MODEL_FOR_CAUSAL_LM_MAPPING's classes would import every model of transformers
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in _as_tuple(names)}
     names = model_config.architectures or []
-    if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (names and not set(names) & causal):
+    if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (names and not set(names) & causal):
         raise ValueError(
             f"{folder} holds a {model_config.model_type!r} model ({', '.join(names) or 'no architectures'}), not a "
-            "causal LM transformers knows; streaming "
-            "prunes causal language models (AutoModelForCausalLM)."
+            "causal LM transformers knows; streaming prunes causal language models (AutoModelForCausalLM)."
         )
     reader = CheckpointReader(folder)
     if calibration_data is None:
@@ -128,6 +128,10 @@ def _check_inputs(
     if len(batches) < 2:
         raise ValueError(f"calibration_data has {len(batches)} batch(es); the refit needs at least 2.")
     return folder, out, model_config, reader, batches, target
+
+
+def _as_tuple(names) -> tuple:
+    return tuple(names) if isinstance(names, (list, tuple)) else (names,)
 
 
 def _meta_flop_model(model_config, flop_config: FlopConfig):
