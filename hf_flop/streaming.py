@@ -388,7 +388,7 @@ class _Stream:
             names = _full_names(flop, self.full_groups, layer.prefix, name)
             if keep is not None:
                 for s in units:
-                    s.gate.set_mask(keep[names[s.key]])
+                    s.gate.set_mask(keep[names[s.key]].to(self.device))
             kept.update({names[s.key]: s.gate.deterministic_mask().detach().cpu() != 0 for s in units})
             layer.states = states
             reconstruct(flop, self.proxies, **self.options)
