@@ -86,7 +86,7 @@ def test_per_layer_stream_equals_in_memory_with_its_masks(tmp_path):
     tiny_llama(num_hidden_layers=3).save_pretrained(source)
     data = _data()
     result = prune_checkpoint(
-        source, out, _config(), data, allocation="per_layer", reconstruct_options={"progress": False}
+        source, out, _config(), data, allocation="per_layer", device="cpu", reconstruct_options={"progress": False}
     )
     model = get_flop_model(tiny_llama(num_hidden_layers=3), _config())
     units = find_gated_units(model)
@@ -163,3 +163,35 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, case, match):
     with pytest.raises(ValueError, match=match):
         prune_checkpoint(source, out, config, _data(), score=score, target_sparsity=target)
     assert not out.exists() or case == "output_exists"
+
+
+def test_uniform_shapes_stream_writes_the_stock_config(tmp_path):
+    """uniform_shapes: the same shapes in every layer, so a stock LlamaConfig, no remote code, as compact gives."""
+    source, out, reference_dir = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
+    tiny_llama(num_hidden_layers=3).save_pretrained(source)
+    data = _data()
+    config = FlopConfig(levels=["head", "row"], target_sparsity=0.4, uniform_shapes=True)
+    prune_checkpoint(source, out, config, data, reconstruct_options={"progress": False})
+    reference = compact(
+        prune_oneshot(tiny_llama(num_hidden_layers=3), config, data, reconstruct_options={"progress": False})
+    )
+    reference.save_pretrained(reference_dir)
+    saved = _saved_config(out)
+    assert saved == _saved_config(reference_dir)
+    assert saved["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in saved
+    assert not (out / "modeling_flop.py").exists()
+    streamed = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(_logits(streamed, data[0]), _logits(reference, data[0]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_gives_the_cpu_result(tmp_path):
+    source = tmp_path / "src"
+    tiny_llama().save_pretrained(source)
+    data = _data()
+    options = {"progress": False}
+    prune_checkpoint(source, tmp_path / "cpu", _config(), data, reconstruct_options=options)
+    prune_checkpoint(source, tmp_path / "gpu", _config(), data, device="cuda", reconstruct_options=options)
+    on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "cpu", trust_remote_code=True)
+    on_gpu = AutoModelForCausalLM.from_pretrained(tmp_path / "gpu", trust_remote_code=True)
+    torch.testing.assert_close(_logits(on_gpu, data[0]), _logits(on_cpu, data[0]), atol=1e-3, rtol=0)
