@@ -334,17 +334,25 @@ class _Stream:
         self.relative = lambda name: name  # absolute module names -> plan paths of the whole model
 
     def embedded(self) -> list[torch.Tensor]:
-        """The first layer's input for every batch: only the embedding's tensors are read."""
+        """The first layer's input for every batch. Every tensor outside the transformer layers is read but the
+        output head's (the input embedding, position embeddings where the model adds them, the final norm)."""
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(
                 one_layer_config(self.model_config, 0, self.model_config.vocab_size)
             )
         model = model.to(self.dtype)
-        embedding = model.get_input_embeddings()
-        name = next(n for n, m in model.named_modules() if m is embedding)
-        embedding.load_state_dict(self.reader.read_prefix(name + "."))
+        head = model.get_output_embeddings()  # tied to the input embedding here: the source's head must not land in it
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        state = model.state_dict()
+        layers = tuple(p + "." for p in self.full_layers)
+        wanted = [
+            k
+            for k in self.reader.keys()
+            if k in state and not k.startswith(layers) and (head_name is None or not k.startswith(head_name + "."))
+        ]
+        model.load_state_dict({k: self.reader.get(k) for k in wanted}, strict=False)
         states = [h.cpu() for h in embedded_states(model.to(self.device), self.batches)]
-        del model, embedding
+        del model, state
         gc.collect()
         return states
 

@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from tiny_models import tiny_bert, tiny_llama, tiny_qwen3
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3
 from transformers import AutoModelForCausalLM
 
 from hf_flop import FlopConfig, compact, get_flop_model, prune_checkpoint, prune_oneshot, reconstruct, stream_layer
@@ -53,8 +53,9 @@ def _saved_config(folder) -> dict:
     [
         (lambda: tiny_llama(num_hidden_layers=3), ["head", "row"], None),
         (tiny_qwen3, ["query_head", "row"], "20KB"),  # a sharded source: index + shards
+        (tiny_gpt2, ["head", "row"], None),  # position embeddings added before the first layer
     ],
-    ids=["llama", "qwen3-sharded"],
+    ids=["llama", "qwen3-sharded", "gpt2"],
 )
 def test_global_stream_equals_prune_oneshot_and_compact(tmp_path, build, levels, shard):
     source, out, reference_dir = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
@@ -62,7 +63,7 @@ def test_global_stream_equals_prune_oneshot_and_compact(tmp_path, build, levels,
     if shard:
         assert (source / "model.safetensors.index.json").is_file()
     (source / "tokenizer.json").write_text("{}")
-    data = _data()
+    data = _data(length=24)
     result = prune_checkpoint(source, out, _config(levels), data, reconstruct_options={"progress": False})
     reference = prune_oneshot(build(), _config(levels), data, reconstruct_options={"progress": False})
     compacted = compact(reference)
