@@ -41,7 +41,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .accounting import SparsityReport, sparsity_report
 from .architectures import UnsupportedArchitectureError, find_layers
 from .calibration import iter_calibration
-from .checkpoint_io import CheckpointReader, ShardWriter
+from .checkpoint_io import INDEX_FILE, CheckpointReader, ShardWriter
 from .compact import _relative_paths, build_compacted, compact_with_plan
 from .config import FlopConfig
 from .files import atomic_folder, check_output_dir
@@ -314,7 +314,7 @@ def _save_config(compacted, folder: Path) -> None:
     side = folder / ".config"
     compacted.save_pretrained(side, state_dict={})
     for path in side.iterdir():
-        if not path.name.startswith("model"):
+        if not (path.name.endswith(".safetensors") or path.name == INDEX_FILE):  # the code files stay (modeling_flop.py)
             shutil.move(str(path), folder / path.name)
     shutil.rmtree(side)
 

@@ -75,6 +75,9 @@ def test_global_stream_equals_prune_oneshot_and_compact(tmp_path, build, levels,
     assert all(torch.equal(expected[k], result.keep[k]) for k in expected)
     compacted.save_pretrained(reference_dir)
     assert _saved_config(out) == _saved_config(reference_dir)
+    # the same files besides the weights: config, generation config, the remote code (per-layer shapes)
+    files = {p.name for p in reference_dir.iterdir() if "safetensors" not in p.name}
+    assert files <= {p.name for p in out.iterdir()} and "modeling_flop.py" in files
     assert sum(p.numel() for p in streamed.parameters()) == sum(p.numel() for p in compacted.parameters())
     assert (out / "tokenizer.json").read_text() == "{}"
     assert "hf_flop" in (out / "README.md").read_text() or (out / "README.md").stat().st_size > 200
