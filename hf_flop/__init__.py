@@ -43,6 +43,7 @@ from .onnx_export import OnnxExportError, export_onnx
 from .reconstruction import reconstruct
 from .registration import register, register_auto_classes
 from .scores import compute_scores
+from .streaming import StreamResult, prune_checkpoint
 from .trainer import PruningArguments, PruningTrainer
 from .training import TargetMissedWarning
 
@@ -75,6 +76,8 @@ __all__ = [
     "export_onnx",
     "get_flop_model",
     "prune_oneshot",
+    "prune_checkpoint",
+    "StreamResult",
     "prune_to_target",
     "push_compacted",
     "reconstruct",

@@ -25,6 +25,7 @@ counts per layer are refused, with the call that fixes them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -120,6 +121,24 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         },
         "layers": {**plan_layers(old_plan), **{relative(k): v for k, v in cuts.layers.items()}},
     }
+    return build_compacted(task_model, flop_model.flop_config.uniform_shapes, plan, overrides, state), plan
+
+
+def build_compacted(
+    task_model: PreTrainedModel,
+    uniform_shapes: bool,
+    plan: dict,
+    overrides: dict,
+    state: dict,
+    *,
+    on_meta: bool = False,
+) -> PreTrainedModel:
+    """The compacted model of ``task_model`` with ``plan`` holding ``state`` (the cut tensors): a stock class
+    when a stock config describes the shapes, else the ``FlopX`` class with the plan in its config.
+
+    ``on_meta`` builds it on the meta device, from meta tensors of the right shapes in ``state``: the config
+    and shapes without the weights (``hf_flop.streaming`` writes those itself).
+    """
     stock_class = getattr(type(task_model), "flop_stock_class", None) or type(task_model)
     config_dict = {k: v for k, v in task_model.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     config_dict.update(overrides)
@@ -129,18 +148,19 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     stock_config = _stock_config(stock_class, config_dict, plan, state)
     if stock_config is not None:
         config, model_class = stock_config, stock_class
-    elif flop_model.flop_config.uniform_shapes:  # the injection checks make this unreachable: a bug
+    elif uniform_shapes:  # the injection checks make this unreachable: a bug
         raise RuntimeError("uniform_shapes=True, yet no stock config describes these shapes; please report this.")
     config._attn_implementation = task_model.config._attn_implementation
     config._experts_implementation = getattr(task_model.config, "_experts_implementation", None)  # MoE models
 
-    compacted = model_class(config).to(task_model.dtype)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        compacted = model_class(config).to(task_model.dtype)
     missing, unexpected = compacted.load_state_dict(state, strict=False)
     if missing or unexpected:  # a bug in the plan, never the user's fault: fail loudly
         raise RuntimeError(f"compaction produced mismatched weights: missing {missing}, unexpected {unexpected}")
     if getattr(task_model, "generation_config", None) is not None and compacted.can_generate():
         compacted.generation_config = copy.deepcopy(task_model.generation_config)
-    return compacted.to(next(task_model.parameters()).device).eval(), plan
+    return compacted.to(next(task_model.parameters()).device).eval()
 
 
 def _structure_cuts(flop_model) -> StructureCuts:

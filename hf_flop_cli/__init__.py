@@ -6,6 +6,9 @@ target (distilling from the dense model), compact it, and report dense vs pruned
 and CPU speed measured in the same run. Every piece can be swapped by an option: any model (Hub id
 or local folder), any dataset, sequence classification or causal language modelling.
 
+``hf-flop stream`` one-shot prunes a causal-LM checkpoint folder one transformer layer at a time
+(``hf_flop.prune_checkpoint``), for models that do not fit in memory.
+
 ``hf-flop report`` injects FLOP into a model and prints the sparsity report (a quick look at what
 would be pruned and how the parameters are counted).
 
@@ -140,4 +143,15 @@ def run_report(args) -> None:
     print(sparsity_report(model))
 
 
-COMMANDS = {"prune": run_prune, "report": run_report}  # subcommand -> what runs it
+def run_stream(args):
+    """``hf-flop stream``: prune a causal-LM checkpoint folder layer by layer (``hf_flop.prune_checkpoint``)."""
+    args.gate, args.round_to, args.target_modules = "hard_concrete", 1, None  # what _flop_config reads
+    config = _flop_config(args)
+    from hf_flop.app import stream_job
+    from hf_flop.app.progress import quiet_libraries
+
+    quiet_libraries()
+    return stream_job.run(args, config)
+
+
+COMMANDS = {"prune": run_prune, "report": run_report, "stream": run_stream}  # subcommand -> what runs it

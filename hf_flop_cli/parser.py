@@ -10,6 +10,7 @@ import argparse
 
 from .choices import DATASETS, GATES, MODELS, PRUNING_OPTIONS, SCORES
 from .defaults import TASK_DEFAULTS, default_threads
+from .stream_parser import add_stream_parser
 
 _TAKES = dict(PRUNING_OPTIONS.values())  # option -> what it takes, for the help
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'hf-flop prune' with no arguments for the main job on the embedded defaults (offline).",
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
-    sub = parser.add_subparsers(dest="command", metavar="{prune,report}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{prune,report,stream}", parser_class=_Parser)
 
     prune = sub.add_parser(
         "prune",
@@ -304,4 +305,5 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inject FLOP gates (nothing trained) and print the prunable parameters per module.",
     )
     _add_model_options(report)
+    add_stream_parser(sub, fmt, _positive, _levels, _number)
     return parser
