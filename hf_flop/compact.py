@@ -121,7 +121,16 @@ def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
         },
         "layers": {**plan_layers(old_plan), **{relative(k): v for k, v in cuts.layers.items()}},
     }
-    return build_compacted(task_model, flop_model.flop_config.uniform_shapes, plan, overrides, state), plan
+    config_dict = _architecture_config(task_model, overrides)
+    remove_depth(flop_model, state, plan, config_dict, relative)  # level "layer": fewer layers, renumbered
+    return build_compacted(task_model, flop_model.flop_config.uniform_shapes, plan, config_dict, state), plan
+
+
+def _architecture_config(task_model: PreTrainedModel, overrides: dict) -> dict:
+    """``task_model``'s config entries that describe the architecture, with ``overrides`` applied."""
+    config_dict = {k: v for k, v in task_model.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    config_dict.update(overrides)
+    return config_dict
 
 
 def build_compacted(
@@ -140,9 +149,7 @@ def build_compacted(
     and shapes without the weights (``hf_flop.streaming`` writes those itself).
     """
     stock_class = getattr(type(task_model), "flop_stock_class", None) or type(task_model)
-    config_dict = {k: v for k, v in task_model.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
-    config_dict.update(overrides)
-    remove_depth(flop_model, state, plan, config_dict, relative)  # level "layer": fewer layers, renumbered
+    config_dict = _architecture_config(task_model, overrides)
     config = compacted_config_class(stock_class.config_class).from_dict({**config_dict, "flop_plan": plan})
     model_class = compacted_model_class(stock_class)
     stock_config = _stock_config(stock_class, config_dict, plan, state)
