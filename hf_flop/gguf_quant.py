@@ -67,7 +67,7 @@ def resolve_quantization(quantization: str | None, dtype: str | None, name: Call
     """
     if dtype is not None and dtype not in ("f32", "f16"):
         raise ValueError(
-            f"export_gguf: {name('dtype')}={dtype!r} is not 'f32' or 'f16'; for other types pass "
+            f"export_gguf: {name('dtype')}={dtype!r} is not one of 'f32', 'f16'; for other types pass "
             f"{name('quantization')} (one of {', '.join(QUANTIZATIONS)})."
         )
     if quantization is None:
