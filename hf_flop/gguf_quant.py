@@ -121,7 +121,11 @@ def tensor_types(tensors: dict[str, torch.Tensor], quantization: str) -> tuple[d
     q8 = gguf.GGMLQuantizationType.Q8_0
     # llama.cpp's output matrix: output.weight, else the tied token embedding the output layer reuses
     output = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    quantized = base not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    quantized = base not in (
+        gguf.GGMLQuantizationType.F32,
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+    )
     types, kept = {}, []
     for tensor_name, tensor in tensors.items():
         if tensor.dim() <= 1:
