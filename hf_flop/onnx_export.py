@@ -116,7 +116,7 @@ def export_onnx(
                         _compare(source, names, examples, expected)
                     quantize_int8(source, tmp)
                 if check:
-                    _compare(tmp, names, examples, expected, tolerance=None)
+                    _compare(tmp, names, examples, expected, quantized=True)
     finally:
         model.train(was_training)
     return path
@@ -250,10 +250,10 @@ def _compare(
     names: list[str],
     examples: list[list[torch.Tensor]],
     expected: list[torch.Tensor],
-    tolerance: float | None = TOLERANCE,
+    quantized: bool = False,
 ) -> None:
     """Run ``path`` with ONNX Runtime (CPU) on each example; raise if its logits differ from ``expected`` (by more
-    than ``tolerance`` of their scale; ``None``, for a quantized model: if they are not finite or of another shape)."""
+    than ``TOLERANCE`` of their scale; for a ``quantized`` model: if they are not finite or of another shape)."""
     import numpy as np
     import onnxruntime
 
@@ -262,7 +262,7 @@ def _compare(
         feed = {name: tensor.cpu().numpy() for name, tensor in zip(names, inputs)}
         (logits,) = session.run(["logits"], feed)
         reference = reference.float().cpu().numpy()
-        if tolerance is None:
+        if quantized:
             if logits.shape != reference.shape or not np.isfinite(logits).all():
                 raise OnnxExportError(
                     f"ONNX Runtime's int8 model gives logits of shape {logits.shape} (expected {reference.shape}) or "
@@ -270,7 +270,7 @@ def _compare(
                 )
             continue
         difference = float(np.abs(logits - reference).max())
-        allowed = tolerance * max(1.0, float(np.abs(reference).max()))
+        allowed = TOLERANCE * max(1.0, float(np.abs(reference).max()))
         if not difference <= allowed:  # also catches NaN
             raise OnnxExportError(
                 f"ONNX Runtime's logits differ from PyTorch's by {difference:.3g} (allowed {allowed:.3g}) at input shape "
