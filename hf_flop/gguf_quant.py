@@ -149,7 +149,7 @@ def warn_kept(kept: list[str], quantization: str, block: int, fallback: str, sta
     """The ``GGUFExportWarning`` for matrices whose width does not fit ``quantization``'s blocks."""
     shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
     note = (
-        f"{len(kept)} matrix(es) have rows not a multiple of {quantization}'s block of {block} values ({shown}); they "
+        f"{len(kept)} matrix(es) have a row width not a multiple of {quantization}'s block of {block} values ({shown}); they "
         f"are stored as {fallback}, as llama.cpp's converter and quantizer do. Prune to widths that are multiples of "
         f"{block} (e.g. FlopConfig(uniform_shapes=True) with such a target) for a fully quantized file."
     )

@@ -4,7 +4,7 @@ Run with a llama-cpp-python build on the path, e.g.
 ``LD_LIBRARY_PATH=<build>/lib LLAMA_CPP_LIB_PATH=<build>/lib PYTHONPATH=$PWD:<build> pytest -m slow <this file>``.
 Checked: a q8_0 file of a pruned (per-layer, ``deci``) tiny Llama gives logits within a few percent of
 transformers', as does a q4_0 file less closely; a q4_k_m file written through llama.cpp's own quantizer
-has K-quant matrices (Q4_K, Q6_K for the output) and runs with logits near transformers'.
+has K-quant matrices (Q4_K, Q6_K for the output) and runs with logits near transformers'; a pruned (deci) q4_k_m file keeps the matrices of widths off 256 in llama.cpp's fallback types, named in the warning.
 """
 
 from __future__ import annotations
@@ -55,3 +55,19 @@ def test_a_k_quant_through_llama_cpps_quantizer_runs(tmp_path):
     error, corr, same_top = compare(model, path)
     print(f"\nq4_k_m: llama.cpp's logits within {error:.2%} of transformers' largest, correlation {corr:.4f}")
     assert 0 < error < 0.5 and corr > 0.9 and same_top
+
+
+def test_a_pruned_deci_k_quant_falls_back_where_widths_are_off_256(tmp_path):
+    model = sharpened(tiny_llama(hidden_size=256, intermediate_size=512)).eval()
+    config = FlopConfig(levels=["head", "row"], target_sparsity=0.5)
+    small = compact(prune_oneshot(model, config, batches(), "activation", reconstruct=False))
+    with pytest.warns(UserWarning, match="not a multiple of q4_k_m's block of 256 values") as caught:
+        path = export_gguf(small, tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer(), quantization="q4_k_m")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "deci"
+    off = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) > 1 and int(t.shape[0]) % 256}
+    assert off and all(name in str(caught[0].message) for name in off)
+    assert set(off.values()) <= {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "F16"}  # llama.cpp's fallbacks, never a K-quant
+    error, corr, same_top = compare(small, path)
+    print(f"\npruned q4_k_m: llama.cpp's logits within {error:.2%} of transformers' largest, correlation {corr:.4f}")
+    assert 0 < error < 0.6 and corr > 0.85 and same_top
