@@ -62,6 +62,7 @@ def export_onnx(
     check: bool = True,
     opset_version: int | None = None,
     quantization: str | None = None,
+    calibration=None,
 ) -> Path:
     """Write a compacted (or any plain transformers) text model as an ONNX model at ``path``.
 
@@ -79,13 +80,16 @@ def export_onnx(
         quantization: ``None`` (float32) or ``"int8"``: the float model, exported and checked as above, is
             rewritten with int8 weights by ONNX Runtime's dynamic quantization (``hf_flop.onnx_quant``); the
             check then also runs the int8 model (finite logits of the right shape: int8 rounding moves them
-            by more than the float tolerance). Needs onnxruntime.
+            by more than the float tolerance). ``"int8-static"``: static quantization, activation scales
+            measured on ``calibration``. Needs onnxruntime.
+        calibration: for ``"int8-static"``, input batches (dicts with ``input_ids``, optionally
+            ``attention_mask`` / ``token_type_ids``, tensors or arrays), e.g. ``prune_oneshot``'s.
 
     Returns the path written. Raises ``OnnxExportError`` when the exporter fails or the check finds
     a difference; nothing is written then.
     """
     path = _check_path(path, overwrite)
-    check_quantization(quantization)
+    check_quantization(quantization, calibration)
     missing = missing_onnx_packages(check or quantization is not None)
     if missing:
         raise ImportError(
@@ -114,7 +118,7 @@ def export_onnx(
                     program.save(source)
                     if check:
                         _compare(source, names, examples, expected)
-                    quantize_int8(source, tmp)
+                    quantize_int8(source, tmp, quantization, names, calibration)
                 if check:
                     _compare(tmp, names, examples, expected, quantized=True)
     finally:

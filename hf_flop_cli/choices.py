@@ -15,7 +15,8 @@ GATES = ("hard_concrete", "topk")
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher")
 
 # copies of hf_flop.gguf_quant.QUANTIZATIONS (export_gguf's quantization; the K-quants need llama-cpp-python) and
-# hf_flop.onnx_quant.QUANTIZATIONS less None (export_onnx's): --gguf-quantization and --onnx-quantization take them
+# hf_flop.onnx_quant.QUANTIZATIONS' dynamic one (static needs calibration= batches, an API-only choice):
+# --gguf-quantization and --onnx-quantization take them
 GGUF_QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 GGUF_K_QUANTIZATIONS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 ONNX_QUANTIZATIONS = ("int8",)

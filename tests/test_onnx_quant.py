@@ -56,8 +56,35 @@ def test_int8_model_predicts_as_pytorch_from_a_smaller_file(tmp_path):
     )
 
 
-@pytest.mark.parametrize("quantization, match", [("q8_0", "export_gguf's"), ("int4", "None .* or 'int8'")])
-def test_refused_before_any_work(tmp_path, quantization, match):
+def test_static_int8_with_calibration_batches_predicts_as_pytorch(tmp_path):
+    model = classifier()
+    g = torch.Generator().manual_seed(3)
+    calibration = [{"input_ids": torch.randint(1, VOCAB, (4, 10), generator=g)} for _ in range(8)]
+    path = export_onnx(model, tmp_path / "static.onnx", quantization="int8-static", calibration=calibration)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    ids = torch.randint(1, VOCAB, (200, 10), generator=g)
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    (logits,) = session.run(["logits"], {n: feed[n].numpy() for n in names})
+    with torch.no_grad():
+        reference = model(**{n: feed[n] for n in names}).logits.numpy()
+    agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+    error = float(np.abs(logits - reference).max() / np.abs(reference).max())
+    print(f"\nstatic int8 agrees on {agree:.1%}, max |logit error| {error:.2%} of the largest")
+    assert agree >= 0.9 and 0 < error < 0.15
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in __import__("onnx").load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"quantization": "q8_0"}, "export_gguf's"),
+        ({"quantization": "int4"}, "None .* or 'int8'"),
+        ({"quantization": "int8-static"}, "pass calibration="),
+        ({"quantization": "int8", "calibration": [{}]}, "calibration= is for quantization='int8-static'"),
+    ],
+)
+def test_refused_before_any_work(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        export_onnx(tmp_path / "no-such-folder", tmp_path / "m.onnx", quantization=quantization)
+        export_onnx(tmp_path / "no-such-folder", tmp_path / "m.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
