@@ -36,7 +36,8 @@ tensors for llama.cpp's graphs; tokenizers ``hf_flop.gguf_vocab`` cannot express
 family whose graph ``deci`` cannot compute (Qwen3's q/k norms, Gemma's extra norms). A sliding window
 (Mistral) is warned about: llama.cpp's llama and deci graphs attend to the whole context.
 
-The file appears complete or not at all (``hf_flop.gguf_file``: a temporary file, then a rename).
+The file appears complete or not at all (``hf_flop.gguf_file``: a temporary file, then a rename). Its
+tensors are f32, f16 or quantized (``quantization=``: which tensor gets which type is ``hf_flop.gguf_quant``'s).
 """
 
 from __future__ import annotations
