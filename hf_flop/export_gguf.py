@@ -36,7 +36,8 @@ tensors for llama.cpp's graphs; tokenizers ``hf_flop.gguf_vocab`` cannot express
 family whose graph ``deci`` cannot compute (Qwen3's q/k norms, Gemma's extra norms). A sliding window
 (Mistral) is warned about: llama.cpp's llama and deci graphs attend to the whole context.
 
-The file appears complete or not at all (``hf_flop.gguf_file``: a temporary file, then a rename).
+The file appears complete or not at all (``hf_flop.gguf_file``: a temporary file, then a rename). Its
+tensors are f32, f16 or quantized (``quantization=``: which tensor gets which type is ``hf_flop.gguf_quant``'s).
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ from transformers import PreTrainedModel
 from .architectures import ARCHITECTURES, arch_spec, find_layers
 from .gguf_graphs import GGUF_ARCHITECTURES, GRAPHS, GGUFExportWarning, GGUFGraph, llama_cpp_query_scale
 from .gguf_hparams import check_config, check_levels, rope, sliding_layers, window_and_caps
+from .gguf_quant import resolve_quantization
 from .modeling import LowRankLinear
 from .modeling.block_sparse import BlockSparseLinear
 from .modeling.factorized_embedding import FactorizedEmbedding, TiedFactorizedHead
 from .naming import ParameterNames
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16}  # of the matrices; vectors (norms, biases) stay f32
+DTYPES = {"f32": torch.float32, "f16": torch.float16}  # dtype's choices: quantization's float subset
 
 
 @dataclass
@@ -80,7 +82,8 @@ def export_gguf(
     tokenizer=None,
     tokenizer_gguf: str | os.PathLike | None = None,
     tokenizer_pre: str | None = None,
-    dtype: str = "f32",
+    dtype: str | None = None,
+    quantization: str | None = None,
     architecture: str | None = None,
     densify: bool = True,
     name: str | None = None,
@@ -98,7 +101,14 @@ def export_gguf(
         tokenizer_gguf: a GGUF file whose ``tokenizer.*`` metadata is copied instead (the base model's,
             e.g. ``hf_flop.app.data.smollm2_gguf()`` for models pruned from the embedded SmolLM2).
         tokenizer_pre: llama.cpp's pre-tokenizer name, when the tokenizer's is not recognised.
-        dtype: ``"f32"`` or ``"f16"`` for the matrices.
+        dtype: ``"f32"`` or ``"f16"`` for the matrices: the older name for ``quantization="f32"`` / ``"f16"``
+            (given both, they must agree).
+        quantization: the file's type (default ``dtype``, else ``"f32"``): ``"f32"``, ``"f16"``, ``"bf16"``,
+            ``"q8_0"``, ``"q5_1"``, ``"q5_0"``, ``"q4_1"``, ``"q4_0"`` (gguf's quantizer), or a K-quant mix
+            ``"q6_k"``, ``"q5_k_m"``, ``"q5_k_s"``, ``"q4_k_m"``, ``"q4_k_s"``, ``"q3_k_l"``, ``"q3_k_m"``,
+            ``"q3_k_s"``, ``"q2_k"`` (llama.cpp's quantizer: needs llama-cpp-python). Norms and biases stay f32;
+            matrices whose width does not fit the type's blocks are kept in f16, with a warning
+            (``hf_flop.gguf_quant`` says which tensor gets which type).
         architecture: ``None`` (the family's graph, ``"llama"`` for Llama / Mistral / Qwen2 when every
             layer has the same shapes, else ``"deci"``), the family's graph (refused for per-layer
             shapes), or ``"deci"`` for the Llama family.
@@ -111,7 +121,7 @@ def export_gguf(
     Warnings are ``GGUFExportWarning``s.
     """
     names = ParameterNames(names)
-    _check_choice("dtype", dtype, tuple(DTYPES), names)
+    quantization = resolve_quantization(quantization, dtype, names)
     _check_choice("architecture", architecture, (None, *GGUF_ARCHITECTURES), names)
     model, tokenizer = _load(model_or_folder, tokenizer, load_tokenizer=tokenizer_gguf is None)
     from .gguf_file import named_tensors, write_gguf  # import gguf, an optional dependency
@@ -156,7 +166,7 @@ def export_gguf(
         globals_[kind] = _norm(model.base_model.get_submodule(module_name), graph)
     label = name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model"
     tensors = named_tensors(globals_, [layer.tensors for layer in layers])
-    return write_gguf(Path(path), arch, label, hparams, vocab, tensors, DTYPES[dtype])
+    return write_gguf(Path(path), arch, label, hparams, vocab, tensors, quantization)
 
 
 def check_exportable(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .gates import Gate
 from .layers import FlopLinear
 from .model import FlopModel
 from .modeling import modeling_flop
+from .onnx_quant import check_quantization, quantize_int8
 
 INPUTS = ("input_ids", "attention_mask")
 # (batch, length): the first traces the graph, both check it; different sizes prove the axes dynamic.
@@ -59,6 +61,8 @@ def export_onnx(
     overwrite: bool = False,
     check: bool = True,
     opset_version: int | None = None,
+    quantization: str | None = None,
+    calibration=None,
 ) -> Path:
     """Write a compacted (or any plain transformers) text model as an ONNX model at ``path``.
 
@@ -73,12 +77,20 @@ def export_onnx(
             with PyTorch's (within 1e-3 times the largest |logit|, at least 1e-3: a net for export errors,
             above float32 rounding) before moving it into place.
         opset_version: the ONNX opset to target (default: the exporter's).
+        quantization: ``None`` (float32) or ``"int8"``: the float model, exported and checked as above, is
+            rewritten with int8 weights by ONNX Runtime's dynamic quantization (``hf_flop.onnx_quant``); the
+            check then also runs the int8 model (finite logits of the right shape: int8 rounding moves them
+            by more than the float tolerance). ``"int8-static"``: static quantization, activation scales
+            measured on ``calibration``. Needs onnxruntime.
+        calibration: for ``"int8-static"``, input batches (dicts with ``input_ids``, optionally
+            ``attention_mask`` / ``token_type_ids``, tensors or arrays), e.g. ``prune_oneshot``'s.
 
     Returns the path written. Raises ``OnnxExportError`` when the exporter fails or the check finds
     a difference; nothing is written then.
     """
     path = _check_path(path, overwrite)
-    missing = missing_onnx_packages(check)
+    check_quantization(quantization, calibration)
+    missing = missing_onnx_packages(check or quantization is not None)
     if missing:
         raise ImportError(
             f"export_onnx needs {', '.join(missing)}: pip install 'hf-flop[deploy]' (or pip install {' '.join(missing)})."
@@ -96,9 +108,19 @@ def export_onnx(
             expected = [wrapper(*inputs) for inputs in examples]
         program = _export(wrapper, examples[0], names, opset_version)
         with atomic_files(path) as tmp:
-            program.save(tmp)  # one file; large models' weights go to <name>.data beside it
-            if check:
-                _compare(tmp, names, examples, expected)
+            if quantization is None:
+                program.save(tmp)  # one file; large models' weights go to <name>.data beside it
+                if check:
+                    _compare(tmp, names, examples, expected)
+            else:  # the float model checked in a folder of its own, then quantized into place
+                with tempfile.TemporaryDirectory(dir=tmp.parent) as folder:
+                    source = Path(folder) / path.name
+                    program.save(source)
+                    if check:
+                        _compare(source, names, examples, expected)
+                    quantize_int8(source, tmp, quantization, names, calibration)
+                if check:
+                    _compare(tmp, names, examples, expected, quantized=True)
     finally:
         model.train(was_training)
     return path
@@ -227,8 +249,15 @@ def _export(wrapper: _LogitsOnly, inputs: list[torch.Tensor], names: list[str], 
         ) from err
 
 
-def _compare(path: Path, names: list[str], examples: list[list[torch.Tensor]], expected: list[torch.Tensor]) -> None:
-    """Run ``path`` with ONNX Runtime (CPU) on each example; raise if its logits differ from ``expected``."""
+def _compare(
+    path: Path,
+    names: list[str],
+    examples: list[list[torch.Tensor]],
+    expected: list[torch.Tensor],
+    quantized: bool = False,
+) -> None:
+    """Run ``path`` with ONNX Runtime (CPU) on each example; raise if its logits differ from ``expected`` (by more
+    than ``TOLERANCE`` of their scale; for a ``quantized`` model: if they are not finite or of another shape)."""
     import numpy as np
     import onnxruntime
 
@@ -237,6 +266,13 @@ def _compare(path: Path, names: list[str], examples: list[list[torch.Tensor]], e
         feed = {name: tensor.cpu().numpy() for name, tensor in zip(names, inputs)}
         (logits,) = session.run(["logits"], feed)
         reference = reference.float().cpu().numpy()
+        if quantized:
+            if logits.shape != reference.shape or not np.isfinite(logits).all():
+                raise OnnxExportError(
+                    f"ONNX Runtime's int8 model gives logits of shape {logits.shape} (expected {reference.shape}) or "
+                    "non-finite values; nothing was written. Pass check=False to write the file anyway."
+                )
+            continue
         difference = float(np.abs(logits - reference).max())
         allowed = TOLERANCE * max(1.0, float(np.abs(reference).max()))
         if not difference <= allowed:  # also catches NaN

@@ -22,10 +22,27 @@ class CliError(Exception):
 
 def check_options(args) -> None:
     """Options that only make sense together (parsed ``hf-flop prune`` options)."""
+    if args.gguf_quantization and not args.export_gguf:
+        raise CliError("--gguf-quantization quantizes model.gguf: add --export-gguf, or drop --gguf-quantization.")
+    if args.onnx_quantization and not args.export_onnx:
+        raise CliError("--onnx-quantization quantizes model.onnx: add --export-onnx, or drop --onnx-quantization.")
     if args.push_to_hub and not args.repo_id:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
     if args.hidden_distillation > 0 and not args.distill:
         raise CliError("--hidden-distillation distils from the dense model: drop --no-distill, or set it to 0.")
+
+
+def _check_gguf_quantization(options: JobOptions) -> None:
+    """--gguf-quantization with --gguf-dtype, and llama-cpp-python for a K-quant: export_gguf's own check."""
+    from hf_flop.gguf_quant import resolve_quantization
+
+    try:
+        dtype = options.gguf_dtype if options.gguf_dtype != "f32" else None  # f32: --gguf-dtype's default
+        resolve_quantization(
+            options.gguf_quantization, dtype, {"quantization": "--gguf-quantization", "dtype": "--gguf-dtype"}.get
+        )
+    except ValueError as err:
+        raise CliError(str(err).removeprefix("export_gguf: ")) from None
 
 
 def check_outputs(options: JobOptions, output_dir: Path) -> None:
@@ -53,6 +70,8 @@ def check_outputs(options: JobOptions, output_dir: Path) -> None:
             raise CliError("--export-gguf needs the gguf package: pip install gguf (or 'hf-flop[deploy]').")
         if options.gguf_tokenizer and not Path(options.gguf_tokenizer).expanduser().is_file():
             raise CliError(f"--gguf-tokenizer {options.gguf_tokenizer} is not a file.")
+        if options.gguf_quantization:
+            _check_gguf_quantization(options)
     if not options.no_plots and importlib.util.find_spec("matplotlib") is None:
         raise CliError("the plots need matplotlib: pip install matplotlib (or hf-flop[examples]), or pass --no-plots.")
     if options.export_onnx:

@@ -14,6 +14,13 @@ GATES = ("hard_concrete", "topk")
 # a copy of hf_flop.scores.SCORES: the built-in one-shot scores (PruningArguments.oneshot_score takes one)
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher", "block_influence", "skip_loss")
 
+# copies of hf_flop.gguf_quant.QUANTIZATIONS (export_gguf's quantization; the K-quants need llama-cpp-python) and
+# hf_flop.onnx_quant.QUANTIZATIONS' dynamic one (static needs calibration= batches, an API-only choice):
+# --gguf-quantization and --onnx-quantization take them
+GGUF_QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+GGUF_K_QUANTIZATIONS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
+ONNX_QUANTIZATIONS = ("int8",)
+
 # the embedded defaults' short names and what they are: literal copies of hf_flop.app.data's MODELS and DATASETS,
 # which resolve and load them by these names (tests/test_cli.py keeps the copies equal)
 MODELS = {"minilm": "all-MiniLM-L6-v2 (BERT, 22.7M)", "smollm2": "SmolLM2-135M-Instruct (Llama, 135M)"}

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import argparse
 
-from .choices import DATASETS, GATES, MODELS, PRUNING_OPTIONS, SCORES
+from .choices import (
+    DATASETS,
+    GATES,
+    GGUF_K_QUANTIZATIONS,
+    GGUF_QUANTIZATIONS,
+    MODELS,
+    ONNX_QUANTIZATIONS,
+    PRUNING_OPTIONS,
+    SCORES,
+)
 from .defaults import TASK_DEFAULTS, default_threads
 from .stream_parser import add_stream_parser
 
@@ -283,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument(
         "--gguf-dtype", choices=("f32", "f16"), default="f32", help="Precision of the GGUF file's matrices."
+    )
+    out.add_argument(
+        "--gguf-quantization",
+        choices=GGUF_QUANTIZATIONS + GGUF_K_QUANTIZATIONS,
+        metavar="TYPE",
+        help="Quantize model.gguf (--export-gguf) to this llama.cpp type, instead of --gguf-dtype: "
+        f"{', '.join(GGUF_QUANTIZATIONS)} (written by the gguf package), or the K-quants "
+        f"{', '.join(GGUF_K_QUANTIZATIONS)} (by llama.cpp's quantizer: needs llama-cpp-python). Norms stay f32; "
+        "matrices whose width is not a multiple of the type's block stay f16 (a note says which).",
+    )
+    out.add_argument(
+        "--onnx-quantization",
+        choices=ONNX_QUANTIZATIONS,
+        help="Quantize model.onnx (--export-onnx): int8 is ONNX Runtime's dynamic quantization (int8 weights, "
+        "activations quantized at run time), written after the float model is checked against PyTorch.",
     )
     out.add_argument(
         "--gguf-tokenizer",

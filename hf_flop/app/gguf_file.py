@@ -12,7 +12,7 @@ from .state import JobState
 
 GGUF_FILE = "model.gguf"
 # export_gguf's parameters -> what sets them for a CLI user: its errors and notes name these instead
-OPTION_NAMES = {"tokenizer_gguf": "--gguf-tokenizer", "tokenizer_pre": "hf_flop.export_gguf(tokenizer_pre=...)"}
+OPTION_NAMES = {"tokenizer_gguf": "--gguf-tokenizer", "quantization": "--gguf-quantization", "tokenizer_pre": "hf_flop.export_gguf(tokenizer_pre=...)"}
 
 
 def _gguf_tokenizer(options: JobOptions) -> Path | None:
@@ -49,7 +49,7 @@ def export_model_gguf(job: JobState, small, path: Path) -> dict:
             path,
             tokenizer=job.tokenizer,
             tokenizer_gguf=_gguf_tokenizer(options),
-            dtype=options.gguf_dtype,
+            quantization=options.gguf_quantization or options.gguf_dtype,  # checked to agree before training
             names=OPTION_NAMES,
         )
     # e.g. low-rank layers stored dense: a note, without the API's other choice (densify=False), no option here
@@ -64,6 +64,7 @@ def export_model_gguf(job: JobState, small, path: Path) -> dict:
         "file": path.name,
         "architecture": arch,
         "dtype": options.gguf_dtype,
+        "quantization": options.gguf_quantization or options.gguf_dtype,
         "bytes": path.stat().st_size,
         "head_count": fields[f"{arch}.attention.head_count"].contents(),
         "head_count_kv": fields[f"{arch}.attention.head_count_kv"].contents(),

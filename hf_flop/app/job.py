@@ -89,6 +89,8 @@ def _run(options: JobOptions, flop_config, output_dir: Path, console, started: f
         summary = _summary(job, dense, small, report, latency, plots, log_history)
         if options.export_onnx:
             summary["onnx"] = _export_onnx(job, small, out / "model.onnx")
+            if options.onnx_quantization:
+                summary["onnx_quantization"] = options.onnx_quantization
         if options.export_gguf:
             summary["gguf"] = export_model_gguf(job, small, out / GGUF_FILE)
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
@@ -253,8 +255,9 @@ def _export_onnx(job: JobState, small, path: Path) -> str:
     """The compacted model as ONNX at ``path`` (``export_onnx``: checked against PyTorch with ONNX Runtime); its name."""
     from ..onnx_export import export_onnx
 
+    quantization = job.options.onnx_quantization
     with job.console.status("exporting to ONNX and checking it with ONNX Runtime"):
-        export_onnx(small, path)
+        export_onnx(small, path, quantization=quantization)
     job.console.print(f"ONNX model written and checked with ONNX Runtime: {path.name}")
     return path.name
 

@@ -62,6 +62,8 @@ class JobOptions:
     export_onnx: bool
     export_gguf: bool
     gguf_dtype: str
+    gguf_quantization: str | None
+    onnx_quantization: str | None
     gguf_tokenizer: str | None
     push_to_hub: bool
     repo_id: str | None
