@@ -34,6 +34,14 @@ ROWS: dict[str, SmolLM2Row] = declare(
             score="obs",
         ),
         SmolLM2Row(
+            id="oneshot_obs_rows",
+            label="hf_flop one-shot obs + refit, FFN rows only, then recovery",
+            kind="prune_then_recover",
+            pruner="hf_flop",
+            score="obs",
+            levels=("row",),
+        ),
+        SmolLM2Row(
             id="tp_taylor",
             label="Torch-Pruning Taylor (FFN channels), then recovery",
             kind="prune_then_recover",
