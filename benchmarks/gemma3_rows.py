@@ -18,11 +18,18 @@ from smollm2_rows import SmolLM2Row, _equal_budget_row, _no_training_row
 LEVELS = ["query_head", "row"]  # one KV head: level "head" has a single unit per layer
 SETTINGS = {mode: {**values, "model": "gemma3", "levels": LEVELS} for mode, values in SMOLLM2_SETTINGS.items()}
 
+
+
+def _labelled(row: SmolLM2Row) -> SmolLM2Row:
+    """SmolLM2's no-training row, its label saying what hf_flop prunes here (query heads, not KV groups)."""
+    return replace(row, label=f"{row.label}, query heads + FFN rows") if row.pruner == "hf_flop" else row
+
+
 ROWS: dict[str, SmolLM2Row] = declare(
     [
         SmolLM2Row(id="pretrained", label="the pretrained model, no training", kind="pretrained"),
-        *(_no_training_row(target, method) for target in (50, 30) for method in ("obs", "tptaylor")),
-        _no_training_row(50, "obs_uniform"),
+        *(_labelled(_no_training_row(target, method)) for target in (50, 30) for method in ("obs", "tptaylor")),
+        _labelled(_no_training_row(50, "obs_uniform")),
         # FFN rows alone: the same units as the Torch-Pruning rows, chosen by obs with the refit
         replace(_no_training_row(50, "obs"), id="os50_obs_rows", label="hf_flop obs, FFN rows only", levels=("row",)),
         # the shared 40-step budget (SmolLM2's budget rows), then the 4x equal-budget rows
