@@ -7,7 +7,7 @@ runs each route in a fresh process and prints its peak resident set size (``ru_m
 * ``in-memory``: ``from_pretrained`` + ``prune_oneshot`` + ``compact`` + ``save_pretrained``;
 * ``streamed``: ``prune_checkpoint`` (two passes, global ranking).
 
-    OMP_NUM_THREADS=1 python benchmarks/stream_memory.py
+    OMP_NUM_THREADS=1 python benchmarks/stream_memory.py      # -> benchmarks/results/stream_memory.json
 """
 
 from __future__ import annotations
@@ -67,9 +67,15 @@ def main() -> None:
         layer = sum(p.numel() for p in model.model.layers[0].parameters())
         model.save_pretrained(folder / "src")
         del model
-        print(json.dumps({"params_mb": round(params * 4 / 2**20, 1), "one_layer_mb": round(layer * 4 / 2**20, 1)}))
+        result = {"params_mb": round(params * 4 / 2**20, 1), "one_layer_mb": round(layer * 4 / 2**20, 1), "routes": {}}
         for name in ("baseline", "in-memory", "streamed"):
-            subprocess.run([sys.executable, __file__, name, str(folder)], check=True)
+            run = subprocess.run([sys.executable, __file__, name, str(folder)], check=True, capture_output=True, text=True)
+            result["routes"][name] = json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import RESULTS, write_json
+
+    write_json(RESULTS / "stream_memory.json", result)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
