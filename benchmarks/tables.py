@@ -70,8 +70,9 @@ def minilm_tables(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def smollm2_table(summary: dict, kinds: tuple[str, ...] | None = None) -> str:
-    """The trained rows (``kinds``: only rows of these kinds, by default every one)."""
+def smollm2_table(summary: dict, kinds: tuple[str, ...] | None = None, rows: dict | None = None) -> str:
+    """The trained rows (``kinds``: only rows of these kinds, by default every one; ``rows``: SmolLM2's unless given)."""
+    declared = rows or smollm2_rows.ROWS
     pretrained = summary["pretrained"]
     lines = [
         f"Pretrained: perplexity {_fmt(pretrained.get('perplexity'), '.1f')} on {pretrained.get('test_tokens')} PTB test tokens, "
@@ -83,7 +84,7 @@ def smollm2_table(summary: dict, kinds: tuple[str, ...] | None = None) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
-        if kinds is not None and smollm2_rows.ROWS[r["run"]].kind not in kinds:
+        if kinds is not None and declared[r["run"]].kind not in kinds:
             continue
         lines.append(
             f"| {r['run']} | {_fmt(r['perplexity_before_recovery'], ',.1f')} | {_fmt(r['perplexity'], ',.1f')} | "
@@ -410,6 +411,7 @@ README_TABLES: dict[str, Callable[[], str]] = {
     "equal_budget_goals": lambda: equal_budget_goals(_load("bench_minilm_equal_budget.json"), GOAL_COLUMNS),
     "equal_budget_all": lambda: equal_budget_table(_load("bench_minilm_equal_budget.json")),
     "smollm2_equal_budget": lambda: smollm2_equal_budget(_load("bench_smollm2.json")),
+    "gemma3": lambda: smollm2_table(_load("bench_gemma3.json"), kinds=("prune_then_recover",), rows=gemma3_rows.ROWS),
     "gemma3_oneshot": lambda: oneshot_pivot(_load("bench_gemma3.json"), "perplexity", gemma3_rows.ROWS),
     "wall_time": lambda: wall_time_table(_load("minilm/wall_time.json")),
     "trainer_runs": lambda: trainer_runs_table(_load("bench_trainer.json")),
