@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from .refit import _ridge
-
 
 @torch.no_grad()
 def greedy_costs(
@@ -66,35 +64,40 @@ def greedy_costs(
         hessian = hessian[:d, :d]
     else:  # the bias is the weight of the constant feature, never removed
         weight = torch.cat([weight, bias.detach().to(torch.float64)[:, None]], dim=1)
-    hessian[:d, :d] = _ridge(hessian[:d, :d], ridge)  # the refit's own damping, so the costs are its errors
+    diagonal = hessian.diagonal()[:d]  # the refit's own damping (``_ridge``), in place: no second d x d copy
+    diagonal += ridge * diagonal.mean().clamp_min(1e-12)
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
         raise ValueError(
             f"the input second moment of {name}'s consumer is singular (some features never vary, e.g. closed units); use a "
             "ridge above 0 (the default is 1e-3) or more varied calibration data."
         )
-    alive = torch.ones(n, dtype=torch.bool, device=weight.device)
+    del hessian  # only its inverse is needed from here on
+    # The matrices shrink as units go: ``inverse`` and ``weight`` keep only the columns still alive (the
+    # units in their original order, then the constant feature), so a round costs (alive width)^2 times
+    # the units it removes, and all rounds together about a third of updating the full width each time.
+    units = torch.arange(n, device=weight.device)  # the alive units' indices, in order
     costs = torch.zeros(n, dtype=torch.float64)
     level = 0.0
     per_round = -(-n // rounds)
-    slots = torch.arange(d, device=weight.device).reshape(n, unit)
-    while alive.any():
-        ids = alive.nonzero().squeeze(1)
-        cols = slots[ids]  # (k, unit)
+    while len(units):
+        k = len(units)
+        cols = torch.arange(k * unit, device=weight.device).reshape(k, unit)
         blocks = inverse[cols[:, :, None], cols[:, None, :]]  # (k, unit, unit): (H^-1)_gg per unit
-        w = weight[:, cols].permute(1, 2, 0)  # (k, unit, out)
+        w = weight[:, : k * unit].reshape(-1, k, unit).permute(1, 2, 0)  # (k, unit, out)
         cost = (torch.linalg.solve(blocks, w) * w).sum((1, 2))  # trace(W_g [(H^-1)_gg]^-1 W_g^T)
         order = torch.argsort(cost, stable=True)[:per_round]
-        for index, value in zip(ids[order].tolist(), cost[order].tolist()):
+        for index, value in zip(units[order].tolist(), cost[order].tolist()):
             level = max(level, value)
             costs[index] = level
-        gone = slots[ids[order]].reshape(-1)
-        # the OBS update: the other columns absorb what the removed ones carried; H^-1 loses them
-        step = torch.linalg.solve(inverse[gone][:, gone], inverse[gone])  # (|gone|, D)
-        weight -= weight[:, gone] @ step
-        inverse -= inverse[:, gone] @ step
-        weight[:, gone] = 0.0
-        inverse[gone] = 0.0
-        inverse[:, gone] = 0.0
-        alive[ids[order]] = False
+        going = torch.zeros(k, dtype=torch.bool, device=weight.device)
+        going[order] = True
+        gone = cols[going].reshape(-1)
+        rest = torch.arange(k * unit, inverse.shape[0], device=weight.device)  # the constant feature, if any
+        keep = torch.cat([cols[~going].reshape(-1), rest])
+        # the OBS update: the kept columns absorb what the removed ones carried; H^-1 loses them
+        step = torch.linalg.solve(inverse[gone][:, gone], inverse[gone][:, keep])  # (|gone|, |keep|)
+        weight = weight[:, keep] - weight[:, gone] @ step
+        inverse = inverse[keep][:, keep] - inverse[keep][:, gone] @ step
+        units = units[~going]
     return costs
