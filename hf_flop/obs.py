@@ -96,8 +96,8 @@ def greedy_costs(
         rest = torch.arange(k * unit, inverse.shape[0], device=weight.device)  # the constant feature, if any
         keep = torch.cat([cols[~going].reshape(-1), rest])
         # the OBS update: the kept columns absorb what the removed ones carried; H^-1 loses them
-        step = torch.linalg.solve(inverse[gone][:, gone], inverse[gone][:, keep])  # (|gone|, |keep|)
-        weight = weight[:, keep] - weight[:, gone] @ step
-        inverse = inverse[keep][:, keep] - inverse[keep][:, gone] @ step
+        step = torch.linalg.solve(inverse[gone[:, None], gone], inverse[gone[:, None], keep])  # (|gone|, |keep|)
+        weight = weight[:, keep].addmm_(weight[:, gone], step, alpha=-1.0)
+        inverse = inverse[keep[:, None], keep].addmm_(inverse[keep[:, None], gone], step, alpha=-1.0)  # one copy
         units = units[~going]
     return costs

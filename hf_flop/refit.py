@@ -66,9 +66,9 @@ class Fit:
 
 def _ridge(block: torch.Tensor, ridge: float) -> torch.Tensor:
     """``block + ridge * mean(diag) * I``: ``ridge`` is relative, so it means the same at every input scale."""
-    diag = block.diagonal()
-    damp = ridge * diag.mean().clamp_min(1e-12)
-    return block + damp * torch.eye(len(block), dtype=block.dtype, device=block.device)
+    damped = block.clone()  # one copy, damped on its diagonal: no d x d identity and sum beside it
+    damped.diagonal().add_(ridge * block.diagonal().mean().clamp_min(1e-12))
+    return damped
 
 
 def _rising_dampings(ridge: float) -> tuple[float, ...]:
@@ -100,8 +100,8 @@ def _damped_solve(gram: torch.Tensor, n: int, rhs: torch.Tensor, ridge: float) -
     singular; as in ``_damped_cholesky``, a little damping picks one of the equally good fits.
     """
     for damping in _rising_dampings(ridge):
-        damped = gram.clone()
-        damped[:n, :n] = _ridge(gram[:n, :n], damping)
+        damped = gram.clone()  # ``_ridge`` on the first n rows and columns, in place on the one copy
+        damped.diagonal()[:n].add_(damping * gram.diagonal()[:n].mean().clamp_min(1e-12))
         solved, info = torch.linalg.solve_ex(damped, rhs)
         if int(info) == 0 and bool(torch.isfinite(solved).all()):
             return solved
@@ -136,7 +136,7 @@ def fit_columns(
     rhs = target @ moments[:, cols]  # E[y z^T]
     if not fit_bias:  # the fixed bias is not for the kept columns to explain
         rhs = rhs - b[:, None] * moments[dim, cols][None, :]
-    solved = _damped_solve(moments[cols][:, cols], n, rhs.t(), ridge).t()  # rhs @ gram^-1 (gram symmetric)
+    solved = _damped_solve(moments[cols[:, None], cols], n, rhs.t(), ridge).t()  # rhs @ gram^-1 (gram symmetric)
     new_w = torch.zeros_like(w)
     new_w[:, kept] = solved[:, :n]
     new_b = solved[:, n] if fit_bias else (b if bias is not None else None)
@@ -157,7 +157,7 @@ def fit_rank(
     full = fit_columns(weight, bias, moments, keep, fit_bias=fit_bias, ridge=ridge)
     kept = keep.nonzero().squeeze(1).to(full.weight.device)
     dim = weight.shape[1]
-    second = moments[kept][:, kept]
+    second = moments[kept[:, None], kept]
     mean = moments[kept, dim]
     cov = second - mean[:, None] * mean[None, :] if fit_bias else second  # a free bias absorbs the mean
     chol = _damped_cholesky(cov, ridge)
