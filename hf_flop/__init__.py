@@ -17,7 +17,8 @@ library apart from its application layer ``app`` and its command line ``hf_flop_
   ``compact`` compaction; ``uniform`` the same heads and FFN width in every layer;
 * ``calibration`` calibration batches and the hook runner; ``scores`` the score registry (``obs``
   math in ``obs``); ``oneshot`` / ``ranking`` pruning to a target; ``reconstruction`` the refit
-  (math in ``refit``);
+  (math in ``refit``); ``shape_search`` the search over mixes of levels at one size (``shape_options``
+  its inputs and result, ``shape_distill`` its optional short distillation);
 * ``constraint`` the sparsity constraint; ``trainer`` PruningTrainer, wiring the parts of a run in
   ``training`` (arguments, schedule, phases, optimizer groups, distillation, compacted recovery,
   calibration data, checkpoint state, outcome); ``preflight`` the checks before training;
@@ -43,6 +44,8 @@ from .onnx_export import OnnxExportError, export_onnx
 from .reconstruction import reconstruct
 from .registration import register, register_auto_classes
 from .scores import compute_scores
+from .shape_options import ShapeCandidate, ShapeMix, ShapeSearchConfig, ShapeSearchResult
+from .shape_search import search_shape
 from .streaming import StreamResult, prune_checkpoint
 from .trainer import PruningArguments, PruningTrainer
 from .training import TargetMissedWarning
@@ -65,6 +68,10 @@ __all__ = [
     "PushToHubError",
     "HardConcreteGate",
     "OnnxExportError",
+    "ShapeCandidate",
+    "ShapeMix",
+    "ShapeSearchConfig",
+    "ShapeSearchResult",
     "SparsityReport",
     "TargetMissedWarning",
     "TopKGate",
@@ -82,6 +89,7 @@ __all__ = [
     "push_compacted",
     "reconstruct",
     "save_compacted",
+    "search_shape",
     "sparsity_report",
     "warm_start_gates",
 ]
