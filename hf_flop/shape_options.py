@@ -135,6 +135,7 @@ class ShapeCandidate:
     loss: float  # mean calibration loss over the held-out batches
     kept_units: dict[str, tuple[int, int]]  # level -> (kept units, units), over the whole model
     layers_removed: list[str]
+    refit_modules: int  # modules whose refit was kept (hf_flop.reconstruct)
 
     def row(self) -> dict:
         """The candidate as a JSON-ready dict (one row of the table)."""

@@ -88,10 +88,10 @@ def search_shape(
         if isinstance(outcome, str):  # the real scores moved the boundary past the mix (rare): say so, go on
             skipped.append(_skip(mix, outcome))
             continue
-        _refit(candidate, fit, mix, options)
+        refit = _refit(candidate, fit, mix, options)
         if options.distill_steps:
             distill(candidate, base, fit, options.distill_steps, options.distill_learning_rate, options.seed)
-        tried.append(_candidate(candidate, mix, outcome, heldout_loss(candidate, heldout)))
+        tried.append(_candidate(candidate, mix, outcome, heldout_loss(candidate, heldout), refit))
         del candidate
     if not tried:
         raise ValueError(f"no candidate reached target_sparsity={target}: {[s['reason'] for s in skipped]}")
@@ -290,12 +290,17 @@ def _prune_to_mix(
         )
     except ValueError as err:
         return f"the finer levels cannot take the rest of the target: {err}"
-    # the size closest to the budget gives back units of the mix when the mix alone is past the target
     for key, removed in forced.items():
-        if not torch.equal(result.keep[key], ~removed):
+        closed = int((~result.keep[key]).sum())
+        if closed < int(removed.sum()):  # the size closest to the budget gave back units of the mix
             return (
-                f"{mix.describe()} alone removes more than the target allows ({key}: {int((~result.keep[key]).sum())} "
-                f"units closed where the mix asks {int(removed.sum())}); lower its fractions or raise the target"
+                f"{mix.describe()} alone removes more than the target allows ({key}: {closed} units closed where the "
+                f"mix asks {int(removed.sum())}); lower its fractions or raise the target"
+            )
+        if closed > int(removed.sum()) or not torch.equal(result.keep[key], ~removed):
+            return (
+                f"the finer levels cannot reach the target beside {mix.describe()} ({key}: {closed} units closed where "
+                f"the mix asks {int(removed.sum())}); raise its fractions or lower the target"
             )
     return result
 
@@ -332,11 +337,13 @@ def _feasible(
 # --- one candidate -------------------------------------------------------------------------------------
 
 
-def _refit(model: nn.Module, fit: list[dict], mix: ShapeMix, options: ShapeSearchConfig) -> None:
-    """prune_oneshot's refit: the norms compensated for the removed channels, then the layers refit."""
+def _refit(model: nn.Module, fit: list[dict], mix: ShapeMix, options: ShapeSearchConfig) -> int:
+    """prune_oneshot's refit: the norms compensated for the removed channels, then the layers refit; returns
+    how many modules took their refit."""
     if mix.hidden_fraction and hidden_channels(find_flop_model(model)) is not None:
         compensate_norms(model, fit)
-    reconstruct(model, fit, **{"progress": False, **(options.reconstruct_options or {})})
+    report = reconstruct(model, fit, **{"progress": False, **(options.reconstruct_options or {})})
+    return sum(r.applied for r in report.layers)
 
 
 @torch.no_grad()
@@ -347,7 +354,7 @@ def heldout_loss(model: nn.Module, batches: list[dict]) -> float:
     return sum(losses) / len(losses)
 
 
-def _candidate(model: nn.Module, mix: ShapeMix, outcome: OneShotResult, loss: float) -> ShapeCandidate:
+def _candidate(model: nn.Module, mix: ShapeMix, outcome: OneShotResult, loss: float, refit: int) -> ShapeCandidate:
     from .accounting import sparsity_report
 
     report = sparsity_report(model)
@@ -367,4 +374,5 @@ def _candidate(model: nn.Module, mix: ShapeMix, outcome: OneShotResult, loss: fl
         loss=loss,
         kept_units={level: (k, n) for level, (k, n) in kept.items()},
         layers_removed=list(report.layers_removed),
+        refit_modules=refit,
     )

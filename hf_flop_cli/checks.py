@@ -28,8 +28,30 @@ def check_options(args) -> None:
         raise CliError("--onnx-quantization quantizes model.onnx: add --export-onnx, or drop --onnx-quantization.")
     if args.push_to_hub and not args.repo_id:
         raise CliError("--push-to-hub needs --repo-id owner/name.")
+    _check_search(args)
     if args.hidden_distillation > 0 and not args.distill:
         raise CliError("--hidden-distillation distils from the dense model: drop --no-distill, or set it to 0.")
+
+
+def _check_search(args) -> None:
+    """--search: one-shot masks, a coarse level to mix, enough batches to fit and hold out."""
+    if not args.search:
+        given = [name for name in ("--search-hidden", "--search-layers") if getattr(args, name[2:].replace("-", "_"))]
+        if given:
+            raise CliError(f"{' and '.join(given)} set(s) the candidates of --search: add --search, or drop it.")
+        return
+    if args.pruning_phase != 0.0:
+        raise CliError(
+            "--search sets the masks before the first step from the chosen mix, so it needs --pruning-phase 0 (the "
+            "default); drop --pruning-phase, or drop --search."
+        )
+    if not {"hidden", "layer"} & set(args.levels):
+        raise CliError(
+            "--search mixes residual channels and layers with the finer levels: add hidden and/or layer to --levels "
+            "(e.g. --levels head,row,hidden,layer), or drop --search."
+        )
+    if args.calibration_batches < 3:
+        raise CliError("--search needs at least 3 --calibration-batches (two to fit and refit on, one held out).")
 
 
 def _check_gguf_quantization(options: JobOptions) -> None:

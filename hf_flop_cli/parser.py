@@ -62,6 +62,14 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _fractions(value: str) -> list[float]:
+    """A comma-separated list of numbers in [0, 1); at least one."""
+    numbers = [_number(v.strip()) for v in value.split(",") if v.strip()]
+    if not numbers or any(not 0.0 <= n < 1.0 for n in numbers):
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated fractions in [0, 1), e.g. 0,0.125,0.25")
+    return numbers
+
+
 def _levels(value: str) -> list[str]:
     """The comma-separated list; FlopConfig checks the names."""
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -250,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=32,
         help="Training batches (of --batch-size) the scores and the refit read, with --pruning-phase below 1.",
+    )
+    train.add_argument(
+        "--search",
+        action="store_true",
+        help="Before pruning, choose the shape by measurement (hf_flop.search_shape): candidate mixes remove a share "
+        "of the residual channels (level hidden) and of the layers (level layer), heads and rows fill the rest of "
+        "the same --target; each is pruned one-shot and refit on three quarters of the --calibration-batches and "
+        "scored by its loss on the other quarter. The lowest loss sets the masks; shape_search.json lists every "
+        "candidate. Needs --pruning-phase 0 and hidden and/or layer in --levels.",
+    )
+    train.add_argument(
+        "--search-hidden",
+        type=_fractions,
+        help="With --search: the fractions of the residual channels the candidates remove. Default: 0,0.125,0.25.",
+    )
+    train.add_argument(
+        "--search-layers",
+        type=_fractions,
+        help="With --search: the fractions of the layers the candidates remove (rounded to whole layers). "
+        "Default: 0,0.125,0.25.",
     )
     train.add_argument(
         "--hidden-distillation",

@@ -70,4 +70,17 @@ def _training_facts(job: JobState, dataset: str) -> dict[str, str]:
         if options.dense_epochs
         else "none (the pretrained model is the baseline)",
         **job.training,
+        **({"shape search": _searched(job.search)} if job.search else {}),
     }
+
+
+def _searched(table: dict) -> str:
+    """The searched candidates in one line: each mix and its held-out loss, the chosen one marked."""
+    tried = ", ".join(
+        f"{c['mix']['name']} {c['loss']:.4f}{' (chosen)' if i == table['chosen'] else ''}"
+        for i, c in enumerate(table["candidates"])
+    )
+    return (
+        f"the shape was chosen by measurement (hf_flop.search_shape): {len(table['candidates'])} mixes at sparsity "
+        f"{table['target_sparsity']:g}, each pruned one-shot with the refit, by held-out calibration loss: {tried}"
+    )

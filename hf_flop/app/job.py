@@ -30,6 +30,7 @@ from .options import JobOptions
 from .state import JobState
 
 LATENCY_BATCHES = (1, 32)
+SEARCH_FILE = "shape_search.json"  # --search: every candidate mix tried, and the one chosen
 # PruningArguments fields -> the options that set them, for messages addressed to a CLI user
 CLI_NAMES = {
     "max_steps / num_train_epochs": "--max-steps / --epochs",
@@ -82,6 +83,8 @@ def _run(options: JobOptions, flop_config, output_dir: Path, console, started: f
         job = JobState(options, console, tokenizer, data, workdir, results=results)
         dense = _fine_tune_dense(job, model)
         flop_model, log_history = _prune(job, model, dense, flop_config)
+        if job.search:
+            write_json_atomic(out / SEARCH_FILE, job.search)
         small, report = _compact_and_evaluate(job, flop_model)
         latency = _measure_latency(job, dense, small)
         save_model(job, flop_model, latency, out / "model", output_dir / "model")
@@ -201,6 +204,8 @@ def _prune(job: JobState, model, dense, flop_config) -> tuple[Any, list[dict]]:
         data_collator=job.data["collator"],
         teacher_model=dense if options.distill else None,
     )
+    if options.search:
+        job.search = _search_shape(job, model, trainer)
     with warnings.catch_warnings():
         # the job reports a missed target itself, in its own option names (below and in the summary)
         warnings.simplefilter("ignore", TargetMissedWarning)
@@ -212,6 +217,24 @@ def _prune(job: JobState, model, dense, flop_config) -> tuple[Any, list[dict]]:
         job.target["message"] = trainer.missed_target_message(CLI_NAMES, prefix="")
         job.console.print(f"[bold yellow]warning:[/] {job.target['message']}", highlight=False)
     return model, trainer.state.log_history
+
+
+def _search_shape(job: JobState, model, trainer) -> dict:
+    """--search: the mix of levels with the lowest held-out loss on the trainer's calibration batches
+    (``hf_flop.search_shape``) sets the masks, refit; the trainer then only recovers. Returns the candidate table."""
+    from ..shape_options import ShapeSearchConfig
+    from ..shape_search import search_shape
+
+    options = job.options
+    given = (("hidden_fractions", options.search_hidden), ("layer_fractions", options.search_layers))
+    config = ShapeSearchConfig(score=options.oneshot_score, seed=options.seed, **{k: tuple(v) for k, v in given if v})
+    started = time.perf_counter()
+    with job.console.status("searching the shape: candidate mixes, each pruned one-shot, refit and scored"):
+        result = search_shape(model, None, trainer.calibration_data, options=config, apply=True)
+    job.times["shape_search"] = time.perf_counter() - started
+    job.console.print(str(result), highlight=False)
+    trainer.phases.adopt_masks(trainer.args, 0, result.best.refit_modules)
+    return result.table()
 
 
 def _compact_and_evaluate(job: JobState, flop_model):
@@ -301,6 +324,9 @@ def _summary(job: JobState, dense, small, report, latency: dict, plots: list[str
         "train_examples": len(job.data["train"]),
         "eval_examples": len(job.data["report"]),
         "plots": plots,
+        "shape_search": {"file": SEARCH_FILE, "chosen": job.search["candidates"][job.search["chosen"]]["mix"]}
+        if job.search
+        else None,
         "log_history": log_history,
         "settings": asdict(options),
     }

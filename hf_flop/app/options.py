@@ -51,6 +51,9 @@ class JobOptions:
     pruning_phase: float
     oneshot_score: str | None
     calibration_batches: int
+    search: bool  # hf_flop.search_shape before pruning: the mix of levels with the lowest held-out loss
+    search_hidden: list[float] | None  # None: ShapeSearchConfig's default fractions
+    search_layers: list[float] | None
     hidden_distillation: float
     seed: int
     threads: int

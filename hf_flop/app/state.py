@@ -22,6 +22,7 @@ class JobState:
     times: dict = field(default_factory=dict)  # wall time of the training phases, in seconds
     target: dict = field(default_factory=dict)  # where the size ended against the target (TargetCheck, met, message)
     training: dict = field(default_factory=dict)  # PruningTrainer.training_facts(), for the card
+    search: dict = field(default_factory=dict)  # --search: ShapeSearchResult.table(), for shape_search.json and the card
 
     def evaluate(self, model) -> float:
         """The task's metric of ``model`` on the report split."""

@@ -82,6 +82,19 @@ class GatePhases(TrainerCallback):
         budget = before.prunable_params * (1 - self.flop_model.flop_config.target_sparsity)
         self._record_boundary(step, before, budget, sum(r.applied for r in report.layers), args)
 
+    def adopt_masks(self, args, step: int, reconstructed: int) -> None:
+        """The masks were set (and the kept weights refit) before training, e.g. by ``hf_flop.search_shape``: the
+        one-shot step of ``prepare`` is skipped, the boundary recorded as is and the gates frozen (one-shot runs).
+        ``reconstructed``: the modules that refit changed."""
+        if self._schedule().kind != "one-shot":
+            raise ValueError(
+                "masks set before training are kept by a one-shot run only (PruningArguments.pruning_phase=0); the "
+                "other schedules learn them."
+            )
+        report = sparsity_report(self.gated_model)
+        budget = report.prunable_params * (1 - self.flop_model.flop_config.target_sparsity)
+        self._record_boundary(step, report, budget, reconstructed, args)
+
     def enter_recovery(self, args, step: int) -> dict:
         """End the pruning phase: fix the masks at the target, refit (with data), freeze the gates.
 
