@@ -23,12 +23,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .accounting import sparsity_report
 from .calibration import eval_mode, iter_calibration, model_device
 from .config import FlopConfig
 from .gated import GatedUnits
 from .hidden import hidden_channels
 from .hidden_cuts import compensate_norms
 from .lookup import find_flop_model
+from .model import get_flop_model
 from .oneshot import OneShotResult, _pruning_config, open_all_gates, prune_to_target
 from .ranking import check_scores, priorities, protected_layers
 from .reconstruction import reconstruct
@@ -64,8 +66,8 @@ def search_shape(
     ``options.hidden_fractions`` and ``options.layer_fractions`` the levels allow, those that cannot
     reach the target left out, in ``result.skipped``). With ``apply=True`` the model itself is pruned
     with the best mix (``result.model``; a plain model is injected in place, as ``prune_oneshot`` does).
-    Bad inputs (an impossible target, a mix whose level the config lacks, no candidate) are refused
-    before the calibration data is read.
+    Bad inputs (an impossible target, a mix whose level the config lacks, no candidate, batches without
+    labels) are refused before the model runs on any batch.
     """
     options = ShapeSearchConfig() if options is None else options
     if not isinstance(options, ShapeSearchConfig):
@@ -96,11 +98,11 @@ def search_shape(
     if not tried:
         raise ValueError(f"no candidate reached target_sparsity={target}: {[s['reason'] for s in skipped]}")
     best = min(range(len(tried)), key=lambda i: (tried[i].loss, i))
-    flop_base = find_flop_model(base)
+    prunable = sparsity_report(base).prunable_params
     result = ShapeSearchResult(
         target_sparsity=target,
-        prunable_params=_prunable(flop_base),
-        budget=(1.0 - target) * _prunable(flop_base),
+        prunable_params=prunable,
+        budget=(1.0 - target) * prunable,
         score=score,
         candidates=tried,
         best_index=best,
@@ -108,8 +110,6 @@ def search_shape(
     )
     del base
     if apply:
-        from .model import get_flop_model
-
         pruned = get_flop_model(model, config) if inject else model
         open_all_gates(pruned)
         _prune_to_mix(pruned, scores, tried[best].mix, target, options)
@@ -175,8 +175,6 @@ def _split(calibration_data: Iterable, options: ShapeSearchConfig) -> tuple[list
 
 def _dense_copy(model: nn.Module, config: FlopConfig) -> tuple[nn.Module, bool]:
     """A copy of the model with FLOP layers (injected into the copy if need be), every gate open, in eval mode."""
-    from .model import get_flop_model
-
     try:
         find_flop_model(model)
         inject = False
@@ -187,12 +185,6 @@ def _dense_copy(model: nn.Module, config: FlopConfig) -> tuple[nn.Module, bool]:
         base = get_flop_model(base, config)
     open_all_gates(base)
     return base.eval(), inject
-
-
-def _prunable(flop_model) -> int:
-    from .accounting import sparsity_report
-
-    return sparsity_report(flop_model).prunable_params
 
 
 # --- candidates ----------------------------------------------------------------------------------------
@@ -355,8 +347,6 @@ def heldout_loss(model: nn.Module, batches: list[dict]) -> float:
 
 
 def _candidate(model: nn.Module, mix: ShapeMix, outcome: OneShotResult, loss: float, refit: int) -> ShapeCandidate:
-    from .accounting import sparsity_report
-
     report = sparsity_report(model)
     kept: dict[str, list[int]] = {}
     for levels in report.structures.values():

@@ -82,6 +82,21 @@ def test_apply_reproduces_the_search_and_compacts_exactly(searched):
     assert sum(p.numel() for p in small.parameters()) < dense
 
 
+def test_uniform_shapes_search_compacts_to_the_stock_class():
+    model = tiny_llama(num_hidden_layers=4).eval()
+    data = _batches(model.config.vocab_size)
+    config = FlopConfig(levels=["row", "hidden", "layer"], target_sparsity=0.4, uniform_shapes=True)
+    result = search_shape(model, config, data, options=ShapeSearchConfig(**OPTIONS), apply=True)
+    assert len(result.candidates) == 3
+    small = compact(result.model.eval()).eval()
+    assert type(small) is type(model) and small.config.hidden_size == result.best.kept_units["hidden"][0]
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            small(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+
 def test_distillation_steps_score_after_a_short_recovery(searched):
     model, data, _, config, result = searched
     options = ShapeSearchConfig(**OPTIONS, distill_steps=3, distill_learning_rate=1e-3)
