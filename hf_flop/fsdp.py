@@ -76,6 +76,23 @@ def check_gates_unsharded(model: nn.Module) -> None:
         )
 
 
+def check_weights_whole(model: nn.Module, verb: str) -> None:
+    """Raise ``ValueError`` when ``model`` holds FSDP shards: ``verb`` (compaction, saving) needs whole weights."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{verb} needs whole weights, and {len(sharded)} parameters of this model are FSDP shards (DTensor), e.g. "
+            f"{sharded[0]!r}. Gather them first: state = torch.distributed.checkpoint.state_dict.get_model_state_dict("
+            "model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every process, then on "
+            "process 0 load it into an unsharded gated model (get_flop_model on the same base model and FlopConfig) "
+            f"and call {verb} on that."
+        )
+
+
 @torch.no_grad()
 def sync_gate_gradients(model: nn.Module, group=None) -> None:
     """Average the gate gradients over the processes of ``group`` (default: all), in place.
