@@ -6,7 +6,7 @@ shards between forwards, and the gate arithmetic does not run on shards (the eva
 top-k fails in DTensor's sharding propagation). So the gates stay out of FSDP's sharding: pass
 ``fsdp_ignored_params(model)`` as ``fully_shard(..., ignored_params=...)`` to every call (or
 ``fsdp_ignored_modules(model)`` as accelerate's ``fsdp_ignored_modules``). They are a few numbers per
-unit, so every process holding them whole costs nothing.
+unit, so every process holding them whole costs little memory.
 
 FSDP does not reduce the gradients of the parameters it ignores: call
 ``sync_gate_gradients(model)`` after ``backward()`` and before clipping and the optimizer step, so
@@ -87,7 +87,7 @@ def check_weights_whole(model: nn.Module, verb: str) -> None:
         raise ValueError(
             f"{verb} needs whole weights, and {len(sharded)} parameters of this model are FSDP shards (DTensor), e.g. "
             f"{sharded[0]!r}. Gather them first: state = torch.distributed.checkpoint.state_dict.get_model_state_dict("
-            "model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every process, then on "
+            "model, options=StateDictOptions(full_state_dict=True)) on every process, then on "
             "process 0 load it into an unsharded gated model (get_flop_model on the same base model and FlopConfig) "
             f"and call {verb} on that."
         )
