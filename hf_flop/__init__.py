@@ -22,6 +22,7 @@ library apart from its application layer ``app`` and its command line ``hf_flop_
 * ``constraint`` the sparsity constraint; ``trainer`` PruningTrainer, wiring the parts of a run in
   ``training`` (arguments, schedule, phases, optimizer groups, distillation, compacted recovery,
   calibration data, checkpoint state, outcome); ``preflight`` the checks before training;
+* ``fsdp`` the gates kept whole under FSDP2;
 * ``hub`` saving, cards, publishing; ``onnx_export`` ONNX; ``export_gguf`` / ``gguf_file`` /
   ``gguf_vocab`` GGUF for llama.cpp; ``naming`` parameters in the caller's words;
 * ``modeling`` the compacted models (self-contained remote code); ``registration`` what
@@ -35,6 +36,7 @@ from .architectures import ARCHITECTURES, ArchSpec, UnsupportedArchitectureError
 from .compact import compact
 from .config import FlopConfig, FlopConfigError
 from .export_gguf import export_gguf
+from .fsdp import fsdp_ignored_modules, fsdp_ignored_params, sync_gate_gradients
 from .gates import Gate, HardConcreteGate, TopKGate
 from .hub import PushToHubError, push_compacted, save_compacted
 from .layers import FlopLinear
@@ -81,6 +83,8 @@ __all__ = [
     "expected_sparsity",
     "export_gguf",
     "export_onnx",
+    "fsdp_ignored_modules",
+    "fsdp_ignored_params",
     "get_flop_model",
     "prune_oneshot",
     "prune_checkpoint",
@@ -91,5 +95,6 @@ __all__ = [
     "save_compacted",
     "search_shape",
     "sparsity_report",
+    "sync_gate_gradients",
     "warm_start_gates",
 ]

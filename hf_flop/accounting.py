@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .depth import depth_factors, depth_structures
+from .fsdp import check_gates_unsharded
 from .gated import ModuleSparsity
 from .groups import ROUNDED_LEVELS, kept_features, output_features
 from .hidden_cuts import narrowing, stream_linears
@@ -112,6 +113,7 @@ def sparsity_report(model: nn.Module, *, differentiable: bool = False) -> Sparsi
     parameters, ready to be constrained by the trainer.
     """
     flop_model = find_flop_model(model)
+    check_gates_unsharded(model)  # FSDP shards would fail deep in the arithmetic below
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         expected = _count_all(flop_model, deterministic=False)
     with torch.no_grad():

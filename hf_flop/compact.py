@@ -36,6 +36,7 @@ from .architectures import arch_spec
 from .depth import check_foldable
 from .depth_compact import remove_depth
 from .experts_injection import uneven_experts
+from .fsdp import check_weights_whole
 from .gated import Cut
 from .groups import StructureCuts
 from .hidden_cuts import stream_cuts
@@ -76,6 +77,7 @@ def compact(model: nn.Module) -> PreTrainedModel:
 def compact_with_plan(model: nn.Module) -> tuple[PreTrainedModel, dict]:
     """``compact(model)`` and its plan (the ``flop_plan`` dict, also when the result has a stock config)."""
     flop_model = find_flop_model(model)
+    check_weights_whole(model, "compact")
     task_model = flop_model.model
     if not isinstance(task_model, PreTrainedModel):
         raise TypeError(

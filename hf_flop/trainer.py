@@ -33,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .accounting import TargetCheck, check_reachable, check_target, expected_sparsity, sparsity_report
 from .constraint import CONSTRAINTS
+from .fsdp import check_weights_whole
 from .hub import save_compacted
 from .lookup import find_flop_model
 from .oneshot import fix_masks_at_target
@@ -43,7 +44,14 @@ from .training.calibration_data import checked_calibration_data, sample_training
 from .training.compacted_recovery import recovery_model, training_compacted
 from .training.ddp import broadcast_weights, check_can_freeze, under_ddp
 from .training.distillation import Distillation, prepare_teacher
-from .training.optimizer import ConstantRatesCallback, add_pruning_groups, has_pruning_groups, hold_learning_rates
+from .training.fsdp_setup import fsdp_version, setup_fsdp
+from .training.optimizer import (
+    ConstantRatesCallback,
+    add_missing_multipliers,
+    add_pruning_groups,
+    has_pruning_groups,
+    hold_learning_rates,
+)
 from .training.outcome import TargetMiss, TargetMissedWarning, training_facts
 from .training.phases import GatePhases
 from .training.schedule import PRUNING, RECOVERY, PruningSchedule
@@ -97,6 +105,7 @@ class PruningTrainer(Trainer):
         self.compacted_recovery = False  # set by train(): whether the recovery steps train compact(model)
         self.calibration_data = checked_calibration_data(given_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
+        setup_fsdp(self, model)  # under accelerate's FSDP2: refusals, whole gates, their gradients averaged
         if self.calibration_data is None and args.two_phase and args.calibration_batches:
             collate = self._get_collator_with_removed_columns(self.data_collator, "calibration")
             self.calibration_data = sample_training_batches(
@@ -267,11 +276,13 @@ class PruningTrainer(Trainer):
         # (pruning_phase=0) must load into one created before they freeze (resume), and vice versa;
         # none for a passed optimizer, nor for the compacted model (it has no gates)
         gates = list(self._flop.gate_parameters()) if created_here and not self.compacted_recovery else []
-        add_pruning_groups(optimizer, gates, multipliers)
+        # FSDP2's prepare refuses parameters the model does not hold: the multipliers come in create_scheduler
+        add_pruning_groups(optimizer, gates, {} if fsdp_version(self) == 2 else multipliers)
         hold_learning_rates(optimizer, self.args, gates_frozen=self.recovering)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        add_missing_multipliers(optimizer or self.optimizer, dict(self.constraint.named_parameters()))
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         # the scheduler's first step rescaled them
         hold_learning_rates(optimizer or self.optimizer, self.args, gates_frozen=self.recovering)
@@ -392,6 +403,7 @@ class PruningTrainer(Trainer):
         The card's "Training procedure" defaults to ``training_facts()``.
         """
         kwargs.setdefault("training", self.training_facts())
+        check_weights_whole(self.gated_model, "save_compacted")  # on every process, before the barrier below
         result = save_compacted(self.gated_model, output_dir, **kwargs) if self.args.should_save else None
         self.accelerator.wait_for_everyone()
         return result

@@ -7,7 +7,7 @@
 * ``distillation``: ``Distillation``, logit and hidden-state distillation from a teacher;
 * ``compacted_recovery``: one-shot recovery on the compacted model, written back after;
 * ``calibration_data``: the run's calibration batches, given or sampled from train_dataset;
-* ``checkpoint``: what a checkpoint holds beyond Trainer's; ``ddp``: DDP helpers;
+* ``checkpoint``: what a checkpoint holds beyond Trainer's; ``ddp``: DDP helpers; ``fsdp_setup``: under FSDP2;
 * ``outcome``: the missed-target facts (``TargetMiss``, ``TargetMissedWarning``) and the card's training facts.
 """
 

@@ -26,6 +26,12 @@ def add_pruning_groups(optimizer: torch.optim.Optimizer, gates: list, multiplier
         optimizer.add_param_group({"params": [param], "weight_decay": 0.0, "maximize": True, "flop_role": name})
 
 
+def add_missing_multipliers(optimizer: torch.optim.Optimizer, multipliers: dict) -> None:
+    """Add the groups of the ``multipliers`` no group holds (an optimizer created without them, under FSDP2)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    add_pruning_groups(optimizer, [], {name: p for name, p in multipliers.items() if id(p) not in held})
+
+
 def has_pruning_groups(optimizer: torch.optim.Optimizer | None) -> bool:
     return optimizer is not None and any("flop_role" in g for g in optimizer.param_groups)
 
