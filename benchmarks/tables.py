@@ -392,6 +392,50 @@ def gguf_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def stream_cost_table(result: dict) -> str:
+    """stream_cost.py: cost per layer across widths, peak RSS across depths, the 8B estimate."""
+    ratio = result.get("cost_per_param_vs_135m", {})
+    lines = [
+        "| shape | d | FFN | parameters per layer | CPU s per layer | µs per parameter | vs 135M | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["width_series"]:
+        lines.append(
+            f"| {r['shape']} ({r['layers']} layers) | {r['hidden']:,} | {r['intermediate']:,} | "
+            f"{r['layer_params'] / 1e6:.1f} M | {r['cpu_s_per_layer']:.1f} | {r['cpu_us_per_param']:.2f} | "
+            f"{_fmt(ratio.get(r['shape']))}x | {r['peak_rss_mb']:,.0f} MB |"
+        )
+    depth = sorted((r for r in result["runs"] if r["layers"] > 2), key=lambda r: (r["shape"], r["layers"]))
+    if depth:
+        lines += [
+            "",
+            "| shape, layers | parameters | float32 checkpoint | peak RSS | RSS / checkpoint | wall time |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in depth:
+            lines.append(
+                f"| {r['shape']}, {r['layers']} | {r['params'] / 1e6:,.0f} M | {r['checkpoint_mb']:,.0f} MB | "
+                f"{r['peak_rss_mb']:,.0f} MB | {r['rss_over_checkpoint']:.2f} | {r['wall_s'] / 60:.1f} min |"
+            )
+    notes = []
+    if result.get("time_exponent_vs_layer_params") is not None:
+        notes.append(
+            f"CPU time per layer grows as (parameters per layer)^{result['time_exponent_vs_layer_params']:.2f} "
+            f"and as d^{result['time_exponent_vs_hidden']:.2f}"
+        )
+    if result.get("rss_growth_per_depth_doubling"):
+        growth = ", ".join(f"{g:+.1%}" for g in result["rss_growth_per_depth_doubling"])
+        notes.append(f"peak RSS per doubling of depth: {growth}")
+    estimate = result.get("llama8b_on_this_cpu")
+    if estimate:
+        notes.append(
+            f"Llama-3.1-8B's {estimate['layers']} layers at the measured cost of its layer: "
+            f"{estimate['cpu_hours_one_thread']:.1f} CPU hours on one thread of this machine, "
+            f"peak RSS about {estimate['peak_rss_mb_one_layer_run']:,.0f} MB (an estimate from one layer)"
+        )
+    return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")
+
+
 # ---- benchmarks/README.md ----------------------------------------------------------------------------
 
 OBS_AGAINST_TAYLOR = (("oneshotobs", "tptaylor"),)
@@ -420,6 +464,7 @@ README_TABLES: dict[str, Callable[[], str]] = {
     "latency": lambda: latency_table(_load("bench_latency.json")),
     "onnx": lambda: onnx_table(_load("bench_onnx.json")),
     "gguf": lambda: gguf_table(_load("bench_gguf.json")),
+    "stream_cost": lambda: stream_cost_table(_load("stream_cost.json")),
 }
 PLACEHOLDER = re.compile(r"^\{\{ *([a-z0-9_]+) *\}\}$", re.MULTILINE)
 GENERATED_NOTE = (
