@@ -52,6 +52,7 @@ class JobOptions:
     oneshot_score: str | None
     calibration_batches: int
     hidden_distillation: float
+    recovery_lora_rank: int | None  # None: full fine-tuning in the recovery steps
     seed: int
     threads: int
     # output
