@@ -87,7 +87,7 @@ def recovery_model(trainer, resume: str | None, compacted_checkpoint: bool) -> P
     for name, param in small.named_parameters():
         param.requires_grad_(counterparts[name].requires_grad)
     if lora_rank is not None:
-        small = lora_recovery.with_lora(small, args, lora_recovery.kept_columns(gated))
+        small = lora_recovery.with_lora(small, lora_recovery.lora_config(args), lora_recovery.kept_columns(gated))
         if compacted_checkpoint:
             lora_recovery.load_base(small, resume)
     logger.info(

@@ -76,8 +76,8 @@ def check_lora_recovery(args, model: nn.Module, flop_config, optimizer=None) -> 
         )
 
 
-def with_lora(small: PreTrainedModel, args, padding: dict[str, torch.Tensor]) -> PeftModel:
-    """``small`` (the compacted model) wrapped by ``peft.get_peft_model`` with ``lora_config(args)``.
+def with_lora(small: PreTrainedModel, config: LoraConfig, padding: dict[str, torch.Tensor]) -> PeftModel:
+    """``small`` (the compacted model) wrapped by ``peft.get_peft_model`` with ``config`` (``lora_config(args)``).
 
     Only the adapters train. ``padding`` (compacted linear name -> its kept-column mask, 0 for the
     closed units kept only as padding, ``kept_columns``) holds those columns of each adapter's
@@ -86,13 +86,12 @@ def with_lora(small: PreTrainedModel, args, padding: dict[str, torch.Tensor]) ->
     """
     for param in small.parameters():
         param.requires_grad_(False)
-    config = lora_config(args)
     try:
         wrapped = get_peft_model(small, config)
     except ValueError as err:  # e.g. target modules that match nothing
         raise ValueError(
-            f"PruningArguments.recovery_lora_target_modules={args.recovery_lora_target_modules!r}: PEFT could not "
-            f"put LoRA adapters on the compacted {type(small).__name__}: {err}"
+            f"LoRA recovery (target_modules={config.target_modules!r}): PEFT could not put adapters on the "
+            f"compacted {type(small).__name__}: {err}"
         ) from None
     base = wrapped.get_base_model()
     for name, keep in padding.items():
