@@ -61,10 +61,16 @@ def lr_text(rate: float) -> str:
 def registries() -> dict[str, dict[str, Row]]:
     """Every benchmark's rows by the name of its results folder (``results/<name>[_quick]/``)."""
     import gguf_rows
+    import lora_rows
     import minilm_rows
     import smollm2_rows
 
-    return {"minilm": minilm_rows.ROWS, "smollm2": smollm2_rows.ROWS, "gguf": gguf_rows.ROWS}
+    return {
+        "minilm": minilm_rows.ROWS,
+        "smollm2": smollm2_rows.ROWS,
+        "gguf": gguf_rows.ROWS,
+        "smollm2_lora": lora_rows.ROWS,
+    }
 
 
 def undeclared_results(results: Path) -> list[str]:

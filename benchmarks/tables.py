@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the row registries, also when imported
 import gemma3_rows  # noqa: E402
+import lora_rows  # noqa: E402
 import minilm_rows  # noqa: E402
 import smollm2_rows  # noqa: E402
 from common import RESULTS  # noqa: E402
@@ -438,6 +439,28 @@ def stream_cost_table(result: dict) -> str:
 
 # ---- benchmarks/README.md ----------------------------------------------------------------------------
 
+def lora_table(summary: dict) -> str:
+    """bench_lora.py: LoRA against full recovery of the same one-shot compacted model, at equal steps."""
+    oneshot = summary["oneshot"]
+    lines = [
+        f"The one-shot model (obs + refit, linear sparsity {_fmt(oneshot.get('linear_sparsity'), '.3f')}, "
+        f"{oneshot.get('total_params'):,} parameters): perplexity {_fmt(oneshot.get('perplexity'), '.1f')} before "
+        f"recovery; every row then trains it for {summary['settings']['steps']} steps of "
+        f"{summary['settings']['batch']} x {summary['settings']['block']} tokens, one thread.",
+        "",
+        "| recovery | trainable parameters | perplexity (vs full) | peak RSS MB (vs full) | training wall time s (vs full) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in summary["rows"]:
+        lines.append(
+            f"| {lora_rows.ROWS[r['run']].label} | {r['trainable_params']:,} | {_fmt(r['perplexity'], '.1f')} "
+            f"({_fmt(r['perplexity_vs_full'], '.2f')}x) | {_fmt(r['peak_rss_mb'], '.0f')} "
+            f"({_fmt(r['peak_rss_vs_full'], '.2f')}x) | {_fmt(r['wall_time_s'], '.0f')} "
+            f"({_fmt(r['wall_time_vs_full'], '.2f')}x) |"
+        )
+    return "\n".join(lines)
+
+
 OBS_AGAINST_TAYLOR = (("oneshotobs", "tptaylor"),)
 OBS_AGAINST_TAYLOR_LR = (("oneshotobslr10", "tptaylorlr10"),)
 GOAL_COLUMNS = (
@@ -465,6 +488,7 @@ README_TABLES: dict[str, Callable[[], str]] = {
     "onnx": lambda: onnx_table(_load("bench_onnx.json")),
     "gguf": lambda: gguf_table(_load("bench_gguf.json")),
     "stream_cost": lambda: stream_cost_table(_load("stream_cost.json")),
+    "lora": lambda: lora_table(_load("bench_lora.json")),
 }
 PLACEHOLDER = re.compile(r"^\{\{ *([a-z0-9_]+) *\}\}$", re.MULTILINE)
 GENERATED_NOTE = (

@@ -41,10 +41,11 @@ from .scores import recommended_oneshot_score
 from .training import checkpoint
 from .training.arguments import PruningArguments
 from .training.calibration_data import checked_calibration_data, sample_training_batches
-from .training.compacted_recovery import recovery_model, training_compacted
+from .training.compacted_recovery import recovery_model, save_recovery_state, training_compacted
 from .training.ddp import broadcast_weights, check_can_freeze, under_ddp
 from .training.distillation import Distillation, prepare_teacher
 from .training.fsdp_setup import fsdp_version, setup_fsdp
+from .training.lora_recovery import check_lora_recovery
 from .training.optimizer import (
     ConstantRatesCallback,
     add_missing_multipliers,
@@ -76,7 +77,8 @@ class PruningTrainer(Trainer):
     ``gated_model`` is always the model passed in. With ``pruning_phase=0`` and ``compact_recovery``
     Trainer trains ``compact(model)`` instead (``self.model`` while ``train()`` runs, and what
     callbacks and checkpoints get); ``train()`` writes its weights back into ``gated_model`` and makes
-    it ``self.model`` again. ``compacted_recovery`` says whether it did.
+    it ``self.model`` again. ``compacted_recovery`` says whether it did. With ``recovery_lora_rank``
+    Trainer trains LoRA adapters on it, merged into its weights before the write-back.
     """
 
     def __init__(self, model: nn.Module | None = None, args: PruningArguments | None = None, *trainer_args, **kwargs):
@@ -106,6 +108,7 @@ class PruningTrainer(Trainer):
         self.calibration_data = checked_calibration_data(given_data, args, self._flop)
         super().__init__(model, args, *trainer_args, **kwargs)
         setup_fsdp(self, model)  # under accelerate's FSDP2: refusals, whole gates, their gradients averaged
+        check_lora_recovery(args, model, self.flop_config, self.optimizer)
         if self.calibration_data is None and args.two_phase and args.calibration_batches:
             collate = self._get_collator_with_removed_columns(self.data_collator, "calibration")
             self.calibration_data = sample_training_batches(
@@ -380,7 +383,7 @@ class PruningTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.model is not self.gated_model:  # a compacted-recovery checkpoint: its masks are in the gates
-            checkpoint.save_gate_state(self._flop, output_dir or self.args.output_dir)
+            save_recovery_state(self, output_dir or self.args.output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint_dir)

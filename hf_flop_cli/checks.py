@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .choices import COMPACT_RECOVERY_LEVELS
+
 if TYPE_CHECKING:
     from hf_flop.app.options import JobOptions
 
@@ -31,6 +33,19 @@ def check_options(args) -> None:
     _check_search(args)
     if args.hidden_distillation > 0 and not args.distill:
         raise CliError("--hidden-distillation distils from the dense model: drop --no-distill, or set it to 0.")
+    if args.recovery_lora_rank is not None:
+        if args.pruning_phase != 0:
+            raise CliError(
+                f"--recovery-lora-rank trains LoRA adapters in the recovery steps on the compacted model, which only "
+                f"--pruning-phase 0 has (now {args.pruning_phase:g}); use --pruning-phase 0, or drop --recovery-lora-rank."
+            )
+        other = [level for level in args.levels if level not in COMPACT_RECOVERY_LEVELS]
+        if other:
+            raise CliError(
+                f"--recovery-lora-rank recovers on the compacted model, which only levels "
+                f"{','.join(COMPACT_RECOVERY_LEVELS)} train (--levels has {','.join(other)}); drop those levels, or "
+                "drop --recovery-lora-rank."
+            )
 
 
 def _check_search(args) -> None:

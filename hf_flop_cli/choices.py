@@ -13,6 +13,9 @@ LEVELS = ("rank", "head", "query_head", "row", "block", "embedding", "expert", "
 GATES = ("hard_concrete", "topk")
 # a copy of hf_flop.scores.SCORES: the built-in one-shot scores (PruningArguments.oneshot_score takes one)
 SCORES = ("magnitude", "activation", "fluctuation", "obs", "sensitivity", "fisher", "block_influence", "skip_loss")
+# a copy of hf_flop.groups.GROUP_LEVELS: the levels whose one-shot recovery trains the compacted model (and so
+# LoRA adapters on it: --recovery-lora-rank)
+COMPACT_RECOVERY_LEVELS = ("head", "query_head", "row")
 
 # copies of hf_flop.gguf_quant.QUANTIZATIONS (export_gguf's quantization; the K-quants need llama-cpp-python) and
 # hf_flop.onnx_quant.QUANTIZATIONS' dynamic one (static needs calibration= batches, an API-only choice):

@@ -286,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Weight of the hidden-state (layer-by-layer MSE) distillation from the dense model, beside the logit "
         "KL; 0 = off. Needs --distill.",
     )
+    train.add_argument(
+        "--recovery-lora-rank",
+        type=_positive(int),
+        metavar="N",
+        help="Recover with LoRA adapters of rank N on the compacted model's linears instead of training every "
+        "weight (fewer trainable parameters, less optimizer memory); they are merged into the saved model, which "
+        "loads without peft. Needs the recovery steps of --pruning-phase 0 and levels head, query_head, row.",
+    )
     train.add_argument("--seed", type=int, default=0, help="Seed of data subsets, initialisation and training.")
     train.add_argument(
         "--threads",

@@ -217,6 +217,10 @@ def test_every_task_of_the_command_line_has_a_metric():
         (["--pruning-phase", "1.5"], "must be in [0, 1]"),
         (["--oneshot-score", "gradient"], "invalid choice"),
         (["--hidden-distillation", "1", "--no-distill"], "--hidden-distillation distils from the dense model"),
+        (["--recovery-lora-rank", "0"], "must be > 0"),
+        (["--recovery-lora-rank", "four"], "is not a int"),
+        (["--recovery-lora-rank", "4", "--pruning-phase", "0.5"], "which only --pruning-phase 0 has (now 0.5)"),
+        (["--recovery-lora-rank", "4", "--levels", "rank,row"], "(--levels has rank)"),
         (["--model", "/no/such/model/dir"], "model path /no/such/model/dir does not exist"),
         (["--model", "nobody-xyz/no-such-model"], "cannot load model 'nobody-xyz/no-such-model'"),
     ],
@@ -312,6 +316,26 @@ def test_prune_causal_lm_end_to_end(capsys, tmp_path, tiny_lm_dir, uniform):
     assert ("auto_map" in saved) is not uniform
     # the default score: obs, but activation with uniform shapes (what measured better there)
     assert summary["settings"]["oneshot_score"] == ("activation" if uniform else "obs")
+
+
+def test_prune_causal_lm_with_lora_recovery(capsys, tmp_path, tiny_lm_dir):
+    """--recovery-lora-rank: the recovery steps train LoRA adapters, merged into the saved (plain) model."""
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"the cat number {i % 7} sat on the mat near dog {i % 5}" for i in range(300)))
+    out = tmp_path / "run"
+    argv = ["prune", "--task", "causal-lm", "--model", str(tiny_lm_dir), "--dataset", str(text)]
+    argv += ["--output-dir", str(out), "--max-steps", "3", "--max-length", "16", "--no-plots"]
+    code, _, err = _run([*argv, "--recovery-lora-rank", "4"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["recovery_lora_rank"] == 4
+    assert "LoRA adapters (rank 4, alpha 8, on all-linear) merged after" in (out / "model" / "README.md").read_text()
+    assert not (out / "model" / "adapter_config.json").exists()
+    saved = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+    assert not any("lora" in name for name in saved.state_dict())
+    assert sum(p.numel() for p in saved.parameters()) == summary["params"]["pruned_total"]
 
 
 def test_uniform_shapes_with_heads_on_bert_is_refused_with_the_remedy(

@@ -7,6 +7,7 @@ from pathlib import Path
 import hf_flop_cli.choices as choices
 from hf_flop.config import GATES, LEVELS
 from hf_flop.gates import GATE_TYPES
+from hf_flop.groups import GROUP_LEVELS
 from hf_flop.scores import SCORE_TYPES, SCORES
 
 
@@ -14,6 +15,7 @@ def test_the_command_line_copies_equal_the_library_vocabularies():
     assert choices.LEVELS == LEVELS
     assert choices.GATES == GATES
     assert choices.SCORES == SCORES
+    assert choices.COMPACT_RECOVERY_LEVELS == GROUP_LEVELS
 
 
 def test_the_library_vocabularies_are_what_it_builds():

@@ -38,6 +38,7 @@ CLI_NAMES = {
     "lagrangian_learning_rate": "--lagrangian-learning-rate",
     "target_warmup_steps": "--target-warmup",
     "pruning_phase": "--pruning-phase",
+    "recovery_lora_rank": "--recovery-lora-rank",
 }
 
 
@@ -195,6 +196,7 @@ def _prune(job: JobState, model, dense, flop_config) -> tuple[Any, list[dict]]:
         oneshot_score=options.oneshot_score,
         hidden_distillation_weight=options.hidden_distillation,
         calibration_batches=options.calibration_batches,
+        recovery_lora_rank=options.recovery_lora_rank,
         **rates,
     )
     trainer = PruningTrainer(

@@ -55,6 +55,7 @@ class JobOptions:
     search_hidden: list[float] | None  # None: ShapeSearchConfig's default fractions
     search_layers: list[float] | None
     hidden_distillation: float
+    recovery_lora_rank: int | None  # None: full fine-tuning in the recovery steps
     seed: int
     threads: int
     # output

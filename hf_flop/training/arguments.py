@@ -113,6 +113,29 @@ class PruningArguments(TrainingArguments):
         },
     )
 
+    recovery_lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "With pruning_phase=0 and compact_recovery: the recovery steps train PEFT LoRA adapters of this "
+            "rank on the compacted model's linears instead of every weight (fewer trainable parameters, less "
+            "optimizer memory); after train() the adapters are merged into the weights (merge_and_unload) and "
+            "written back, so save_compacted writes a plain dense model that loads without peft. Distillation "
+            "from teacher_model works as in full recovery. Only for levels head, query_head and row. None: full "
+            "fine-tuning."
+        },
+    )
+    recovery_lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA's alpha (the adapters' output is scaled by alpha / rank). None: 2 x the rank."},
+    )
+    recovery_lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffixes, as peft.LoraConfig.target_modules) of the compacted model's linears that "
+            "get adapters. None: every linear but the output layer (PEFT's 'all-linear')."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.target_warmup_steps < 0:
@@ -151,6 +174,37 @@ class PruningArguments(TrainingArguments):
             raise ValueError(
                 "PruningArguments(pruning_phase=0) sets the masks one-shot before the first step and needs "
                 "oneshot_score (e.g. 'activation'); or set pruning_phase above 0 to learn them."
+            )
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        rank, name = self.recovery_lora_rank, "PruningArguments.recovery_lora_rank"
+        if rank is None:
+            for field_name in ("recovery_lora_alpha", "recovery_lora_target_modules"):
+                if getattr(self, field_name) is not None:
+                    raise ValueError(
+                        f"PruningArguments.{field_name}={getattr(self, field_name)!r} sets up LoRA recovery, which "
+                        "is off: also set recovery_lora_rank (e.g. 16), or drop it."
+                    )
+            return
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{name}={rank!r} must be a positive integer (the LoRA rank, e.g. 16) or None (off).")
+        if self.pruning_phase != 0.0 or not self.compact_recovery:
+            raise ValueError(
+                f"{name}={rank} trains LoRA adapters on the compacted model, which only one-shot runs recover on "
+                f"(pruning_phase=0 and compact_recovery=True; now pruning_phase={self.pruning_phase}, "
+                f"compact_recovery={self.compact_recovery}): set those, or recovery_lora_rank=None."
+            )
+        alpha = self.recovery_lora_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+            raise ValueError(f"PruningArguments.recovery_lora_alpha={alpha!r} must be a number > 0, or None (2 x rank).")
+        targets = self.recovery_lora_target_modules
+        if targets is not None and (
+            isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ValueError(
+                f"PruningArguments.recovery_lora_target_modules={targets!r} must be a non-empty list of module "
+                "names (e.g. ['q_proj', 'v_proj']), or None (every linear but the output layer)."
             )
 
     @property

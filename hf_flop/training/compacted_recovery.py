@@ -15,6 +15,7 @@ import logging
 from contextlib import contextmanager
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.trainer_utils import unwrap_peft_model
@@ -22,7 +23,8 @@ from transformers.trainer_utils import unwrap_peft_model
 from ..compact import compact, gated_counterparts, kept_slices, write_back
 from ..groups import GROUP_LEVELS
 from ..linear import per_input
-from .checkpoint import GATE_STATE_NAME
+from . import lora_recovery
+from .checkpoint import GATE_STATE_NAME, save_gate_state
 
 logger = logging.getLogger("hf_flop.trainer")
 
@@ -35,7 +37,9 @@ def recovery_model(trainer, resume: str | None, compacted_checkpoint: bool) -> P
     Every process compacts the same masks and weights (process 0's refit was broadcast), before
     Trainer wraps the model in DDP. Not possible, logged at info level: levels other than head and
     row (they compact to other module types, so no exact write-back), an optimizer passed to
-    PruningTrainer (it holds the gated model's parameters), a checkpoint of the gated model.
+    PruningTrainer (it holds the gated model's parameters), a checkpoint of the gated model. With
+    ``recovery_lora_rank`` it is wrapped with LoRA adapters (``lora_recovery.with_lora``; from a LoRA
+    checkpoint, its frozen weights restored), and not possible is an error: LoRA needs the compacted model.
     """
     args, config, gated = trainer.args, trainer.flop_config, trainer.gated_model
     one_shot = trainer.schedule.kind == "one-shot"
@@ -63,6 +67,15 @@ def recovery_model(trainer, resume: str | None, compacted_checkpoint: bool) -> P
         )
     if resume is not None and not compacted_checkpoint:
         why = f"{resume} holds the gated model (a run with compact_recovery=False, or a masked fallback)"
+    lora_rank = args.recovery_lora_rank
+    if why and lora_rank is not None:
+        raise ValueError(f"PruningArguments.recovery_lora_rank={lora_rank} needs recovery on the compacted model: {why}.")
+    if compacted_checkpoint and lora_recovery.is_lora_checkpoint(resume) != (lora_rank is not None):
+        raise ValueError(
+            f"{resume} is a checkpoint of a {'LoRA' if lora_rank is None else 'full'} recovery run; resume it with "
+            "the recovery_lora_rank it was saved with (now "
+            f"{lora_rank}; a LoRA run's checkpoint holds {lora_recovery.LORA_BASE_NAME})."
+        )
     if why:
         logger.info("PruningTrainer: recovery trains the gated model with its masks held, not compacted: %s.", why)
         return None
@@ -73,6 +86,10 @@ def recovery_model(trainer, resume: str | None, compacted_checkpoint: bool) -> P
     counterparts = gated_counterparts(gated, small)
     for name, param in small.named_parameters():
         param.requires_grad_(counterparts[name].requires_grad)
+    if lora_rank is not None:
+        small = lora_recovery.with_lora(small, lora_recovery.lora_config(args), lora_recovery.kept_columns(gated))
+        if compacted_checkpoint:
+            lora_recovery.load_base(small, resume)
     logger.info(
         "PruningTrainer: recovery trains the compacted model (%d parameters, %d trainable).",
         sum(p.numel() for p in small.parameters()),
@@ -83,16 +100,28 @@ def recovery_model(trainer, resume: str | None, compacted_checkpoint: bool) -> P
 
 @contextmanager
 def training_compacted(trainer, small: PreTrainedModel):
-    """Within: Trainer trains, evaluates and checkpoints ``small``. On exit its weights are in the gated model."""
-    handles = _hold_padding_at_zero(trainer.gated_model, small)
+    """Within: Trainer trains, evaluates and checkpoints ``small``. On exit its weights are in the gated model.
+
+    LoRA adapters are merged into ``small``'s weights first (its frozen weights need no padding hooks:
+    ``with_lora`` holds the adapters' padding columns at 0).
+    """
+    lora = isinstance(small, PeftModel)
+    handles = [] if lora else _hold_padding_at_zero(trainer.gated_model, small)
     saved = _train_on(trainer, small)
     try:
         yield small
     finally:  # the user's model gets what was trained, even when training stopped on an error
-        write_back(trainer.gated_model, small)
+        write_back(trainer.gated_model, lora_recovery.merged(small))
         for handle in handles:
             handle.remove()
         _train_on(trainer, trainer.gated_model, saved)
+
+
+def save_recovery_state(trainer, output_dir: str) -> None:
+    """Beside a checkpoint of the compacted model: the gates, and a LoRA run's frozen weights."""
+    save_gate_state(trainer._flop, output_dir)
+    if isinstance(trainer.model, PeftModel):
+        lora_recovery.save_base(trainer.model, output_dir)
 
 
 def _train_on(trainer, model: nn.Module, saved: dict | None = None) -> dict:

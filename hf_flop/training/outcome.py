@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..accounting import TargetCheck
+from .lora_recovery import lora_config
 from .schedule import PruningSchedule
 
 
@@ -124,6 +125,7 @@ def training_facts(trainer) -> dict[str, str]:
             f"one-shot: masks set at the target by {trainer.oneshot_score} scores on calibration data and the "
             f"kept weights refit before training, gates frozen, {schedule.max_steps:,} recovery steps"
             + (" on the compacted model" if trainer.compacted_recovery else "")
+            + (_lora_fact(args) if trainer.compacted_recovery and args.recovery_lora_rank is not None else "")
         )
     elif schedule.kind == "two-phase":
         facts["schedule"] = (
@@ -143,6 +145,12 @@ def training_facts(trainer) -> dict[str, str]:
             "" if check.met else " (missed)"
         )
     return facts
+
+
+def _lora_fact(args) -> str:
+    config = lora_config(args)
+    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(sorted(config.target_modules))
+    return f", training LoRA adapters (rank {config.r}, alpha {config.lora_alpha:g}, on {targets}) merged after"
 
 
 def _distillation_fact(distillation) -> str:
