@@ -162,14 +162,27 @@ def build_compacted(
     config._attn_implementation = task_model.config._attn_implementation
     config._experts_implementation = getattr(task_model.config, "_experts_implementation", None)  # MoE models
 
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        compacted = model_class(config).to(task_model.dtype)
+    # built in the model's dtype as from_pretrained builds it (not cast afterwards), so buffers that
+    # transformers keeps in float32, such as the rotary frequencies, stay float32 in a bf16 model
+    with torch.device("meta") if on_meta else contextlib.nullcontext(), _default_dtype(task_model.dtype):
+        compacted = model_class(config)
     missing, unexpected = compacted.load_state_dict(state, strict=False)
     if missing or unexpected:  # a bug in the plan, never the user's fault: fail loudly
         raise RuntimeError(f"compaction produced mismatched weights: missing {missing}, unexpected {unexpected}")
     if getattr(task_model, "generation_config", None) is not None and compacted.can_generate():
         compacted.generation_config = copy.deepcopy(task_model.generation_config)
     return compacted.to(next(task_model.parameters()).device).eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """torch's default floating dtype set to ``dtype`` for the block (restored after)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _structure_cuts(flop_model) -> StructureCuts:

@@ -43,5 +43,22 @@ def test_half_precision_prunes_compacts_and_reloads_in_its_dtype(arch, levels, d
     small.save_pretrained(tmp_path)
     reloaded = type(small).from_pretrained(tmp_path).eval()
     assert reloaded.dtype == dtype
-    # not bitwise: a model cast with .to(dtype) holds its rotary inv_freq in that dtype, a loaded one in float32
+    # not bitwise: a model cast with .to(dtype) holds its rotary inv_freq in that dtype, the compacted one in float32
     assert (reloaded(inputs).logits.float() - logits.float()).abs().max().item() <= 2e-2 * scale + 1e-3
+
+
+def test_a_bf16_llama_compacts_to_what_from_pretrained_reloads_bitwise(tmp_path):
+    """from_pretrained builds a bf16 model in bf16 and keeps the rotary frequencies in float32; compaction
+    builds its model the same way (not .to(bf16), which would round them), so the reload is bitwise equal."""
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    model = type(tiny_llama()).from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    flop = get_flop_model(model, FlopConfig(target_sparsity=0.4, levels=["head", "row"], uniform_shapes=True))
+    prune_oneshot(flop, None, _batches(), "activation")
+    small = compact(flop).eval()
+    assert small.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.get_default_dtype() == torch.float32  # restored after building the compacted model
+    small.save_pretrained(tmp_path / "small")
+    reloaded = type(small).from_pretrained(tmp_path / "small", dtype=torch.bfloat16).eval()
+    inputs = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(reloaded(inputs).logits, small(inputs).logits)
