@@ -71,6 +71,7 @@ def save_compacted(
     eval_split: str | None = None,
     training: Mapping[str, object] | None = None,
     load_from: str | None = None,
+    exports: list[Mapping[str, object]] | None = None,
 ) -> Path:
     """Compact ``model`` (a FLOP ``PeftModel``/``FlopModel``), save it with a model card, optionally push it.
 
@@ -96,6 +97,8 @@ def save_compacted(
             list in the card; ``PruningTrainer.save_compacted`` fills it from its arguments.
         load_from: the repository id or folder the card's load snippet names (default: ``repo_id`` when
             pushing, else the absolute path of ``output_dir``).
+        exports: the card's table of exported files, one mapping per file with ``file``, ``format``,
+            ``quantization``, ``bytes`` (its size), and ``metric`` and ``speed`` (text: measured on that file).
 
     Returns the path of the saved folder. Raises ``PushToHubError`` when only the push failed.
     """
@@ -107,6 +110,7 @@ def save_compacted(
     metrics = _check_numbers("eval_results", eval_results)
     baseline = _check_numbers("baseline_results", baseline_results)
     speedups = _check_numbers("speedup", {"overall": speedup} if isinstance(speedup, (int, float)) else speedup)
+    _check_exports(exports)
     template = Path(card_template) if card_template is not None else CARD_TEMPLATE
     if not template.is_file():
         raise ValueError(f"model card template {template} not found; pass card_template=<path to a Jinja .md file>.")
@@ -140,6 +144,7 @@ def save_compacted(
         training=training,
         load_from=load_from,
         with_tokenizer=tokenizer is not None,
+        exports=exports,
     )
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -210,6 +215,15 @@ def _check_numbers(name: str, values) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
+EXPORT_KEYS = ("file", "format", "quantization", "bytes", "metric", "speed")  # a row of the exported-files table
+
+
+def _check_exports(exports) -> None:
+    for row in [] if exports is None else exports if isinstance(exports, list) else [exports]:
+        if not isinstance(row, Mapping) or not set(EXPORT_KEYS) <= set(row):
+            raise ValueError(f"exports must be a list of mappings with {', '.join(EXPORT_KEYS)}; got {row!r}.")
+
+
 # --- the model card --------------------------------------------------------------------------------
 def render_card(
     flop_model,
@@ -232,6 +246,7 @@ def render_card(
     training: Mapping[str, object] | None = None,
     load_from: str | None = None,
     with_tokenizer: bool = False,
+    exports: list[Mapping[str, object]] | None = None,
 ) -> ModelCard:
     """The model card of a compacted model, from the Jinja ``template`` (arguments as in ``save_compacted``)."""
     config = flop_model.flop_config
@@ -303,6 +318,7 @@ def render_card(
         eval_split=eval_split,
         speedup=speedup or {},
         training=dict(training or {}),
+        exports=list(exports or []),
         labels=labels,
         load_code=_load_code(auto_name, load_from or model_id, custom_code, with_tokenizer, pipeline_tag, labels),
         custom_code=custom_code,

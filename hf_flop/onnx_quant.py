@@ -72,7 +72,7 @@ def _quantize_static(source: Path, target: Path, names: list[str], calibration: 
     import numpy as np
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    feeds = [_feed(batch, names, i) for i, batch in enumerate(calibration)]
+    feeds = [onnx_inputs(batch, names, i) for i, batch in enumerate(calibration)]
     if not feeds:
         raise ValueError("export_onnx: calibration= is empty; pass at least one batch of inputs.")
 
@@ -94,12 +94,13 @@ def _quantize_static(source: Path, target: Path, names: list[str], calibration: 
     )
 
 
-def _feed(batch: Mapping, names: list[str], index: int) -> dict:
-    """One calibration batch as ONNX Runtime's int64 inputs: a full attention mask and token type 0 when absent."""
+def onnx_inputs(batch: Mapping, names: list[str], index: int = 0, what: str = "export_onnx: calibration batch") -> dict:
+    """One batch (tensors or arrays) as ONNX Runtime's int64 inputs ``names``: a full attention mask and token
+    type 0 when absent. A batch without ``input_ids`` is refused as ``what`` number ``index``."""
     import numpy as np
 
     if "input_ids" not in batch:
-        raise ValueError(f"export_onnx: calibration batch {index} has no input_ids (it has {', '.join(batch)}).")
+        raise ValueError(f"{what} {index} has no input_ids (it has {', '.join(batch)}).")
     ids = np.asarray(batch["input_ids"].cpu() if hasattr(batch["input_ids"], "cpu") else batch["input_ids"])
     defaults = {"attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     feed = {}

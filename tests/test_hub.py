@@ -138,6 +138,8 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
         save_compacted(model, tmp_path / "d", repo_id="a/b/c")
     with pytest.raises(TypeError, match="output_dir must be a path"):
         save_compacted(model, 42)
+    with pytest.raises(ValueError, match="exports must be a list of mappings with file, format, quantization, bytes"):
+        save_compacted(model, tmp_path / "e", exports=[{"file": "model.onnx", "bytes": 10}])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -14,11 +14,14 @@ from .data import DATASET_SOURCES, DATASETS, MODEL_HUB_IDS
 from .state import JobState
 
 
-def save_model(job: JobState, flop_model, latency: dict, folder: Path, final_folder: Path) -> None:
+def save_model(
+    job: JobState, flop_model, latency: dict, folder: Path, final_folder: Path, exports: list[dict] | None = None
+) -> None:
     """The compacted model, tokenizer and model card (``save_compacted``) in ``folder``.
 
     ``final_folder`` is where ``folder`` ends up (the job writes into a staging folder): the card's load
-    snippet names it, or the Hub repository when pushing.
+    snippet names it, or the Hub repository when pushing. ``exports``: the card's table of the exported
+    files (``hf_flop.app.exports.card_rows``).
     """
     from .. import save_compacted
 
@@ -49,6 +52,7 @@ def save_model(job: JobState, flop_model, latency: dict, folder: Path, final_fol
             license=options.license,
             training=_training_facts(job, source),
             load_from=options.repo_id if options.push_to_hub else str(final_folder.absolute()),
+            exports=exports or None,
         )
 
 

@@ -2,8 +2,8 @@
 
 load the model and data -> dense fine-tune (optional) and evaluate -> prune with ``PruningTrainer``
 (distilling from the dense model) -> compact and evaluate -> CPU latency, dense vs compacted ->
-save the compacted model with its card, the plots, the ONNX model and ``model.gguf`` for llama.cpp (both
-optional) and ``summary.json`` -> push (optional).
+export the ONNX model and ``model.gguf`` for llama.cpp (both optional), each measured on itself (``exports.json``)
+-> save the compacted model with its card, the plots and ``summary.json`` -> push (optional).
 
 Everything is written into a temporary folder that replaces the output folder only once complete.
 The options arrive complete and checked (``JobOptions``, built by ``hf_flop_cli``, the command line).
@@ -25,6 +25,7 @@ from typing import Any
 from ..files import atomic_folder, write_json_atomic
 from .card import save_model
 from .data import TaskData
+from .exports import card_rows, measure_gguf, measure_onnx, write_exports
 from .gguf_file import GGUF_FILE, check_gguf_export, export_model_gguf
 from .options import JobOptions
 from .state import JobState
@@ -88,15 +89,10 @@ def _run(options: JobOptions, flop_config, output_dir: Path, console, started: f
             write_json_atomic(out / SEARCH_FILE, job.search)
         small, report = _compact_and_evaluate(job, flop_model)
         latency = _measure_latency(job, dense, small)
-        save_model(job, flop_model, latency, out / "model", output_dir / "model")
+        exported, rows = _export_and_measure(job, small, out)  # first: the card shows what was measured
+        save_model(job, flop_model, latency, out / "model", output_dir / "model", exports=card_rows(rows))
         plots = [] if options.no_plots else _plots(job, log_history, report, out / "plots")
-        summary = _summary(job, dense, small, report, latency, plots, log_history)
-        if options.export_onnx:
-            summary["onnx"] = _export_onnx(job, small, out / "model.onnx")
-            if options.onnx_quantization:
-                summary["onnx_quantization"] = options.onnx_quantization
-        if options.export_gguf:
-            summary["gguf"] = export_model_gguf(job, small, out / GGUF_FILE)
+        summary = {**_summary(job, dense, small, report, latency, plots, log_history), **exported}
         summary["wall_time_s"]["total"] = round(time.perf_counter() - started, 1)
         summary["machine"]["load_avg_start"] = load_start
         write_json_atomic(out / "summary.json", summary)
@@ -261,8 +257,7 @@ def _measure_latency(job: JobState, dense, small) -> dict[str, dict[str, float]]
     latency = {}
     dense, small = dense.cpu(), small.cpu()
     with job.console.status("measuring CPU latency (dense vs compacted)"), torch.inference_mode():
-        for batch_size in LATENCY_BATCHES:
-            inputs = _latency_inputs(job.data["report"], job.tokenizer, batch_size, options.max_length)
+        for batch_size, inputs in _latency_batches(job).items():
             repeats, warmup = (5, 1) if batch_size > 1 else (10, 2)
             # a fixed thread count keeps the ratio stable on a shared machine
             timing = cpu_latency(
@@ -274,6 +269,24 @@ def _measure_latency(job: JobState, dense, small) -> dict[str, dict[str, float]]
             )
             latency[str(batch_size)] = {k: round(v * 1000, 3) for k, v in timing.items()}
     return latency
+
+
+def _export_and_measure(job: JobState, small, out: Path) -> tuple[dict, list[dict]]:
+    """The exports the options ask for, each measured on the file (``exports.json``); returns the summary's
+    entries about them and ``exports.json``'s rows."""
+    options = job.options
+    summary, rows = {}, []
+    if options.export_onnx:
+        summary["onnx"] = _export_onnx(job, small, out / "model.onnx")
+        if options.onnx_quantization:
+            summary["onnx_quantization"] = options.onnx_quantization
+        rows.append(measure_onnx(job, out / "model.onnx", _latency_batches(job)))
+    if options.export_gguf:
+        summary["gguf"] = export_model_gguf(job, small, out / GGUF_FILE)
+        rows.append(measure_gguf(job, out / GGUF_FILE))
+    if rows:
+        summary["exports"] = write_exports(out, rows).name
+    return summary, rows
 
 
 def _export_onnx(job: JobState, small, path: Path) -> str:
@@ -371,6 +384,11 @@ def _training_args(cls, job: JobState, *, epochs: float, max_steps: int | None, 
 
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _latency_batches(job: JobState) -> dict[int, dict]:
+    """Batch size -> the batch its latency is measured on (``LATENCY_BATCHES``), for every model and file alike."""
+    return {b: _latency_inputs(job.data["report"], job.tokenizer, b, job.options.max_length) for b in LATENCY_BATCHES}
 
 
 def _latency_inputs(dataset, tokenizer, batch_size: int, max_length: int) -> dict:

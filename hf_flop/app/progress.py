@@ -141,4 +141,5 @@ def print_summary(console: Console, summary: dict, output_dir: Path) -> None:
     onnx = f", {summary['onnx']} (ONNX)" if summary.get("onnx") else ""
     gguf = summary.get("gguf")
     onnx += f", {gguf['file']} (llama.cpp, architecture {gguf['architecture']})" if gguf else ""
+    onnx += f", {summary['exports']} (each exported file measured)" if summary.get("exports") else ""
     console.print(f"written to {output_dir}/: model/ (compacted model + README.md card), summary.json, plots/{onnx}")

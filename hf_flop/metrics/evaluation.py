@@ -14,7 +14,7 @@ from torch import nn
 
 from .loading import TASKS, load, task_metric
 
-__all__ = ["TASKS", "cpu_latency", "evaluate_model"]
+__all__ = ["TASKS", "add_batch", "cpu_latency", "evaluate_model"]
 
 
 @torch.no_grad()
@@ -32,16 +32,23 @@ def evaluate_model(model: nn.Module, dataset, *, task: str, collator, batch_size
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        if task == "seq-cls":
-            metric.add_batch(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
-        else:
-            targets = labels[:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            metric.add_batch(nll=[nll.item()], n_tokens=[int((targets != -100).sum())])
+        add_batch(metric, task, model(**batch).logits, labels)
     return metric.compute()
+
+
+def add_batch(metric, task: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Add one batch's ``logits`` against its ``labels`` to ``task``'s ``metric`` (``load(task_metric(task))``).
+
+    The one scoring rule of every evaluation loop (PyTorch here, ONNX Runtime and llama.cpp in their own
+    modules), so a file's metric and the model's are computed alike: accuracy of the argmax, or the summed
+    next-token loss (labels shifted by one, ``-100`` ignored) with its token count.
+    """
+    if task == "seq-cls":
+        metric.add_batch(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
+        return
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    metric.add_batch(nll=[nll.item()], n_tokens=[int((targets != -100).sum())])
 
 
 @torch.no_grad()
