@@ -402,7 +402,7 @@ def stream_cost_table(result: dict) -> str:
     ]
     for r in result["width_series"]:
         lines.append(
-            f"| {r['shape']} ({r['layers']} layers) | {r['hidden']:,} | {r['intermediate']:,} | "
+            f"| {r['shape']} ({r['layers']} layer{'s' if r['layers'] > 1 else ''}) | {r['hidden']:,} | {r['intermediate']:,} | "
             f"{r['layer_params'] / 1e6:.1f} M | {r['cpu_s_per_layer']:.1f} | {r['cpu_us_per_param']:.2f} | "
             f"{_fmt(ratio.get(r['shape']))}x | {r['peak_rss_mb']:,.0f} MB |"
         )
