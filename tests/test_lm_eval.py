@@ -86,3 +86,34 @@ def test_cli_eval_runs_the_local_task(model_dir, tmp_path):
     main([*argv, "--output", str(output), "--limit", "2", "--batch-size", "2", "--card", str(model_dir / "README.md")])
     assert set(json.loads(output.read_text())["results"]) == {"dense", "pruned"}
     assert "| hf_flop_next_sentence | acc |" in (model_dir / "README.md").read_text()
+
+
+def test_cli_parses_eval_options():
+    from hf_flop_cli.parser import build_parser
+
+    args = build_parser().parse_args(
+        ["eval", "--model", "a", "--model", "b", "--tasks", "piqa,boolq", "--output", "r.json", "--num-fewshot", "5"]
+        + ["--batch-size", "4", "--seed", "3", "--limit", "10", "--include-path", "tasks"]
+    )
+    assert (args.command, args.model, args.tasks, args.output) == ("eval", ["a", "b"], "piqa,boolq", "r.json")
+    assert (args.num_fewshot, args.batch_size, args.seed, args.limit, args.include_path) == (5, 4, 3, 10, "tasks")
+
+
+def test_cli_eval_one_model_is_reported_as_pruned(model_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from hf_flop_cli import main
+
+    output = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(model_dir), "--tasks", "hf_flop_next_sentence", "--output", str(output)]
+    assert main([*argv, "--limit", "2", "--batch-size", "2"]) == 0
+    report = json.loads(output.read_text())
+    assert report["settings"]["limit"] == 2 and len(report["results"]) == 1
+
+
+def test_cli_eval_unknown_task_is_a_one_line_error(model_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from hf_flop_cli import main
+
+    argv = ["eval", "--model", str(model_dir), "--tasks", "nope", "--output", str(tmp_path / "e.json")]
+    assert main(argv) == 2
+    assert "unknown lm-eval task 'nope'" in capsys.readouterr().err
