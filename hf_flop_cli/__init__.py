@@ -28,6 +28,7 @@ Keep every ``hf_flop`` (and torch, transformers...) import inside the functions 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -154,4 +155,30 @@ def run_stream(args):
     return stream_job.run(args, config)
 
 
-COMMANDS = {"prune": run_prune, "report": run_report, "stream": run_stream}  # subcommand -> what runs it
+def run_eval(args):
+    """``hf-flop eval``: lm-eval's harness on the model folders (``hf_flop.app.lm_eval_run.evaluate_lm``)."""
+    from hf_flop.app.lm_eval_run import evaluate_lm
+
+    models = {"dense": args.dense} if args.dense else {}
+    # one model is "pruned" (the card's column); several are named by their folders
+    names = ["pruned"] if len(args.model) == 1 else [Path(folder).name for folder in args.model]
+    models.update(zip(names, args.model))
+    report = evaluate_lm(
+        models,
+        [task for task in args.tasks.split(",") if task],
+        args.output,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit=args.limit,
+        include_path=args.include_path,
+        device=args.device,
+    )
+    if args.card:
+        from hf_flop.app.eval_card import add_eval_table
+
+        add_eval_table(args.card, args.output)
+    print(json.dumps(report["results"], indent=2))
+
+
+COMMANDS = {"prune": run_prune, "report": run_report, "stream": run_stream, "eval": run_eval}  # subcommand -> what runs it

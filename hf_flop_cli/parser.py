@@ -19,6 +19,7 @@ from .choices import (
     SCORES,
 )
 from .defaults import TASK_DEFAULTS, default_threads
+from .eval_parser import add_eval_parser
 from .stream_parser import add_stream_parser
 
 _TAKES = dict(PRUNING_OPTIONS.values())  # option -> what it takes, for the help
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'hf-flop prune' with no arguments for the main job on the embedded defaults (offline).",
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
-    sub = parser.add_subparsers(dest="command", metavar="{prune,report,stream}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{prune,report,stream,eval}", parser_class=_Parser)
 
     prune = sub.add_parser(
         "prune",
@@ -366,4 +367,5 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(report)
     add_stream_parser(sub, fmt, _positive, _levels, _number)
+    add_eval_parser(sub, fmt, _positive)
     return parser
