@@ -201,6 +201,9 @@ def _plot(width: list[dict], depth: list[dict]) -> None:
             a.annotate(
                 f"{r['shape']} (d={r['hidden']}, ffn={r['intermediate']})",
                 (r["layer_params"], r["cpu_s_per_layer"]),
+                xytext=(-6, 4) if r is width[-1] else (6, -4),
+                textcoords="offset points",
+                ha="right" if r is width[-1] else "left",  # the widest shape's label left of it, inside the axes
                 fontsize=7,
             )
     a.set_xlabel("parameters per layer")
