@@ -38,7 +38,8 @@ from .config import FlopConfig, FlopConfigError
 from .export_gguf import export_gguf
 from .fsdp import fsdp_ignored_modules, fsdp_ignored_params, sync_gate_gradients
 from .gates import Gate, HardConcreteGate, TopKGate
-from .hub import PushToHubError, push_compacted, save_compacted
+from .hub import save_compacted
+from .hub_push import PushToHubError, push_compacted
 from .layers import FlopLinear
 from .model import FlopModel, get_flop_model
 from .oneshot import prune_oneshot, prune_to_target, warm_start_gates

@@ -21,6 +21,7 @@ from torch import nn
 from .accounting import SparsityReport, check_target, sparsity_report
 from .compact import compact_with_plan, plan_layers
 from .files import atomic_folder, check_output_dir
+from .hub_push import push_compacted
 from .lookup import find_flop_model
 from .modeling import CODE_FILES, auto_class_names
 
@@ -41,10 +42,6 @@ PIPELINE_TAGS = {
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # PEFT bookkeeping that says nothing about the pruning
 _CONFIG_NOISE = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
-
-
-class PushToHubError(RuntimeError):
-    """Pushing a saved folder to the Hub failed; the folder itself is complete."""
 
 
 def save_compacted(
@@ -155,54 +152,6 @@ def save_compacted(
     if push_to_hub:
         push_compacted(out, repo_id, private=private, token=token, commit_message=commit_message)
     return out
-
-
-def push_compacted(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    commit_message: str | None = None,
-) -> str:
-    """Upload a folder written by ``save_compacted`` to ``repo_id`` (created if missing); returns the commit URL.
-
-    Any failure (Hub unreachable, HTTP error, rejected token) raises ``PushToHubError`` saying what
-    went wrong; nothing local changes, so calling this again after fixing the cause is safe.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a saved model folder (no config.json); write it with save_compacted first.")
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or "Upload model compacted with hf_flop",
-        )
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        reason = {
-            401: "the Hub rejected the token (HTTP 401); pass a valid write token with token=... or log in "
-            "with `hf auth login`",
-            403: f"the token may not write to {repo_id!r} (HTTP 403); check its permissions and the namespace",
-        }.get(status, f"the Hub answered HTTP {status}: {str(err).strip().splitlines()[0]}")
-        raise PushToHubError(_push_message(folder, repo_id, api.endpoint, reason)) from err
-    except Exception as err:  # unreachable host, timeouts, offline mode: whatever the HTTP stack raises
-        reason = f"could not reach the Hub ({type(err).__name__}: {err})"
-        raise PushToHubError(_push_message(folder, repo_id, api.endpoint, reason)) from err
-    return info.commit_url
-
-
-def _push_message(folder: Path, repo_id: str, endpoint: str, reason: str) -> str:
-    return (
-        f"pushing {folder} to {endpoint}/{repo_id} failed: {reason}. The local folder is complete; once fixed, "
-        f"push it again with hf_flop.push_compacted({str(folder)!r}, {repo_id!r})."
-    )
 
 
 def _check_numbers(name: str, values) -> dict[str, float]:

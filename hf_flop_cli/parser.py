@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="A GGUF file whose vocabulary (tokenizer.* metadata) model.gguf copies. Default: the embedded model's own "
         "GGUF for smollm2, else the vocabulary is built from the model's tokenizer.json (byte-level BPE only).",
     )
-    out.add_argument("--push-to-hub", action="store_true", help="Also push the compacted model and card to the Hub.")
+    out.add_argument("--push-to-hub", action="store_true", help="Also push the compacted model, its card and the exported files to the Hub.")
     out.add_argument("--repo-id", help="Hub repository (owner/name) for --push-to-hub.")
     out.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
     out.add_argument(

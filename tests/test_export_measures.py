@@ -112,3 +112,30 @@ def test_a_gguf_file_without_llama_cpp_is_not_measured(capsys, tmp_path, monkeyp
     pytorch = json.loads((out / "summary.json").read_text())["results"]["pruned"]
     assert onnx["metric"]["value"] == pytest.approx(pytorch, rel=1e-4) and onnx["metric"]["pytorch"] == pytorch
     assert f"perplexity {onnx['metric']['value']:.4f}" in _card_row(out, "model.onnx")
+
+
+_PUSH_JOB = r"""
+import json, os, sys
+os.environ["HF_TOKEN"] = sys.argv[1]
+import hf_flop_cli as cli
+code = cli.main(sys.argv[2:])
+print("RESULT" + json.dumps({"code": code}))
+"""
+
+
+def test_push_to_hub_sends_the_exported_files_with_the_model(tmp_path, tiny_cls_dir, sentiment_csv):  # noqa: F811
+    """--push-to-hub: the model folder and, at the repository root, the files its card's table describes."""
+    from hub_server import HubServer
+    from test_hub import TOKEN, run_child
+
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_cls_dir), "--dataset", str(sentiment_csv[0]), "--output-dir", str(out)]
+    argv += ["--levels", "head,row", "--max-steps", "2", "--dense-epochs", "1", "--max-length", "16"]
+    argv += ["--eval-samples", "8", "--no-plots", "--export-onnx", "--push-to-hub", "--repo-id", "tester/tiny-cls"]
+    with HubServer() as hub:
+        assert run_child(_PUSH_JOB, hub.url, tmp_path, TOKEN, *argv) == {"code": 0}
+        remote = hub.files("tester/tiny-cls")
+    local = {str(p.relative_to(out / "model")): p.read_bytes() for p in (out / "model").rglob("*") if p.is_file()}
+    local |= {name: (out / name).read_bytes() for name in ("model.onnx", "exports.json")}
+    assert {k: v for k, v in remote.items() if k != ".gitattributes"} == local
+    assert "| `model.onnx` |" in remote["README.md"].decode()  # the card's table names a file the repo has

@@ -397,3 +397,31 @@ def test_minilm_default_card_license_and_base_model():
     from hf_flop.hub import base_model_license
 
     assert base_model_license(AutoModel.from_pretrained(minilm_path())) == "apache-2.0"
+
+
+_PUSH_EXTRAS = r"""
+import json, sys
+import hf_flop
+folder, token, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+hf_flop.push_compacted(folder, "tester/tiny-gpt2", token=token, extra_files=extra)
+print("RESULT" + json.dumps({"ok": True}))
+"""
+
+
+def test_extra_files_go_to_the_repository_root_in_the_same_push(tmp_path):
+    folder = save_compacted(pruned("gpt2", ["rank", "row"], seed=5), tmp_path / "tiny-gpt2")
+    exported = tmp_path / "model.gguf"
+    exported.write_bytes(b"GGUF and some bytes")
+    with pytest.raises(ValueError, match=r"are not files; pass the exported files"):
+        hf_flop.push_compacted(folder, "tester/x", extra_files=[tmp_path / "missing.onnx"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"\['config.json'\] would overwrite a file of the same name"):
+        hf_flop.push_compacted(folder, "tester/x", extra_files=[tmp_path / "config.json"])
+    with HubServer() as hub:
+        assert run_child(_PUSH_EXTRAS, hub.url, tmp_path, str(folder), TOKEN, str(exported)) == {"ok": True}
+        remote = hub.files("tester/tiny-gpt2")
+        commits = [entry for entry in hub.state.log if entry[0] == "POST" and "/commit/" in entry[1]]
+    assert remote["model.gguf"] == exported.read_bytes()
+    local = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert {k: v for k, v in remote.items() if k not in (".gitattributes", "model.gguf")} == local
+    assert len(commits) == 1, hub.state.log  # one commit: the repository never shows the card without its files

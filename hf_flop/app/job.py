@@ -67,7 +67,7 @@ def run(options: JobOptions, flop_config, output_dir: Path) -> dict:
         torch.set_num_threads(threads)  # a caller in the same process (tests, a notebook) gets its setting back
     print_summary(console, summary, output_dir)
     if options.push_to_hub:
-        _push(options, output_dir, console)
+        _push(options, output_dir, summary, console)
     return summary
 
 
@@ -347,12 +347,19 @@ def _summary(job: JobState, dense, small, report, latency: dict, plots: list[str
     }
 
 
-def _push(options: JobOptions, output_dir: Path, console) -> None:
-    from ..hub import push_compacted
+def _push(options: JobOptions, output_dir: Path, summary: dict, console) -> None:
+    """The model folder and, beside it in the same commit, the exported files its card describes."""
+    from ..hub_push import push_compacted
 
+    gguf = summary.get("gguf")
+    exported = [name for name in (summary.get("onnx"), gguf and gguf["file"], summary.get("exports")) if name]
+    data = [f"{name}.data" for name in exported if (output_dir / f"{name}.data").is_file()]  # large ONNX weights
+    extra_files = [output_dir / name for name in exported + data]
     with console.status(f"pushing to {options.repo_id}"):
-        url = push_compacted(output_dir / "model", options.repo_id, private=options.private or None)
-    console.print(f"pushed: {url}")
+        url = push_compacted(
+            output_dir / "model", options.repo_id, private=options.private or None, extra_files=extra_files
+        )
+    console.print(f"pushed: {url}" + (f" (with {', '.join(p.name for p in extra_files)})" if extra_files else ""))
 
 
 # --- helpers -------------------------------------------------------------------------------------
