@@ -35,8 +35,8 @@ from minilm_rows import (
 )
 
 
-def phase_equal_budget(row: MiniLMRow, out: Path, settings: dict, root: Path) -> dict:
-    """One equal-budget row (see the module docstring)."""
+def phase_equal_budget(row: MiniLMRow, out: Path, settings: dict, root: Path, save_to: Path | None = None) -> dict:
+    """One equal-budget row (see the module docstring); ``save_to``: also save the recovered model there."""
     from torch_pruning_baseline import DistillationTrainer, encoder_linear_params
 
     from hf_flop import compact, sparsity_report
@@ -85,6 +85,8 @@ def phase_equal_budget(row: MiniLMRow, out: Path, settings: dict, root: Path) ->
     result["accuracy_dense"] = common.accuracy(dense, test, collator)
     result["flops_ratio"] = common.linear_flops_ratio(dense, small)
     result["log"] = [e for e in trainer.state.log_history if "loss" in e]
+    if save_to is not None:
+        small.save_pretrained(save_to)
     return result
 
 

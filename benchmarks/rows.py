@@ -63,6 +63,7 @@ def registries() -> dict[str, dict[str, Row]]:
     import gguf_rows
     import lora_rows
     import minilm_rows
+    import pareto_rows
     import smollm2_rows
 
     return {
@@ -70,6 +71,7 @@ def registries() -> dict[str, dict[str, Row]]:
         "smollm2": smollm2_rows.ROWS,
         "gguf": gguf_rows.ROWS,
         "smollm2_lora": lora_rows.ROWS,
+        "pareto": pareto_rows.ROWS,
     }
 
 

@@ -393,6 +393,35 @@ def gguf_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def pareto_table(summary: dict) -> str:
+    """bench_pareto.py: every pruned x quantized file, its size, its metric and its speed, measured on the file."""
+    lines = [
+        "| model | pruned | file | size MB (vs dense) | metric on the file (PyTorch float32) | speed | speed-up vs dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        head = f"| {r['model']} | {r['pruned']:.0%} | {r['format']} {r['type']} | "
+        size = f"{r['bytes'] / 1e6:.1f} ({r['size_vs_dense']:.2f}x) | "
+        if r["metric"] == "perplexity":
+            metric = f"perplexity {r['value']:.1f} ({r['pytorch_value']:.1f}) | "
+            speed = f"generation {r['gen_tokens_per_s']:.0f} tok/s, prompt {r['prompt_tokens_per_s']:.0f} tok/s | "
+            ratio = f"{r['gen_speedup']:.2f}x / {r['prompt_speedup']:.2f}x |"
+        else:
+            metric = f"accuracy {100 * r['value']:.1f} % ({100 * r['pytorch_value']:.1f} %) | "
+            speed = f"batch 1 {r['ms_b1']:.2f} ms, batch 32 {r['ms_b32']:.1f} ms | "
+            ratio = f"{r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x |"
+        lines.append(head + size + metric + speed + ratio)
+    return "\n".join(lines)
+
+
+def pareto_goals(summary: dict) -> str:
+    """bench_pareto.py's goals: the measured value, the bound, met or missed."""
+    lines = ["| goal | measured | bound | met |", "|---|---|---|---|"]
+    for g in summary["goals"]:
+        lines.append(f"| {g['goal']} | {g['value']:.2f} | {g['bound']} | {'yes' if g['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def stream_cost_table(result: dict) -> str:
     """stream_cost.py: cost per layer across widths, peak RSS across depths, the 8B estimate."""
     ratio = result.get("cost_per_param_vs_135m", {})
@@ -489,6 +518,8 @@ README_TABLES: dict[str, Callable[[], str]] = {
     "gguf": lambda: gguf_table(_load("bench_gguf.json")),
     "stream_cost": lambda: stream_cost_table(_load("stream_cost.json")),
     "lora": lambda: lora_table(_load("bench_lora.json")),
+    "pareto": lambda: pareto_table(_load("bench_pareto.json")),
+    "pareto_goals": lambda: pareto_goals(_load("bench_pareto.json")),
 }
 PLACEHOLDER = re.compile(r"^\{\{ *([a-z0-9_]+) *\}\}$", re.MULTILINE)
 GENERATED_NOTE = (

@@ -305,3 +305,23 @@ def test_llama_cpp_splits_text_as_transformers_does(llama_cpp, tmp_path, smollm2
     for text in TEXTS:
         expected = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text
+
+
+def test_gguf_perplexity_and_speed_measure_the_file_in_llama_cpp(llama_cpp, tmp_path, tokenizer):
+    """``hf_flop.metrics.gguf_perplexity`` through the real llama.cpp equals the PyTorch model's perplexity on
+    the same rows (f32 file; llama.cpp's f16 KV cache rounds a little), and ``gguf_speed`` times real runs."""
+    from datasets import Dataset
+    from transformers import default_data_collator
+
+    from hf_flop.metrics import evaluate_model, gguf_perplexity, gguf_speed
+
+    model = compact(prune_oneshot(tiny_llama(), FlopConfig(levels=["head", "row"], target_sparsity=0.5), batches()))
+    path = export_gguf(model, tmp_path / "pruned.gguf", tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (4, 24), generator=g).tolist()
+    rows = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 24] * 4, "labels": ids})
+    expected = evaluate_model(model, rows, task="causal-lm", collator=default_data_collator)["perplexity"]
+    got = gguf_perplexity(path, rows, threads=THREADS)["perplexity"]
+    assert got == pytest.approx(expected, rel=2e-3)
+    speed = gguf_speed(path, PROMPT, steps=8, repeats=2, threads=THREADS)
+    assert set(speed) == {"prompt_tokens_per_s", "generation_tokens_per_s"} and min(speed.values()) > 0
