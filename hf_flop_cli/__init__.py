@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(err: Exception) -> bool:
     """An error the message alone lets the user fix (printed as one line); any other is a bug (a traceback)."""
     kinds = [CliError, ValueError, TypeError, OSError, ImportError]
-    # a PushToHubError comes from hf_flop.hub, so it is loaded when one was raised; importing it for the check
-    # would load torch just to print an error raised before hf_flop was needed
-    hub = sys.modules.get("hf_flop.hub")
-    if hub is not None:
-        kinds.append(hub.PushToHubError)
+    # a PushToHubError comes from hf_flop.hub_push, so it is loaded when one was raised; importing it for the
+    # check would load torch just to print an error raised before hf_flop was needed
+    hub_push = sys.modules.get("hf_flop.hub_push")
+    if hub_push is not None:
+        kinds.append(hub_push.PushToHubError)
     onnx_export = sys.modules.get("hf_flop.onnx_export")  # the same for an OnnxExportError (--export-onnx)
     if onnx_export is not None:
         kinds.append(onnx_export.OnnxExportError)
