@@ -21,7 +21,7 @@ from torch import nn
 from .accounting import SparsityReport, check_target, sparsity_report
 from .compact import compact_with_plan, plan_layers
 from .files import atomic_folder, check_output_dir
-from .hub_push import push_compacted
+from .hub_push import PushToHubError, push_compacted  # noqa: F401 (PushToHubError: still importable from here)
 from .lookup import find_flop_model
 from .modeling import CODE_FILES, auto_class_names
 
