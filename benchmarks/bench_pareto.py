@@ -188,6 +188,9 @@ def phase_minilm_measure(row: ParetoRow, out: Path, settings: dict, root: Path) 
     from hf_flop.metrics.onnx_runtime import evaluate_onnx, onnx_session
 
     names = list(_read_models(root, "minilm", MINILM_TARGETS))
+    missing = [str(_minilm_folder(root, n)) for n in names if not _minilm_folder(root, n).is_dir()]
+    if missing:  # the saved models are not committed: a fresh clone has only the rows' JSON
+        raise SystemExit(f"{missing} are missing: delete the minilm_*.json files and run again.")
     tokenizer = AutoTokenizer.from_pretrained(root / "dense_model")
     train, test = common.sentiment_splits(_minilm_settings(root), tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
