@@ -31,6 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
 import common  # noqa: E402
 from smollm2_rows import EMBEDDING_CLUSTERS, LEVELS, LONG_BUDGET, ROWS, SETTINGS, TARGET, SmolLM2Row  # noqa: E402
+from width_depth import prune_hf_flop, prune_torch_pruning_width  # noqa: E402
+
+# the total-size rows (width_depth.py): prune to a total parameter count, by name
+TOTAL_SIZE_PRUNERS = {"hf_flop_total": prune_hf_flop, "torch_pruning_width": prune_torch_pruning_width}
 
 
 def _model(settings: dict):
@@ -332,9 +336,12 @@ def phase_equal_budget(row: SmolLM2Row, out: Path, settings: dict, root: Path) -
         )
         trainer.train()
         small = model
-    elif row.pruner in ("hf_flop", "torch_pruning"):  # prune once, compact, then every step recovers
+    elif row.pruner in ("hf_flop", "torch_pruning", *TOTAL_SIZE_PRUNERS):  # prune once, compact, then recover
         result["learning_rate"] = row.learning_rate
-        if row.pruner == "hf_flop":
+        if row.pruner in TOTAL_SIZE_PRUNERS:
+            model, details = TOTAL_SIZE_PRUNERS[row.pruner](row, model, calibration, pretrained_stats)
+            result.update(details)
+        elif row.pruner == "hf_flop":
             result["score"] = row.score
             config = FlopConfig(levels=_levels(settings, row), target_sparsity=row.target, uniform_shapes=row.uniform_shapes)
             gated = get_flop_model(model, config)

@@ -40,7 +40,8 @@ class SmolLM2Row(Row):
         default="",
         metadata={
             "help": "How the structure is chosen: hf_flop (prune_oneshot with `score`), flap, torch_pruning "
-            "(FFN channels, importance `score`), learned (PruningTrainer's gates), dense (no pruning)."
+            "(FFN channels, importance `score`), learned (PruningTrainer's gates), dense (no pruning); the "
+            "total-size rows: hf_flop_total (levels or search_shape), torch_pruning_width (width_depth.py)."
         },
     )
     score: str = field(default="", metadata={"help": "hf_flop score, or Torch-Pruning importance."})
@@ -56,6 +57,11 @@ class SmolLM2Row(Row):
     trainer_args: dict = field(default_factory=dict, metadata={"help": "PruningArguments of a learned row."})
     recipe: str = field(default="", metadata={"help": "The name its results store ('method' / 'row')."})
     levels: tuple[str, ...] = field(default=(), metadata={"help": "hf_flop's levels; empty: the benchmark's."})
+    total_kept: float = field(
+        default=0.0,
+        metadata={"help": "A total-size row: fraction of all the parameters kept; 0: what `target` of the linears leaves."},
+    )
+    search: bool = field(default=False, metadata={"help": "A total-size row: hf_flop.search_shape picks the mix."})
 
 
 def _budget_rows() -> list[SmolLM2Row]:
@@ -233,4 +239,58 @@ def _equal_budget_rows() -> list[SmolLM2Row]:
     ]
 
 
-ROWS: dict[str, SmolLM2Row] = declare([*_budget_rows(), *_no_training_rows(), *_equal_budget_rows()])
+# The total-size rows (benchmarks/width_depth.py): the equal budget, every row pruned to one total
+# parameter count by any mix of levels. Recipe -> label and fields; the sizes: "" the total the
+# head+row rows reach (81.4 M: 50 % of the linears), "half" 50 % of all the parameters.
+WIDTH_DEPTH_RECIPES = {
+    "hiddenrow": {
+        "label": "hf_flop one-shot activation + refit, residual channels + FFN rows (heads kept), uniform",
+        "levels": ("hidden", "row"),
+    },
+    "layer": {
+        "label": "hf_flop one-shot activation + refit, heads + FFN rows + whole layers, uniform",
+        "levels": ("head", "row", "layer"),
+    },
+    "search": {
+        "label": "hf_flop search_shape over residual channels, layers and FFN rows (heads kept), uniform",
+        "levels": ("hidden", "row", "layer"),
+        "search": True,
+    },
+    "headrow": {"label": "hf_flop one-shot activation + refit, heads + FFN rows, uniform", "levels": ("head", "row")},
+    "tpwidth": {
+        "label": "Torch-Pruning Taylor width: residual + FFN channels, one ratio (heads kept)",
+        "pruner": "torch_pruning_width",
+        "score": "taylor",
+    },
+}
+SIZES = {"": 0.0, "half": 0.5}
+WIDTH_DEPTH_RATE = 20  # x 1e-5: the best rate of the equal-budget sweep
+
+
+def _width_depth_row(recipe: str, size: str = "", seed: int = 0) -> SmolLM2Row:
+    fields = {"pruner": "hf_flop_total", "score": "activation", "uniform_shapes": True} | WIDTH_DEPTH_RECIPES[recipe]
+    label = fields.pop("label") + (" at 50 % of all the parameters" if size else " at 81.4 M parameters")
+    name = f"{size}{recipe}lr{WIDTH_DEPTH_RATE}"
+    return SmolLM2Row(
+        id=f"eq_{name}" + (f"_s{seed}" if seed else ""),
+        label=label + f", then recovery at lr {lr_text(WIDTH_DEPTH_RATE * 1e-5)}",
+        kind="equal_budget",
+        steps_factor=LONG_BUDGET,
+        seed=seed,
+        recipe=name,
+        learning_rate=WIDTH_DEPTH_RATE * 1e-5,
+        total_kept=SIZES[size],
+        **fields,
+    )
+
+
+def _width_depth_rows() -> list[SmolLM2Row]:
+    return [
+        *(_width_depth_row(r) for r in ("hiddenrow", "layer", "search", "tpwidth")),
+        *(_width_depth_row(r, "half") for r in ("headrow", "hiddenrow", "layer", "search", "tpwidth")),
+    ]
+
+
+ROWS: dict[str, SmolLM2Row] = declare(
+    [*_budget_rows(), *_no_training_rows(), *_equal_budget_rows(), *_width_depth_rows()]
+)
