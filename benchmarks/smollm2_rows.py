@@ -251,9 +251,13 @@ WIDTH_DEPTH_RECIPES = {
         "label": "hf_flop one-shot activation + refit, heads + FFN rows + whole layers, uniform",
         "levels": ("head", "row", "layer"),
     },
+    "hidden": {
+        "label": "hf_flop one-shot activation + refit, residual channels + heads + FFN rows, uniform",
+        "levels": ("hidden", "head", "row"),
+    },
     "search": {
-        "label": "hf_flop search_shape over residual channels, layers and FFN rows (heads kept), uniform",
-        "levels": ("hidden", "row", "layer"),
+        "label": "hf_flop search_shape over residual channels, layers, heads and FFN rows, uniform",
+        "levels": ("head", "row", "hidden", "layer"),
         "search": True,
     },
     "headrow": {"label": "hf_flop one-shot activation + refit, heads + FFN rows, uniform", "levels": ("head", "row")},
@@ -286,8 +290,8 @@ def _width_depth_row(recipe: str, size: str = "", seed: int = 0) -> SmolLM2Row:
 
 def _width_depth_rows() -> list[SmolLM2Row]:
     return [
-        *(_width_depth_row(r) for r in ("hiddenrow", "layer", "search", "tpwidth")),
-        *(_width_depth_row(r, "half") for r in ("headrow", "hiddenrow", "layer", "search", "tpwidth")),
+        *(_width_depth_row(r) for r in ("hiddenrow", "layer", "search", "tpwidth", "hidden")),
+        *(_width_depth_row(r, "half") for r in ("headrow", "hidden", "layer", "search", "tpwidth")),
     ]
 
 

@@ -34,6 +34,7 @@ from .counting import compacted_count, expected_kept_count, kept_unit_indices
 from .gated import Compacted, Cut, GatedLayer, GatedUnits, ModuleSparsity
 from .gated_norms import KeptChannelsNorm, NormRescaling
 from .gates import Gate
+from .hidden_heads import head_channel_plan
 from .linear import dense_weight, linear_shape
 
 HIDDEN_NAME = "flop_hidden"  # where the channel gate module sits in the task model
@@ -315,12 +316,12 @@ def check_hidden_level(model: nn.Module, config, targets: list[str]) -> None:
             "whose channels cannot be cut. Combine 'hidden' with rank, head, query_head and/or row, or prune the "
             "channels in a second step."
         )
-    if config.uniform_shapes and {"head", "query_head"} & set(config.levels):
+    if config.uniform_shapes and "query_head" in config.levels:
         raise ValueError(
-            "FlopConfig(uniform_shapes=True) with level 'hidden' keeps the head count: a stock config needs "
-            f"{spec.hidden_attr} to be a multiple of {spec.heads_attr}, and the channel gate rounds its kept count to "
-            "a multiple of the model's head count. Use levels hidden and row with uniform_shapes=True, or "
-            "uniform_shapes=False to prune heads too (the compacted model then loads with its saved remote code)."
+            "FlopConfig(uniform_shapes=True) with levels 'hidden' and 'query_head': a stock config needs "
+            f"{spec.hidden_attr} to be a multiple of {spec.heads_attr}, and query heads pruned inside their KV groups "
+            "can end at any count. Use level 'head' (whole KV groups) with 'hidden', or uniform_shapes=False (the "
+            "compacted model then loads with its saved remote code)."
         )
     modules = dict(model.named_modules())
     layout = hidden_layout(model, spec, set(targets))
@@ -352,11 +353,12 @@ def check_hidden_level(model: nn.Module, config, targets: list[str]) -> None:
 
 
 def channel_multiple(model: nn.Module, config) -> int:
-    """What the kept channel count is a multiple of: under ``uniform_shapes``, the attention heads, since the
-    stock configs (Llama's) require ``hidden_size % num_attention_heads == 0`` even when they state ``head_dim``."""
+    """What the kept channel count is a multiple of: under ``uniform_shapes``, every head count the model can
+    end at, since stock configs (Llama's) require ``hidden_size % num_attention_heads == 0`` even when they
+    state ``head_dim`` (``hf_flop.hidden_heads``)."""
     if not config.uniform_shapes:
         return 1
-    return int(getattr(model.config, arch_spec(base_model_type(model.config.model_type)).heads_attr))
+    return head_channel_plan(model.config, config.levels).multiple
 
 
 def inject_hidden(model: nn.Module, config, gate: Gate, targets: set[str]) -> list:

@@ -16,6 +16,7 @@ import torch
 
 from .architectures import UnsupportedArchitectureError, find_layers
 from .gated import GatedUnits
+from .hidden_heads import allowed_kept_counts
 from .recognition import spec_for
 from .uniform import uniform_slices
 
@@ -178,5 +179,6 @@ def removal_path(
             "from the others': FlopConfig(uniform_shapes=True) cannot protect layers. Leave protect_layers out, or "
             "set uniform_shapes=False."
         )
-    slices = uniform_slices(units, priorities(units, scores, ranking), config.round_to, min_units)
+    allowed = allowed_kept_counts(flop_model)  # heads a stock config can take beside the kept channels
+    slices = uniform_slices(units, priorities(units, scores, ranking), config.round_to, min_units, allowed)
     return RemovalPath.of_slices(slices)

@@ -15,6 +15,8 @@ stock configs). Three pieces make it so:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 import torch
 from torch import nn
 
@@ -71,7 +73,11 @@ def uniform_counts(n_units: int, step: int, floor: int) -> list[int]:
 
 
 def uniform_slices(
-    units: list[GatedUnits], priority: torch.Tensor, round_to: int, min_count: int = 1
+    units: list[GatedUnits],
+    priority: torch.Tensor,
+    round_to: int,
+    min_count: int = 1,
+    allowed: Mapping[str, Collection[int]] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """Every removable unit in uniform slices, in removal order: ``[(level, flat unit ids), ...]``.
 
@@ -80,7 +86,8 @@ def uniform_slices(
     takes, from every gate of that level, its lowest-priority units down to the next count of
     ``uniform_counts`` (one unit fewer, or ``GatedUnits.step`` fewer; for rounded levels the next multiple of
     ``round_to``), never
-    below ``min_count``. The levels' slices are merged greedily: next comes the slice whose units have
+    below ``min_count``, and for a level in ``allowed`` only at the counts it lists (the slice then takes
+    every unit down to the next of them). The levels' slices are merged greedily: next comes the slice whose units have
     the lowest mean priority, the rule by which non-uniform pruning picks its next unit, applied to
     slices (ties: the level met first in ``units``). Removing any prefix of the result leaves every
     layer with the same count of each level, and the units each layer keeps are its top-priority ones.
@@ -100,6 +107,8 @@ def uniform_slices(
         floor = max(min_count, *(getattr(s, "min_kept", 0) for _, s in gates))  # a MoE layer keeps its top-k experts
         step = round_to if level in ROUNDED_LEVELS else max(getattr(s, "step", 1) for _, s in gates)
         counts = uniform_counts(n, step, floor)
+        if allowed and level in allowed:
+            counts = [c for c in counts if c == n or c in allowed[level]]
         ascending = [start + torch.argsort(priority[start : start + n], stable=True) for start, _ in gates]
         queues[level] = [torch.cat([a[n - hi : n - lo] for a in ascending]) for hi, lo in zip(counts, counts[1:])]
     slices = []

@@ -246,11 +246,9 @@ def test_what_the_level_cannot_do_is_refused_before_any_work(build, levels, matc
     assert not hasattr(model, HIDDEN_NAME)
 
 
-def test_untargeted_readers_and_uniform_heads_are_refused():
+def test_untargeted_readers_are_refused():
     with pytest.raises(ValueError, match="must be targeted"):
         get_flop_model(tiny_llama(), FlopConfig(levels=["hidden"], target_modules=["q_proj", "k_proj", "v_proj"]))
-    with pytest.raises(ValueError, match="keeps the head count"):
-        get_flop_model(tiny_llama(), FlopConfig(levels=["hidden", "head"], uniform_shapes=True))
 
 
 def test_merge_and_unload_refuses_removed_channels():

@@ -85,11 +85,13 @@ def test_apply_reproduces_the_search_and_compacts_exactly(searched):
 def test_uniform_shapes_search_compacts_to_the_stock_class():
     model = tiny_llama(num_hidden_layers=4).eval()
     data = _batches(model.config.vocab_size)
-    config = FlopConfig(levels=["row", "hidden", "layer"], target_sparsity=0.4, uniform_shapes=True)
+    # every level: the kept channels stay a multiple of whichever head count the heads end at
+    config = FlopConfig(levels=["head", "row", "hidden", "layer"], target_sparsity=0.4, uniform_shapes=True)
     result = search_shape(model, config, data, options=ShapeSearchConfig(**OPTIONS), apply=True)
     assert len(result.candidates) == 3
     small = compact(result.model.eval()).eval()
     assert type(small) is type(model) and small.config.hidden_size == result.best.kept_units["hidden"][0]
+    assert small.config.hidden_size % small.config.num_attention_heads == 0
     ids = data[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(
