@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 import common  # noqa: E402
 from smollm2_rows import EMBEDDING_CLUSTERS, LEVELS, LONG_BUDGET, ROWS, SETTINGS, TARGET, SmolLM2Row  # noqa: E402
 from width_depth import prune_hf_flop, prune_torch_pruning_width  # noqa: E402
+from width_depth_measure import phase_gguf_total_size, saved_model  # noqa: E402
 
 # the total-size rows (width_depth.py): prune to a total parameter count, by name
 TOTAL_SIZE_PRUNERS = {"hf_flop_total": prune_hf_flop, "torch_pruning_width": prune_torch_pruning_width}
@@ -355,6 +356,8 @@ def phase_equal_budget(row: SmolLM2Row, out: Path, settings: dict, root: Path) -
         result["perplexity_before_recovery"] = _perplexity(model.eval(), test)
         _recover(out, settings, model, teacher, train, seed=row.seed, learning_rate=row.learning_rate)
         small = model.eval()
+        if row.pruner in TOTAL_SIZE_PRUNERS:  # for the llama.cpp rows (gguf_total_size)
+            small.save_pretrained(saved_model(root, row.id))
     else:  # learned: PruningTrainer warm-starts the gates from activation scores of the calibration data
         model = get_flop_model(model, FlopConfig(levels=_levels(settings, row), target_sparsity=row.target))
         trainer = PruningTrainer(
@@ -384,6 +387,7 @@ PHASES_BY_KIND = {
     "prune_then_recover": phase_prune_then_recover,
     "no_training": phase_no_training,
     "equal_budget": phase_equal_budget,
+    "gguf_total_size": phase_gguf_total_size,
 }
 
 
@@ -414,10 +418,13 @@ def summarize(
     declared = rows
     results = read_results(root, declared)
     pretrained = results.get("pretrained", {})
-    rows, oneshot = [], []
+    rows, oneshot, llama_cpp = [], [], {}
     for run, row in declared.items():
         r = results.get(run)
         if r is None or row.kind == "pretrained":
+            continue
+        if row.kind == "gguf_total_size":
+            llama_cpp[run] = r
             continue
         if row.kind == "no_training":
             oneshot.append(
@@ -449,6 +456,9 @@ def summarize(
                 "speedup_b1": (r.get("latency_b1") or {}).get("speedup"),
                 "wall_time_s": r.get("wall_time_s"),
                 "peak_rss_mb": r.get("peak_rss_mb"),
+                # the total-size rows (width_depth.py): the shape they reached, and the search's candidates
+                **{k: r[k] for k in ("shape", "compacted_class", "chosen_mix", "prune_time_s") if k in r},
+                **({"search": r["search"]["candidates"]} if "search" in r else {}),
             }
         )
     summary = {
@@ -460,6 +470,7 @@ def summarize(
         "pretrained": pretrained,
         "rows": rows,
         "oneshot_rows": oneshot,
+        "llama_cpp": llama_cpp,
     }
     write_summary(name, summary, _plot)
 

@@ -25,9 +25,11 @@ PRUNING_PHASE = 0.4  # the two-phase row: 40 % of the steps choose the structure
 GATE_LEARNING_RATE, FAST_GATE_LEARNING_RATE = 0.5, 1.5
 SETTINGS = {
     "full": {"block": 128, "batch": 4, "steps": 40, "eval_blocks": 48, "calibration_batches": 8}
-    | {"oneshot_sequences": 32, "oneshot_block": 512, "cost_sequences": 128},
+    | {"oneshot_sequences": 32, "oneshot_block": 512, "cost_sequences": 128}
+    | {"gguf": {"prompt_tokens": 128, "gen_tokens": 128, "repeats": 5}},
     "quick": {"block": 32, "batch": 2, "steps": 3, "eval_blocks": 4, "calibration_batches": 2}
-    | {"oneshot_sequences": 24, "oneshot_block": 128, "cost_sequences": 24},
+    | {"oneshot_sequences": 24, "oneshot_block": 128, "cost_sequences": 24}
+    | {"gguf": {"prompt_tokens": 16, "gen_tokens": 32, "repeats": 2}},
 }
 
 
@@ -62,6 +64,9 @@ class SmolLM2Row(Row):
         metadata={"help": "A total-size row: fraction of all the parameters kept; 0: what `target` of the linears leaves."},
     )
     search: bool = field(default=False, metadata={"help": "A total-size row: hf_flop.search_shape picks the mix."})
+    measures: tuple[str, ...] = field(
+        default=(), metadata={"help": "A llama.cpp row: the total-size rows whose saved models it times."}
+    )
 
 
 def _budget_rows() -> list[SmolLM2Row]:
@@ -289,9 +294,16 @@ def _width_depth_row(recipe: str, size: str = "", seed: int = 0) -> SmolLM2Row:
 
 
 def _width_depth_rows() -> list[SmolLM2Row]:
+    def gguf(id: str, size: str, recipes: tuple[str, ...]) -> SmolLM2Row:
+        measures = tuple(_width_depth_row(r, size).id for r in recipes)
+        label = f"llama.cpp f16 tokens/s and greedy tokens of the pretrained model and {', '.join(measures)}"
+        return SmolLM2Row(id=id, label=label, kind="gguf_total_size", measures=measures)
+
     return [
         *(_width_depth_row(r) for r in ("hiddenrow", "layer", "search", "tpwidth", "hidden")),
+        gguf("gguf_total_size", "", ("layer", "search", "tpwidth")),
         *(_width_depth_row(r, "half") for r in ("headrow", "hidden", "layer", "search", "tpwidth")),
+        gguf("gguf_half_total_size", "half", ("headrow", "search", "tpwidth")),
     ]
 
 

@@ -27,6 +27,7 @@ import gemma3_rows  # noqa: E402
 import lora_rows  # noqa: E402
 import minilm_rows  # noqa: E402
 import smollm2_rows  # noqa: E402
+import width_depth_tables  # noqa: E402
 from common import RESULTS  # noqa: E402
 
 TEMPLATE = HERE / "README.in.md"
@@ -254,7 +255,7 @@ def smollm2_equal_budget(summary: dict, rows: dict | None = None) -> str:
     groups: dict[str, list[dict]] = {}
     for r in summary["rows"]:
         row = rows[r["run"]]
-        if row.kind == "equal_budget":
+        if row.kind == "equal_budget" and row.pruner not in width_depth_tables.TOTAL_SIZE_PRUNERS:
             groups.setdefault(row.recipe, []).append(r)
     lines = [
         "| row | perplexity per seed | mean (sd) | before recovery | linears removed | speed-up b1 |",
@@ -520,6 +521,9 @@ README_TABLES: dict[str, Callable[[], str]] = {
     "lora": lambda: lora_table(_load("bench_lora.json")),
     "pareto": lambda: pareto_table(_load("bench_pareto.json")),
     "pareto_goals": lambda: pareto_goals(_load("bench_pareto.json")),
+    "width_depth": lambda: width_depth_tables.width_depth_table(_load("bench_smollm2.json")),
+    "width_depth_search": lambda: width_depth_tables.search_candidates_table(_load("bench_smollm2.json")),
+    "width_depth_llama_cpp": lambda: width_depth_tables.llama_cpp_table(_load("bench_smollm2.json")),
 }
 PLACEHOLDER = re.compile(r"^\{\{ *([a-z0-9_]+) *\}\}$", re.MULTILINE)
 GENERATED_NOTE = (
