@@ -223,6 +223,13 @@ def _equal_budget_recipes() -> dict[str, dict]:
     # the learning-rate sweep (n x 1e-5: 2e-5, 1e-4, 2e-4), and 1e-4 for the obs row
     for name, n in (*((r, n) for r in ("oneshot", "tptaylor") for n in (2, 10, 20)), ("oneshotobs", 10)):
         recipes[f"{name}lr{n}"] = _at_learning_rate(recipes[name], n)
+    # depth too: whole encoder layers compete with heads and rows (Block Influence for the layers)
+    best = recipes["oneshotobslr10"]
+    recipes["oneshotobslayerlr10"] = {
+        **best,
+        "label": best["label"].replace("one-shot obs + refit", "one-shot obs + refit over heads, rows and whole layers"),
+        "levels": (*HEAD_ROW, "layer"),
+    }
     return recipes
 
 
@@ -258,6 +265,8 @@ EQUAL_BUDGET_BATCHES = (
     # three more seeds of the rows that decide the comparison with Taylor (their 3-seed gap was about 1 point)
     (("oneshotobs", "tptaylor"), (3, 4, 5)),
     (("oneshotobslr10", "tptaylorlr10"), (3, 4, 5)),
+    # level layer, at the best rate, six seeds at once
+    (("oneshotobslayerlr10",), (0, 1, 2, 3, 4, 5)),
 )
 
 
