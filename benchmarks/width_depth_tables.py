@@ -24,18 +24,26 @@ def _shape(r: dict) -> str:
     )
 
 
+# the equal-budget rows at 81.4 M these are read against: heads + rows (uniform, per-layer), Torch-Pruning's FFN
+REFERENCES = ("oneshotuniformlr20", "oneshotlr20", "tptaylorlr20")
+
+
 def width_depth_table(summary: dict) -> str:
-    """One line per total-size recipe (seeds pooled): size, shape, class, perplexity before and after."""
-    groups: dict[str, list[dict]] = {}
+    """One line per total-size recipe (seeds pooled), after the reference rows: size, shape, class,
+    perplexity before and after recovery."""
+    groups: dict[str, list[dict]] = {recipe: [] for recipe in REFERENCES}
     for r in summary["rows"]:
-        if is_total_size(r["run"]):
-            groups.setdefault(smollm2_rows.ROWS[r["run"]].recipe, []).append(r)
-    labels = {row.recipe: row.label for row in smollm2_rows.ROWS.values() if row.pruner in TOTAL_SIZE_PRUNERS}
+        row = smollm2_rows.ROWS.get(r["run"])
+        if row is not None and (is_total_size(r["run"]) or (row.kind == "equal_budget" and row.recipe in REFERENCES)):
+            groups.setdefault(row.recipe, []).append(r)
+    labels = {row.recipe: row.label for row in smollm2_rows.ROWS.values() if row.kind == "equal_budget"}
     lines = [
         "| row | parameters | shape | class | before recovery | perplexity per seed | mean (sd) | speed-up b1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for recipe, runs in groups.items():
+        if not runs:
+            continue
         values = [r["perplexity"] for r in runs]
         spread = f" (sd {statistics.stdev(values):.1f})" if len(values) > 1 else ""
         first = runs[0]
