@@ -59,13 +59,21 @@ def width_depth_table(summary: dict) -> str:
 
 def search_candidates_table(summary: dict) -> str:
     """Every candidate each search row tried: the mix, the kept units, the held-out loss (lowest chosen)."""
-    lines = ["| search row | candidate | kept hidden / layers | held-out loss |", "|---|---|---|---|"]
+    lines = [
+        "| search row | candidate | channels kept | layers removed | KV groups kept | FFN rows kept | held-out loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         for c in r.get("search", []):
             kept = c["kept_units"]
-            hidden = kept.get("hidden", ["–"])[0]
-            layers = kept.get("layer", ["–", "–"])
-            lines.append(f"| {r['run']} | {c['mix']['name']} | {hidden} / {layers[0]} | {c['loss']:.4f} |")
+
+            def units(level: str, kept=kept) -> str:
+                return f"{kept[level][0]} of {kept[level][1]}" if level in kept else "–"
+
+            lines.append(
+                f"| {r['run']} | {c['mix']['name']} | {units('hidden')} | {len(c['layers_removed'])} | "
+                f"{units('head')} | {units('row')} | {c['loss']:.4f} |"
+            )
     return "\n".join(lines)
 
 
