@@ -8,7 +8,10 @@ linear weights (q, k, v, o, gate, up, down) removed; the embedding rows remove t
 parameters in total from the linears and the (tied) embedding together. The long rows and the
 equal-budget rows (``eq_*``: every row from the pretrained model with the same distillation and the
 same calibration blocks) train for 4x the steps; the no-training rows (``os<T>_*``) prune one-shot at
-30 or 50 % and are measured with no recovery at all.
+30 or 50 % and are measured with no recovery at all. The total-size rows (``width_depth.py``) are
+equal-budget rows pruned to a total parameter count by any mix of levels (residual channels, layers,
+heads, rows, or the mix ``search_shape`` picks), with Torch-Pruning's width pruning as the peer; the
+``gguf_total_size`` rows time their saved models in llama.cpp (``width_depth_measure.py``).
 
 Each row runs in its own process; a row whose JSON exists is skipped, so a run resumes.
 
