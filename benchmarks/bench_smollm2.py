@@ -33,12 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
 import common  # noqa: E402
+import smollm2_rows  # noqa: E402
 from smollm2_rows import EMBEDDING_CLUSTERS, LEVELS, LONG_BUDGET, ROWS, SETTINGS, TARGET, SmolLM2Row  # noqa: E402
 from width_depth import prune_hf_flop, prune_torch_pruning_width  # noqa: E402
 from width_depth_measure import phase_gguf_total_size, saved_model  # noqa: E402
 
-# the total-size rows (width_depth.py): prune to a total parameter count, by name
-TOTAL_SIZE_PRUNERS = {"hf_flop_total": prune_hf_flop, "torch_pruning_width": prune_torch_pruning_width}
+# the total-size rows (width_depth.py): prune to a total parameter count, by the names smollm2_rows declares
+TOTAL_SIZE_PRUNERS = dict(zip(smollm2_rows.TOTAL_SIZE_PRUNERS, (prune_hf_flop, prune_torch_pruning_width)))
 
 
 def _model(settings: dict):

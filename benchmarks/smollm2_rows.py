@@ -273,6 +273,7 @@ WIDTH_DEPTH_RECIPES = {
     },
 }
 SIZES = {"": 0.0, "half": 0.5}
+TOTAL_SIZE_PRUNERS = ("hf_flop_total", "torch_pruning_width")  # the pruners of the total-size rows
 WIDTH_DEPTH_RATE = 20  # x 1e-5: the best rate of the equal-budget sweep
 
 

@@ -255,7 +255,7 @@ def smollm2_equal_budget(summary: dict, rows: dict | None = None) -> str:
     groups: dict[str, list[dict]] = {}
     for r in summary["rows"]:
         row = rows[r["run"]]
-        if row.kind == "equal_budget" and row.pruner not in width_depth_tables.TOTAL_SIZE_PRUNERS:
+        if row.kind == "equal_budget" and row.pruner not in smollm2_rows.TOTAL_SIZE_PRUNERS:
             groups.setdefault(row.recipe, []).append(r)
     lines = [
         "| row | perplexity per seed | mean (sd) | before recovery | linears removed | speed-up b1 |",

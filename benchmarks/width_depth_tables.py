@@ -5,8 +5,7 @@ from __future__ import annotations
 import statistics
 
 import smollm2_rows
-
-TOTAL_SIZE_PRUNERS = ("hf_flop_total", "torch_pruning_width")
+from smollm2_rows import TOTAL_SIZE_PRUNERS
 
 
 def is_total_size(run: str) -> bool:
