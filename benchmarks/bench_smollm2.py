@@ -505,7 +505,9 @@ def _plot(summary: dict, path: Path) -> None:
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
     ax.set(
         ylabel="PTB test perplexity (log)",
-        title=f"{summary.get('model', 'SmolLM2-135M')} on PTB, target: 50% of the linears removed (removed in brackets; {summary['mode']})",
+        title=f"{summary.get('model', 'SmolLM2-135M')} on PTB: 50% of the linears removed"
+        + (", or the same total size" if any("shape" in r for r in rows) else "")
+        + f" (linears removed in brackets; {summary['mode']})",
     )
     ax.legend()
     if oneshot:
