@@ -62,10 +62,14 @@ def _fine_tune(out: Path, settings: dict, source: str, save_to: Path | None) -> 
     return {"accuracy": accuracy, "wall_time_s": wall, "train_examples": len(train), "test_examples": len(test)}
 
 
+def _dense_start(out: Path, settings: dict, save_to: Path) -> dict:
+    start = {**settings, "train_samples": settings["dense_train_samples"], "epochs": settings["dense_epochs"]}
+    return _fine_tune(out, start, str(common.minilm_path()), save_to=save_to)
+
+
 def phase_dense_start(row: MiniLMRow, out: Path, settings: dict, root: Path) -> dict:
     """MiniLM's pretrained weights fine-tuned on the start settings; saved as root/dense_model for every other row."""
-    start = {**settings, "train_samples": settings["dense_train_samples"], "epochs": settings["dense_epochs"]}
-    return _fine_tune(out, start, str(common.minilm_path()), save_to=root / "dense_model")
+    return _dense_start(out, settings, root / "dense_model")
 
 
 def phase_dense_same_budget(row: MiniLMRow, out: Path, settings: dict, root: Path) -> dict:
@@ -261,7 +265,32 @@ PHASES_BY_KIND = {
 }
 
 
+def ensure_dense_model(root: Path, settings: dict) -> None:
+    """Re-create ``root/dense_model`` (not committed) on a machine that lacks it, and check that it is the
+    dense start the committed rows used: the same fine-tune must give the accuracy ``dense_rerun.json`` holds."""
+    import shutil
+
+    target = root / "dense_model"
+    if target.is_dir():
+        return
+    print(f"{target} is missing (models are not committed): fine-tuning the dense start again", flush=True)
+    partial = root / "dense_model.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    (root / "dense_rerun").mkdir(exist_ok=True)
+    result = _dense_start(root / "dense_rerun", settings, partial)
+    recorded = root / "dense_rerun.json"
+    if recorded.exists() and json.loads(recorded.read_text())["accuracy"] != result["accuracy"]:
+        raise SystemExit(
+            f"the re-created dense start scores {result['accuracy']}, the recorded one "
+            f"{json.loads(recorded.read_text())['accuracy']}: new rows would not start where the committed rows "
+            f"did (another torch or transformers version?). It is kept at {partial} for inspection."
+        )
+    partial.rename(target)
+
+
 def run_phase(row: MiniLMRow, out: Path, settings: dict, root: Path) -> dict:
+    if row.kind != "dense_start":
+        ensure_dense_model(root, settings)
     return PHASES_BY_KIND[row.kind](row, out, settings, root)
 
 
