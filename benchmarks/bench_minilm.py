@@ -45,13 +45,20 @@ def _latency(dense, small, test_set, tokenizer, max_length: int) -> dict:
 
 def _fine_tune(out: Path, settings: dict, source: str, save_to: Path | None) -> dict:
     """A plain Trainer fine-tune of ``source`` plus a new classifier head; its accuracy and time."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        set_seed,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     train, test = common.sentiment_splits(settings, tokenizer)
+    args = common.epoch_arguments(out / "work", settings)
+    set_seed(args.seed)  # the new classifier head is drawn before Trainer seeds anything
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     collator = DataCollatorWithPadding(tokenizer)
-    args = common.epoch_arguments(out / "work", settings)
     start = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
     wall = time.perf_counter() - start
@@ -283,7 +290,8 @@ def ensure_dense_model(root: Path, settings: dict) -> None:
         raise SystemExit(
             f"the re-created dense start scores {result['accuracy']}, the recorded one "
             f"{json.loads(recorded.read_text())['accuracy']}: new rows would not start where the committed rows "
-            f"did (another torch or transformers version?). It is kept at {partial} for inspection."
+            f"did (that start drew its classifier head unseeded, so it cannot be re-created; rows compared with "
+            f"new ones must be re-run from this start). It is kept at {partial} for inspection."
         )
     partial.rename(target)
 
