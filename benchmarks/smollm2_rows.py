@@ -241,6 +241,8 @@ def _equal_budget_rows() -> list[SmolLM2Row]:
         # the OBS score in place of activation, at the best rate
         _equal_budget_row("oneshotobs", 20),
         _equal_budget_row("oneshotuniformobs", 20),
+        # 2e-4 was the best rate and the highest one tried: further steps, for both methods
+        *(_equal_budget_row(r, n) for n in (40, 80) for r in ("oneshotuniform", "tptaylor")),
     ]
 
 
