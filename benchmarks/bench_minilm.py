@@ -290,8 +290,8 @@ def ensure_dense_model(root: Path, settings: dict) -> None:
         raise SystemExit(
             f"the re-created dense start scores {result['accuracy']}, the recorded one "
             f"{json.loads(recorded.read_text())['accuracy']}: new rows would not start where the committed rows "
-            f"did (that start drew its classifier head unseeded, so it cannot be re-created; rows compared with "
-            f"new ones must be re-run from this start). It is kept at {partial} for inspection."
+            f"did (a start whose classifier head was drawn unseeded, as the first ones were, cannot be re-created; "
+            f"rows compared with new ones must be re-run from this start). It is kept at {partial} for inspection."
         )
     partial.rename(target)
 
