@@ -286,10 +286,11 @@ def ensure_dense_model(root: Path, settings: dict) -> None:
     (root / "dense_rerun").mkdir(exist_ok=True)
     result = _dense_start(root / "dense_rerun", settings, partial)
     recorded = root / "dense_rerun.json"
-    if recorded.exists() and json.loads(recorded.read_text())["accuracy"] != result["accuracy"]:
+    recorded_accuracy = json.loads(recorded.read_text())["accuracy"] if recorded.exists() else result["accuracy"]
+    if recorded_accuracy != result["accuracy"]:
         raise SystemExit(
             f"the re-created dense start scores {result['accuracy']}, the recorded one "
-            f"{json.loads(recorded.read_text())['accuracy']}: new rows would not start where the committed rows "
+            f"{recorded_accuracy}: new rows would not start where the committed rows "
             f"did (a start whose classifier head was drawn unseeded, as the first ones were, cannot be re-created; "
             f"rows compared with new ones must be re-run from this start). It is kept at {partial} for inspection."
         )
