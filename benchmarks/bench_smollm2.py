@@ -486,7 +486,8 @@ def _plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, oneshot = summary["rows"], summary.get("oneshot_rows", [])
-    fig, axes = plt.subplots(2 if oneshot else 1, 1, figsize=(10, 8 if oneshot else 4), squeeze=False)
+    width = max(10, 0.32 * max(len(rows), len(oneshot)))  # room for every row's label
+    fig, axes = plt.subplots(2 if oneshot else 1, 1, figsize=(width, 9 if oneshot else 4.5), squeeze=False)
     ax = axes[0][0]
     names = [f"{r['run']} ({r['linear_sparsity']:.2f})" for r in rows]  # what was really removed
     after = [r["perplexity"] for r in rows]
@@ -502,11 +503,11 @@ def _plot(summary: dict, path: Path) -> None:
     if summary["pretrained"]:
         ax.axhline(summary["pretrained"]["perplexity"], color="gray", ls="--", label="pretrained")
     ax.set_yscale("log")
-    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
     ax.set(
         ylabel="PTB test perplexity (log)",
         title=f"{summary.get('model', 'SmolLM2-135M')} on PTB: 50% of the linears removed"
-        + (", or the same total size" if any("shape" in r for r in rows) else "")
+        + (", or a total parameter count" if any("shape" in r for r in rows) else "")
         + f" (linears removed in brackets; {summary['mode']})",
     )
     ax.legend()
